@@ -1,0 +1,387 @@
+//! Reply-text capture for the request record (SPEC §5 `response`, token columns).
+//!
+//! Chunks are fed as they are relayed; nothing here may hold the stream back or fail it. SSE is
+//! parsed line by line (events may be split anywhere across reads) and only the text is kept;
+//! JSON and text bodies are kept up to the record limit and read at the end; binary is ignored.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// Appended where a kept text was cut at `record_body_bytes`.
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// Token counts from `usage`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt / input tokens.
+    pub prompt: Option<i64>,
+    /// Completion / output tokens.
+    pub completion: Option<i64>,
+    /// Total tokens.
+    pub total: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sse,
+    Json,
+    Text,
+    Binary,
+}
+
+/// Accumulates what the record keeps of one response.
+#[derive(Debug)]
+pub struct Capture {
+    kind: Kind,
+    limit: usize,
+    /// SSE: the reply text so far. JSON/text: the raw body so far (bounded).
+    text: Vec<u8>,
+    /// SSE: bytes of a line not yet ended.
+    line: Vec<u8>,
+    truncated: bool,
+    usage: Usage,
+}
+
+impl Capture {
+    /// A capture for a response with this `Content-Type`; `limit` 0 means unlimited.
+    pub fn new(content_type: Option<&str>, limit: usize) -> Capture {
+        let ct = content_type.unwrap_or("").to_ascii_lowercase();
+        let kind = if ct.starts_with("text/event-stream") {
+            Kind::Sse
+        } else if ct.contains("json") {
+            Kind::Json
+        } else if ct.starts_with("text/") || ct.is_empty() {
+            Kind::Text
+        } else {
+            Kind::Binary
+        };
+        Capture {
+            kind,
+            limit: if limit == 0 { usize::MAX } else { limit },
+            text: Vec::new(),
+            line: Vec::new(),
+            truncated: false,
+            usage: Usage::default(),
+        }
+    }
+
+    /// Feeds one relayed chunk.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match self.kind {
+            Kind::Binary => {}
+            Kind::Json | Kind::Text => self.keep(chunk),
+            Kind::Sse => {
+                let mut rest = chunk;
+                while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                    if self.line.is_empty() {
+                        self.sse_line(&rest[..nl]);
+                    } else {
+                        let mut line = std::mem::take(&mut self.line);
+                        line.extend_from_slice(&rest[..nl]);
+                        self.sse_line(&line);
+                        line.clear();
+                        self.line = line;
+                    }
+                    rest = &rest[nl + 1..];
+                }
+                // A line longer than any sane event is not worth keeping in memory.
+                if self.line.len() + rest.len() <= (16 << 20) {
+                    self.line.extend_from_slice(rest);
+                } else {
+                    self.line.clear();
+                }
+            }
+        }
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.text.len());
+        if bytes.len() > room {
+            self.text.extend_from_slice(&bytes[..room]);
+            self.truncated = true;
+        } else {
+            self.text.extend_from_slice(bytes);
+        }
+    }
+
+    fn sse_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data.is_empty() || data == b"[DONE]" {
+            return;
+        }
+        let Ok(ev) = serde_json::from_slice::<Event>(data) else { return };
+        if let Some(u) = ev.usage.as_ref().or(ev.response.as_ref().and_then(|r| r.usage.as_ref())) {
+            self.usage = u.to_usage();
+        }
+        let text = match ev.kind.as_deref() {
+            Some("response.output_text.delta") => ev.delta,
+            Some(_) => None,
+            None => ev.choices.into_iter().next().and_then(|c| {
+                c.delta.and_then(|d| d.content).or(c.text)
+            }),
+        };
+        if let Some(t) = text {
+            self.keep(t.as_bytes());
+        }
+    }
+
+    /// The reply text (None for binary bodies) and the usage found.
+    pub fn finish(mut self) -> (Option<String>, Usage) {
+        if self.kind == Kind::Sse && !self.line.is_empty() {
+            // The stream ended without a final newline: the last line still counts.
+            let line = std::mem::take(&mut self.line);
+            self.sse_line(&line);
+        }
+        let mut text = match self.kind {
+            Kind::Binary => return (None, self.usage),
+            Kind::Json if !self.truncated => match serde_json::from_slice::<Whole>(&self.text) {
+                Ok(w) => {
+                    if let Some(u) = &w.usage {
+                        self.usage = u.to_usage();
+                    }
+                    w.reply().unwrap_or_else(|| lossy(&self.text))
+                }
+                Err(_) => lossy(&self.text),
+            },
+            _ => lossy(&self.text),
+        };
+        if self.truncated {
+            text.push_str(TRUNCATED);
+        }
+        (Some(text), self.usage)
+    }
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Cuts `body` for the `request_body` column: text kept up to `limit` bytes (0 = all) on a char
+/// boundary with a marker; binary bodies become a short description.
+pub fn request_body_text(body: &[u8], limit: usize) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Some(format!("[binary body, {} bytes]", body.len()));
+    };
+    if text.contains('\0') {
+        return Some(format!("[binary body, {} bytes]", body.len()));
+    }
+    Some(cut(text, limit))
+}
+
+/// Cuts a text at `limit` bytes (0 = no limit) on a char boundary, adding the marker.
+pub fn cut(text: &str, limit: usize) -> String {
+    if limit == 0 || text.len() <= limit {
+        return text.to_string();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED}", &text[..end])
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    total_tokens: Option<i64>,
+}
+
+impl RawUsage {
+    fn to_usage(&self) -> Usage {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        let total = self.total_tokens.or(match (prompt, completion) {
+            (Some(p), Some(c)) => Some(p + c),
+            _ => None,
+        });
+        Usage {
+            prompt,
+            completion,
+            total,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    delta: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Vec<StreamChoice<'a>>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    response: Option<ResponseUsage>,
+}
+
+#[derive(Deserialize)]
+struct ResponseUsage {
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Whole {
+    #[serde(default)]
+    choices: Vec<WholeChoice>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    output: Vec<OutputItem>,
+    #[serde(default)]
+    object: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WholeChoice {
+    #[serde(default)]
+    message: Option<Message>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct OutputItem {
+    #[serde(default)]
+    content: Vec<OutputContent>,
+}
+
+#[derive(Deserialize)]
+struct OutputContent {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Whole {
+    fn reply(&self) -> Option<String> {
+        if let Some(c) = self.choices.first() {
+            if let Some(m) = &c.message {
+                return match &m.content {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    // Content parts: join their text.
+                    Some(serde_json::Value::Array(parts)) => Some(
+                        parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                            .collect::<String>(),
+                    ),
+                    _ => Some(String::new()),
+                };
+            }
+            if let Some(t) = &c.text {
+                return Some(t.clone());
+            }
+        }
+        if self.object.as_deref() == Some("response") {
+            return Some(
+                self.output
+                    .iter()
+                    .flat_map(|o| &o.content)
+                    .filter(|c| c.kind == "output_text")
+                    .filter_map(|c| c.text.as_deref())
+                    .collect(),
+            );
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_chat_split_anywhere() {
+        let body = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo ✓\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\ndata: [DONE]\n\n";
+        for split in 1..body.len() {
+            let mut c = Capture::new(Some("text/event-stream; charset=utf-8"), 0);
+            let (a, b) = body.as_bytes().split_at(split);
+            c.feed(a);
+            c.feed(b);
+            let (text, usage) = c.finish();
+            assert_eq!(text.as_deref(), Some("Hello ✓"), "split at {split}");
+            assert_eq!(usage.total, Some(5));
+        }
+    }
+
+    #[test]
+    fn responses_api_stream_and_json() {
+        let mut c = Capture::new(Some("text/event-stream"), 0);
+        c.feed(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
+        c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
+        let (t, u) = c.finish();
+        assert_eq!(t.as_deref(), Some("Hi"));
+        assert_eq!((u.prompt, u.completion, u.total), (Some(4), Some(1), Some(5)));
+
+        let mut c = Capture::new(Some("application/json"), 0);
+        c.feed(br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"Yo"}]}]}"#);
+        assert_eq!(c.finish().0.as_deref(), Some("Yo"));
+    }
+
+    #[test]
+    fn json_chat_completion_and_other() {
+        let mut c = Capture::new(Some("application/json"), 0);
+        c.feed(br#"{"choices":[{"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#);
+        let (t, u) = c.finish();
+        assert_eq!(t.as_deref(), Some("ok"));
+        assert_eq!(u.total, Some(2));
+        let mut c = Capture::new(Some("application/json"), 0);
+        c.feed(br#"{"data":[{"embedding":[0.1]}]}"#);
+        assert_eq!(c.finish().0.as_deref(), Some(r#"{"data":[{"embedding":[0.1]}]}"#));
+        let c = Capture::new(Some("audio/mpeg"), 0);
+        assert_eq!(c.finish().0, None);
+    }
+
+    #[test]
+    fn limits_and_markers() {
+        let mut c = Capture::new(Some("text/plain"), 4);
+        c.feed(b"abcdef");
+        assert_eq!(c.finish().0.unwrap(), format!("abcd{TRUNCATED}"));
+        assert_eq!(cut("héllo", 2), format!("h{TRUNCATED}"));
+        assert_eq!(request_body_text(&[0xff, 0xfe], 10).unwrap(), "[binary body, 2 bytes]");
+        assert_eq!(request_body_text(b"", 10), None);
+    }
+
+    #[test]
+    fn malformed_events_are_skipped() {
+        let mut c = Capture::new(Some("text/event-stream"), 0);
+        c.feed(b"data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n: comment\n\n");
+        assert_eq!(c.finish().0.as_deref(), Some("x"));
+    }
+}

@@ -1,0 +1,97 @@
+//! Errors the gateway itself answers with, mapped to HTTP and OpenAI-style JSON in one place.
+//!
+//! Clients are OpenAI SDKs: they read `error.message`, `error.type` and `error.code`, so every
+//! locally generated error uses that shape and every `/v1/*` answer carries CORS.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::HttpResponse;
+use serde::Serialize;
+
+/// A request the gateway answers without (or after failing to get) an upstream answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// Missing or wrong client token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// Body over `max_body_bytes`.
+    #[error("request body is larger than the gateway's limit of {0} bytes")]
+    BodyTooLarge(usize),
+    /// The client's body could not be read.
+    #[error("could not read the request body: {0}")]
+    BadBody(String),
+    /// No upstream's allow/deny admits the model.
+    #[error("model {0:?} is not served by any configured upstream")]
+    NoUpstreamForModel(String),
+    /// Every candidate failed without an HTTP answer; the text lists `name: reason` per attempt.
+    #[error("all upstreams failed: {summary}")]
+    AllFailed {
+        /// Whether the last failure was a timeout (504) rather than a connection problem (502).
+        timed_out: bool,
+        /// `name: reason; name: reason`.
+        summary: String,
+    },
+    /// Something inside the gateway broke (an actor went away).
+    #[error("internal gateway error: {0}")]
+    Internal(&'static str),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    code: &'a str,
+}
+
+impl GatewayError {
+    /// The status code sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BadBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::NoUpstreamForModel(_) => StatusCode::NOT_FOUND,
+            GatewayError::AllFailed { timed_out: true, .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::AllFailed { timed_out: false, .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, &'static str) {
+        match self {
+            GatewayError::Unauthorized(_) => ("invalid_request_error", "invalid_api_key"),
+            GatewayError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            GatewayError::BadBody(_) => ("invalid_request_error", "invalid_body"),
+            GatewayError::NoUpstreamForModel(_) => ("invalid_request_error", "model_not_found"),
+            GatewayError::AllFailed { timed_out: true, .. } => ("upstream_error", "upstream_timeout"),
+            GatewayError::AllFailed { timed_out: false, .. } => ("upstream_error", "upstream_unavailable"),
+            GatewayError::Internal(_) => ("server_error", "internal_error"),
+        }
+    }
+
+    /// The JSON body text (also what the record keeps as the reply).
+    pub fn body(&self) -> String {
+        let (kind, code) = self.kind_and_code();
+        let body = Body {
+            error: Detail {
+                message: self.to_string(),
+                kind,
+                code,
+            },
+        };
+        serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{}}"))
+    }
+
+    /// The full response.
+    pub fn response(&self) -> HttpResponse {
+        HttpResponse::build(self.status())
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+            .body(self.body())
+    }
+}

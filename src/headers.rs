@@ -1,0 +1,158 @@
+//! Header rewriting between client and upstream (SPEC §4 "Forwarding").
+//!
+//! Kept apart from the proxy loop so the rules read as one list and can be tested (and fuzzed)
+//! without sockets: what passes, what is dropped, what is replaced.
+
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::UpstreamAuth;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Keep-Alive`
+/// relatives that proxies are expected to drop.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` (lower case, as `HeaderName` stores it) is hop-by-hop.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Extra names the `Connection` header declares hop-by-hop.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Client headers that never go upstream, besides hop-by-hop ones: the upstream gets its own
+/// `Host`, `Authorization` and length, and client addresses are not leaked.
+fn dropped_towards_upstream(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    is_hop_by_hop(name)
+        || n == "host"
+        || n == "authorization"
+        || n == "content-length"
+        || n == "accept-encoding"
+        || n == "forwarded"
+        || n == "x-real-ip"
+        || n.starts_with("x-forwarded-")
+}
+
+/// Builds the headers of one upstream attempt into `out` (which starts empty).
+pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &mut HeaderMap) {
+    let listed = connection_listed(client);
+    for (name, value) in client.iter() {
+        if dropped_towards_upstream(name) || listed.iter().any(|l| l == name.as_str()) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    match auth {
+        UpstreamAuth::None => {}
+        UpstreamAuth::Bearer(v) => {
+            out.insert(header::AUTHORIZATION, v.clone());
+        }
+        UpstreamAuth::AsIs => {
+            for v in client.get_all(header::AUTHORIZATION) {
+                out.append(header::AUTHORIZATION, v.clone());
+            }
+        }
+    }
+    // Plain bytes so the reply text can be read for the record, and relayed verbatim.
+    out.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+}
+
+/// Whether an upstream response header is relayed to the client. `Content-Length` is handled by
+/// the body type; CORS is set by the gateway itself on every `/v1/*` response.
+pub fn relayed_to_client(name: &HeaderName, listed: &[String]) -> bool {
+    !(is_hop_by_hop(name)
+        || name == header::CONTENT_LENGTH
+        || name == header::ACCESS_CONTROL_ALLOW_ORIGIN
+        || listed.iter().any(|l| l == name.as_str()))
+}
+
+/// Upstream response headers to copy, in order.
+pub fn response_headers(upstream: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let listed = connection_listed(upstream);
+    upstream
+        .iter()
+        .filter(move |(name, _)| relayed_to_client(name, &listed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn forwards_end_to_end_only() {
+        let client = map(&[
+            ("host", "gateway"),
+            ("authorization", "Bearer client-token"),
+            ("openai-beta", "assistants=v2"),
+            ("content-type", "application/json"),
+            ("content-length", "10"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("accept-encoding", "gzip"),
+            ("te", "trailers"),
+        ]);
+        let mut out = HeaderMap::new();
+        let mut key = HeaderValue::from_static("Bearer sk-up");
+        key.set_sensitive(true);
+        upstream_request_headers(&client, &UpstreamAuth::Bearer(key), &mut out);
+        assert_eq!(out.get("openai-beta").unwrap(), "assistants=v2");
+        assert_eq!(out.get("content-type").unwrap(), "application/json");
+        assert_eq!(out.get("authorization").unwrap(), "Bearer sk-up");
+        assert_eq!(out.get("accept-encoding").unwrap(), "identity");
+        for gone in [
+            "host", "content-length", "connection", "x-secret-hop", "x-forwarded-for",
+            "x-real-ip", "forwarded", "te",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} leaked upstream");
+        }
+
+        let mut out = HeaderMap::new();
+        upstream_request_headers(&client, &UpstreamAuth::AsIs, &mut out);
+        assert_eq!(out.get("authorization").unwrap(), "Bearer client-token");
+        let mut out = HeaderMap::new();
+        upstream_request_headers(&client, &UpstreamAuth::None, &mut out);
+        assert!(out.get("authorization").is_none());
+    }
+
+    #[test]
+    fn response_drops_hop_by_hop_and_length() {
+        let up = map(&[
+            ("content-type", "text/event-stream"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("x-request-id", "abc"),
+            ("access-control-allow-origin", "https://evil"),
+        ]);
+        let names: Vec<&str> = response_headers(&up).map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["content-type", "x-request-id"]);
+    }
+}

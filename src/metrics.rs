@@ -1,0 +1,166 @@
+//! Prometheus metrics (SPEC §6): the gateway's own series, registered in the same registry that
+//! actix-web-prom exposes on `/v1/metrics`.
+//!
+//! Every label value is an upstream name from the config or one of a fixed set, so no client can
+//! create a new series. Counters are atomics: updating them on the request path costs nanoseconds
+//! and needs no actor.
+
+use actix_web_prom::{PrometheusMetrics, PrometheusMetricsBuilder};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// The namespace every series carries.
+pub const NAMESPACE: &str = "openai_api_route";
+
+/// Handles to the gateway's metrics; cheap to clone (every field is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry actix-web-prom serves.
+    pub registry: Registry,
+    upstream_requests: IntCounterVec,
+    first_byte: HistogramVec,
+    failovers: IntCounterVec,
+    healthy: IntGaugeVec,
+    tokens: IntCounterVec,
+    records_dropped: IntCounter,
+    records_failed: IntCounter,
+    notifications: IntCounterVec,
+    record_queue: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
+        let upstream_requests = IntCounterVec::new(
+            opts("upstream_requests_total", "Attempts against an upstream, by outcome"),
+            &["upstream", "outcome"],
+        )?;
+        let first_byte = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_first_byte_seconds",
+                "Attempt start to the response head (and first chunk, for streams)",
+            )
+            .namespace(NAMESPACE)
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["upstream"],
+        )?;
+        let failovers = IntCounterVec::new(
+            opts("failovers_total", "Attempts that failed and moved on, by the upstream that failed"),
+            &["upstream"],
+        )?;
+        let healthy = IntGaugeVec::new(
+            opts("upstream_healthy", "1 while the upstream is below its failure threshold"),
+            &["upstream"],
+        )?;
+        let tokens = IntCounterVec::new(
+            opts("tokens_total", "Tokens reported in upstream usage, by kind"),
+            &["upstream", "kind"],
+        )?;
+        let records_dropped = IntCounter::with_opts(opts(
+            "records_dropped_total",
+            "Request records dropped because the writer queue was full",
+        ))?;
+        let records_failed = IntCounter::with_opts(opts(
+            "records_write_errors_total",
+            "Request records lost because the database write failed",
+        ))?;
+        let notifications = IntCounterVec::new(
+            opts("notifications_total", "Alert deliveries, by channel and result"),
+            &["channel", "result"],
+        )?;
+        let record_queue = Histogram::with_opts(
+            HistogramOpts::new("record_batch_size", "Records written per database transaction")
+                .namespace(NAMESPACE)
+                .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+        )?;
+        registry.register(Box::new(upstream_requests.clone()))?;
+        registry.register(Box::new(first_byte.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(healthy.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(records_dropped.clone()))?;
+        registry.register(Box::new(records_failed.clone()))?;
+        registry.register(Box::new(notifications.clone()))?;
+        registry.register(Box::new(record_queue.clone()))?;
+        Ok(Metrics {
+            registry,
+            upstream_requests,
+            first_byte,
+            failovers,
+            healthy,
+            tokens,
+            records_dropped,
+            records_failed,
+            notifications,
+            record_queue,
+        })
+    }
+
+    /// The actix-web-prom middleware over our registry, exposing `/v1/metrics`.
+    pub fn http_middleware(&self) -> Result<PrometheusMetrics, String> {
+        PrometheusMetricsBuilder::new(NAMESPACE)
+            .registry(self.registry.clone())
+            .endpoint("/v1/metrics")
+            .mask_unmatched_patterns("UNKNOWN")
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// One attempt's outcome (`ok` or a [`crate::registry::FailKind`] label).
+    pub fn attempt(&self, upstream: &str, outcome: &str) {
+        self.upstream_requests.with_label_values(&[upstream, outcome]).inc();
+    }
+
+    /// Time to first byte of a committed attempt.
+    pub fn first_byte(&self, upstream: &str, secs: f64) {
+        self.first_byte.with_label_values(&[upstream]).observe(secs);
+    }
+
+    /// An attempt that failed and let the request move on.
+    pub fn failover(&self, upstream: &str) {
+        self.failovers.with_label_values(&[upstream]).inc();
+    }
+
+    /// Health gauge.
+    pub fn set_healthy(&self, upstream: &str, healthy: bool) {
+        self.healthy.with_label_values(&[upstream]).set(i64::from(healthy));
+    }
+
+    /// Removes the series of an upstream that a reload removed.
+    pub fn forget_upstream(&self, upstream: &str) {
+        let _ = self.healthy.remove_label_values(&[upstream]);
+    }
+
+    /// Token usage reported by an upstream.
+    pub fn tokens(&self, upstream: &str, prompt: Option<i64>, completion: Option<i64>) {
+        if let Some(p) = prompt.filter(|p| *p > 0) {
+            self.tokens.with_label_values(&[upstream, "prompt"]).inc_by(p as u64);
+        }
+        if let Some(c) = completion.filter(|c| *c > 0) {
+            self.tokens.with_label_values(&[upstream, "completion"]).inc_by(c as u64);
+        }
+    }
+
+    /// A record dropped at the full queue.
+    pub fn record_dropped(&self) {
+        self.records_dropped.inc();
+    }
+
+    /// Records lost to a failed write.
+    pub fn records_failed(&self, n: u64) {
+        self.records_failed.inc_by(n);
+    }
+
+    /// Size of one write transaction.
+    pub fn record_batch(&self, n: usize) {
+        self.record_queue.observe(n as f64);
+    }
+
+    /// One alert delivery.
+    pub fn notification(&self, channel: &str, result: &str) {
+        self.notifications.with_label_values(&[channel, result]).inc();
+    }
+}

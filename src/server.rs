@@ -1,0 +1,289 @@
+//! Start-up and shutdown: turns the command line and config into running actors and an HTTP
+//! server, and owns the order of things at exit (stop accepting, drain, flush records).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use actix_service::ServiceExt;
+use actix_tls::connect::{Connection, Resolver};
+use actix_web::http::{Method, Uri};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App, HttpResponse, HttpServer};
+
+use crate::cli::{bind_address, Cli};
+use crate::config::{self, Config, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::notify::{NotifierActor, Reconfigure};
+use crate::proxy::{preflight, proxy, UpstreamClient};
+use crate::records::{open_sqlite, DbError, Recorder, QUEUE_CAPACITY};
+use crate::registry::{Reload, SharedConfig, UpstreamRegistry};
+use crate::state::AppState;
+use crate::status;
+
+/// How long in-flight requests may run after SIGTERM/SIGINT before the server closes them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file is unusable; one line per problem.
+    #[error("{0}")]
+    Config(ConfigErrors),
+    /// The database cannot be used.
+    #[error("{0}")]
+    Database(#[from] DbError),
+    /// `-database` names something we do not support.
+    #[error("-database {0}: {1}")]
+    DatabaseKind(String, &'static str),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else at start (metrics registry, runtime).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Loads the config named on the command line with `-noauth` applied.
+pub fn load_config(cli: &Cli) -> Result<Config, StartError> {
+    config::load(&cli.upstreams, cli.noauth).map_err(StartError::Config)
+}
+
+/// The `-list` output: one line per upstream, never a key.
+pub fn list_text(cfg: &Config) -> String {
+    let mut out = String::new();
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        let auth = match u.auth {
+            config::UpstreamAuth::None => "none",
+            config::UpstreamAuth::Bearer(_) => "key (hidden)",
+            config::UpstreamAuth::AsIs => "client's own (asis)",
+        };
+        let pats = |v: &[config::Pattern]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(",")
+            }
+        };
+        out.push_str(&format!(
+            "{}. {}  endpoint={}  timeout={}s  stream_timeout={}s  allow={}  deny={}  auth={}\n",
+            i + 1,
+            u.name,
+            u.display,
+            u.timeout.as_secs_f64(),
+            u.stream_timeout.as_secs_f64(),
+            pats(&u.allow),
+            pats(&u.deny),
+            auth
+        ));
+    }
+    out
+}
+
+/// The TLS settings every upstream connection uses, built once.
+pub fn tls_config() -> Arc<rustls::ClientConfig> {
+    // Only `ring` is compiled in; installing it explicitly keeps awc from guessing.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // HTTP/1.1 to upstreams: predictable streaming and one connection per in-flight request.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+fn nodelay(conn: Connection<Uri, TcpStream>) -> Connection<Uri, TcpStream> {
+    // Without this, a request head and body written separately wait on Nagle + delayed ACK.
+    let _ = conn.io_ref().set_nodelay(true);
+    conn
+}
+
+/// One worker's upstream client: pooled keep-alive connections, no redirects, no default
+/// headers (the client's own `User-Agent` passes), our deadlines instead of awc's.
+pub fn upstream_client(tls: Arc<rustls::ClientConfig>) -> awc::Client {
+    let tcp = actix_tls::connect::Connector::new(Resolver::default())
+        .service()
+        .map(nodelay as fn(_) -> _);
+    let connector = awc::Connector::new()
+        .connector(tcp)
+        .rustls_0_23(tls)
+        .timeout(Duration::from_secs(30))
+        .limit(0)
+        .conn_keep_alive(Duration::from_secs(30));
+    awc::Client::builder()
+        .connector(connector)
+        .disable_timeout()
+        .disable_redirects()
+        .no_default_headers()
+        .finish()
+}
+
+fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError> {
+    let db = cli
+        .database
+        .clone()
+        .or_else(|| cfg.database.clone())
+        .unwrap_or_else(|| "./db.sqlite".to_string());
+    let trimmed = db.trim();
+    if trimmed.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        return Err(StartError::DatabaseKind(
+            config::redact_url(trimmed),
+            "PostgreSQL recording is not available in this build; use a SQLite file or none",
+        ));
+    }
+    Ok(Some(trimmed.to_string()))
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; returns after records are flushed.
+pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
+    let addr = cli
+        .addr
+        .clone()
+        .or_else(|| cfg.address.clone())
+        .unwrap_or_else(|| ":8888".to_string());
+    let database = database_target(&cli, &cfg)?;
+    // Open the database before anything listens: a bad path is a start-up error.
+    let pool = match &database {
+        Some(path) => Some(open_sqlite(path)?),
+        None => None,
+    };
+    let listener = TcpListener::bind(bind_address(&addr)).map_err(|source| StartError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| addr.clone());
+    let tls = tls_config();
+
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
+        let prom = metrics.http_middleware().map_err(StartError::Other)?;
+        let recorder = pool.map(|p| Recorder::start(p, metrics.clone(), QUEUE_CAPACITY));
+        let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
+        let shared = SharedConfig::new(Arc::new(cfg));
+        let registry = UpstreamRegistry::new(
+            shared.clone(),
+            metrics.clone(),
+            Some(notifier.clone().recipient()),
+        )
+        .start();
+        let state = web::Data::new(AppState {
+            config: shared.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            recorder: recorder.clone(),
+            alerts: Some(notifier.clone().recipient()),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            listen: local.clone(),
+            database: database.clone().unwrap_or_else(|| "none".into()),
+        });
+
+        let factory_tls = tls.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(prom.clone())
+                .app_data(state.clone())
+                .app_data(web::Data::new(UpstreamClient(upstream_client(factory_tls.clone()))))
+                .route("/", web::get().to(status::page))
+                .route("/healthz", web::get().to(status::healthz))
+                .route("/static/style.css", web::get().to(status::style))
+                // actix-web-prom answers this path itself; the route keeps the proxy from seeing it.
+                .route("/v1/metrics", web::get().to(HttpResponse::Ok))
+                .service(
+                    web::resource("/v1/{tail}*")
+                        .route(web::method(Method::OPTIONS).to(preflight))
+                        .default_service(web::to(proxy)),
+                )
+        })
+        .on_connect(|conn, _ext| {
+            if let Some(tcp) = conn.downcast_ref::<TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .listen(listener)
+        .map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?
+        .run();
+
+        log::info!(
+            "listening on {local} ({} upstreams, auth {}, recording {})",
+            shared.get().upstreams.len(),
+            if shared.get().noauth { "off" } else { "on" },
+            database.as_deref().unwrap_or("off")
+        );
+
+        spawn_reload(cli.clone(), registry.clone(), notifier.clone());
+        if let Some(rec) = recorder.clone() {
+            spawn_retention(rec, shared.clone());
+        }
+
+        let result = server.await;
+        if let Some(rec) = &recorder {
+            log::info!("server stopped; writing {} queued records", rec.queued());
+            rec.flush().await;
+        }
+        log::info!("bye");
+        result.map_err(|e| StartError::Other(e.to_string()))
+    })
+}
+
+fn spawn_reload(cli: Cli, registry: Addr<UpstreamRegistry>, notifier: Addr<NotifierActor>) {
+    #[cfg(unix)]
+    actix_rt::spawn(async move {
+        use actix_rt::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            log::warn!("cannot listen for SIGHUP; config reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match config::load(&cli.upstreams, cli.noauth) {
+                Ok(cfg) => {
+                    log::info!(
+                        "SIGHUP: reloaded {} ({} upstreams)",
+                        cli.upstreams.display(),
+                        cfg.upstreams.len()
+                    );
+                    notifier.do_send(Reconfigure(cfg.notify.clone()));
+                    registry.do_send(Reload(Arc::new(cfg)));
+                }
+                Err(errors) => {
+                    for e in errors.0 {
+                        log::error!("SIGHUP: config not reloaded, keeping the running one: {e}");
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn spawn_retention(rec: Recorder, shared: SharedConfig) {
+    actix_rt::spawn(async move {
+        let mut tick = actix_rt::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let days = shared.get().retention_days;
+            if days > 0 {
+                rec.prune(Duration::from_secs(u64::from(days) * 86_400));
+            }
+        }
+    });
+}

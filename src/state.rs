@@ -1,0 +1,32 @@
+//! What every worker shares: config handle, actor addresses, metrics, and facts for the status page.
+
+use std::time::{Instant, SystemTime};
+
+use actix::prelude::*;
+
+use crate::metrics::Metrics;
+use crate::notify::RequestFailed;
+use crate::records::Recorder;
+use crate::registry::{SharedConfig, UpstreamRegistry};
+
+/// Shared application state (`web::Data<AppState>`); everything in it is `Send + Sync`.
+pub struct AppState {
+    /// Current config (auth, limits); the registry swaps it on reload.
+    pub config: SharedConfig,
+    /// Candidate ordering and health.
+    pub registry: Addr<UpstreamRegistry>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// Request recording, None with `-database none`.
+    pub recorder: Option<Recorder>,
+    /// Where "failed everywhere" alerts go, None when no channel is configured.
+    pub alerts: Option<Recipient<RequestFailed>>,
+    /// Process start (uptime).
+    pub started: Instant,
+    /// Process start, wall clock.
+    pub started_at: SystemTime,
+    /// The address actually bound.
+    pub listen: String,
+    /// What `-database` resolved to, for the status page (never a password).
+    pub database: String,
+}
