@@ -110,21 +110,31 @@ impl Capture {
 
     fn sse_line(&mut self, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else { return };
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
-        let Ok(ev) = serde_json::from_slice::<Event>(data) else { return };
-        if let Some(u) = ev.usage.as_ref().or(ev.response.as_ref().and_then(|r| r.usage.as_ref())) {
+        let Ok(ev) = serde_json::from_slice::<Event>(data) else {
+            return;
+        };
+        if let Some(u) = ev
+            .usage
+            .as_ref()
+            .or(ev.response.as_ref().and_then(|r| r.usage.as_ref()))
+        {
             self.usage = u.to_usage();
         }
         let text = match ev.kind.as_deref() {
             Some("response.output_text.delta") => ev.delta,
             Some(_) => None,
-            None => ev.choices.into_iter().next().and_then(|c| {
-                c.delta.and_then(|d| d.content).or(c.text)
-            }),
+            None => ev
+                .choices
+                .into_iter()
+                .next()
+                .and_then(|c| c.delta.and_then(|d| d.content).or(c.text)),
         };
         if let Some(t) = text {
             self.keep(t.as_bytes());
@@ -347,7 +357,10 @@ mod tests {
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
         let (t, u) = c.finish();
         assert_eq!(t.as_deref(), Some("Hi"));
-        assert_eq!((u.prompt, u.completion, u.total), (Some(4), Some(1), Some(5)));
+        assert_eq!(
+            (u.prompt, u.completion, u.total),
+            (Some(4), Some(1), Some(5))
+        );
 
         let mut c = Capture::new(Some("application/json"), 0);
         c.feed(br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"Yo"}]}]}"#);
@@ -363,7 +376,10 @@ mod tests {
         assert_eq!(u.total, Some(2));
         let mut c = Capture::new(Some("application/json"), 0);
         c.feed(br#"{"data":[{"embedding":[0.1]}]}"#);
-        assert_eq!(c.finish().0.as_deref(), Some(r#"{"data":[{"embedding":[0.1]}]}"#));
+        assert_eq!(
+            c.finish().0.as_deref(),
+            Some(r#"{"data":[{"embedding":[0.1]}]}"#)
+        );
         let c = Capture::new(Some("audio/mpeg"), 0);
         assert_eq!(c.finish().0, None);
     }
@@ -374,7 +390,10 @@ mod tests {
         c.feed(b"abcdef");
         assert_eq!(c.finish().0.unwrap(), format!("abcd{TRUNCATED}"));
         assert_eq!(cut("héllo", 2), format!("h{TRUNCATED}"));
-        assert_eq!(request_body_text(&[0xff, 0xfe], 10).unwrap(), "[binary body, 2 bytes]");
+        assert_eq!(
+            request_body_text(&[0xff, 0xfe], 10).unwrap(),
+            "[binary body, 2 bytes]"
+        );
         assert_eq!(request_body_text(b"", 10), None);
     }
 

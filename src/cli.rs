@@ -11,7 +11,14 @@ use clap::Parser;
 
 /// Long flags that may be written with one dash, as in Go.
 const LONG_FLAGS: &[&str] = &[
-    "addr", "upstreams", "config", "database", "list", "noauth", "version", "help",
+    "addr",
+    "upstreams",
+    "config",
+    "database",
+    "list",
+    "noauth",
+    "version",
+    "help",
 ];
 
 /// Parsed command line.
@@ -29,7 +36,12 @@ pub struct Cli {
     pub addr: Option<String>,
 
     /// Upstream config file
-    #[arg(long, alias = "config", value_name = "FILE", default_value = "./upstreams.yaml")]
+    #[arg(
+        long,
+        alias = "config",
+        value_name = "FILE",
+        default_value = "./upstreams.yaml"
+    )]
     pub upstreams: PathBuf,
 
     /// SQLite database file, created if missing; "none" disables request recording [default: ./db.sqlite, or `database` in the config]
@@ -113,14 +125,23 @@ mod tests {
         ] {
             assert_eq!(parse(args).addr.as_deref(), Some(":1"), "{args:?}");
         }
-        assert_eq!(parse(&["-config", "x.yaml"]).upstreams, PathBuf::from("x.yaml"));
-        assert_eq!(parse(&["-upstreams=y.yaml"]).upstreams, PathBuf::from("y.yaml"));
+        assert_eq!(
+            parse(&["-config", "x.yaml"]).upstreams,
+            PathBuf::from("x.yaml")
+        );
+        assert_eq!(
+            parse(&["-upstreams=y.yaml"]).upstreams,
+            PathBuf::from("y.yaml")
+        );
         assert!(parse(&["-noauth"]).noauth);
         assert!(parse(&["-noauth=true"]).noauth);
         assert!(!parse(&["-noauth=false"]).noauth);
         assert!(!parse(&[]).noauth);
         assert!(parse(&["-list", "-noauth"]).list);
-        assert_eq!(parse(&["-database", "none"]).database.as_deref(), Some("none"));
+        assert_eq!(
+            parse(&["-database", "none"]).database.as_deref(),
+            Some("none")
+        );
     }
 
     #[test]

@@ -211,11 +211,15 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -277,6 +281,8 @@ pub struct Config {
     pub record_body_bytes: usize,
     /// Record retention, 0 = forever.
     pub retention_days: u32,
+    /// Records that may wait for the writer before new ones are dropped (read at start).
+    pub record_queue: usize,
     /// Consecutive failures before cooldown.
     pub cooldown_failures: u32,
     /// Cooldown length.
@@ -363,6 +369,7 @@ const ROOT_KEYS: &[&str] = &[
     "max_body_bytes",
     "record_body_bytes",
     "retention_days",
+    "record_queue",
     "cooldown",
     "trusted_proxies",
     "notify",
@@ -394,7 +401,10 @@ impl Parser<'_> {
 
     fn warn_unknown(&mut self, map: &Mapping, known: &[&str], prefix: &str) {
         for k in map.keys() {
-            let name = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
+            let name = k
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{k:?}"));
             if !known.contains(&name.as_str()) {
                 self.warnings.push(ConfigError {
                     file: self.file.clone(),
@@ -531,9 +541,16 @@ impl Parser<'_> {
             );
         }
         let timeout = self.seconds("timeout", get("timeout"), Duration::from_secs(60));
-        let stream_timeout =
-            self.seconds("stream_timeout", get("stream_timeout"), Duration::from_secs(5));
-        let idle_timeout = self.seconds("idle_timeout", get("idle_timeout"), Duration::from_secs(120));
+        let stream_timeout = self.seconds(
+            "stream_timeout",
+            get("stream_timeout"),
+            Duration::from_secs(5),
+        );
+        let idle_timeout = self.seconds(
+            "idle_timeout",
+            get("idle_timeout"),
+            Duration::from_secs(120),
+        );
         let lb_policy = match get("lb_policy").and_then(|v| self.string("lb_policy", v)) {
             None => LbPolicy::Order,
             Some(s) => match s.trim() {
@@ -553,8 +570,13 @@ impl Parser<'_> {
         if max_body_bytes == 0 {
             self.err("max_body_bytes", "must be greater than 0");
         }
-        let record_body_bytes = self.integer("record_body_bytes", get("record_body_bytes"), 1 << 20);
+        let record_body_bytes =
+            self.integer("record_body_bytes", get("record_body_bytes"), 1 << 20);
         let retention_days = self.integer("retention_days", get("retention_days"), 0);
+        let record_queue = self.integer("record_queue", get("record_queue"), 10_000);
+        if record_queue == 0 {
+            self.err("record_queue", "must be at least 1");
+        }
 
         let (mut cooldown_failures, mut cooldown) = (3u64, Duration::from_secs(30));
         match get("cooldown") {
@@ -571,7 +593,11 @@ impl Parser<'_> {
         }
 
         let mut trusted_proxies = Vec::new();
-        for (i, s) in self.list("trusted_proxies", get("trusted_proxies")).iter().enumerate() {
+        for (i, s) in self
+            .list("trusted_proxies", get("trusted_proxies"))
+            .iter()
+            .enumerate()
+        {
             match IpNet::parse(s) {
                 Some(n) => trusted_proxies.push(n),
                 None => self.err(
@@ -615,6 +641,7 @@ impl Parser<'_> {
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             record_body_bytes: usize::try_from(record_body_bytes).unwrap_or(usize::MAX),
             retention_days: u32::try_from(retention_days).unwrap_or(u32::MAX),
+            record_queue: usize::try_from(record_queue).unwrap_or(usize::MAX),
             cooldown_failures: u32::try_from(cooldown_failures).unwrap_or(u32::MAX),
             cooldown,
             trusted_proxies,
@@ -667,7 +694,11 @@ impl Parser<'_> {
         });
 
         let mm = sub(self, "matrix");
-        self.warn_unknown(&mm, &["homeserver", "access_token", "room_id"], "notify.matrix");
+        self.warn_unknown(
+            &mm,
+            &["homeserver", "access_token", "room_id"],
+            "notify.matrix",
+        );
         let field = |p: &mut Self, k: &str, var: &str| {
             mm.get(k)
                 .and_then(|v| p.string(&format!("notify.matrix.{k}"), v))
@@ -697,7 +728,10 @@ impl Parser<'_> {
                 None
             }
         };
-        let min_interval = match map.get("min_interval").and_then(|v| self.number("notify.min_interval", v)) {
+        let min_interval = match map
+            .get("min_interval")
+            .and_then(|v| self.number("notify.min_interval", v))
+        {
             Some(s) => Duration::from_secs_f64(s),
             None => Duration::from_secs(60),
         };
@@ -729,9 +763,17 @@ impl Parser<'_> {
             };
             self.warn_unknown(m, UPSTREAM_KEYS, &prefix);
             let key = |k: &str| format!("{prefix}.{k}");
-            let endpoint = m.get("endpoint").and_then(|v| self.string(&key("endpoint"), v));
-            let Some(endpoint) = endpoint.map(|e| e.trim().to_string()).filter(|e| !e.is_empty()) else {
-                self.err(&key("endpoint"), "missing: every upstream needs an endpoint URL");
+            let endpoint = m
+                .get("endpoint")
+                .and_then(|v| self.string(&key("endpoint"), v));
+            let Some(endpoint) = endpoint
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+            else {
+                self.err(
+                    &key("endpoint"),
+                    "missing: every upstream needs an endpoint URL",
+                );
                 continue;
             };
             let Some((base, display, host)) = parse_endpoint(&endpoint) else {
@@ -756,15 +798,27 @@ impl Parser<'_> {
                         UpstreamAuth::Bearer(hv)
                     }
                     Err(_) => {
-                        self.err(&key("sk"), "contains characters not allowed in an HTTP header");
+                        self.err(
+                            &key("sk"),
+                            "contains characters not allowed in an HTTP header",
+                        );
                         UpstreamAuth::None
                     }
                 },
             };
             let timeout = self.seconds(&key("timeout"), m.get("timeout"), global.0);
-            let stream_timeout = self.seconds(&key("stream_timeout"), m.get("stream_timeout"), global.1);
-            let allow = self.list(&key("allow"), m.get("allow")).into_iter().map(Pattern).collect();
-            let deny = self.list(&key("deny"), m.get("deny")).into_iter().map(Pattern).collect();
+            let stream_timeout =
+                self.seconds(&key("stream_timeout"), m.get("stream_timeout"), global.1);
+            let allow = self
+                .list(&key("allow"), m.get("allow"))
+                .into_iter()
+                .map(Pattern)
+                .collect();
+            let deny = self
+                .list(&key("deny"), m.get("deny"))
+                .into_iter()
+                .map(Pattern)
+                .collect();
             let mut model_map = Vec::new();
             match m.get("model_map") {
                 None | Some(Value::Null) => {}
@@ -776,7 +830,10 @@ impl Parser<'_> {
                             (Some(f), Some(t)) if !t.trim().is_empty() => {
                                 model_map.push((Pattern(f), t.trim().to_string()))
                             }
-                            _ => self.err(&key("model_map"), "every entry needs a model name and a target"),
+                            _ => self.err(
+                                &key("model_map"),
+                                "every entry needs a model name and a target",
+                            ),
                         }
                     }
                 }
@@ -801,7 +858,10 @@ impl Parser<'_> {
         let mut taken: HashSet<String> = HashSet::new();
         for (i, (explicit, u)) in out.iter().enumerate() {
             if explicit.is_some() && !taken.insert(u.name.clone()) {
-                self.err(&format!("upstreams[{i}].name"), format!("{:?} is used twice", u.name));
+                self.err(
+                    &format!("upstreams[{i}].name"),
+                    format!("{:?} is used twice", u.name),
+                );
             }
         }
         let mut result = Vec::with_capacity(out.len());
@@ -830,7 +890,10 @@ fn join(prefix: &str, key: &str) -> String {
 }
 
 fn split_commas(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string)
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
 }
 
 fn is_http_url(s: &str) -> bool {
@@ -845,7 +908,11 @@ fn parse_endpoint(s: &str) -> Option<(String, String, String)> {
         return None;
     }
     let auth = uri.authority()?;
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     if host.is_empty() {
         return None;
     }
@@ -908,18 +975,32 @@ mod tests {
 
     #[test]
     fn errors_name_file_key_and_problem() {
-        let e = parse_str("authorization: x\nlb_policy: fastest\nupstreams:\n  - sk: a\n  - endpoint: ftp://h/\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("t.yaml: lb_policy: unknown policy \"fastest\""), "{e}");
+        let e = parse_str(
+            "authorization: x\nlb_policy: fastest\nupstreams:\n  - sk: a\n  - endpoint: ftp://h/\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.yaml: lb_policy: unknown policy \"fastest\""),
+            "{e}"
+        );
         assert!(e.contains("t.yaml: upstreams[0].endpoint: missing"), "{e}");
-        assert!(e.contains("t.yaml: upstreams[1].endpoint: \"ftp://h/\" is not an http(s) URL"), "{e}");
-        let e = parse_str("upstreams:\n  - endpoint: http://h\n").unwrap_err().to_string();
-        assert!(e.contains("t.yaml: authorization: no client token"), "{e}");
-        let e = parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n    sk: ${NOPE}\n")
+        assert!(
+            e.contains("t.yaml: upstreams[1].endpoint: \"ftp://h/\" is not an http(s) URL"),
+            "{e}"
+        );
+        let e = parse_str("upstreams:\n  - endpoint: http://h\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("upstreams[0].sk: environment variable NOPE is not set"), "{e}");
+        assert!(e.contains("t.yaml: authorization: no client token"), "{e}");
+        let e =
+            parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n    sk: ${NOPE}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("upstreams[0].sk: environment variable NOPE is not set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -942,13 +1023,16 @@ mod tests {
         assert!(n.contains("10.1.2.3".parse().unwrap()));
         assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!n.contains("11.0.0.1".parse().unwrap()));
-        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
         assert!(IpNet::parse("nope").is_none());
     }
 
     #[test]
     fn endpoint_display_drops_userinfo() {
-        let (base, display, host) = parse_endpoint("https://user:pw@h.example:8443/api/v1/").unwrap();
+        let (base, display, host) =
+            parse_endpoint("https://user:pw@h.example:8443/api/v1/").unwrap();
         assert_eq!(base, "https://user:pw@h.example:8443/api/v1");
         assert_eq!(display, "https://h.example:8443/api/v1");
         assert_eq!(host, "h.example");

@@ -56,8 +56,12 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BadBody(_) => StatusCode::BAD_REQUEST,
             GatewayError::NoUpstreamForModel(_) => StatusCode::NOT_FOUND,
-            GatewayError::AllFailed { timed_out: true, .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::AllFailed { timed_out: false, .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::AllFailed {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::AllFailed {
+                timed_out: false, ..
+            } => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,8 +72,12 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
             GatewayError::BadBody(_) => ("invalid_request_error", "invalid_body"),
             GatewayError::NoUpstreamForModel(_) => ("invalid_request_error", "model_not_found"),
-            GatewayError::AllFailed { timed_out: true, .. } => ("upstream_error", "upstream_timeout"),
-            GatewayError::AllFailed { timed_out: false, .. } => ("upstream_error", "upstream_unavailable"),
+            GatewayError::AllFailed {
+                timed_out: true, ..
+            } => ("upstream_error", "upstream_timeout"),
+            GatewayError::AllFailed {
+                timed_out: false, ..
+            } => ("upstream_error", "upstream_unavailable"),
             GatewayError::Internal(_) => ("server_error", "internal_error"),
         }
     }

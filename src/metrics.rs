@@ -6,7 +6,9 @@
 //! and needs no actor.
 
 use actix_web_prom::{PrometheusMetrics, PrometheusMetricsBuilder};
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 /// The namespace every series carries.
 pub const NAMESPACE: &str = "openai_api_route";
@@ -33,7 +35,10 @@ impl Metrics {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
         let upstream_requests = IntCounterVec::new(
-            opts("upstream_requests_total", "Attempts against an upstream, by outcome"),
+            opts(
+                "upstream_requests_total",
+                "Attempts against an upstream, by outcome",
+            ),
             &["upstream", "outcome"],
         )?;
         let first_byte = HistogramVec::new(
@@ -48,11 +53,17 @@ impl Metrics {
             &["upstream"],
         )?;
         let failovers = IntCounterVec::new(
-            opts("failovers_total", "Attempts that failed and moved on, by the upstream that failed"),
+            opts(
+                "failovers_total",
+                "Attempts that failed and moved on, by the upstream that failed",
+            ),
             &["upstream"],
         )?;
         let healthy = IntGaugeVec::new(
-            opts("upstream_healthy", "1 while the upstream is below its failure threshold"),
+            opts(
+                "upstream_healthy",
+                "1 while the upstream is below its failure threshold",
+            ),
             &["upstream"],
         )?;
         let tokens = IntCounterVec::new(
@@ -68,13 +79,19 @@ impl Metrics {
             "Request records lost because the database write failed",
         ))?;
         let notifications = IntCounterVec::new(
-            opts("notifications_total", "Alert deliveries, by channel and result"),
+            opts(
+                "notifications_total",
+                "Alert deliveries, by channel and result",
+            ),
             &["channel", "result"],
         )?;
         let record_queue = Histogram::with_opts(
-            HistogramOpts::new("record_batch_size", "Records written per database transaction")
-                .namespace(NAMESPACE)
-                .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
+            HistogramOpts::new(
+                "record_batch_size",
+                "Records written per database transaction",
+            )
+            .namespace(NAMESPACE)
+            .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
         )?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
@@ -111,7 +128,9 @@ impl Metrics {
 
     /// One attempt's outcome (`ok` or a [`crate::registry::FailKind`] label).
     pub fn attempt(&self, upstream: &str, outcome: &str) {
-        self.upstream_requests.with_label_values(&[upstream, outcome]).inc();
+        self.upstream_requests
+            .with_label_values(&[upstream, outcome])
+            .inc();
     }
 
     /// Time to first byte of a committed attempt.
@@ -126,7 +145,9 @@ impl Metrics {
 
     /// Health gauge.
     pub fn set_healthy(&self, upstream: &str, healthy: bool) {
-        self.healthy.with_label_values(&[upstream]).set(i64::from(healthy));
+        self.healthy
+            .with_label_values(&[upstream])
+            .set(i64::from(healthy));
     }
 
     /// Removes the series of an upstream that a reload removed.
@@ -137,10 +158,14 @@ impl Metrics {
     /// Token usage reported by an upstream.
     pub fn tokens(&self, upstream: &str, prompt: Option<i64>, completion: Option<i64>) {
         if let Some(p) = prompt.filter(|p| *p > 0) {
-            self.tokens.with_label_values(&[upstream, "prompt"]).inc_by(p as u64);
+            self.tokens
+                .with_label_values(&[upstream, "prompt"])
+                .inc_by(p as u64);
         }
         if let Some(c) = completion.filter(|c| *c > 0) {
-            self.tokens.with_label_values(&[upstream, "completion"]).inc_by(c as u64);
+            self.tokens
+                .with_label_values(&[upstream, "completion"])
+                .inc_by(c as u64);
         }
     }
 
@@ -161,6 +186,8 @@ impl Metrics {
 
     /// One alert delivery.
     pub fn notification(&self, channel: &str, result: &str) {
-        self.notifications.with_label_values(&[channel, result]).inc();
+        self.notifications
+            .with_label_values(&[channel, result])
+            .inc();
     }
 }

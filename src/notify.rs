@@ -109,7 +109,9 @@ impl NotifierActor {
     }
 
     fn flush_held(&mut self, kind: AlertKind, _ctx: &mut Context<Self>) {
-        let Some(st) = self.kinds.get_mut(&kind) else { return };
+        let Some(st) = self.kinds.get_mut(&kind) else {
+            return;
+        };
         st.flush_scheduled = false;
         if st.held == 0 {
             return;
@@ -121,7 +123,11 @@ impl NotifierActor {
         let text = if n == 1 {
             latest
         } else {
-            format!("{latest}\n(and {} more like this in the last {}s)", n - 1, self.config.min_interval.as_secs())
+            format!(
+                "{latest}\n(and {} more like this in the last {}s)",
+                n - 1,
+                self.config.min_interval.as_secs()
+            )
         };
         self.deliver(text);
     }
@@ -166,18 +172,17 @@ fn report(metrics: &Metrics, channel: &str, result: Result<(), String>) {
     }
 }
 
-async fn send_json(
-    req: awc::ClientRequest,
-    body: serde_json::Value,
-) -> Result<(), String> {
+async fn send_json(req: awc::ClientRequest, body: serde_json::Value) -> Result<(), String> {
     let fut = req.send_json(&body);
     let mut resp = match actix_rt::time::timeout(SEND_TIMEOUT, fut).await {
         Err(_) => return Err("timed out".into()),
-        Ok(Err(e)) => return Err(match e {
-            awc::error::SendRequestError::Connect(_) => "connection failed".to_string(),
-            awc::error::SendRequestError::Timeout => "timed out".to_string(),
-            _ => "request failed".to_string(),
-        }),
+        Ok(Err(e)) => {
+            return Err(match e {
+                awc::error::SendRequestError::Connect(_) => "connection failed".to_string(),
+                awc::error::SendRequestError::Timeout => "timed out".to_string(),
+                _ => "request failed".to_string(),
+            })
+        }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
@@ -201,7 +206,10 @@ async fn send_json(
 
 /// `base64(HMAC-SHA256(key = "{timestamp}\n{secret}", message = ""))`, Feishu's bot signature.
 pub fn feishu_sign(timestamp: u64, secret: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, format!("{timestamp}\n{secret}").as_bytes());
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        format!("{timestamp}\n{secret}").as_bytes(),
+    );
     let tag = ring::hmac::sign(&key, b"");
     base64(tag.as_ref())
 }
@@ -215,8 +223,16 @@ fn base64(bytes: &[u8]) -> String {
             | u32::from(*c.get(2).unwrap_or(&0));
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -224,7 +240,10 @@ fn base64(bytes: &[u8]) -> String {
 async fn send_feishu(client: &awc::Client, f: &FeishuConfig, text: &str) -> Result<(), String> {
     let mut body = serde_json::json!({"msg_type": "text", "content": {"text": text}});
     if let Some(secret) = &f.secret {
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         body["timestamp"] = serde_json::Value::String(ts.to_string());
         body["sign"] = serde_json::Value::String(feishu_sign(ts, secret));
     }
@@ -235,7 +254,10 @@ async fn send_matrix(client: &awc::Client, m: &MatrixConfig, text: &str) -> Resu
     let txn = format!(
         "oar-{}-{}-{}",
         std::process::id(),
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
         TXN.fetch_add(1, Ordering::Relaxed)
     );
     let url = format!(

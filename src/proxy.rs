@@ -144,7 +144,8 @@ pub fn body_meta(body: &[u8]) -> (Option<String>, bool) {
 pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
     use serde_json::value::RawValue;
     let members: Vec<(String, &RawValue)> = {
-        let raw: std::collections::BTreeMap<String, &RawValue> = serde_json::from_slice(body).ok()?;
+        let raw: std::collections::BTreeMap<String, &RawValue> =
+            serde_json::from_slice(body).ok()?;
         // Keep the original member order: find each key's position in the text.
         let mut v: Vec<(String, &RawValue)> = raw.into_iter().collect();
         let text = std::str::from_utf8(body).ok()?;
@@ -182,7 +183,12 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The bearer token of a request, trimmed.
 fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let v = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
     let token = if v.len() >= 7 && v[..7].eq_ignore_ascii_case("bearer ") {
         &v[7..]
     } else {
@@ -246,7 +252,12 @@ pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    if let Some(ip) = xff.iter().rev().find(|ip| !cfg.is_trusted_proxy(**ip)).or(xff.first()) {
+    if let Some(ip) = xff
+        .iter()
+        .rev()
+        .find(|ip| !cfg.is_trusted_proxy(**ip))
+        .or(xff.first())
+    {
         return ip.to_string();
     }
     req.headers()
@@ -257,7 +268,11 @@ pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
         .to_string()
 }
 
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, GatewayError> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -271,14 +286,19 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     let mut buf: Option<BytesMut> = None;
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| GatewayError::BadBody(e.to_string()))?;
-        let have = buf.as_ref().map(|b| b.len()).or(first.as_ref().map(|b| b.len())).unwrap_or(0);
+        let have = buf
+            .as_ref()
+            .map(|b| b.len())
+            .or(first.as_ref().map(|b| b.len()))
+            .unwrap_or(0);
         if have + chunk.len() > limit {
             return Err(GatewayError::BodyTooLarge(limit));
         }
         match (&mut buf, &first) {
             (Some(b), _) => b.extend_from_slice(&chunk),
             (None, Some(f)) => {
-                let mut b = BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + chunk.len()));
+                let mut b =
+                    BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + chunk.len()));
                 b.extend_from_slice(f);
                 b.extend_from_slice(&chunk);
                 buf = Some(b);
@@ -318,7 +338,10 @@ pub async fn preflight(req: HttpRequest) -> HttpResponse {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.trim().is_empty())
         .map(|v| format!("Authorization, Content-Type, {v}"))
-        .unwrap_or_else(|| "Authorization, Content-Type, OpenAI-Beta, OpenAI-Organization, OpenAI-Project".to_string());
+        .unwrap_or_else(|| {
+            "Authorization, Content-Type, OpenAI-Beta, OpenAI-Organization, OpenAI-Project"
+                .to_string()
+        });
     HttpResponse::NoContent()
         .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
         .insert_header((
@@ -336,7 +359,9 @@ enum AttemptError {
 
 fn classify(e: SendRequestError) -> AttemptError {
     match e {
-        SendRequestError::Connect(c) => AttemptError::Failed(FailKind::Connect, format!("connect failed: {c}")),
+        SendRequestError::Connect(c) => {
+            AttemptError::Failed(FailKind::Connect, format!("connect failed: {c}"))
+        }
         SendRequestError::Timeout => AttemptError::Failed(FailKind::Timeout, "timed out".into()),
         other => AttemptError::Failed(
             FailKind::Connect,
@@ -365,7 +390,9 @@ async fn attempt(
     }
     let mut creq = client.request(req.method().clone(), url.as_str());
     headers::upstream_request_headers(req.headers(), &up.auth, creq.headers_mut());
-    let mut resp = if body.is_empty() && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE) {
+    let mut resp = if body.is_empty()
+        && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE)
+    {
         creq.send().await
     } else {
         creq.send_body(body).await
@@ -440,7 +467,13 @@ pub async fn proxy(
         .await
     {
         Ok(c) => c,
-        Err(_) => return local_error(&state, info, GatewayError::Internal("upstream registry unavailable")),
+        Err(_) => {
+            return local_error(
+                &state,
+                info,
+                GatewayError::Internal("upstream registry unavailable"),
+            )
+        }
     };
     let cfg = cands.config;
     if cands.order.is_empty() {
@@ -460,7 +493,8 @@ pub async fn proxy(
             None => info.body.clone(),
         };
         let t0 = Instant::now();
-        let outcome = actix_rt::time::timeout(wait, attempt(&client.0, up, &req, body, info.stream)).await;
+        let outcome =
+            actix_rt::time::timeout(wait, attempt(&client.0, up, &req, body, info.stream)).await;
         let (kind, reason) = match outcome {
             Ok(Ok((resp, first))) => {
                 let status = resp.status();
@@ -479,7 +513,12 @@ pub async fn proxy(
                 },
             ),
         };
-        log::warn!("{} {}: upstream {} failed: {reason}", info.method, info.path, up.name);
+        log::warn!(
+            "{} {}: upstream {} failed: {reason}",
+            info.method,
+            info.path,
+            up.name
+        );
         state.metrics.attempt(&up.name, kind.label());
         if !last {
             state.metrics.failover(&up.name);
@@ -575,9 +614,11 @@ fn commit(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let sse = content_type
-        .as_deref()
-        .is_some_and(|c| c.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+    let sse = content_type.as_deref().is_some_and(|c| {
+        c.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+    });
     let length = resp
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -616,7 +657,19 @@ fn commit(
     let no_body = status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
-    let body = RelayBody::new(resp, first, cfg.idle_timeout, sse, finish);
+    let chunked = resp
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let body = RelayBody::new(
+        resp,
+        first,
+        cfg.idle_timeout,
+        sse,
+        (length, chunked),
+        finish,
+    );
     if no_body {
         body.finish_empty();
         return builder.finish();

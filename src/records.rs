@@ -19,8 +19,6 @@ use crate::capture::{cut, request_body_text};
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
-/// Records waiting for the writer beyond which new ones are dropped (and counted).
-pub const QUEUE_CAPACITY: usize = 10_000;
 /// Largest batch written in one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -80,8 +78,8 @@ pub enum DbError {
         /// Why.
         source: r2d2::Error,
     },
-    /// Schema creation or the write check failed.
-    #[error("cannot write database {path}: {source}")]
+    /// The file cannot be created, or schema creation or the write check failed.
+    #[error("cannot open or write database {path}: {source}")]
     Write {
         /// The path given.
         path: String,
@@ -122,6 +120,11 @@ type Pool = r2d2::Pool<SqliteConnectionManager>;
 
 /// Opens (creating if needed) the SQLite file, runs migrations and proves it is writable.
 pub fn open_sqlite(path: &str) -> Result<Pool, DbError> {
+    // Open once directly: a bad path fails at once instead of after the pool's retry timeout.
+    rusqlite::Connection::open(path).map_err(|source| DbError::Write {
+        path: path.to_string(),
+        source,
+    })?;
     let manager = SqliteConnectionManager::file(Path::new(path)).with_init(|c| {
         c.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
@@ -147,11 +150,15 @@ pub fn open_sqlite(path: &str) -> Result<Pool, DbError> {
         .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
         .map_err(write_err)? as usize;
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-        conn.execute_batch(&format!("BEGIN; {m}; PRAGMA user_version = {}; COMMIT;", i + 1))
-            .map_err(write_err)?;
+        conn.execute_batch(&format!(
+            "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(write_err)?;
     }
     // A read-only file opens fine; prove we can write before we listen.
-    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;").map_err(write_err)?;
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+        .map_err(write_err)?;
     Ok(pool)
 }
 
@@ -159,7 +166,10 @@ pub fn open_sqlite(path: &str) -> Result<Pool, DbError> {
 fn count_rows(pool: &Pool) -> u64 {
     pool.get()
         .ok()
-        .and_then(|c| c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0)).ok())
+        .and_then(|c| {
+            c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
+                .ok()
+        })
         .unwrap_or(0) as u64
 }
 
@@ -281,14 +291,10 @@ impl Handler<Prune> for DbActor {
     fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) {
         self.write_batch();
         let cutoff = rfc3339(SystemTime::now() - msg.older_than);
-        let result = self
-            .pool
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                c.execute("DELETE FROM records WHERE created_at < ?1", params![cutoff])
-                    .map_err(|e| e.to_string())
-            });
+        let result = self.pool.get().map_err(|e| e.to_string()).and_then(|c| {
+            c.execute("DELETE FROM records WHERE created_at < ?1", params![cutoff])
+                .map_err(|e| e.to_string())
+        });
         match result {
             Ok(n) => {
                 if n > 0 {

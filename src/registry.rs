@@ -195,7 +195,11 @@ pub struct UpstreamRegistry {
 
 impl UpstreamRegistry {
     /// A registry over `shared`'s current config.
-    pub fn new(shared: SharedConfig, metrics: Metrics, events: Option<Recipient<HealthEvent>>) -> Self {
+    pub fn new(
+        shared: SharedConfig,
+        metrics: Metrics,
+        events: Option<Recipient<HealthEvent>>,
+    ) -> Self {
         let config = shared.get();
         let health = vec![Health::default(); config.upstreams.len()];
         let seed = SystemTime::now()
@@ -274,7 +278,8 @@ impl Handler<GetCandidates> for UpstreamRegistry {
                 .is_some_and(|(until, _)| until > now)
         };
         if order.iter().any(cooling) {
-            let (mut front, back): (Vec<usize>, Vec<usize>) = order.iter().partition(|i| !cooling(i));
+            let (mut front, back): (Vec<usize>, Vec<usize>) =
+                order.iter().partition(|i| !cooling(i));
             front.extend(back);
             order = front;
         }
@@ -290,7 +295,9 @@ impl Handler<AttemptDone> for UpstreamRegistry {
 
     fn handle(&mut self, msg: AttemptDone, _: &mut Context<Self>) {
         // Outcomes for an upstream removed by a reload are simply dropped.
-        let Some(i) = self.index_of(&msg.upstream) else { return };
+        let Some(i) = self.index_of(&msg.upstream) else {
+            return;
+        };
         let threshold = self.config.cooldown_failures;
         let h = &mut self.health[i];
         match msg.result {
@@ -320,7 +327,8 @@ impl Handler<AttemptDone> for UpstreamRegistry {
                 if h.failures >= threshold {
                     let first_time = h.failures == threshold;
                     let cooldown = self.config.cooldown;
-                    h.cooldown_until = Some((Instant::now() + cooldown, SystemTime::now() + cooldown));
+                    h.cooldown_until =
+                        Some((Instant::now() + cooldown, SystemTime::now() + cooldown));
                     let failures = h.failures;
                     self.metrics.set_healthy(&msg.upstream, false);
                     if first_time {
@@ -359,7 +367,11 @@ impl Handler<Reload> for UpstreamRegistry {
             .0
             .upstreams
             .iter()
-            .map(|u| old.get(u.name.as_str()).map(|h| (*h).clone()).unwrap_or_default())
+            .map(|u| {
+                old.get(u.name.as_str())
+                    .map(|h| (*h).clone())
+                    .unwrap_or_default()
+            })
             .collect();
         for u in &self.config.upstreams {
             if !msg.0.upstreams.iter().any(|n| n.name == u.name) {

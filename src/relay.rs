@@ -21,6 +21,7 @@ use crate::capture::{Capture, Usage};
 use crate::proxy::RequestInfo;
 use crate::registry::{AttemptDone, AttemptResult, FailKind};
 use crate::state::AppState;
+use crate::transport;
 
 /// Everything needed to account for the request when its body ends.
 pub struct Finish {
@@ -89,7 +90,9 @@ impl Finish {
             Some(c) => c.finish(),
             None => (None, Usage::default()),
         };
-        state.metrics.tokens(&self.upstream, usage.prompt, usage.completion);
+        state
+            .metrics
+            .tokens(&self.upstream, usage.prompt, usage.completion);
         if let Some(rec) = &state.recorder {
             let error = if self.failures.is_empty() {
                 None
@@ -132,6 +135,11 @@ pub struct RelayBody<S> {
     /// Last two bytes relayed, to close a partial SSE event before our error event.
     tail: [u8; 2],
     done: bool,
+    /// `Content-Length` of the upstream body, if it had one.
+    expected_len: Option<u64>,
+    /// Whether the upstream body is chunked (its end is a terminator, not EOF).
+    chunked: bool,
+    received: u64,
     finish: Option<Finish>,
 }
 
@@ -140,7 +148,14 @@ where
     S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
 {
     /// Wraps an upstream body; `first` is a chunk already read (stream requests).
-    pub fn new(upstream: S, first: Option<Bytes>, idle: Duration, sse: bool, finish: Finish) -> Self {
+    pub fn new(
+        upstream: S,
+        first: Option<Bytes>,
+        idle: Duration,
+        sse: bool,
+        framing: (Option<u64>, bool),
+        finish: Finish,
+    ) -> Self {
         let now = Instant::now();
         RelayBody {
             first,
@@ -151,6 +166,9 @@ where
             sse,
             tail: [b'\n', b'\n'],
             done: false,
+            expected_len: framing.0,
+            chunked: framing.1,
+            received: 0,
             finish: Some(finish),
         }
     }
@@ -161,6 +179,7 @@ where
     }
 
     fn on_chunk(&mut self, b: &Bytes) {
+        self.received += b.len() as u64;
         if let Some(c) = self.finish.as_mut().and_then(|f| f.capture.as_mut()) {
             c.feed(b);
         }
@@ -218,6 +237,7 @@ where
             return Poll::Ready(None);
         }
         loop {
+            transport::clear_eof();
             match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Ready(Some(Ok(b))) => {
                     this.last_data = Instant::now();
@@ -225,6 +245,11 @@ where
                     return Poll::Ready(Some(Ok(b)));
                 }
                 Poll::Ready(None) => {
+                    let short = this.expected_len.is_some_and(|n| this.received < n);
+                    if short || (this.chunked && transport::eof_seen()) {
+                        return this
+                            .fail("connection closed before the response was complete".into());
+                    }
                     this.end(End::Complete);
                     return Poll::Ready(None);
                 }

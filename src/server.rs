@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
-use actix_service::ServiceExt;
-use actix_tls::connect::{Connection, Resolver};
-use actix_web::http::{Method, Uri};
+use actix_web::http::Method;
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
@@ -17,10 +15,11 @@ use crate::config::{self, Config, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::notify::{NotifierActor, Reconfigure};
 use crate::proxy::{preflight, proxy, UpstreamClient};
-use crate::records::{open_sqlite, DbError, Recorder, QUEUE_CAPACITY};
+use crate::records::{open_sqlite, DbError, Recorder};
 use crate::registry::{Reload, SharedConfig, UpstreamRegistry};
 use crate::state::AppState;
 use crate::status;
+use crate::transport::{tls_config, upstream_client};
 
 /// How long in-flight requests may run after SIGTERM/SIGINT before the server closes them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -86,47 +85,6 @@ pub fn list_text(cfg: &Config) -> String {
     out
 }
 
-/// The TLS settings every upstream connection uses, built once.
-pub fn tls_config() -> Arc<rustls::ClientConfig> {
-    // Only `ring` is compiled in; installing it explicitly keeps awc from guessing.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    // HTTP/1.1 to upstreams: predictable streaming and one connection per in-flight request.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
-}
-
-fn nodelay(conn: Connection<Uri, TcpStream>) -> Connection<Uri, TcpStream> {
-    // Without this, a request head and body written separately wait on Nagle + delayed ACK.
-    let _ = conn.io_ref().set_nodelay(true);
-    conn
-}
-
-/// One worker's upstream client: pooled keep-alive connections, no redirects, no default
-/// headers (the client's own `User-Agent` passes), our deadlines instead of awc's.
-pub fn upstream_client(tls: Arc<rustls::ClientConfig>) -> awc::Client {
-    let tcp = actix_tls::connect::Connector::new(Resolver::default())
-        .service()
-        .map(nodelay as fn(_) -> _);
-    let connector = awc::Connector::new()
-        .connector(tcp)
-        .rustls_0_23(tls)
-        .timeout(Duration::from_secs(30))
-        .limit(0)
-        .conn_keep_alive(Duration::from_secs(30));
-    awc::Client::builder()
-        .connector(connector)
-        .disable_timeout()
-        .disable_redirects()
-        .no_default_headers()
-        .finish()
-}
-
 fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError> {
     let db = cli
         .database
@@ -173,7 +131,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     system.block_on(async move {
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
-        let recorder = pool.map(|p| Recorder::start(p, metrics.clone(), QUEUE_CAPACITY));
+        let recorder = pool.map(|p| Recorder::start(p, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
         let shared = SharedConfig::new(Arc::new(cfg));
         let registry = UpstreamRegistry::new(
@@ -199,7 +157,9 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             App::new()
                 .wrap(prom.clone())
                 .app_data(state.clone())
-                .app_data(web::Data::new(UpstreamClient(upstream_client(factory_tls.clone()))))
+                .app_data(web::Data::new(UpstreamClient(upstream_client(
+                    factory_tls.clone(),
+                ))))
                 .route("/", web::get().to(status::page))
                 .route("/healthz", web::get().to(status::healthz))
                 .route("/static/style.css", web::get().to(status::style))

@@ -62,7 +62,13 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
         (None, true) => ("healthy", "healthy".to_string()),
         (None, false) => ("probing", "retrying (cooldown over)".to_string()),
     };
-    let list = |v: &[String]| if v.is_empty() { "—".to_string() } else { esc(&v.join(", ")) };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "—".to_string()
+        } else {
+            esc(&v.join(", "))
+        }
+    };
     let _ = write!(
         out,
         "<tr><td data-label=\"#\">{pos}</td><td data-label=\"Name\" class=\"name\">{}</td>\
@@ -86,7 +92,11 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
         u.failed,
         u.recent_first_byte.map(ms).unwrap_or_else(|| "—".into()),
         match &u.last_error {
-            Some((t, e)) => format!("<span class=\"err\">{}</span><br><small>{}</small>", esc(e), esc(&rfc3339(*t))),
+            Some((t, e)) => format!(
+                "<span class=\"err\">{}</span><br><small>{}</small>",
+                esc(e),
+                esc(&rfc3339(*t))
+            ),
             None => "—".into(),
         },
     );

@@ -1,0 +1,76 @@
+# openai-api-route container image.
+#
+#   docker build -t openai-api-route .
+#   docker run -d --name oar -p 8888:8888 --stop-timeout 40 \
+#     -v "$PWD/config:/config:ro" -v oar-data:/data \
+#     -e OPENAI_API_KEY -e GATEWAY_TOKEN openai-api-route
+#
+# See README.md, section "Docker".
+
+# ---------------------------------------------------------------------------------------------
+# Build stage. rust:*-slim already carries gcc and libc6-dev, which the bundled SQLite (rusqlite
+# "bundled") and ring need; TLS is rustls with compiled-in webpki roots, so no OpenSSL headers.
+FROM rust:1-slim-bookworm AS builder
+WORKDIR /src
+
+# 1) Dependencies only, in their own layer: it is rebuilt only when Cargo.toml or Cargo.lock change.
+#    Stub targets mirror the real layout (src/main.rs binary + src/lib.rs library), and
+#    static/style.css exists because src/status.rs include_str!s it.
+#    Afterwards the stub crate's own artifacts and fingerprints are dropped: COPY keeps the build
+#    context's mtimes, which can be older than the stubs, so cargo could otherwise take the stub
+#    build for fresh.
+#    If Cargo.toml ever declares [[test]]/[[bench]]/[[example]] targets or a build script, add
+#    matching stubs here, or cargo refuses to read the manifest.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src static \
+ && echo 'fn main() {}' > src/main.rs \
+ && : > src/lib.rs \
+ && : > static/style.css \
+ && cargo build --release --locked \
+ && cargo clean --release --package openai-api-route \
+ && rm -rf src static
+
+# 2) The real sources. static/ must be present before the build: the stylesheet is compiled in.
+COPY static ./static
+COPY src ./src
+RUN cargo build --release --locked \
+ && install -D -m 0755 target/release/openai-api-route /out/openai-api-route
+
+# ---------------------------------------------------------------------------------------------
+# Runtime stage: same Debian release as the builder, so the glibc the binary links against matches.
+# No ca-certificates needed (webpki roots are compiled in) and no curl/wget: see HEALTHCHECK.
+FROM debian:bookworm-slim
+
+# Fixed non-root uid/gid, so a host directory mounted at /data can be chowned to it (10001:10001).
+RUN groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid gateway --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin gateway \
+ && mkdir -p /config /data \
+ && chown gateway:gateway /data
+
+COPY --from=builder /out/openai-api-route /usr/local/bin/openai-api-route
+# A default config so the image runs with just `-e OPENAI_API_KEY -e GATEWAY_TOKEN`; mount your own
+# directory at /config to replace it (mount the directory, not the file, so SIGHUP sees edits).
+COPY upstreams.example.yaml /config/upstreams.yaml
+
+USER gateway:gateway
+WORKDIR /data
+
+# /config: upstreams.yaml (read-only is fine). /data: db.sqlite plus its -wal/-shm files (SQLite WAL
+# mode), so it must be a writable directory, not a single-file mount.
+VOLUME ["/config", "/data"]
+EXPOSE 8888
+
+# Health check without extra packages: bash (always present in Debian, it is Essential) opens a TCP
+# connection through its /dev/tcp redirection, sends a bare HTTP/1.0 request and expects a 200 status
+# line. This keeps curl/wget and their dependencies out of the image. It assumes the default port:
+# if you change -addr, override the HEALTHCHECK too.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8888 && printf 'GET /healthz HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && read -r line <&3 && [[ $line == *' 200 '* ]]"]
+
+# SIGTERM starts the graceful shutdown (in-flight requests get up to 30 s, then queued records are
+# written). docker stop waits only 10 s by default: run with --stop-timeout 40 (compose:
+# stop_grace_period: 40s). The exec-form ENTRYPOINT makes the gateway PID 1, so it gets the signal.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/openai-api-route"]
+CMD ["-addr", ":8888", "-config", "/config/upstreams.yaml", "-database", "/data/db.sqlite"]

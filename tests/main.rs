@@ -1,0 +1,10 @@
+//! One integration-test binary (link once): the real gateway binary against mock upstreams.
+
+mod support;
+
+mod cli;
+mod failover;
+mod observability;
+mod records;
+mod sdk;
+mod streaming;

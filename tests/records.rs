@@ -1,0 +1,315 @@
+//! Request records (SPEC §5): one row per request with reply text and usage, no secrets, a
+//! bounded queue that drops instead of blocking, and nothing lost at SIGTERM.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[actix_rt::test]
+async fn rows_for_success_stream_failover_and_all_fail() {
+    let bad = Mock::always(Reply::status(503));
+    let good = Mock::script(|req, _| {
+        if req.json()["stream"] == true {
+            Reply::sse_chat(&["Hel", "lo"], Duration::from_millis(5))
+        } else {
+            Reply::chat("plain answer")
+        }
+    });
+    let gw = Gateway::start(&config(
+        "cooldown: {failures: 100, seconds: 1}",
+        &[
+            upstream("good", &good.endpoint(), "deny: [via-bad, dead]"),
+            upstream("bad", &bad.endpoint(), "deny: [dead]"),
+            upstream("good2", &good.endpoint(), "allow: [via-bad]"),
+            upstream("gone", &Mock::refused_endpoint(), "allow: [dead]"),
+        ],
+    ));
+    let ua = "records-test/2";
+    let auth = format!("Bearer {TOKEN}");
+    let h = [
+        ("authorization", auth.as_str()),
+        ("user-agent", ua),
+        ("content-type", "application/json"),
+    ];
+    send(
+        "POST",
+        &gw.url("/v1/chat/completions?debug=1"),
+        &h,
+        chat_body(false).to_string().as_bytes(),
+    )
+    .await;
+    send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &h,
+        chat_body(true).to_string().as_bytes(),
+    )
+    .await;
+    let fo = serde_json::json!({"model": "via-bad", "messages": []}).to_string();
+    send("POST", &gw.url("/v1/chat/completions"), &h, fo.as_bytes()).await;
+    let dead = serde_json::json!({"model": "dead"}).to_string();
+    let got = send("POST", &gw.url("/v1/chat/completions"), &h, dead.as_bytes()).await;
+    assert_eq!(got.status, 502);
+
+    let rows = gw.records(4);
+    let r = &rows[0];
+    assert_eq!(r["method"], "POST");
+    assert_eq!(r["path"], "/v1/chat/completions");
+    assert_eq!(r["model"], "gpt-test");
+    assert_eq!(r["stream"], 0);
+    assert_eq!(r["upstream"], "good");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["attempts"], 1);
+    assert_eq!(r["error"], serde_json::Value::Null);
+    assert_eq!(r["response"], "plain answer");
+    assert_eq!(
+        (
+            r["prompt_tokens"].as_i64(),
+            r["completion_tokens"].as_i64(),
+            r["total_tokens"].as_i64()
+        ),
+        (Some(5), Some(7), Some(12))
+    );
+    assert_eq!(r["ip"], "127.0.0.1");
+    assert_eq!(r["user_agent"], ua);
+    assert_eq!(r["client_key"], "sk-…cdef");
+    assert_eq!(r["request_body"], chat_body(false).to_string());
+    let created = r["created_at"].as_str().unwrap();
+    assert!(
+        created.len() == 24 && created.ends_with('Z') && created.as_bytes()[10] == b'T',
+        "{created}"
+    );
+    assert!(r["ttfb_ms"].as_i64().unwrap() <= r["duration_ms"].as_i64().unwrap());
+
+    let s = &rows[1];
+    assert_eq!(s["stream"], 1);
+    assert_eq!(s["response"], "Hello");
+    assert_eq!(s["total_tokens"], 5);
+
+    let f = &rows[2];
+    assert_eq!(f["upstream"], "good2");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["attempts"], 2);
+    assert!(
+        f["error"].as_str().unwrap().starts_with("bad: HTTP 503"),
+        "{f}"
+    );
+
+    let a = &rows[3];
+    assert_eq!(a["status"], 502);
+    assert_eq!(a["upstream"], serde_json::Value::Null);
+    assert!(a["error"]
+        .as_str()
+        .unwrap()
+        .contains("gone: connect failed"));
+}
+
+#[actix_rt::test]
+async fn responses_api_stream_and_binary_bodies() {
+    let m = Mock::script(|req, _| {
+        if req.target.contains("responses") {
+            Reply::Chunks {
+                status: 200,
+                headers: vec![("content-type".into(), "text/event-stream".into())],
+                chunks: vec![
+                    (Duration::ZERO, b"event: response.created\ndata: {\"type\":\"response.created\"}\n\n".to_vec()),
+                    (Duration::ZERO, b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Bon\"}\n\nevent: response.output_text.del".to_vec()),
+                    (Duration::from_millis(5), b"ta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"jour\"}\n\n".to_vec()),
+                    (Duration::ZERO, b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11}}}\n\n".to_vec()),
+                ],
+                ending: Ending::Finish,
+            }
+        } else {
+            Reply::Full {
+                status: 200,
+                headers: vec![("content-type".into(), "audio/mpeg".into())],
+                body: vec![0xff, 0xfb, 0x00, 0x90],
+            }
+        }
+    });
+    let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    let got = post(
+        &gw,
+        "/v1/responses",
+        serde_json::json!({"model": "gpt-test", "stream": true, "input": "hi"}),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let auth = format!("Bearer {TOKEN}");
+    let binary = [0u8, 159, 146, 150, 255];
+    let got = send(
+        "POST",
+        &gw.url("/v1/audio/transcriptions"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "multipart/form-data; boundary=x"),
+        ],
+        &binary,
+    )
+    .await;
+    assert_eq!(
+        got.body,
+        vec![0xff, 0xfb, 0x00, 0x90],
+        "binary relayed verbatim"
+    );
+    let rows = gw.records(2);
+    assert_eq!(rows[0]["response"], "Bonjour");
+    assert_eq!(
+        (
+            rows[0]["prompt_tokens"].as_i64(),
+            rows[0]["completion_tokens"].as_i64()
+        ),
+        (Some(9), Some(2))
+    );
+    assert_eq!(
+        rows[1]["response"],
+        serde_json::Value::Null,
+        "binary reply not stored"
+    );
+    assert_eq!(rows[1]["request_body"], "[binary body, 5 bytes]");
+    assert_eq!(rows[1]["model"], serde_json::Value::Null);
+}
+
+#[actix_rt::test]
+async fn record_body_bytes_cuts_with_a_marker() {
+    let m = Mock::always(Reply::chat(&"z".repeat(500)));
+    let gw = Gateway::start(&config(
+        "record_body_bytes: 100",
+        &[upstream("u", &m.endpoint(), "")],
+    ));
+    let big = serde_json::json!({"model": "gpt-test", "messages": [{"role": "user", "content": "q".repeat(300)}]});
+    post(&gw, "/v1/chat/completions", big).await;
+    let rows = gw.records(1);
+    let body = rows[0]["request_body"].as_str().unwrap();
+    let resp = rows[0]["response"].as_str().unwrap();
+    assert!(body.ends_with("…[truncated]") && body.len() < 130, "{body}");
+    assert!(resp.ends_with("…[truncated]") && resp.len() < 130, "{resp}");
+}
+
+#[actix_rt::test]
+async fn no_key_or_token_in_any_column_or_log_line() {
+    let up_key = "sk-upstream-u-secret";
+    let bad = Mock::always(Reply::status(401));
+    let m = Mock::always(Reply::chat("fine"));
+    let gw = Gateway::start(&config(
+        "",
+        &[
+            upstream("b", &bad.endpoint(), ""),
+            upstream("u", &m.endpoint(), ""),
+        ],
+    ));
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    post(&gw, "/v1/chat/completions", chat_body(true)).await;
+    send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", "Bearer wrong-token-value-123456")],
+        b"{}",
+    )
+    .await;
+    let rows = gw.records(3);
+    let dump = serde_json::to_string(&rows).unwrap();
+    for secret in [
+        TOKEN,
+        up_key,
+        "sk-upstream-b-secret",
+        "wrong-token-value-123456",
+        "Bearer",
+    ] {
+        assert!(
+            !dump.contains(secret),
+            "{secret} stored in a record: {dump}"
+        );
+        assert!(!gw.log().contains(secret), "{secret} in the log");
+    }
+    // The token label is the only trace of the client key.
+    assert_eq!(rows[0]["client_key"], "sk-…cdef");
+}
+
+#[actix_rt::test]
+async fn full_queue_drops_and_counts_without_blocking() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = Gateway::start(&config(
+        "record_queue: 5",
+        &[upstream("u", &m.endpoint(), "")],
+    ));
+    // Hold the database's write lock: the writer blocks, so the queue fills up.
+    let lock = gw.db();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..30 {
+        let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+        assert_eq!(got.status, 200);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "requests were slowed by recording: {:?}",
+        t.elapsed()
+    );
+    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
+    let dropped: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("openai_api_route_records_dropped_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(dropped >= 20, "expected drops, metric says {dropped}");
+    lock.execute_batch("COMMIT").unwrap();
+    // What was queued is written once the lock goes away, and nothing more.
+    let rows = gw.records(30 - dropped as usize);
+    assert_eq!(rows.len() as u64, 30 - dropped);
+}
+
+#[actix_rt::test]
+async fn sigterm_after_a_burst_loses_no_record() {
+    let m = Mock::always(Reply::chat("x"));
+    let mut gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    let n = 200;
+    let futs: Vec<_> = (0..n)
+        .map(|_| post(&gw, "/v1/chat/completions", chat_body(false)))
+        .collect();
+    let results = futures_util::future::join_all(futs).await;
+    assert!(results.iter().all(|r| r.status == 200));
+    gw.signal("TERM");
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    let rows = read_rows(&gw.db_path);
+    assert_eq!(rows.len(), n);
+}
+
+#[test]
+fn unwritable_database_is_a_clear_startup_error() {
+    let m_endpoint = "http://127.0.0.1:9/v1";
+    let err = Gateway::try_start(
+        &config("", &[upstream("u", m_endpoint, "")]),
+        &["-database", "/proc/no-such-dir/db.sqlite"],
+    )
+    .err()
+    .expect("must not start");
+    assert!(
+        err.contains("cannot open or write database /proc/no-such-dir/db.sqlite"),
+        "{err}"
+    );
+}
+
+#[actix_rt::test]
+async fn database_none_records_nothing_and_still_serves() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = Gateway::start_with(
+        &config("", &[upstream("u", &m.endpoint(), "")]),
+        &["-database", "none"],
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    assert!(!gw.db_path.exists());
+    let page = send("GET", &gw.url("/"), &[], b"").await.text();
+    assert!(page.contains("recording off"));
+}

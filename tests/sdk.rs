@@ -1,0 +1,69 @@
+//! End to end with a client nobody here wrote: the official `openai` Python SDK.
+//!
+//! `.ci/run` installs it into a venv and sets `OPENAI_SDK_PYTHON`; without it (a laptop) the test
+//! says so and passes, except under CI, where a missing SDK is a failure.
+
+use std::process::Command;
+
+use crate::support::*;
+
+const SCRIPT: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+r = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+print("NONSTREAM:" + r.choices[0].message.content)
+print("USAGE:%d" % r.usage.total_tokens)
+parts = []
+for chunk in client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+print("STREAM:" + "".join(parts))
+"#;
+
+#[test]
+fn openai_python_sdk_through_a_failing_first_upstream() {
+    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
+        );
+        eprintln!("SKIPPED openai SDK end-to-end test: OPENAI_SDK_PYTHON is not set");
+        return;
+    };
+    let down = Mock::always(Reply::status(503));
+    let good = Mock::script(|req, _| {
+        if req.json()["stream"] == true {
+            Reply::sse_chat(
+                &["Hello", ", ", "world"],
+                std::time::Duration::from_millis(5),
+            )
+        } else {
+            Reply::chat("Hi from the mock")
+        }
+    });
+    let gw = Gateway::start(&config(
+        "",
+        &[
+            upstream("down", &down.endpoint(), ""),
+            upstream("good", &good.endpoint(), ""),
+        ],
+    ));
+    let out = Command::new(python)
+        .args(["-c", SCRIPT, &gw.url("/v1"), TOKEN])
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("NONSTREAM:Hi from the mock"), "{stdout}");
+    assert!(stdout.contains("USAGE:12"), "{stdout}");
+    assert!(stdout.contains("STREAM:Hello, world"), "{stdout}");
+    assert_eq!(
+        down.hits(),
+        2,
+        "both requests tried the failing upstream first"
+    );
+}
