@@ -19,8 +19,8 @@ WORKDIR /src
 #    Afterwards the stub crate's own artifacts and fingerprints are dropped: COPY keeps the build
 #    context's mtimes, which can be older than the stubs, so cargo could otherwise take the stub
 #    build for fresh.
-#    If Cargo.toml ever declares [[test]]/[[bench]]/[[example]] targets or a build script, add
-#    matching stubs here, or cargo refuses to read the manifest.
+#    The [[test]] target (tests/main.rs) is not needed: `cargo build` does not build tests. A build
+#    script, if one is ever added, would need a stub here too.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src static \
  && echo 'fn main() {}' > src/main.rs \

@@ -15,6 +15,7 @@ const LONG_FLAGS: &[&str] = &[
     "upstreams",
     "config",
     "database",
+    "dbtype",
     "list",
     "noauth",
     "version",
@@ -47,6 +48,10 @@ pub struct Cli {
     /// SQLite database file, created if missing; "none" disables request recording [default: ./db.sqlite, or `database` in the config]
     #[arg(long, value_name = "FILE")]
     pub database: Option<String>,
+
+    /// The Go tool's `-dbtype` (sqlite|postgres); kept so old command lines still start
+    #[arg(long, value_name = "TYPE", hide = true)]
+    pub dbtype: Option<String>,
 
     /// Print the configured upstreams (never their keys) and exit
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", value_name = "BOOL")]

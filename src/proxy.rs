@@ -540,7 +540,11 @@ pub async fn proxy(
         summary: failures.join("; "),
     };
     alert_all_failed(&state, &info, err.status().as_u16(), &failures);
-    let resp = err.response();
+    let mut resp = err.response();
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-upstream-attempts"),
+        HeaderValue::from(n),
+    );
     if let Some(rec) = &state.recorder {
         let body = err.body();
         rec.submit(info.into_record(

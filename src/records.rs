@@ -149,6 +149,9 @@ pub fn open_sqlite(path: &str) -> Result<Pool, DbError> {
     let version: usize = conn
         .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
         .map_err(write_err)? as usize;
+    if version == 0 {
+        set_aside_foreign_table(&conn).map_err(write_err)?;
+    }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         conn.execute_batch(&format!(
             "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
@@ -160,6 +163,43 @@ pub fn open_sqlite(path: &str) -> Result<Pool, DbError> {
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
         .map_err(write_err)?;
     Ok(pool)
+}
+
+/// Columns every `records` table of ours has.
+const REQUIRED_COLUMNS: &[&str] = &[
+    "created_at",
+    "upstream",
+    "attempts",
+    "client_key",
+    "ttfb_ms",
+];
+
+/// The Go tool's database (same default path) has a `records` table with other columns. Keep its
+/// rows, renamed out of the way, instead of failing every insert.
+fn set_aside_foreign_table(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('records')")?;
+    let cols: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if cols.is_empty() || REQUIRED_COLUMNS.iter().all(|c| cols.iter().any(|x| x == c)) {
+        return Ok(());
+    }
+    let mut name = "records_legacy".to_string();
+    let mut n = 1;
+    while conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1",
+            [&name],
+            |_| Ok(()),
+        )
+        .is_ok()
+    {
+        n += 1;
+        name = format!("records_legacy_{n}");
+    }
+    conn.execute_batch(&format!("ALTER TABLE records RENAME TO {name}"))?;
+    log::warn!("the existing `records` table has another layout (the Go version's?); kept as `{name}`, new records go to a fresh `records` table");
+    Ok(())
 }
 
 /// Rows currently in the table.

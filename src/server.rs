@@ -34,7 +34,7 @@ pub enum StartError {
     #[error("{0}")]
     Database(#[from] DbError),
     /// `-database` names something we do not support.
-    #[error("-database {0}: {1}")]
+    #[error("{0}: {1}")]
     DatabaseKind(String, &'static str),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -86,6 +86,14 @@ pub fn list_text(cfg: &Config) -> String {
 }
 
 fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError> {
+    if let Some(t) = cli.dbtype.as_deref().map(str::trim) {
+        if !t.eq_ignore_ascii_case("sqlite") {
+            return Err(StartError::DatabaseKind(
+                format!("-dbtype {t}"),
+                "only sqlite is available in this build",
+            ));
+        }
+    }
     let db = cli
         .database
         .clone()
@@ -97,7 +105,7 @@ fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError
     }
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
         return Err(StartError::DatabaseKind(
-            config::redact_url(trimmed),
+            format!("-database {}", config::redact_url(trimmed)),
             "PostgreSQL recording is not available in this build; use a SQLite file or none",
         ));
     }
@@ -164,7 +172,14 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .route("/healthz", web::get().to(status::healthz))
                 .route("/static/style.css", web::get().to(status::style))
                 // actix-web-prom answers this path itself; the route keeps the proxy from seeing it.
-                .route("/v1/metrics", web::get().to(HttpResponse::Ok))
+                .route(
+                    "/v1/metrics",
+                    web::get().to(|| async {
+                        HttpResponse::Ok()
+                            .insert_header(("access-control-allow-origin", "*"))
+                            .finish()
+                    }),
+                )
                 .service(
                     web::resource("/v1/{tail}*")
                         .route(web::method(Method::OPTIONS).to(preflight))
@@ -177,6 +192,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             }
         })
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        // actix treats SIGINT as "stop now"; SPEC §5 wants both signals to drain gracefully.
+        .disable_signals()
         .listen(listener)
         .map_err(|source| StartError::Bind {
             addr: addr.clone(),
@@ -191,6 +208,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             database.as_deref().unwrap_or("off")
         );
 
+        spawn_shutdown(server.handle());
         spawn_reload(cli.clone(), registry.clone(), notifier.clone());
         if let Some(rec) = recorder.clone() {
             spawn_retention(rec, shared.clone());
@@ -204,6 +222,49 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         log::info!("bye");
         result.map_err(|e| StartError::Other(e.to_string()))
     })
+}
+
+fn spawn_shutdown(handle: actix_web::dev::ServerHandle) {
+    actix_rt::spawn(async move {
+        #[cfg(unix)]
+        {
+            use actix_rt::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    let name = tokio_select(term.recv(), int.recv()).await;
+                    log::info!(
+                        "{name}: stopping; in-flight requests get up to {}s",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                }
+                _ => {
+                    log::warn!("cannot listen for SIGTERM/SIGINT; falling back to ctrl-c only");
+                    let _ = actix_rt::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = actix_rt::signal::ctrl_c().await;
+        }
+        handle.stop(true).await;
+    });
+}
+
+/// Waits for whichever of the two signals comes first and names it.
+#[cfg(unix)]
+async fn tokio_select(
+    term: impl std::future::Future<Output = Option<()>>,
+    int: impl std::future::Future<Output = Option<()>>,
+) -> &'static str {
+    use futures_util::future::{select, Either};
+    match select(std::pin::pin!(term), std::pin::pin!(int)).await {
+        Either::Left(_) => "SIGTERM",
+        Either::Right(_) => "SIGINT",
+    }
 }
 
 fn spawn_reload(cli: Cli, registry: Addr<UpstreamRegistry>, notifier: Addr<NotifierActor>) {

@@ -6,5 +6,6 @@ mod cli;
 mod failover;
 mod observability;
 mod records;
+mod reload;
 mod sdk;
 mod streaming;

@@ -313,3 +313,155 @@ async fn database_none_records_nothing_and_still_serves() {
     let page = send("GET", &gw.url("/"), &[], b"").await.text();
     assert!(page.contains("recording off"));
 }
+
+#[actix_rt::test]
+async fn a_go_version_database_is_kept_aside_not_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE records (id integer primary key, created_at datetime, ip text, body text, response text, status integer);
+             INSERT INTO records (ip, body, response, status) VALUES ('1.2.3.4', 'old body', 'old reply', 200);",
+        )
+        .unwrap();
+    }
+    let m = Mock::always(Reply::chat("new reply"));
+    let db_arg = db.display().to_string();
+    let gw = Gateway::start_with(
+        &config("", &[upstream("u", &m.endpoint(), "")]),
+        &["-database", &db_arg],
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    let rows = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let rows = read_rows(&db);
+            if !rows.is_empty() || std::time::Instant::now() > deadline {
+                break rows;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["response"], "new reply");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let old: String = c
+        .query_row("SELECT body FROM records_legacy", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(old, "old body");
+    assert!(gw.log().contains("kept as `records_legacy`"));
+}
+
+#[actix_rt::test]
+async fn retention_deletes_old_records_at_start_and_keeps_new_ones() {
+    let m = Mock::always(Reply::chat("x"));
+    let cfg = config("retention_days: 1", &[upstream("u", &m.endpoint(), "")]);
+    let mut gw = Gateway::start(&cfg);
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    gw.records(1);
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    {
+        let c = rusqlite::Connection::open(&gw.db_path).unwrap();
+        c.execute(
+            "INSERT INTO records (created_at, method, path, status) VALUES ('2020-01-01T00:00:00.000Z', 'POST', '/v1/old', 200)",
+            [],
+        )
+        .unwrap();
+    }
+    let db_arg = gw.db_path.display().to_string();
+    let gw2 = Gateway::start_with(&cfg, &["-database", &db_arg]);
+    assert!(
+        eventually(Duration::from_secs(5), || read_rows(&gw.db_path).len() == 1),
+        "old record not pruned: {:?}",
+        read_rows(&gw.db_path)
+    );
+    assert_eq!(read_rows(&gw.db_path)[0]["path"], "/v1/chat/completions");
+    assert!(gw2.log().contains("retention: deleted 1 records"));
+}
+
+#[actix_rt::test]
+async fn sigint_also_drains_and_flushes() {
+    let m = Mock::always(Reply::sse_chat(
+        &["a", "b", "c"],
+        Duration::from_millis(200),
+    ));
+    let mut gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    let pid_gw = &gw;
+    // A stream is in flight when SIGINT arrives: it must complete, then the record is written.
+    let req = post(pid_gw, "/v1/chat/completions", chat_body(true));
+    let sig = async {
+        actix_rt::time::sleep(Duration::from_millis(150)).await;
+        pid_gw.signal("INT");
+    };
+    let (got, ()) = futures_util::future::join(req, sig).await;
+    assert_eq!(got.status, 200);
+    assert!(
+        got.text().contains("[DONE]"),
+        "in-flight stream cut at SIGINT: {}",
+        got.text()
+    );
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    let rows = read_rows(&gw.db_path);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["response"], "abc");
+}
+
+#[actix_rt::test]
+async fn a_failing_database_write_is_counted_and_serving_goes_on() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    let lock = gw.db();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(got.status, 200);
+    // The writer gives up after its 5 s busy timeout; requests meanwhile are unaffected.
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        assert_eq!(
+            post(&gw, "/v1/chat/completions", chat_body(false))
+                .await
+                .status,
+            200
+        );
+        assert!(t.elapsed() < Duration::from_millis(500));
+    }
+    let mut failed = 0.0;
+    for _ in 0..60 {
+        let text = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
+        failed = text
+            .lines()
+            .find(|l| l.starts_with("openai_api_route_records_write_errors_total "))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if failed > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(failed >= 1.0, "write failure not counted");
+    assert!(gw.log().contains("writing") && gw.log().contains("request records failed"));
+    lock.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    assert!(eventually(Duration::from_secs(10), || !read_rows(
+        &gw.db_path
+    )
+    .is_empty()));
+}

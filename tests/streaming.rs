@@ -166,12 +166,15 @@ async fn non_sse_body_cut_short_is_not_a_silent_success() {
         Duration::from_secs(5),
     ))
     .to_string();
-    assert!(wire.starts_with("HTTP/1.1 200"), "{wire}");
-    assert!(wire.contains("{\"choices\":["), "{wire}");
-    assert!(
-        !wire.ends_with("0\r\n\r\n"),
-        "cut body was terminated like a complete one: {wire:?}"
-    );
+    // Either nothing at all (the head and the failing body were due in the same write) or a
+    // 200 whose chunked body never gets its terminator: never a complete-looking answer.
+    if !wire.is_empty() {
+        assert!(wire.starts_with("HTTP/1.1 200"), "{wire}");
+        assert!(
+            !wire.ends_with("0\r\n\r\n"),
+            "cut body was terminated like a complete one: {wire:?}"
+        );
+    }
     let rows = gw.records(1);
     assert!(rows[0]["error"]
         .as_str()
