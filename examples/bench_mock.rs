@@ -27,7 +27,8 @@ use tokio::time::Instant;
 
 const CHAT_JSON: &str = r#"{"id":"chatcmpl-bench0000000000000000000001","object":"chat.completion","created":1735689600,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! The capital of France is Paris. It is known for the Eiffel Tower, the Louvre and its cafes.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":25,"total_tokens":49},"system_fingerprint":"fp_bench"}"#;
 
-const OTHER_JSON: &str = r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","owned_by":"bench"}]}"#;
+const OTHER_JSON: &str =
+    r#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","owned_by":"bench"}]}"#;
 
 const WORDS: &[&str] = &[
     "Hello", "!", " The", " capital", " of", " France", " is", " Paris", ".", " It", " is",
@@ -150,7 +151,9 @@ async fn serve(mut sock: TcpStream, pacing: Pacing) {
             OTHER_JSON
         };
         out.clear();
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
+        out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ",
+        );
         out.extend_from_slice(body.len().to_string().as_bytes());
         if req.close {
             out.extend_from_slice(b"\r\nconnection: close");

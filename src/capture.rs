@@ -44,10 +44,21 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// A capture for a response with this `Content-Type`; `limit` 0 means unlimited.
-    pub fn new(content_type: Option<&str>, limit: usize) -> Capture {
+    /// A capture for a response with this `Content-Type` and `Content-Encoding`; `limit` 0
+    /// means unlimited. A compressed body (an upstream that ignored `identity`) is relayed as is
+    /// but, like binary, not kept: its bytes are not text.
+    pub fn new(
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        limit: usize,
+    ) -> Capture {
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let kind = if ct.starts_with("text/event-stream") {
+        let encoded = content_encoding
+            .map(str::trim)
+            .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+        let kind = if encoded {
+            Kind::Binary
+        } else if ct.starts_with("text/event-stream") {
             Kind::Sse
         } else if ct.contains("json") {
             Kind::Json
@@ -340,7 +351,7 @@ mod tests {
     fn sse_chat_split_anywhere() {
         let body = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo ✓\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\ndata: [DONE]\n\n";
         for split in 1..body.len() {
-            let mut c = Capture::new(Some("text/event-stream; charset=utf-8"), 0);
+            let mut c = Capture::new(Some("text/event-stream; charset=utf-8"), None, 0);
             let (a, b) = body.as_bytes().split_at(split);
             c.feed(a);
             c.feed(b);
@@ -352,7 +363,7 @@ mod tests {
 
     #[test]
     fn responses_api_stream_and_json() {
-        let mut c = Capture::new(Some("text/event-stream"), 0);
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.feed(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
         let (t, u) = c.finish();
@@ -362,31 +373,31 @@ mod tests {
             (Some(4), Some(1), Some(5))
         );
 
-        let mut c = Capture::new(Some("application/json"), 0);
+        let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"Yo"}]}]}"#);
         assert_eq!(c.finish().0.as_deref(), Some("Yo"));
     }
 
     #[test]
     fn json_chat_completion_and_other() {
-        let mut c = Capture::new(Some("application/json"), 0);
+        let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"choices":[{"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#);
         let (t, u) = c.finish();
         assert_eq!(t.as_deref(), Some("ok"));
         assert_eq!(u.total, Some(2));
-        let mut c = Capture::new(Some("application/json"), 0);
+        let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"data":[{"embedding":[0.1]}]}"#);
         assert_eq!(
             c.finish().0.as_deref(),
             Some(r#"{"data":[{"embedding":[0.1]}]}"#)
         );
-        let c = Capture::new(Some("audio/mpeg"), 0);
+        let c = Capture::new(Some("audio/mpeg"), None, 0);
         assert_eq!(c.finish().0, None);
     }
 
     #[test]
     fn limits_and_markers() {
-        let mut c = Capture::new(Some("text/plain"), 4);
+        let mut c = Capture::new(Some("text/plain"), None, 4);
         c.feed(b"abcdef");
         assert_eq!(c.finish().0.unwrap(), format!("abcd{TRUNCATED}"));
         assert_eq!(cut("héllo", 2), format!("h{TRUNCATED}"));
@@ -399,7 +410,7 @@ mod tests {
 
     #[test]
     fn malformed_events_are_skipped() {
-        let mut c = Capture::new(Some("text/event-stream"), 0);
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.feed(b"data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n: comment\n\n");
         assert_eq!(c.finish().0.as_deref(), Some("x"));
     }

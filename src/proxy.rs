@@ -643,10 +643,13 @@ fn commit(
     }
 
     let ttfb = info.started.elapsed();
-    let capture = state
-        .recorder
-        .as_ref()
-        .map(|_| Capture::new(content_type.as_deref(), cfg.record_body_bytes));
+    let capture = state.recorder.as_ref().map(|_| {
+        let encoding = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok());
+        Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes)
+    });
     let finish = Finish {
         state: state.clone().into_inner(),
         info,

@@ -47,6 +47,12 @@ fn dur(d: Duration) -> String {
     }
 }
 
+/// Configured durations read best as plain seconds (`60s`, `2.5s`), as they are written.
+fn secs(d: Duration) -> String {
+    let t = format!("{:.3}", d.as_secs_f64());
+    format!("{}s", t.trim_end_matches('0').trim_end_matches('.'))
+}
+
 fn ms(d: Duration) -> String {
     let m = d.as_secs_f64() * 1000.0;
     if m < 10.0 {
@@ -83,8 +89,8 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
         esc(&u.name),
         esc(&u.endpoint),
         esc(&state),
-        dur(u.timeout),
-        dur(u.stream_timeout),
+        secs(u.timeout),
+        secs(u.stream_timeout),
         list(&u.allow),
         list(&u.deny),
         u.consecutive_failures,
@@ -93,7 +99,7 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
         u.recent_first_byte.map(ms).unwrap_or_else(|| "—".into()),
         match &u.last_error {
             Some((t, e)) => format!(
-                "<span class=\"err\">{}</span><br><small>{}</small>",
+                "<div><span class=\"err\">{}</span><br><small>{}</small></div>",
                 esc(e),
                 esc(&rfc3339(*t))
             ),
@@ -141,7 +147,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         auth = if cfg.noauth { "off (-noauth)" } else { "on" },
         policy = esc(cfg.lb_policy.as_str()),
         cf = cfg.cooldown_failures,
-        cs = dur(cfg.cooldown),
+        cs = secs(cfg.cooldown),
     )
 }
 

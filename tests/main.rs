@@ -4,6 +4,7 @@ mod support;
 
 mod cli;
 mod failover;
+mod faults;
 mod observability;
 mod records;
 mod reload;

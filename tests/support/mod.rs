@@ -67,6 +67,8 @@ pub enum Reply {
     },
     /// Wait, then answer.
     Delay(Duration, Box<Reply>),
+    /// `total` bytes of `x` as a chunked `text/plain` body, generated on the fly.
+    Bulk { total: usize, chunk: usize },
     /// Close with RST before any response byte.
     Reset,
     /// Close cleanly before any response byte.
@@ -356,6 +358,26 @@ async fn serve_conn(
                     }
                 }
             }
+            Reply::Bulk { total, chunk } => {
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut frame = format!("{chunk:x}\r\n").into_bytes();
+                frame.extend(std::iter::repeat_n(b'x', chunk));
+                frame.extend_from_slice(b"\r\n");
+                let mut sent = 0;
+                while sent + chunk <= total {
+                    if sock.write_all(&frame).await.is_err() {
+                        *gone.lock().unwrap() += 1;
+                        return;
+                    }
+                    sent += chunk;
+                }
+                if sock.write_all(b"0\r\n\r\n").await.is_err() {
+                    return;
+                }
+            }
             Reply::Reset => {
                 let _ = sock.set_zero_linger();
                 return;
@@ -465,6 +487,23 @@ impl Gateway {
                 Err(log.lock().unwrap().join("\n"))
             }
         }
+    }
+
+    /// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+    pub fn mem_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -610,7 +649,10 @@ impl Got {
 /// Sends a request through a fresh awc client and reads the body chunk by chunk.
 pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Got {
     use futures_util::StreamExt;
-    let client = awc::Client::builder().disable_timeout().finish();
+    let client = awc::Client::builder()
+        .disable_timeout()
+        .disable_redirects()
+        .finish();
     let mut req = client.request(
         awc::http::Method::from_bytes(method.as_bytes()).unwrap(),
         url,
