@@ -616,10 +616,20 @@ impl Parser<'_> {
                 let dbaddr = get("dbaddr").and_then(|v| self.string("dbaddr", v));
                 match dbtype.as_deref().map(str::trim) {
                     None | Some("") | Some("sqlite") => dbaddr,
+                    Some("postgres") => match dbaddr {
+                        Some(a) if crate::records::is_postgres_target(&a) => Some(a),
+                        _ => {
+                            self.err(
+                                "dbaddr",
+                                "with dbtype: postgres, give a postgres:// URL or a \"host=… dbname=…\" string",
+                            );
+                            None
+                        }
+                    },
                     Some(other) => {
                         self.err(
                             "dbtype",
-                            format!("{other:?} is not supported: use sqlite, or set `database`"),
+                            format!("{other:?} is not supported: use sqlite or postgres"),
                         );
                         None
                     }

@@ -24,7 +24,8 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     tokens: IntCounterVec,
     records_dropped: IntCounter,
-    records_failed: IntCounter,
+    record_write_failures: IntCounter,
+    database_up: prometheus::IntGauge,
     notifications: IntCounterVec,
     record_queue: Histogram,
 }
@@ -72,11 +73,15 @@ impl Metrics {
         )?;
         let records_dropped = IntCounter::with_opts(opts(
             "records_dropped_total",
-            "Request records dropped because the writer queue was full",
+            "Request records lost: the writer queue was full, or the database refused them",
         ))?;
-        let records_failed = IntCounter::with_opts(opts(
-            "records_write_errors_total",
-            "Request records lost because the database write failed",
+        let record_write_failures = IntCounter::with_opts(opts(
+            "record_write_failures_total",
+            "Database write attempts that failed (records are retried while the database is unreachable, else dropped)",
+        ))?;
+        let database_up = prometheus::IntGauge::with_opts(opts(
+            "database_up",
+            "1 while the record database accepts writes, 0 while it is unreachable",
         ))?;
         let notifications = IntCounterVec::new(
             opts(
@@ -99,7 +104,8 @@ impl Metrics {
         registry.register(Box::new(healthy.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(records_dropped.clone()))?;
-        registry.register(Box::new(records_failed.clone()))?;
+        registry.register(Box::new(record_write_failures.clone()))?;
+        registry.register(Box::new(database_up.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
         registry.register(Box::new(record_queue.clone()))?;
         Ok(Metrics {
@@ -110,7 +116,8 @@ impl Metrics {
             healthy,
             tokens,
             records_dropped,
-            records_failed,
+            record_write_failures,
+            database_up,
             notifications,
             record_queue,
         })
@@ -174,9 +181,14 @@ impl Metrics {
         self.records_dropped.inc();
     }
 
-    /// Records lost to a failed write.
-    pub fn records_failed(&self, n: u64) {
-        self.records_failed.inc_by(n);
+    /// A failed database write attempt.
+    pub fn record_write_failure(&self) {
+        self.record_write_failures.inc();
+    }
+
+    /// Database reachability gauge.
+    pub fn set_database_up(&self, up: bool) {
+        self.database_up.set(i64::from(up));
     }
 
     /// Size of one write transaction.

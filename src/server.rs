@@ -15,7 +15,7 @@ use crate::config::{self, Config, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::notify::{NotifierActor, Reconfigure};
 use crate::proxy::{preflight, proxy, UpstreamClient};
-use crate::records::{open_sqlite, DbError, Recorder};
+use crate::records::{redact_database_url, DbError, Recorder, Store};
 use crate::registry::{Reload, SharedConfig, UpstreamRegistry};
 use crate::state::AppState;
 use crate::status;
@@ -87,10 +87,10 @@ pub fn list_text(cfg: &Config) -> String {
 
 fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError> {
     if let Some(t) = cli.dbtype.as_deref().map(str::trim) {
-        if !t.eq_ignore_ascii_case("sqlite") {
+        if !t.eq_ignore_ascii_case("sqlite") && !t.eq_ignore_ascii_case("postgres") {
             return Err(StartError::DatabaseKind(
                 format!("-dbtype {t}"),
-                "only sqlite is available in this build",
+                "use sqlite or postgres (the -database value decides which is used)",
             ));
         }
     }
@@ -102,12 +102,6 @@ fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError
     let trimmed = db.trim();
     if trimmed.eq_ignore_ascii_case("none") {
         return Ok(None);
-    }
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        return Err(StartError::DatabaseKind(
-            format!("-database {}", config::redact_url(trimmed)),
-            "PostgreSQL recording is not available in this build; use a SQLite file or none",
-        ));
     }
     Ok(Some(trimmed.to_string()))
 }
@@ -121,8 +115,12 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .unwrap_or_else(|| ":8888".to_string());
     let database = database_target(&cli, &cfg)?;
     // Open the database before anything listens: a bad path is a start-up error.
-    let pool = match &database {
-        Some(path) => Some(open_sqlite(path)?),
+    let store = match &database {
+        Some(target) => {
+            let store = Store::open(target)?;
+            let rows = Recorder::initial_rows(&store);
+            Some((store, rows))
+        }
         None => None,
     };
     let listener = TcpListener::bind(bind_address(&addr)).map_err(|source| StartError::Bind {
@@ -139,7 +137,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     system.block_on(async move {
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
-        let recorder = pool.map(|p| Recorder::start(p, metrics.clone(), cfg.record_queue));
+        let recorder =
+            store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
         let shared = SharedConfig::new(Arc::new(cfg));
         let registry = UpstreamRegistry::new(
@@ -157,7 +156,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             started: Instant::now(),
             started_at: SystemTime::now(),
             listen: local.clone(),
-            database: database.clone().unwrap_or_else(|| "none".into()),
+            database: database
+                .as_deref()
+                .map(redact_database_url)
+                .unwrap_or_else(|| "none".into()),
         });
 
         let factory_tls = tls.clone();
@@ -205,7 +207,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             "listening on {local} ({} upstreams, auth {}, recording {})",
             shared.get().upstreams.len(),
             if shared.get().noauth { "off" } else { "on" },
-            database.as_deref().unwrap_or("off")
+            database
+                .as_deref()
+                .map(redact_database_url)
+                .unwrap_or_else(|| "off".into())
         );
 
         spawn_shutdown(server.handle());

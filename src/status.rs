@@ -116,7 +116,18 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         row(&mut rows, u, i + 1);
     }
     let recording = match &state.recorder {
-        Some(r) => format!("{} records in {}", r.rows(), esc(&state.database)),
+        Some(r) if !r.up() => format!(
+            "<span class=\"err\">{} database unreachable</span> ({} records waiting) {}",
+            r.kind(),
+            r.queued(),
+            esc(&state.database)
+        ),
+        Some(r) => format!(
+            "{} records in {} {}",
+            r.rows(),
+            r.kind(),
+            esc(&state.database)
+        ),
         None => "recording off".to_string(),
     };
     let uptime = dur(state.started.elapsed());

@@ -401,7 +401,7 @@ async fn disk_full_is_logged_and_counted_while_serving_goes_on() {
     assert!(counted, "disk full not reported:\n{}", gw.log());
     let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
     assert!(
-        !metrics.contains("openai_api_route_records_write_errors_total 0"),
+        !metrics.contains("openai_api_route_record_write_failures_total 0"),
         "not counted"
     );
     still_healthy(&gw).await;

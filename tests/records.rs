@@ -442,7 +442,7 @@ async fn a_failing_database_write_is_counted_and_serving_goes_on() {
         let text = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
         failed = text
             .lines()
-            .find(|l| l.starts_with("openai_api_route_records_write_errors_total "))
+            .find(|l| l.starts_with("openai_api_route_record_write_failures_total "))
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);

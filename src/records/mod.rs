@@ -1,0 +1,453 @@
+//! Request records (SPEC §5): the `DbActor` on a `SyncArbiter` and the bounded queue in front of it.
+//!
+//! A request never waits for the database: the proxy hands a finished [`Record`] to
+//! [`Recorder::submit`], which counts it into a bounded queue or drops and counts it when full.
+//! One writer thread batches whatever is queued into one transaction. Shutdown sends an awaited
+//! [`Flush`], which the mailbox delivers after every record queued before it.
+//!
+//! The backend (embedded SQLite or a shared PostgreSQL) is chosen once, in [`Store::open`]; the
+//! rest of the program only sees [`Recorder`].
+
+mod postgres;
+mod sqlite;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use actix_web::web::Bytes;
+
+use crate::metrics::Metrics;
+use crate::time::rfc3339;
+
+pub use self::postgres::redact as redact_database_url;
+
+/// Largest batch written in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// Everything known about one client request once its response is over.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Request start.
+    pub created_at: SystemTime,
+    /// Client address.
+    pub ip: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// `model` from the JSON body.
+    pub model: Option<String>,
+    /// Stream request.
+    pub stream: bool,
+    /// Upstream that answered last.
+    pub upstream: Option<String>,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Upstreams tried.
+    pub attempts: u32,
+    /// `name: reason; …` of every failure, or None.
+    pub error: Option<String>,
+    /// The raw request body; cut and decoded on the writer thread, not on the request path.
+    pub request_body: Bytes,
+    /// Reply text (already bounded by the capture).
+    pub response: Option<String>,
+    /// Usage.
+    pub prompt_tokens: Option<i64>,
+    /// Usage.
+    pub completion_tokens: Option<i64>,
+    /// Usage.
+    pub total_tokens: Option<i64>,
+    /// Request start to first byte to the client.
+    pub ttfb_ms: Option<u64>,
+    /// Request start to response complete.
+    pub duration_ms: u64,
+    /// Client User-Agent.
+    pub user_agent: Option<String>,
+    /// Non-secret label of the client token.
+    pub client_key: Option<String>,
+    /// `record_body_bytes` at the time of the request.
+    pub body_limit: usize,
+}
+
+/// A database that cannot be used at start, reported before listening.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The file or server could not be opened, migrated or written.
+    #[error("cannot open or write database {target}: {reason}")]
+    Open {
+        /// The path or URL (password removed).
+        target: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A failed write, and whether the database was reachable at all.
+#[derive(Debug)]
+pub struct StoreError {
+    /// What went wrong (no password: URLs are never part of these messages).
+    pub message: String,
+    /// True when no connection could be had (keep the records and retry).
+    pub unreachable: bool,
+}
+
+impl StoreError {
+    fn unreachable(e: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            message: e.to_string(),
+            unreachable: true,
+        }
+    }
+
+    fn failed(e: impl std::fmt::Display) -> StoreError {
+        StoreError {
+            message: e.to_string(),
+            unreachable: false,
+        }
+    }
+
+    fn from_pg(e: ::postgres::Error) -> StoreError {
+        StoreError {
+            unreachable: e.is_closed(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Whether `target` names a PostgreSQL database: a `postgres://` URL, or a libpq key/value string
+/// like the Go tool's `host=127.0.0.1 port=5432 user=… dbname=…`.
+pub fn is_postgres_target(target: &str) -> bool {
+    let t = target.trim();
+    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+        return true;
+    }
+    let tokens: Vec<&str> = t.split_whitespace().collect();
+    !tokens.is_empty()
+        && tokens.iter().all(|tok| tok.contains('='))
+        && tokens.iter().any(|tok| {
+            ["host=", "dbname=", "user=", "hostaddr="]
+                .iter()
+                .any(|k| tok.starts_with(k))
+        })
+}
+
+/// Where records go. The only place that knows which database is in use.
+#[derive(Clone)]
+pub enum Store {
+    /// Embedded SQLite file.
+    Sqlite(sqlite::Pool),
+    /// Shared PostgreSQL server.
+    Postgres(postgres::Pool),
+}
+
+impl Store {
+    /// Opens `target`: a `postgres://` / `postgresql://` URL, else a SQLite file path.
+    pub fn open(target: &str) -> Result<Store, DbError> {
+        if is_postgres_target(target) {
+            postgres::open(target).map(Store::Postgres)
+        } else {
+            sqlite::open(target).map(Store::Sqlite)
+        }
+    }
+
+    /// Human name of the backend.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "SQLite",
+            Store::Postgres(_) => "PostgreSQL",
+        }
+    }
+
+    fn insert(&self, batch: &[Record]) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(p) => sqlite::insert(p, batch),
+            Store::Postgres(p) => postgres::insert(p, batch),
+        }
+    }
+
+    fn prune(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(p) => sqlite::prune(p, cutoff),
+            Store::Postgres(p) => postgres::prune(p, cutoff),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        match self {
+            Store::Sqlite(p) => sqlite::count(p),
+            Store::Postgres(p) => postgres::count(p),
+        }
+    }
+
+    fn ping(&self) -> bool {
+        match self {
+            Store::Sqlite(p) => sqlite::ping(p),
+            Store::Postgres(p) => postgres::ping(p),
+        }
+    }
+}
+
+/// One record to write.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Insert(pub Box<Record>);
+
+/// Write everything queued so far; the reply is the shutdown barrier.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// Delete records older than the retention.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Prune {
+    /// Age limit.
+    pub older_than: Duration,
+}
+
+/// Counters shared by the writer and the request path.
+struct Shared {
+    /// Records submitted and not yet written or dropped (mailbox + batch): the queue bound.
+    pending: AtomicUsize,
+    /// Insert messages not yet received by the writer: "more is coming, keep batching".
+    mailbox: AtomicUsize,
+    /// Rows in the table as far as this process knows.
+    rows: AtomicU64,
+    /// Whether the last write (or ping) reached the database.
+    up: AtomicBool,
+}
+
+/// The writer. One instance on a one-thread `SyncArbiter`.
+pub struct DbActor {
+    store: Store,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    batch: Vec<Record>,
+}
+
+impl Actor for DbActor {
+    type Context = SyncContext<Self>;
+}
+
+impl DbActor {
+    /// Writes the batch. A database that cannot be reached keeps the batch for the next try (the
+    /// queue bound still applies); a write that fails while the database answers is dropped,
+    /// since retrying the same records would fail the same way.
+    fn write_batch(&mut self, last_chance: bool) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let n = self.batch.len();
+        match self.store.insert(&self.batch) {
+            Ok(()) => {
+                self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+                self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics.record_batch(n);
+                self.set_up(true);
+                self.batch.clear();
+            }
+            Err(e) => {
+                self.metrics.record_write_failure();
+                let reachable = !e.unreachable && self.store.ping();
+                if reachable || last_chance {
+                    log::error!(
+                        "writing {n} request records failed, dropping them: {}",
+                        e.message
+                    );
+                    self.drop_batch();
+                } else {
+                    self.set_up(false);
+                    log::error!(
+                        "writing {n} request records failed, database unreachable; keeping them to retry: {}",
+                        e.message
+                    );
+                }
+            }
+        }
+    }
+
+    fn drop_batch(&mut self) {
+        let n = self.batch.len();
+        self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+        for _ in 0..n {
+            self.metrics.record_dropped();
+        }
+        self.batch.clear();
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.shared.up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                log::info!("database reachable again");
+            }
+            self.metrics.set_database_up(up);
+        }
+    }
+}
+
+impl Handler<Insert> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Insert, _: &mut SyncContext<Self>) {
+        self.batch.push(*msg.0);
+        // More records already queued behind this one: let them join the batch.
+        let behind = self
+            .shared
+            .mailbox
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        if behind == 0 || self.batch.len() >= MAX_BATCH {
+            self.write_batch(false);
+        }
+    }
+}
+
+impl Handler<Flush> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, _: &mut SyncContext<Self>) {
+        self.write_batch(true);
+    }
+}
+
+impl Handler<Prune> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) {
+        self.write_batch(false);
+        let cutoff = SystemTime::now() - msg.older_than;
+        match self.store.prune(cutoff) {
+            Ok(n) => {
+                if n > 0 {
+                    log::info!(
+                        "retention: deleted {n} records older than {}",
+                        rfc3339(cutoff)
+                    );
+                    let _ =
+                        self.shared
+                            .rows
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                                Some(r.saturating_sub(n))
+                            });
+                }
+            }
+            Err(e) => log::error!("retention pruning failed: {}", e.message),
+        }
+    }
+}
+
+/// The proxy's handle on recording: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Recorder {
+    addr: Addr<DbActor>,
+    shared: Arc<Shared>,
+    capacity: usize,
+    metrics: Metrics,
+    kind: &'static str,
+}
+
+impl Recorder {
+    /// Rows already in the table; call before entering the async runtime (the PostgreSQL
+    /// client blocks).
+    pub fn initial_rows(store: &Store) -> u64 {
+        store.count()
+    }
+
+    /// Starts the writer thread over an opened store that holds `rows` rows.
+    pub fn start(store: Store, rows: u64, metrics: Metrics, capacity: usize) -> Recorder {
+        let shared = Arc::new(Shared {
+            pending: AtomicUsize::new(0),
+            mailbox: AtomicUsize::new(0),
+            rows: AtomicU64::new(rows),
+            up: AtomicBool::new(true),
+        });
+        metrics.set_database_up(true);
+        let kind = store.kind();
+        let (s, m) = (shared.clone(), metrics.clone());
+        let addr = SyncArbiter::start(1, move || DbActor {
+            store: store.clone(),
+            shared: s.clone(),
+            metrics: m.clone(),
+            batch: Vec::with_capacity(MAX_BATCH),
+        });
+        Recorder {
+            addr,
+            shared,
+            capacity,
+            metrics,
+            kind,
+        }
+    }
+
+    /// Queues a record, or drops and counts it when the queue is full.
+    pub fn submit(&self, record: Record) {
+        if self.shared.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.record_dropped();
+            return;
+        }
+        self.shared.mailbox.fetch_add(1, Ordering::AcqRel);
+        self.addr.do_send(Insert(Box::new(record)));
+    }
+
+    /// Waits until every record queued so far is written (or, database gone, given up).
+    pub async fn flush(&self) {
+        if let Err(e) = self.addr.send(Flush).await {
+            log::error!("flushing request records failed: {e}");
+        }
+    }
+
+    /// Asks the writer to delete old records.
+    pub fn prune(&self, older_than: Duration) {
+        self.addr.do_send(Prune { older_than });
+    }
+
+    /// Rows in the table as this process knows them (kept as a counter: the page never queries).
+    pub fn rows(&self) -> u64 {
+        self.shared.rows.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether the database was reachable at the last write.
+    pub fn up(&self) -> bool {
+        self.shared.up.load(Ordering::Relaxed)
+    }
+
+    /// "SQLite" or "PostgreSQL".
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_targets_and_redaction() {
+        assert!(is_postgres_target("postgres://u:p@h/db"));
+        assert!(is_postgres_target(
+            "host=127.0.0.1 port=5432 user=postgres dbname=x sslmode=disable"
+        ));
+        assert!(!is_postgres_target("./db.sqlite"));
+        assert!(!is_postgres_target("weird=name.sqlite"));
+        assert_eq!(
+            redact_database_url("postgres://u:secret@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(
+            redact_database_url("postgres://h/db?password=secret&sslmode=disable"),
+            "postgres://h/db?sslmode=disable"
+        );
+        assert_eq!(
+            redact_database_url("host=h password=secret dbname=d"),
+            "host=h dbname=d"
+        );
+    }
+}

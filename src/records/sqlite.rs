@@ -1,0 +1,195 @@
+//! The embedded SQLite store: one file, WAL, versioned migrations, batched inserts.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::params;
+
+use super::{DbError, Record, StoreError};
+use crate::capture::{cut, request_body_text};
+use crate::time::rfc3339;
+
+/// Versioned migrations, applied in order; `PRAGMA user_version` says how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the SPEC table.
+    "CREATE TABLE IF NOT EXISTS records (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        ip TEXT,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        model TEXT,
+        stream INTEGER NOT NULL DEFAULT 0,
+        upstream TEXT,
+        status INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        request_body TEXT,
+        response TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        ttfb_ms INTEGER,
+        duration_ms INTEGER,
+        user_agent TEXT,
+        client_key TEXT
+    );
+    CREATE INDEX IF NOT EXISTS records_created_at ON records(created_at);",
+];
+
+/// Columns every `records` table of ours has.
+const REQUIRED_COLUMNS: &[&str] = &[
+    "created_at",
+    "upstream",
+    "attempts",
+    "client_key",
+    "ttfb_ms",
+];
+
+/// A pool over one SQLite file (the writer uses one connection at a time).
+pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// Opens (creating if needed) the file, runs migrations and proves it is writable.
+pub fn open(path: &str) -> Result<Pool, DbError> {
+    let write_err = |source: rusqlite::Error| DbError::Open {
+        target: path.to_string(),
+        reason: source.to_string(),
+    };
+    // Open once directly: a bad path fails at once instead of after the pool's retry timeout.
+    rusqlite::Connection::open(path).map_err(write_err)?;
+    let manager = SqliteConnectionManager::file(Path::new(path)).with_init(|c| {
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )
+    });
+    let pool = r2d2::Pool::builder()
+        .max_size(2)
+        .connection_timeout(Duration::from_secs(5))
+        .build(manager)
+        .map_err(|e| DbError::Open {
+            target: path.to_string(),
+            reason: e.to_string(),
+        })?;
+    let conn = pool.get().map_err(|e| DbError::Open {
+        target: path.to_string(),
+        reason: e.to_string(),
+    })?;
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(write_err)? as usize;
+    if version == 0 {
+        set_aside_foreign_table(&conn).map_err(write_err)?;
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+        conn.execute_batch(&format!(
+            "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(write_err)?;
+    }
+    // A read-only file opens fine; prove we can write before we listen.
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+        .map_err(write_err)?;
+    Ok(pool)
+}
+
+/// The Go tool's database (same default path) has a `records` table with other columns. Keep its
+/// rows, renamed out of the way, instead of failing every insert.
+fn set_aside_foreign_table(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('records')")?;
+    let cols: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if cols.is_empty() || REQUIRED_COLUMNS.iter().all(|c| cols.iter().any(|x| x == c)) {
+        return Ok(());
+    }
+    let mut name = "records_legacy".to_string();
+    let mut n = 1;
+    while conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1",
+            [&name],
+            |_| Ok(()),
+        )
+        .is_ok()
+    {
+        n += 1;
+        name = format!("records_legacy_{n}");
+    }
+    conn.execute_batch(&format!("ALTER TABLE records RENAME TO {name}"))?;
+    log::warn!("the existing `records` table has another layout (the Go version's?); kept as `{name}`, new records go to a fresh `records` table");
+    Ok(())
+}
+
+/// Rows in the table.
+pub fn count(pool: &Pool) -> u64 {
+    pool.get()
+        .ok()
+        .and_then(|c| {
+            c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
+                .ok()
+        })
+        .unwrap_or(0) as u64
+}
+
+/// Writes a batch in one transaction.
+pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
+    let mut conn = pool.get().map_err(StoreError::unreachable)?;
+    let tx = conn.transaction().map_err(StoreError::failed)?;
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO records (created_at, ip, method, path, model, stream, upstream, status,
+                 attempts, error, request_body, response, prompt_tokens, completion_tokens,
+                 total_tokens, ttfb_ms, duration_ms, user_agent, client_key)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
+            )
+            .map_err(StoreError::failed)?;
+        for r in batch {
+            let body = request_body_text(&r.request_body, r.body_limit);
+            let response = r.response.as_deref().map(|t| cut(t, r.body_limit));
+            stmt.execute(params![
+                rfc3339(r.created_at),
+                r.ip,
+                r.method,
+                r.path,
+                r.model,
+                r.stream,
+                r.upstream,
+                r.status,
+                r.attempts,
+                r.error,
+                body,
+                response,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.total_tokens,
+                r.ttfb_ms.map(|v| v as i64),
+                r.duration_ms as i64,
+                r.user_agent,
+                r.client_key,
+            ])
+            .map_err(StoreError::failed)?;
+        }
+    }
+    tx.commit().map_err(StoreError::failed)
+}
+
+/// Deletes records created before `cutoff`; returns how many.
+pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
+    let conn = pool.get().map_err(StoreError::unreachable)?;
+    conn.execute(
+        "DELETE FROM records WHERE created_at < ?1",
+        params![rfc3339(cutoff)],
+    )
+    .map(|n| n as u64)
+    .map_err(StoreError::failed)
+}
+
+/// Whether the database answers at all.
+pub fn ping(pool: &Pool) -> bool {
+    pool.get()
+        .ok()
+        .is_some_and(|c| c.query_row("SELECT 1", [], |_| Ok(())).is_ok())
+}
