@@ -19,13 +19,16 @@ WORKDIR /src
 #    Afterwards the stub crate's own artifacts and fingerprints are dropped: COPY keeps the build
 #    context's mtimes, which can be older than the stubs, so cargo could otherwise take the stub
 #    build for fresh.
-#    The [[test]] target (tests/main.rs) is not needed: `cargo build` does not build tests. A build
-#    script, if one is ever added, would need a stub here too.
+#    Cargo refuses a manifest whose declared [[test]]/[[bench]] files are missing, even for
+#    `cargo build`, so tests/main.rs and benches/records.rs get empty stubs that stay (the image
+#    never builds them). A build script, if one is ever added, would need a stub here too.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src static \
+RUN mkdir -p src static tests benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
  && : > static/style.css \
+ && : > tests/main.rs \
+ && echo 'fn main() {}' > benches/records.rs \
  && cargo build --release --locked \
  && cargo clean --release --package openai-api-route \
  && rm -rf src static
