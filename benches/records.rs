@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::web::Bytes;
 use openai_api_route::metrics::Metrics;
-use openai_api_route::records::{open_sqlite, Record, Recorder};
+use openai_api_route::records::{Record, Recorder, Store};
 
 const CAPACITY: usize = 10_000;
 
@@ -29,7 +29,7 @@ fn request_body(i: usize) -> Bytes {
     }
     Bytes::from(format!(
         r#"{{"model":"gpt-4o-mini","stream":{},"temperature":0.7,"max_tokens":512,"messages":[{{"role":"system","content":"You are a concise assistant that writes clear summaries."}},{{"role":"user","content":"{user}"}}]}}"#,
-        i % 2 == 0
+        i.is_multiple_of(2)
     ))
 }
 
@@ -49,7 +49,7 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         model: Some("gpt-4o-mini".into()),
-        stream: i % 2 == 0,
+        stream: i.is_multiple_of(2),
         upstream: Some("primary".into()),
         status: 200,
         attempts: 1,
@@ -86,7 +86,8 @@ fn main() {
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.sqlite");
-    let pool = open_sqlite(path.to_str().unwrap()).expect("open sqlite");
+    let store = Store::open(path.to_str().unwrap()).expect("open sqlite");
+    let initial = Recorder::initial_rows(&store);
     // Distinct bodies for a share of the records so SQLite does not see one repeated value only.
     let bodies: Vec<Bytes> = (0..64).map(request_body).collect();
     let replies: Vec<String> = (0..64).map(response_text).collect();
@@ -94,7 +95,7 @@ fn main() {
 
     actix_rt::System::new().block_on(async move {
         let metrics = Metrics::new().expect("metrics");
-        let recorder = Recorder::start(pool, metrics.clone(), CAPACITY);
+        let recorder = Recorder::start(store, initial, metrics.clone(), CAPACITY);
         let before = recorder.rows();
         let mut waits = 0u64;
         let start = Instant::now();

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const CHAT_JSON: &str = r#"{"id":"chatcmpl-bench0000000000000000000001","object":"chat.completion","created":1735689600,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! The capital of France is Paris. It is known for the Eiffel Tower, the Louvre and its cafes.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":24,"completion_tokens":25,"total_tokens":49},"system_fingerprint":"fp_bench"}"#;
@@ -67,30 +67,45 @@ fn main() {
             _ => die(&format!("unknown argument {a}")),
         }
     }
-    let std_listener = std::net::TcpListener::bind(&addr)
-        .unwrap_or_else(|e| die(&format!("cannot listen on {addr}: {e}")));
-    std_listener.set_nonblocking(true).unwrap();
-    let local = std_listener.local_addr().unwrap();
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "port {}", local.port());
-        let _ = out.flush();
+    // tokio's TcpSocket gives a deep accept backlog (std's is 128: thousands of streams opened
+    // at once would overflow it and stall on SYN retransmits) and SO_REUSEPORT, so that each
+    // thread has its own listening socket on the same port.
+    let bind_addr: std::net::SocketAddr = addr
+        .parse()
+        .unwrap_or_else(|e| die(&format!("bad address {addr}: {e}")));
+    let socket = |at: std::net::SocketAddr| -> tokio::net::TcpSocket {
+        let s = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .unwrap_or_else(|e| die(&format!("socket: {e}")));
+        let _ = s.set_reuseaddr(true);
+        let _ = s.set_reuseport(true);
+        s.bind(at)
+            .unwrap_or_else(|e| die(&format!("cannot listen on {at}: {e}")));
+        s
+    };
+    let first = socket(bind_addr);
+    let local = first.local_addr().unwrap();
+    let mut sockets = vec![first];
+    for _ in 1..threads {
+        sockets.push(socket(local));
     }
-    eprintln!(
-        "bench_mock listening on {local} (sse: {} chunks, {} ms apart; {threads} thread(s))",
-        pacing.chunks,
-        pacing.gap.as_millis()
-    );
     let mut handles = Vec::new();
-    for _ in 0..threads {
-        let l = std_listener.try_clone().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    for s in sockets {
+        let ready = ready_tx.clone();
         handles.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = TcpListener::from_std(l).unwrap();
+                let listener = s
+                    .listen(8192)
+                    .unwrap_or_else(|e| die(&format!("listen: {e}")));
+                let _ = ready.send(());
                 loop {
                     match listener.accept().await {
                         Ok((sock, _)) => {
@@ -107,6 +122,20 @@ fn main() {
             });
         }));
     }
+    // Every socket listens: announce the port.
+    for _ in 0..threads {
+        let _ = ready_rx.recv();
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "port {}", local.port());
+        let _ = out.flush();
+    }
+    eprintln!(
+        "bench_mock listening on {local} (sse: {} chunks, {} ms apart; {threads} thread(s))",
+        pacing.chunks,
+        pacing.gap.as_millis()
+    );
     for h in handles {
         let _ = h.join();
     }
@@ -130,8 +159,8 @@ struct Request {
 
 /// Serves one keep-alive connection.
 async fn serve(mut sock: TcpStream, pacing: Pacing) {
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let req = match read_request(&mut sock, &mut buf).await {
             Some(r) => r,
@@ -328,15 +357,10 @@ async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>
     }
 }
 
+/// Reads more bytes into `buf` (no stack buffer: thousands of idle connections stay small).
 async fn fill(sock: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
-    let mut tmp = [0u8; 16384];
-    match sock.read(&mut tmp).await {
-        Ok(0) | Err(_) => false,
-        Ok(n) => {
-            buf.extend_from_slice(&tmp[..n]);
-            true
-        }
-    }
+    buf.reserve(4096);
+    matches!(sock.read_buf(buf).await, Ok(n) if n > 0)
 }
 
 /// `"stream"` followed by optional spaces, `:`, optional spaces and `true`.

@@ -48,6 +48,11 @@ struct Outcome {
     late_us: Vec<i64>,
     /// Request sent → first event.
     ttfb: Option<Duration>,
+    /// `data: [DONE]` → end of the response body (terminating chunk): a proxy that holds the
+    /// end of a finished stream shows here.
+    end_lag: Option<Duration>,
+    /// TCP connect time (a full accept queue shows as a 1 s SYN retransmit here).
+    connect: Option<Duration>,
 }
 
 fn die(msg: &str) -> ! {
@@ -159,6 +164,8 @@ async fn run(opts: std::sync::Arc<Opts>) {
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut lates: Vec<i64> = Vec::new();
     let mut ttfbs: Vec<Duration> = Vec::new();
+    let mut lags: Vec<Duration> = Vec::new();
+    let mut connects: Vec<Duration> = Vec::new();
     for h in handles {
         let out = h.await.unwrap_or_else(|e| Outcome {
             error: Some(format!("task: {e}")),
@@ -174,12 +181,20 @@ async fn run(opts: std::sync::Arc<Opts>) {
         }
         lates.extend_from_slice(&out.late_us);
         ttfbs.extend(out.ttfb);
+        lags.extend(out.end_lag);
+        connects.extend(out.connect);
     }
     let total = start.elapsed();
     let late_limit = opts.late.as_micros() as i64;
     let late_count = lates.iter().filter(|&&l| l > late_limit).count();
     lates.sort_unstable();
     ttfbs.sort_unstable();
+    lags.sort_unstable();
+    connects.sort_unstable();
+    let slow_connects = connects
+        .iter()
+        .filter(|d| **d > Duration::from_millis(500))
+        .count();
     let pct_i = |v: &[i64], p: f64| -> f64 {
         if v.is_empty() {
             return 0.0;
@@ -219,17 +234,32 @@ async fn run(opts: std::sync::Arc<Opts>) {
         pct_d(&ttfbs, 1.0),
         total.as_secs_f64()
     );
+    println!(
+        "  [DONE] → end of response: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct_d(&lags, 0.5),
+        pct_d(&lags, 0.99),
+        pct_d(&lags, 1.0)
+    );
+    println!(
+        "  connect: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {slow_connects} took > 500 ms (SYN retransmit: accept queue full)",
+        pct_d(&connects, 0.5),
+        pct_d(&connects, 0.99),
+        pct_d(&connects, 1.0)
+    );
     for (e, n) in &errors {
         println!("  failure: {n} × {e}");
     }
     println!(
-        "RESULT n={} completed={completed} failed={failed} events={} late={late_count} max_late_ms={max_late:.1} p99_late_ms={:.1} ttfb_p50_ms={:.1} ttfb_p99_ms={:.1} ttfb_max_ms={:.1} total_s={:.2}",
+        "RESULT n={} completed={completed} failed={failed} events={} late={late_count} max_late_ms={max_late:.1} p99_late_ms={:.1} ttfb_p50_ms={:.1} ttfb_p99_ms={:.1} ttfb_max_ms={:.1} end_lag_p50_ms={:.1} end_lag_max_ms={:.1} connect_max_ms={:.1} slow_connects={slow_connects} total_s={:.2}",
         opts.n,
         lates.len(),
         pct_i(&lates, 0.99),
         pct_d(&ttfbs, 0.5),
         pct_d(&ttfbs, 0.99),
         pct_d(&ttfbs, 1.0),
+        pct_d(&lags, 0.5),
+        pct_d(&lags, 1.0),
+        pct_d(&connects, 1.0),
         total.as_secs_f64()
     );
 }
@@ -252,8 +282,12 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
             return out;
         }};
     }
+    let t_connect = Instant::now();
     let mut sock = match TcpStream::connect(&o.host).await {
-        Ok(s) => s,
+        Ok(s) => {
+            out.connect = Some(t_connect.elapsed());
+            s
+        }
         Err(e) => fail!("connect: {}", e.kind()),
     };
     let _ = sock.set_nodelay(true);
@@ -262,7 +296,6 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
         fail!("write: {}", e.kind());
     }
     let mut raw: Vec<u8> = Vec::with_capacity(4096);
-    let mut tmp = vec![0u8; 16384];
     // Response head.
     let framing = loop {
         if let Some(p) = find(&raw, b"\r\n\r\n") {
@@ -293,9 +326,10 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
             raw.drain(..p + 4);
             break framing;
         }
-        match sock.read(&mut tmp).await {
+        raw.reserve(4096);
+        match sock.read_buf(&mut raw).await {
             Ok(0) => fail!("closed before response head"),
-            Ok(n) => raw.extend_from_slice(&tmp[..n]),
+            Ok(_) => {}
             Err(e) => fail!("read head: {}", e.kind()),
         }
     };
@@ -306,31 +340,32 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
     };
     let mut events = 0usize; // content events seen
     let mut first_at: Option<Instant> = None;
-    let mut done = false;
+    let mut done_at: Option<Instant> = None;
     let mut ended = false; // body framing complete
     let mut now = Instant::now();
     loop {
         // De-frame whatever raw bytes we have into `body`.
         match framing {
-            Framing::Chunked => loop {
-                let Some(p) = find(&raw, b"\r\n") else { break };
-                let size_str = String::from_utf8_lossy(&raw[..p]);
-                let Ok(size) =
-                    usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-                else {
-                    fail!("bad chunk size line");
-                };
-                if size == 0 {
-                    ended = true;
-                    raw.clear();
-                    break;
+            Framing::Chunked => {
+                while let Some(p) = find(&raw, b"\r\n") {
+                    let size_str = String::from_utf8_lossy(&raw[..p]);
+                    let Ok(size) =
+                        usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+                    else {
+                        fail!("bad chunk size line");
+                    };
+                    if size == 0 {
+                        ended = true;
+                        raw.clear();
+                        break;
+                    }
+                    if raw.len() < p + 2 + size + 2 {
+                        break;
+                    }
+                    body.extend_from_slice(&raw[p + 2..p + 2 + size]);
+                    raw.drain(..p + 2 + size + 2);
                 }
-                if raw.len() < p + 2 + size + 2 {
-                    break;
-                }
-                body.extend_from_slice(&raw[p + 2..p + 2 + size]);
-                raw.drain(..p + 2 + size + 2);
-            },
+            }
             Framing::Length(_) => {
                 let take = raw.len().min(body_left);
                 body.extend_from_slice(&raw[..take]);
@@ -354,7 +389,7 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
                 .next()
                 .unwrap_or(b"");
             if data == b"[DONE]" {
-                done = true;
+                done_at = Some(now);
                 let k = o.chunks.saturating_sub(1);
                 if let Some(t0) = first_at {
                     out.late_us.push(lateness(now, t0, o.gap, k));
@@ -374,23 +409,22 @@ async fn one_stream(o: &Opts, request: &[u8]) -> Outcome {
         if ended {
             break;
         }
-        match sock.read(&mut tmp).await {
+        raw.reserve(4096);
+        match sock.read_buf(&mut raw).await {
             Ok(0) => {
                 if matches!(framing, Framing::Close) {
                     break;
                 }
                 fail!("closed mid-stream after {events} events");
             }
-            Ok(n) => {
-                now = Instant::now();
-                raw.extend_from_slice(&tmp[..n]);
-            }
+            Ok(_) => now = Instant::now(),
             Err(e) => fail!("read: {} after {events} events", e.kind()),
         }
     }
-    if !done {
+    let Some(done_at) = done_at else {
         fail!("no [DONE] ({events} events)");
-    }
+    };
+    out.end_lag = Some(now - done_at);
     if events != o.chunks {
         fail!("{events} events, expected {}", o.chunks);
     }

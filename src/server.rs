@@ -49,6 +49,32 @@ pub enum StartError {
     Other(String),
 }
 
+/// Accept-queue length: bursts of thousands of new streams must not overflow it (std's `bind`
+/// uses 128; the kernel caps this at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Binds `addr` (resolving names) with a deep accept queue.
+fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind");
+    for sa in addr.to_socket_addrs()? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(sa),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        match socket
+            .bind(&sa.into())
+            .and_then(|()| socket.listen(BACKLOG))
+        {
+            Ok(()) => return Ok(socket.into()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Loads the config named on the command line with `-noauth` applied.
 pub fn load_config(cli: &Cli) -> Result<Config, StartError> {
     config::load(&cli.upstreams, cli.noauth).map_err(StartError::Config)
@@ -123,7 +149,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         }
         None => None,
     };
-    let listener = TcpListener::bind(bind_address(&addr)).map_err(|source| StartError::Bind {
+    let listener = listen(&bind_address(&addr)).map_err(|source| StartError::Bind {
         addr: addr.clone(),
         source,
     })?;

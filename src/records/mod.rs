@@ -2,8 +2,10 @@
 //!
 //! A request never waits for the database: the proxy hands a finished [`Record`] to
 //! [`Recorder::submit`], which counts it into a bounded queue or drops and counts it when full.
-//! One writer thread batches whatever is queued into one transaction. Shutdown sends an awaited
-//! [`Flush`], which the mailbox delivers after every record queued before it.
+//! One writer thread collects records and writes them in one transaction every [`BATCH_INTERVAL`]
+//! (or sooner when [`MAX_BATCH`] are waiting): one commit per request would cost the disk a WAL
+//! write per request. Shutdown sends an awaited [`Flush`], which the mailbox delivers after every
+//! record queued before it.
 //!
 //! The backend (embedded SQLite or a shared PostgreSQL) is chosen once, in [`Store::open`]; the
 //! rest of the program only sees [`Recorder`].
@@ -24,7 +26,9 @@ use crate::time::rfc3339;
 pub use self::postgres::redact as redact_database_url;
 
 /// Largest batch written in one transaction.
-const MAX_BATCH: usize = 1024;
+pub const MAX_BATCH: usize = 1024;
+/// How long a record may wait for its batch.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Everything known about one client request once its response is over.
 #[derive(Debug, Clone)]
@@ -199,6 +203,11 @@ pub struct Insert(pub Box<Record>);
 #[rtype(result = "()")]
 pub struct Flush;
 
+/// Write what has collected (sent every [`BATCH_INTERVAL`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
 /// Delete records older than the retention.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -211,8 +220,6 @@ pub struct Prune {
 struct Shared {
     /// Records submitted and not yet written or dropped (mailbox + batch): the queue bound.
     pending: AtomicUsize,
-    /// Insert messages not yet received by the writer: "more is coming, keep batching".
-    mailbox: AtomicUsize,
     /// Rows in the table as far as this process knows.
     rows: AtomicU64,
     /// Whether the last write (or ping) reached the database.
@@ -292,15 +299,17 @@ impl Handler<Insert> for DbActor {
 
     fn handle(&mut self, msg: Insert, _: &mut SyncContext<Self>) {
         self.batch.push(*msg.0);
-        // More records already queued behind this one: let them join the batch.
-        let behind = self
-            .shared
-            .mailbox
-            .fetch_sub(1, Ordering::AcqRel)
-            .saturating_sub(1);
-        if behind == 0 || self.batch.len() >= MAX_BATCH {
+        if self.batch.len() >= MAX_BATCH {
             self.write_batch(false);
         }
+    }
+}
+
+impl Handler<Tick> for DbActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Tick, _: &mut SyncContext<Self>) {
+        self.write_batch(false);
     }
 }
 
@@ -355,11 +364,11 @@ impl Recorder {
         store.count()
     }
 
-    /// Starts the writer thread over an opened store that holds `rows` rows.
+    /// Starts the writer thread over an opened store that holds `rows` rows (inside an actix
+    /// system: the batch ticker is a task on the current arbiter).
     pub fn start(store: Store, rows: u64, metrics: Metrics, capacity: usize) -> Recorder {
         let shared = Arc::new(Shared {
             pending: AtomicUsize::new(0),
-            mailbox: AtomicUsize::new(0),
             rows: AtomicU64::new(rows),
             up: AtomicBool::new(true),
         });
@@ -371,6 +380,17 @@ impl Recorder {
             shared: s.clone(),
             metrics: m.clone(),
             batch: Vec::with_capacity(MAX_BATCH),
+        });
+        let ticker = addr.clone();
+        actix_rt::spawn(async move {
+            let mut every = actix_rt::time::interval(BATCH_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if ticker.try_send(Tick).is_err() && !ticker.connected() {
+                    return;
+                }
+            }
         });
         Recorder {
             addr,
@@ -388,7 +408,6 @@ impl Recorder {
             self.metrics.record_dropped();
             return;
         }
-        self.shared.mailbox.fetch_add(1, Ordering::AcqRel);
         self.addr.do_send(Insert(Box::new(record)));
     }
 
