@@ -6,6 +6,7 @@
 //! [`crate::relay::RelayBody`] owns the response and its record.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderValue};
@@ -22,7 +23,7 @@ use crate::error::GatewayError;
 use crate::headers;
 use crate::notify::RequestFailed;
 use crate::records::Record;
-use crate::registry::{AttemptDone, AttemptResult, FailKind, GetCandidates};
+use crate::registry::{AttemptResult, FailKind, RegistryView};
 use crate::relay::{Finish, RelayBody};
 use crate::state::AppState;
 
@@ -459,32 +460,17 @@ pub async fn proxy(
     info.model = model;
     info.stream = stream;
 
-    let cands = match state
-        .registry
-        .send(GetCandidates {
-            model: info.model.clone(),
-        })
-        .await
-    {
-        Ok(c) => c,
-        Err(_) => {
-            return local_error(
-                &state,
-                info,
-                GatewayError::Internal("upstream registry unavailable"),
-            )
-        }
-    };
-    let cfg = cands.config;
-    if cands.order.is_empty() {
+    let (view, order) = state.registry.candidates(info.model.as_deref());
+    let cfg = view.config.clone();
+    if order.is_empty() {
         let model = info.model.clone().unwrap_or_default();
         return local_error(&state, info, GatewayError::NoUpstreamForModel(model));
     }
 
-    let n = cands.order.len();
+    let n = order.len();
     let mut failures: Vec<String> = Vec::new();
     let mut last_kind = FailKind::Connect;
-    for (pos, &idx) in cands.order.iter().enumerate() {
+    for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
         let last = pos + 1 == n;
         let wait = first_byte_wait(up, info.stream, last, info.body.len());
@@ -499,7 +485,13 @@ pub async fn proxy(
             Ok(Ok((resp, first))) => {
                 let status = resp.status();
                 if !is_failover_status(status) || last {
-                    return commit(&state, &cfg, info, up, resp, first, pos + 1, failures, t0);
+                    let at = Attempted {
+                        view: &view,
+                        idx,
+                        attempts: pos + 1,
+                        t0,
+                    };
+                    return commit(&state, &cfg, info, up, resp, first, at, failures);
                 }
                 (FailKind::Http, format!("HTTP {status}"))
             }
@@ -523,13 +515,14 @@ pub async fn proxy(
         if !last {
             state.metrics.failover(&up.name);
         }
-        state.registry.do_send(AttemptDone {
-            upstream: up.name.clone(),
-            result: AttemptResult::Failed {
+        state.registry.report(
+            &view,
+            idx,
+            AttemptResult::Failed {
                 kind,
                 reason: reason.clone(),
             },
-        });
+        );
         failures.push(format!("{}: {reason}", up.name));
         last_kind = kind;
     }
@@ -574,6 +567,14 @@ fn alert_all_failed(state: &AppState, info: &RequestInfo, status: u16, failures:
     }
 }
 
+/// Which attempt is being committed: the view it came from and its place in it.
+struct Attempted<'a> {
+    view: &'a Arc<RegistryView>,
+    idx: usize,
+    attempts: usize,
+    t0: Instant,
+}
+
 /// Sends the chosen upstream's answer to the client, streaming.
 #[allow(clippy::too_many_arguments)]
 fn commit(
@@ -583,10 +584,15 @@ fn commit(
     up: &Upstream,
     resp: Upstreamed,
     first: Option<Bytes>,
-    attempts: usize,
+    at: Attempted<'_>,
     mut failures: Vec<String>,
-    t0: Instant,
 ) -> HttpResponse {
+    let Attempted {
+        view,
+        idx,
+        attempts,
+        t0,
+    } = at;
     let status = resp.status();
     let first_byte = t0.elapsed();
     let failed_anyway = is_failover_status(status);
@@ -594,23 +600,23 @@ fn commit(
         // The last candidate's error is the answer: relay it, but it is still a failure.
         let reason = format!("HTTP {status}");
         state.metrics.attempt(&up.name, FailKind::Http.label());
-        state.registry.do_send(AttemptDone {
-            upstream: up.name.clone(),
-            result: AttemptResult::Failed {
+        state.registry.report(
+            view,
+            idx,
+            AttemptResult::Failed {
                 kind: FailKind::Http,
                 reason: reason.clone(),
             },
-        });
+        );
         failures.push(format!("{}: {reason}", up.name));
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             alert_all_failed(state, &info, status.as_u16(), &failures);
         }
     } else {
         state.metrics.first_byte(&up.name, first_byte.as_secs_f64());
-        state.registry.do_send(AttemptDone {
-            upstream: up.name.clone(),
-            result: AttemptResult::Ok { first_byte },
-        });
+        state
+            .registry
+            .report(view, idx, AttemptResult::Ok { first_byte });
     }
 
     let content_type = resp
@@ -654,6 +660,8 @@ fn commit(
         state: state.clone().into_inner(),
         info,
         upstream: up.name.clone(),
+        view: view.clone(),
+        idx,
         status: status.as_u16(),
         attempts: attempts as u32,
         failures,

@@ -19,7 +19,7 @@ use std::future::Future;
 
 use crate::capture::{Capture, Usage};
 use crate::proxy::RequestInfo;
-use crate::registry::{AttemptDone, AttemptResult, FailKind};
+use crate::registry::{AttemptResult, FailKind, RegistryView};
 use crate::state::AppState;
 use crate::transport;
 
@@ -31,6 +31,10 @@ pub struct Finish {
     pub info: RequestInfo,
     /// The upstream relayed.
     pub upstream: String,
+    /// The registry view the attempt came from, and the upstream's index in it.
+    pub view: Arc<RegistryView>,
+    /// Index of `upstream` in `view`.
+    pub idx: usize,
     /// Status sent.
     pub status: u16,
     /// Upstreams tried.
@@ -63,13 +67,14 @@ impl Finish {
                     self.upstream
                 );
                 self.failures.push(format!("{}: {reason}", self.upstream));
-                state.registry.do_send(AttemptDone {
-                    upstream: self.upstream.clone(),
-                    result: AttemptResult::Failed {
+                state.registry.report(
+                    &self.view,
+                    self.idx,
+                    AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: reason.clone(),
                     },
-                });
+                );
                 Some(FailKind::Stream.label())
             }
             End::ClientGone => {

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::notify::{NotifierActor, Reconfigure};
 use crate::proxy::{preflight, proxy, UpstreamClient};
 use crate::records::{redact_database_url, DbError, Recorder, Store};
-use crate::registry::{Reload, SharedConfig, UpstreamRegistry};
+use crate::registry::{RegistryHandle, SharedConfig, UpstreamRegistry};
 use crate::state::AppState;
 use crate::status;
 use crate::transport::{tls_config, upstream_client};
@@ -167,12 +167,11 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
         let shared = SharedConfig::new(Arc::new(cfg));
-        let registry = UpstreamRegistry::new(
+        let registry = UpstreamRegistry::start_with(
             shared.clone(),
             metrics.clone(),
             Some(notifier.clone().recipient()),
-        )
-        .start();
+        );
         let state = web::Data::new(AppState {
             config: shared.clone(),
             registry: registry.clone(),
@@ -298,7 +297,7 @@ async fn tokio_select(
     }
 }
 
-fn spawn_reload(cli: Cli, registry: Addr<UpstreamRegistry>, notifier: Addr<NotifierActor>) {
+fn spawn_reload(cli: Cli, registry: RegistryHandle, notifier: Addr<NotifierActor>) {
     #[cfg(unix)]
     actix_rt::spawn(async move {
         use actix_rt::signal::unix::{signal, SignalKind};
@@ -315,7 +314,7 @@ fn spawn_reload(cli: Cli, registry: Addr<UpstreamRegistry>, notifier: Addr<Notif
                         cfg.upstreams.len()
                     );
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
-                    registry.do_send(Reload(Arc::new(cfg)));
+                    registry.reload(Arc::new(cfg));
                 }
                 Err(errors) => {
                     for e in errors.0 {

@@ -7,14 +7,14 @@ use actix::prelude::*;
 use crate::metrics::Metrics;
 use crate::notify::RequestFailed;
 use crate::records::Recorder;
-use crate::registry::{SharedConfig, UpstreamRegistry};
+use crate::registry::{RegistryHandle, SharedConfig};
 
 /// Shared application state (`web::Data<AppState>`); everything in it is `Send + Sync`.
 pub struct AppState {
     /// Current config (auth, limits); the registry swaps it on reload.
     pub config: SharedConfig,
     /// Candidate ordering and health.
-    pub registry: Addr<UpstreamRegistry>,
+    pub registry: RegistryHandle,
     /// Metric handles.
     pub metrics: Metrics,
     /// Request recording, None with `-database none`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 
-use crate::registry::{GetSnapshot, UpstreamStatus};
+use crate::registry::UpstreamStatus;
 use crate::state::AppState;
 use crate::time::rfc3339;
 
@@ -164,7 +164,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
 
 /// `GET /`.
 pub async fn page(state: web::Data<AppState>) -> HttpResponse {
-    let snapshot = state.registry.send(GetSnapshot).await.unwrap_or_default();
+    let snapshot = state.registry.snapshot().await;
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
         .insert_header((header::CACHE_CONTROL, "no-store"))

@@ -2,9 +2,9 @@
 //!
 //! A request never waits for the database: the proxy hands a finished [`Record`] to
 //! [`Recorder::submit`], which counts it into a bounded queue or drops and counts it when full.
-//! One writer thread collects records and writes them in one transaction every [`BATCH_INTERVAL`]
-//! (or sooner when [`MAX_BATCH`] are waiting): one commit per request would cost the disk a WAL
-//! write per request. Shutdown sends an awaited [`Flush`], which the mailbox delivers after every
+//! Records collect in memory and reach the one writer thread as one message every
+//! [`BATCH_INTERVAL`], written in one transaction: one commit (and one thread wake-up) per request
+//! would cost a WAL write and a context switch per request. Shutdown sends an awaited [`Flush`], which the mailbox delivers after every
 //! record queued before it.
 //!
 //! The backend (embedded SQLite or a shared PostgreSQL) is chosen once, in [`Store::open`]; the
@@ -14,7 +14,7 @@ mod postgres;
 mod sqlite;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
@@ -25,8 +25,8 @@ use crate::time::rfc3339;
 
 pub use self::postgres::redact as redact_database_url;
 
-/// Largest batch written in one transaction.
-pub const MAX_BATCH: usize = 1024;
+/// Room reserved for a batch (a busy gateway collects about this many per interval).
+const MAX_BATCH: usize = 1024;
 /// How long a record may wait for its batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -193,20 +193,15 @@ impl Store {
     }
 }
 
-/// One record to write.
+/// Records collected by the request path since the last batch.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Insert(pub Box<Record>);
+pub struct InsertBatch(pub Vec<Record>);
 
 /// Write everything queued so far; the reply is the shutdown barrier.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Flush;
-
-/// Write what has collected (sent every [`BATCH_INTERVAL`]).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Tick;
 
 /// Delete records older than the retention.
 #[derive(Message)]
@@ -294,21 +289,11 @@ impl DbActor {
     }
 }
 
-impl Handler<Insert> for DbActor {
+impl Handler<InsertBatch> for DbActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Insert, _: &mut SyncContext<Self>) {
-        self.batch.push(*msg.0);
-        if self.batch.len() >= MAX_BATCH {
-            self.write_batch(false);
-        }
-    }
-}
-
-impl Handler<Tick> for DbActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Tick, _: &mut SyncContext<Self>) {
+    fn handle(&mut self, msg: InsertBatch, _: &mut SyncContext<Self>) {
+        self.batch.extend(msg.0);
         self.write_batch(false);
     }
 }
@@ -347,10 +332,21 @@ impl Handler<Prune> for DbActor {
     }
 }
 
-/// The proxy's handle on recording: cheap to clone, never blocks.
+/// Empties a shared buffer.
+fn take(buffer: &Mutex<Vec<Record>>) -> Vec<Record> {
+    match buffer.lock() {
+        Ok(mut b) => std::mem::take(&mut *b),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    }
+}
+
+/// The proxy's handle on recording: cheap to clone, never blocks. Records collect in a shared
+/// buffer that a timer hands to the writer as one message per [`BATCH_INTERVAL`], so the writer
+/// thread is not woken once per request.
 #[derive(Clone)]
 pub struct Recorder {
     addr: Addr<DbActor>,
+    buffer: Arc<Mutex<Vec<Record>>>,
     shared: Arc<Shared>,
     capacity: usize,
     metrics: Metrics,
@@ -381,19 +377,25 @@ impl Recorder {
             metrics: m.clone(),
             batch: Vec::with_capacity(MAX_BATCH),
         });
-        let ticker = addr.clone();
+        let buffer: Arc<Mutex<Vec<Record>>> = Arc::default();
+        let (ticker, collected) = (addr.clone(), buffer.clone());
         actix_rt::spawn(async move {
             let mut every = actix_rt::time::interval(BATCH_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if ticker.try_send(Tick).is_err() && !ticker.connected() {
+                let batch = take(&collected);
+                if !batch.is_empty() {
+                    ticker.do_send(InsertBatch(batch));
+                }
+                if !ticker.connected() {
                     return;
                 }
             }
         });
         Recorder {
             addr,
+            buffer,
             shared,
             capacity,
             metrics,
@@ -408,11 +410,18 @@ impl Recorder {
             self.metrics.record_dropped();
             return;
         }
-        self.addr.do_send(Insert(Box::new(record)));
+        match self.buffer.lock() {
+            Ok(mut b) => b.push(record),
+            Err(p) => p.into_inner().push(record),
+        }
     }
 
     /// Waits until every record queued so far is written (or, database gone, given up).
     pub async fn flush(&self) {
+        let batch = take(&self.buffer);
+        if !batch.is_empty() {
+            self.addr.do_send(InsertBatch(batch));
+        }
         if let Err(e) = self.addr.send(Flush).await {
             log::error!("flushing request records failed: {e}");
         }
