@@ -2,7 +2,8 @@
 //! (issue: ≥ 10,000 records/s on the 2-core machine, none dropped).
 //!
 //! ```text
-//! cargo bench --bench records            # 200,000 records
+//! cargo bench --bench records            # 200,000 records into a fresh SQLite file
+//! RECORDS_DATABASE=postgres://postgres@127.0.0.1:5432/test cargo bench --bench records
 //! RECORDS_N=20000 cargo bench --bench records
 //! ```
 //! Submits realistic records (≈1 KB request body, ≈500 B reply text, usage, timings) as fast as
@@ -85,8 +86,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("bench.sqlite");
-    let store = Store::open(path.to_str().unwrap()).expect("open sqlite");
+    // RECORDS_DATABASE=postgres://… measures PostgreSQL instead of a fresh SQLite file.
+    let target = std::env::var("RECORDS_DATABASE")
+        .unwrap_or_else(|_| dir.path().join("bench.sqlite").display().to_string());
+    let store = Store::open(&target).expect("open the record store");
+    println!("records: store {}", store.kind());
     let initial = Recorder::initial_rows(&store);
     // Distinct bodies for a share of the records so SQLite does not see one repeated value only.
     let bodies: Vec<Bytes> = (0..64).map(request_body).collect();
