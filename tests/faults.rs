@@ -11,6 +11,19 @@ fn one(m: &Mock, global: &str) -> Gateway {
     Gateway::start(&config(global, &[upstream("up", &m.endpoint(), "")]))
 }
 
+/// A gateway (no recording) in front of an upstream that streams `total` bytes.
+fn bulk_upstream(total: usize) -> (Mock, Gateway) {
+    let m = Mock::always(Reply::Bulk {
+        total,
+        chunk: 64 * 1024,
+    });
+    let gw = Gateway::start_with(
+        &config("", &[upstream("up", &m.endpoint(), "")]),
+        &["-database", "none"],
+    );
+    (m, gw)
+}
+
 async fn still_healthy(gw: &Gateway) {
     let got = send("GET", &gw.url("/healthz"), &[], b"").await;
     assert_eq!(
@@ -140,14 +153,7 @@ async fn redirects_are_relayed_not_followed() {
 #[actix_rt::test]
 async fn huge_response_streams_with_flat_memory() {
     let total = 100 * 1024 * 1024;
-    let m = Mock::always(Reply::Bulk {
-        total,
-        chunk: 64 * 1024,
-    });
-    let gw = Gateway::start_with(
-        &config("", &[upstream("up", &m.endpoint(), "")]),
-        &["-database", "none"],
-    );
+    let (_m, gw) = bulk_upstream(total);
     let before = gw.mem_kb("VmRSS");
     let got = post(&gw, "/v1/files/file-1/content", serde_json::json!({})).await;
     assert_eq!(got.status, 200);
@@ -162,14 +168,7 @@ async fn huge_response_streams_with_flat_memory() {
 #[actix_rt::test]
 async fn slow_reader_gets_backpressure_not_buffering() {
     let total = 64 * 1024 * 1024;
-    let m = Mock::always(Reply::Bulk {
-        total,
-        chunk: 64 * 1024,
-    });
-    let gw = Gateway::start_with(
-        &config("", &[upstream("up", &m.endpoint(), "")]),
-        &["-database", "none"],
-    );
+    let (_m, gw) = bulk_upstream(total);
     let before = gw.mem_kb("VmRSS");
     let mut s = TcpStream::connect(&gw.addr).unwrap();
     let body = "{}";

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 use actix_web::web::Bytes;
 
+use crate::capture::{cut, request_body_text};
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
@@ -73,6 +74,25 @@ pub struct Record {
     pub client_key: Option<String>,
     /// `record_body_bytes` at the time of the request.
     pub body_limit: usize,
+}
+
+/// The insert's column list, in the order both backends bind values.
+const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstream, status, \
+     attempts, error, request_body, response, prompt_tokens, completion_tokens, total_tokens, \
+     ttfb_ms, duration_ms, user_agent, client_key";
+/// Number of columns in [`INSERT_COLUMNS`].
+const COLUMN_COUNT: usize = 19;
+
+impl Record {
+    /// The `request_body` column: text cut at the record limit, binary described.
+    fn stored_body(&self) -> Option<String> {
+        request_body_text(&self.request_body, self.body_limit)
+    }
+
+    /// The `response` column: the reply text cut at the record limit.
+    fn stored_response(&self) -> Option<String> {
+        self.response.as_deref().map(|t| cut(t, self.body_limit))
+    }
 }
 
 /// A database that cannot be used at start, reported before listening.

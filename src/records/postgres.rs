@@ -9,8 +9,7 @@ use postgres::types::ToSql;
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
-use super::{DbError, Record, StoreError};
-use crate::capture::{cut, request_body_text};
+use super::{DbError, Record, StoreError, COLUMN_COUNT as COLUMNS, INSERT_COLUMNS};
 
 /// A pool of PostgreSQL connections.
 pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
@@ -47,7 +46,6 @@ const MIGRATIONS: &[&str] = &[
 
 /// Rows per `INSERT` statement (19 parameters each, well under PostgreSQL's 65535).
 const ROWS_PER_STATEMENT: usize = 500;
-const COLUMNS: usize = 19;
 
 /// `postgres://user:secret@host/db` → `postgres://user@host/db` (and `password=…` removed from a
 /// key/value string), for logs and the status page.
@@ -160,11 +158,7 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
     let mut tx = conn.transaction().map_err(StoreError::from_pg)?;
     for rows in batch.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from(
-            "INSERT INTO records (created_at, ip, method, path, model, stream, upstream, status,
-             attempts, error, request_body, response, prompt_tokens, completion_tokens,
-             total_tokens, ttfb_ms, duration_ms, user_agent, client_key) VALUES ",
-        );
+        let mut sql = format!("INSERT INTO records ({INSERT_COLUMNS}) VALUES ");
         for i in 0..rows.len() {
             if i > 0 {
                 sql.push(',');
@@ -213,8 +207,8 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
                 status: i32::from(r.status),
                 attempts: r.attempts as i32,
                 error: clean(r.error.clone()),
-                body: clean(request_body_text(&r.request_body, r.body_limit)),
-                response: clean(r.response.as_deref().map(|t| cut(t, r.body_limit))),
+                body: clean(r.stored_body()),
+                response: clean(r.stored_response()),
                 prompt: r.prompt_tokens,
                 completion: r.completion_tokens,
                 total: r.total_tokens,

@@ -6,8 +6,7 @@ use std::time::{Duration, SystemTime};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::params;
 
-use super::{DbError, Record, StoreError};
-use crate::capture::{cut, request_body_text};
+use super::{DbError, Record, StoreError, COLUMN_COUNT, INSERT_COLUMNS};
 use crate::time::rfc3339;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` says how many ran.
@@ -139,16 +138,16 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(StoreError::failed)?;
     {
         let mut stmt = tx
-            .prepare_cached(
-                "INSERT INTO records (created_at, ip, method, path, model, stream, upstream, status,
-                 attempts, error, request_body, response, prompt_tokens, completion_tokens,
-                 total_tokens, ttfb_ms, duration_ms, user_agent, client_key)
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)",
-            )
+            .prepare_cached(&format!(
+                "INSERT INTO records ({INSERT_COLUMNS}) VALUES ({})",
+                (1..=COLUMN_COUNT)
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
             .map_err(StoreError::failed)?;
         for r in batch {
-            let body = request_body_text(&r.request_body, r.body_limit);
-            let response = r.response.as_deref().map(|t| cut(t, r.body_limit));
+            let (body, response) = (r.stored_body(), r.stored_response());
             stmt.execute(params![
                 rfc3339(r.created_at),
                 r.ip,
