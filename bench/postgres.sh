@@ -42,15 +42,15 @@ upstreams:
     endpoint: http://127.0.0.1:$MOCK_PORT/v1
     sk: sk-bench-upstream
 YAML
-start_gw() { # name database
+start_gw() { # name database; sets GW_ADDR (not in a subshell, so PIDS keeps the pid for cleanup)
   target/release/openai-api-route -addr 127.0.0.1:0 -config "$OUT/gw.yaml" -database "$2" > "$OUT/$1.log" 2>&1 &
   local pid=$!; PIDS+=("$pid")
   for _ in $(seq 100); do grep -q "listening on" "$OUT/$1.log" && break; sleep 0.05; done
   taskset -a -p -c 0 "$pid" >/dev/null
-  grep -o 'listening on [0-9.:]*' "$OUT/$1.log" | cut -d' ' -f3
+  GW_ADDR=$(grep -o 'listening on [0-9.:]*' "$OUT/$1.log" | cut -d' ' -f3)
 }
-PG_ADDR=$(start_gw gw_pg "$URL")
-NONE_ADDR=$(start_gw gw_none none)
+start_gw gw_pg "$URL"; PG_ADDR=$GW_ADDR
+start_gw gw_none none; NONE_ADDR=$GW_ADDR
 rps() { BENCH_TOKEN=$TOKEN taskset -c 1 wrk -t2 -c64 -d"${DUR}s" -s bench/post.lua "http://$1/v1/chat/completions" 2>/dev/null | awk '/Requests\/sec/ {print int($2)}'; }
 echo "== c=64 for ${DUR}s, ${ROUNDS} rounds alternating (servers on core 0, wrk on core 1)"
 rps "$PG_ADDR" >/dev/null; rps "$NONE_ADDR" >/dev/null   # warm-up
