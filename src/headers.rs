@@ -38,7 +38,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// Client headers that never go upstream, besides hop-by-hop ones: the upstream gets its own
-/// `Host`, `Authorization` and length, and client addresses are not leaked.
+/// `Host`, `Authorization` and length, client addresses are not leaked, and `Expect` is answered
+/// here (the body is already read, so an upstream `100 Continue` would only add a round trip).
 fn dropped_towards_upstream(name: &HeaderName) -> bool {
     let n = name.as_str();
     is_hop_by_hop(name)
@@ -46,6 +47,7 @@ fn dropped_towards_upstream(name: &HeaderName) -> bool {
         || n == "authorization"
         || n == "content-length"
         || n == "accept-encoding"
+        || n == "expect"
         || n == "forwarded"
         || n == "x-real-ip"
         || n.starts_with("x-forwarded-")
@@ -122,6 +124,7 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
             ("accept-encoding", "gzip"),
             ("te", "trailers"),
+            ("expect", "100-continue"),
         ]);
         let mut out = HeaderMap::new();
         let mut key = HeaderValue::from_static("Bearer sk-up");
@@ -140,6 +143,7 @@ mod tests {
             "x-real-ip",
             "forwarded",
             "te",
+            "expect",
         ] {
             assert!(out.get(gone).is_none(), "{gone} leaked upstream");
         }
