@@ -741,3 +741,11 @@ pub fn raw_exchange(addr: &str, request: &[u8], within: Duration) -> Vec<u8> {
         }
     }
 }
+
+/// POSTs a chat request and asserts a 200 within `within`: the gateway is not slowed by a fault.
+pub async fn assert_served(gw: &Gateway, within: Duration) {
+    let t = Instant::now();
+    let got = post(gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(t.elapsed() < within, "request took {:?}", t.elapsed());
+}
