@@ -315,15 +315,33 @@ async fn read_body(
 
 /// Answers locally (auth, size, routing errors) and records it.
 fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
-    let resp = err.response();
+    let error = err.to_string();
+    answer(state, info, &err, 0, error)
+}
+
+/// Sends a gateway-made error and records it: `attempts` upstreams were tried, `error` is the
+/// record's summary.
+fn answer(
+    state: &AppState,
+    info: RequestInfo,
+    err: &GatewayError,
+    attempts: usize,
+    error: String,
+) -> HttpResponse {
+    let mut resp = err.response();
+    if attempts > 0 {
+        resp.headers_mut().insert(
+            header::HeaderName::from_static("x-upstream-attempts"),
+            HeaderValue::from(attempts),
+        );
+    }
     if let Some(rec) = &state.recorder {
-        let body = err.body();
         rec.submit(info.into_record(
             resp.status().as_u16(),
             None,
-            0,
-            Some(err.to_string()),
-            Some(body),
+            attempts as u32,
+            Some(error),
+            Some(err.body()),
             Default::default(),
             None,
         ));
@@ -354,17 +372,14 @@ pub async fn preflight(req: HttpRequest) -> HttpResponse {
         .finish()
 }
 
-enum AttemptError {
-    Failed(FailKind, String),
-}
+/// Why an attempt failed before an answer could be committed.
+type AttemptError = (FailKind, String);
 
 fn classify(e: SendRequestError) -> AttemptError {
     match e {
-        SendRequestError::Connect(c) => {
-            AttemptError::Failed(FailKind::Connect, format!("connect failed: {c}"))
-        }
-        SendRequestError::Timeout => AttemptError::Failed(FailKind::Timeout, "timed out".into()),
-        other => AttemptError::Failed(
+        SendRequestError::Connect(c) => (FailKind::Connect, format!("connect failed: {c}")),
+        SendRequestError::Timeout => (FailKind::Timeout, "timed out".into()),
+        other => (
             FailKind::Connect,
             format!("connection closed before a complete response head: {other}"),
         ),
@@ -405,7 +420,7 @@ async fn attempt(
     match resp.next().await {
         Some(Ok(chunk)) => Ok((resp, Some(chunk))),
         None => Ok((resp, None)),
-        Some(Err(e)) => Err(AttemptError::Failed(
+        Some(Err(e)) => Err((
             FailKind::Stream,
             format!("stream broke before its first chunk: {e}"),
         )),
@@ -495,7 +510,7 @@ pub async fn proxy(
                 }
                 (FailKind::Http, format!("HTTP {status}"))
             }
-            Ok(Err(AttemptError::Failed(kind, reason))) => (kind, reason),
+            Ok(Err(failed)) => failed,
             Err(_) => (
                 FailKind::Timeout,
                 if info.stream {
@@ -528,29 +543,13 @@ pub async fn proxy(
     }
 
     // Every candidate failed without an HTTP answer to relay.
+    let summary = failures.join("; ");
     let err = GatewayError::AllFailed {
         timed_out: last_kind == FailKind::Timeout,
-        summary: failures.join("; "),
+        summary: summary.clone(),
     };
     alert_all_failed(&state, &info, err.status().as_u16(), &failures);
-    let mut resp = err.response();
-    resp.headers_mut().insert(
-        header::HeaderName::from_static("x-upstream-attempts"),
-        HeaderValue::from(n),
-    );
-    if let Some(rec) = &state.recorder {
-        let body = err.body();
-        rec.submit(info.into_record(
-            resp.status().as_u16(),
-            None,
-            n as u32,
-            Some(failures.join("; ")),
-            Some(body),
-            Default::default(),
-            None,
-        ));
-    }
-    resp
+    answer(&state, info, &err, n, summary)
 }
 
 fn alert_all_failed(state: &AppState, info: &RequestInfo, status: u16, failures: &[String]) {

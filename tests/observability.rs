@@ -16,7 +16,10 @@ async fn metrics_text(gw: &Gateway) -> String {
     let got = send("GET", &gw.url("/v1/metrics"), &[], b"").await;
     assert_eq!(got.status, 200);
     assert_eq!(got.header("access-control-allow-origin"), Some("*"));
-    assert!(got.header("content-type").unwrap_or("").starts_with("text/plain"));
+    assert!(got
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("text/plain"));
     got.text()
 }
 
