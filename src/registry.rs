@@ -5,7 +5,7 @@
 //! publishes what ordering needs as a read-only [`RegistryView`]; a request takes its candidates
 //! from that view through a [`RegistryHandle`] instead of a round trip to the actor's thread, and a
 //! success on a healthy upstream (the common case) only bumps shared counters. Measured: the
-//! per-request round trip cost about a third of the gateway's throughput at 64 connections
+//! per-request round trip cost about a fifth of the gateway's throughput at 64 connections
 //! (see README, Benchmarks). Health is kept by upstream name, so a reload keeps the memory of
 //! upstreams that still exist.
 
