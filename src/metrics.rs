@@ -27,7 +27,7 @@ pub struct Metrics {
     record_write_failures: IntCounter,
     database_up: prometheus::IntGauge,
     notifications: IntCounterVec,
-    record_queue: Histogram,
+    record_batch_size: Histogram,
 }
 
 impl Metrics {
@@ -90,7 +90,7 @@ impl Metrics {
             ),
             &["channel", "result"],
         )?;
-        let record_queue = Histogram::with_opts(
+        let record_batch_size = Histogram::with_opts(
             HistogramOpts::new(
                 "record_batch_size",
                 "Records written per database transaction",
@@ -107,7 +107,7 @@ impl Metrics {
         registry.register(Box::new(record_write_failures.clone()))?;
         registry.register(Box::new(database_up.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
-        registry.register(Box::new(record_queue.clone()))?;
+        registry.register(Box::new(record_batch_size.clone()))?;
         Ok(Metrics {
             registry,
             upstream_requests,
@@ -119,7 +119,7 @@ impl Metrics {
             record_write_failures,
             database_up,
             notifications,
-            record_queue,
+            record_batch_size,
         })
     }
 
@@ -193,7 +193,7 @@ impl Metrics {
 
     /// Size of one write transaction.
     pub fn record_batch(&self, n: usize) {
-        self.record_queue.observe(n as f64);
+        self.record_batch_size.observe(n as f64);
     }
 
     /// One alert delivery.

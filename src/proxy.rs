@@ -658,7 +658,6 @@ fn commit(
     let finish = Finish {
         state: state.clone().into_inner(),
         info,
-        upstream: up.name.clone(),
         view: view.clone(),
         idx,
         status: status.as_u16(),

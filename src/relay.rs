@@ -29,11 +29,9 @@ pub struct Finish {
     pub state: Arc<AppState>,
     /// The request.
     pub info: RequestInfo,
-    /// The upstream relayed.
-    pub upstream: String,
-    /// The registry view the attempt came from, and the upstream's index in it.
+    /// The registry view the attempt came from.
     pub view: Arc<RegistryView>,
-    /// Index of `upstream` in `view`.
+    /// Index of the relayed upstream in `view`.
     pub idx: usize,
     /// Status sent.
     pub status: u16,
@@ -58,17 +56,23 @@ enum End {
 impl Finish {
     fn run(mut self, end: End) {
         let state = self.state.clone();
+        let view = self.view.clone();
+        let upstream = view
+            .config
+            .upstreams
+            .get(self.idx)
+            .map_or("", |u| u.name.as_str());
         let outcome = match &end {
             End::Broken(reason) => {
                 log::warn!(
                     "{} {}: upstream {} broke mid-response: {reason}",
                     self.info.method,
                     self.info.path,
-                    self.upstream
+                    upstream
                 );
-                self.failures.push(format!("{}: {reason}", self.upstream));
+                self.failures.push(format!("{upstream}: {reason}"));
                 state.registry.report(
-                    &self.view,
+                    &view,
                     self.idx,
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
@@ -82,14 +86,14 @@ impl Finish {
                     "{} {}: client went away; upstream {} request cancelled",
                     self.info.method,
                     self.info.path,
-                    self.upstream
+                    upstream
                 );
                 self.committed_ok.then_some("ok")
             }
             End::Complete => self.committed_ok.then_some("ok"),
         };
         if let Some(outcome) = outcome {
-            state.metrics.attempt(&self.upstream, outcome);
+            state.metrics.attempt(upstream, outcome);
         }
         let (response, usage) = match self.capture.take() {
             Some(c) => c.finish(),
@@ -97,7 +101,7 @@ impl Finish {
         };
         state
             .metrics
-            .tokens(&self.upstream, usage.prompt, usage.completion);
+            .tokens(upstream, usage.prompt, usage.completion);
         if let Some(rec) = &state.recorder {
             let error = if self.failures.is_empty() {
                 None
@@ -106,7 +110,7 @@ impl Finish {
             };
             rec.submit(self.info.into_record(
                 self.status,
-                Some(self.upstream),
+                Some(upstream.to_string()),
                 self.attempts,
                 error,
                 response,
