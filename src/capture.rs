@@ -166,7 +166,7 @@ impl Capture {
                     if let Some(u) = &w.usage {
                         self.usage = u.to_usage();
                     }
-                    w.reply().unwrap_or_else(|| lossy(&self.text))
+                    w.into_reply().unwrap_or_else(|| lossy(&self.text))
                 }
                 Err(_) => lossy(&self.text),
             },
@@ -185,29 +185,30 @@ fn lossy(bytes: &[u8]) -> String {
 
 /// Cuts `body` for the `request_body` column: text kept up to `limit` bytes (0 = all) on a char
 /// boundary with a marker; binary bodies become a short description.
-pub fn request_body_text(body: &[u8], limit: usize) -> Option<String> {
+pub fn request_body_text(body: &[u8], limit: usize) -> Option<Cow<'_, str>> {
     if body.is_empty() {
         return None;
     }
     let Ok(text) = std::str::from_utf8(body) else {
-        return Some(format!("[binary body, {} bytes]", body.len()));
+        return Some(format!("[binary body, {} bytes]", body.len()).into());
     };
-    if text.contains('\0') {
-        return Some(format!("[binary body, {} bytes]", body.len()));
+    if text.as_bytes().contains(&0) {
+        return Some(format!("[binary body, {} bytes]", body.len()).into());
     }
     Some(cut(text, limit))
 }
 
-/// Cuts a text at `limit` bytes (0 = no limit) on a char boundary, adding the marker.
-pub fn cut(text: &str, limit: usize) -> String {
+/// Cuts a text at `limit` bytes (0 = no limit) on a char boundary, adding the marker. Borrows
+/// when nothing is cut: the writer binds it straight from the record.
+pub fn cut(text: &str, limit: usize) -> Cow<'_, str> {
     if limit == 0 || text.len() <= limit {
-        return text.to_string();
+        return Cow::Borrowed(text);
     }
     let mut end = limit;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{TRUNCATED}", &text[..end])
+    Cow::Owned(format!("{}{TRUNCATED}", &text[..end]))
 }
 
 #[derive(Deserialize)]
@@ -270,15 +271,15 @@ struct Delta<'a> {
 }
 
 #[derive(Deserialize)]
-struct Whole {
+struct Whole<'a> {
     #[serde(default)]
     choices: Vec<WholeChoice>,
     #[serde(default)]
     usage: Option<RawUsage>,
     #[serde(default)]
-    output: Vec<OutputItem>,
-    #[serde(default)]
-    object: Option<String>,
+    output: Vec<OutputItem<'a>>,
+    #[serde(borrow, default)]
+    object: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -292,41 +293,157 @@ struct WholeChoice {
 #[derive(Deserialize)]
 struct Message {
     #[serde(default)]
-    content: Option<serde_json::Value>,
+    content: Option<Content>,
 }
 
 #[derive(Deserialize)]
-struct OutputItem {
-    #[serde(default)]
-    content: Vec<OutputContent>,
+struct OutputItem<'a> {
+    #[serde(borrow, default)]
+    content: Vec<OutputContent<'a>>,
 }
 
 #[derive(Deserialize)]
-struct OutputContent {
-    #[serde(rename = "type", default)]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
+struct OutputContent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
 }
 
-impl Whole {
-    fn reply(&self) -> Option<String> {
-        if let Some(c) = self.choices.first() {
-            if let Some(m) = &c.message {
-                return match &m.content {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    // Content parts: join their text.
-                    Some(serde_json::Value::Array(parts)) => Some(
-                        parts
-                            .iter()
-                            .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-                            .collect::<String>(),
-                    ),
-                    _ => Some(String::new()),
-                };
+/// `message.content`: a string, or content parts whose `text` strings are joined; anything
+/// else reads as empty. Read in one pass, straight into the reply (no `serde_json::Value`).
+struct Content(String);
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ContentVisitor)
+    }
+}
+
+struct ContentVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ContentVisitor {
+    type Value = Content;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("message content")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
+        Ok(Content(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Content, E> {
+        Ok(Content(v))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+        let mut text = String::new();
+        while let Some(part) = seq.next_element::<Part>()? {
+            if let Some(t) = part.0 {
+                text.push_str(&t);
             }
-            if let Some(t) = &c.text {
-                return Some(t.clone());
+        }
+        Ok(Content(text))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Content, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Content(String::new()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Content, E> {
+        Ok(Content(String::new()))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Content, E> {
+        Ok(Content(String::new()))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Content, E> {
+        Ok(Content(String::new()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Content, E> {
+        Ok(Content(String::new()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Content, E> {
+        Ok(Content(String::new()))
+    }
+}
+
+/// One content part: its `text` when that is a string; any other element reads as nothing.
+struct Part(Option<String>);
+
+impl<'de> Deserialize<'de> for Part {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PartVisitor)
+    }
+}
+
+struct PartVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PartVisitor {
+    type Value = Part;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a content part")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Part, A::Error> {
+        let mut text = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "text" {
+                text = Some(map.next_value::<Content>()?.0);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Part(text))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Part, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Part(None))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Part, E> {
+        Ok(Part(None))
+    }
+}
+
+impl Whole<'_> {
+    fn into_reply(self) -> Option<String> {
+        if let Some(c) = self.choices.into_iter().next() {
+            if let Some(m) = c.message {
+                return Some(m.content.map(|c| c.0).unwrap_or_default());
+            }
+            if let Some(t) = c.text {
+                return Some(t);
             }
         }
         if self.object.as_deref() == Some("response") {
@@ -393,6 +510,44 @@ mod tests {
         );
         let c = Capture::new(Some("audio/mpeg"), None, 0);
         assert_eq!(c.finish().0, None);
+    }
+
+    #[test]
+    fn json_message_content_shapes() {
+        let reply = |body: &str| {
+            let mut c = Capture::new(Some("application/json"), None, 0);
+            c.feed(body.as_bytes());
+            c.finish().0
+        };
+        let chat = |content: &str| {
+            reply(&format!(
+                r#"{{"choices":[{{"message":{{"content":{content}}}}}]}}"#
+            ))
+        };
+        assert_eq!(
+            chat(r#""say \"hi\"\n\u00e9""#).as_deref(),
+            Some("say \"hi\"\né")
+        );
+        assert_eq!(
+            chat(r#"[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},"junk",7,{"text":5},{"text":"b","extra":[1,{"k":null}]}]"#).as_deref(),
+            Some("ab")
+        );
+        assert_eq!(chat("null").as_deref(), Some(""));
+        assert_eq!(chat(r#"{"odd":true}"#).as_deref(), Some(""));
+        assert_eq!(chat("12.5").as_deref(), Some(""));
+        assert_eq!(
+            reply(r#"{"choices":[{"message":{"role":"assistant"}}]}"#).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            reply(r#"{"choices":[{"text":"legacy"}]}"#).as_deref(),
+            Some("legacy")
+        );
+        // Not the shape we know: the body itself is kept.
+        assert_eq!(
+            reply(r#"{"choices":[{"message":{"content":"x"}}],"#).as_deref(),
+            Some(r#"{"choices":[{"message":{"content":"x"}}],"#)
+        );
     }
 
     #[test]

@@ -5,17 +5,42 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `2026-11-26T08:04:36.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, day) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    Rfc3339::new(t).as_str().to_string()
+}
+
+/// A formatted timestamp on the stack: the record writer formats one per row, and `format!`
+/// costs a heap string and the formatting machinery each time.
+pub struct Rfc3339([u8; 24]);
+
+impl Rfc3339 {
+    /// Formats `t` (years past 9999 are clamped: the width stays fixed).
+    pub fn new(t: SystemTime) -> Rfc3339 {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs() as i64;
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        let (y, m, day) = civil_from_days(days);
+        let mut b = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: u64| {
+            for i in (at..at + width).rev() {
+                b[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, y.clamp(0, 9999) as u64);
+        put(5, 2, u64::from(m));
+        put(8, 2, u64::from(day));
+        put(11, 2, (rem / 3600) as u64);
+        put(14, 2, (rem % 3600 / 60) as u64);
+        put(17, 2, (rem % 60) as u64);
+        put(20, 3, u64::from(d.subsec_millis()));
+        Rfc3339(b)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Howard Hinnant's days-to-civil algorithm.
@@ -44,5 +69,27 @@ mod tests {
         assert_eq!(rfc3339(t), "2026-11-26T08:04:36.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn matches_the_format_machinery() {
+        // A spread of instants from 1970 to 2200, every field width exercised.
+        let mut ms: u64 = 0;
+        while ms < 7_258_118_400_000 {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let secs = d.as_secs() as i64;
+            let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            let (y, m, day) = civil_from_days(days);
+            let expected = format!(
+                "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+                rem / 3600,
+                rem % 3600 / 60,
+                rem % 60,
+                d.subsec_millis()
+            );
+            assert_eq!(Rfc3339::new(t).as_str(), expected);
+            ms += 3_999_999_937;
+        }
     }
 }

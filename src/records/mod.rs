@@ -13,6 +13,7 @@
 mod postgres;
 mod sqlite;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -29,7 +30,7 @@ pub use self::postgres::redact as redact_database_url;
 /// Room reserved for a batch (a busy gateway collects about this many per interval).
 const MAX_BATCH: usize = 1024;
 /// How long a record may wait for its batch.
-pub const BATCH_INTERVAL: Duration = Duration::from_millis(50);
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Everything known about one client request once its response is over.
 #[derive(Debug, Clone)]
@@ -85,12 +86,12 @@ const COLUMN_COUNT: usize = 19;
 
 impl Record {
     /// The `request_body` column: text cut at the record limit, binary described.
-    fn stored_body(&self) -> Option<String> {
+    fn stored_body(&self) -> Option<Cow<'_, str>> {
         request_body_text(&self.request_body, self.body_limit)
     }
 
     /// The `response` column: the reply text cut at the record limit.
-    fn stored_response(&self) -> Option<String> {
+    fn stored_response(&self) -> Option<Cow<'_, str>> {
         self.response.as_deref().map(|t| cut(t, self.body_limit))
     }
 }

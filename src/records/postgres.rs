@@ -3,6 +3,7 @@
 //! Same columns as SQLite, with `created_at timestamptz`. Migrations run under an advisory lock
 //! so replicas starting together do not race; batches are multi-row `INSERT`s in one transaction.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use postgres::types::ToSql;
@@ -207,8 +208,8 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
                 status: i32::from(r.status),
                 attempts: r.attempts as i32,
                 error: clean(r.error.clone()),
-                body: clean(r.stored_body()),
-                response: clean(r.stored_response()),
+                body: clean(r.stored_body().map(Cow::into_owned)),
+                response: clean(r.stored_response().map(Cow::into_owned)),
                 prompt: r.prompt_tokens,
                 completion: r.completion_tokens,
                 total: r.total_tokens,

@@ -7,7 +7,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::params;
 
 use super::{DbError, Record, StoreError, COLUMN_COUNT, INSERT_COLUMNS};
-use crate::time::rfc3339;
+use crate::time::{rfc3339, Rfc3339};
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` says how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -59,7 +59,8 @@ pub fn open(path: &str) -> Result<Pool, DbError> {
     rusqlite::Connection::open(path).map_err(write_err)?;
     let manager = SqliteConnectionManager::file(Path::new(path)).with_init(|c| {
         c.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+            "PRAGMA page_size=32768; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
+             PRAGMA busy_timeout=5000;",
         )
     });
     let pool = r2d2::Pool::builder()
@@ -149,7 +150,7 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
         for r in batch {
             let (body, response) = (r.stored_body(), r.stored_response());
             stmt.execute(params![
-                rfc3339(r.created_at),
+                Rfc3339::new(r.created_at).as_str(),
                 r.ip,
                 r.method,
                 r.path,
