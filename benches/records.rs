@@ -80,6 +80,29 @@ fn counter(metrics: &Metrics, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time (ns) of this process's threads: (the main thread, which builds and submits records,
+/// all others, which is the `DbActor` writer). From `/proc/self/task/*/schedstat` (Linux).
+fn thread_cpu_ns() -> (u64, u64) {
+    let main = std::process::id().to_string();
+    let (mut submit, mut writer) = (0, 0);
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let ns: u64 = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
+        if task.file_name().to_string_lossy() == main {
+            submit += ns;
+        } else {
+            writer += ns;
+        }
+    }
+    (submit, writer)
+}
+
 fn main() {
     let n: usize = std::env::var("RECORDS_N")
         .ok()
@@ -102,6 +125,7 @@ fn main() {
         let recorder = Recorder::start(store, initial, metrics.clone(), CAPACITY);
         let before = recorder.rows();
         let mut waits = 0u64;
+        let cpu_before = thread_cpu_ns();
         let start = Instant::now();
         for i in 0..n {
             // A busy proxy never lets the queue fill: back off just below capacity.
@@ -118,6 +142,10 @@ fn main() {
         let submitted = start.elapsed();
         recorder.flush().await;
         let elapsed = start.elapsed();
+        let cpu_after = thread_cpu_ns();
+        let per_record = |a: u64, b: u64| (b - a) as f64 / 1000.0 / n as f64;
+        let submit_us = per_record(cpu_before.0, cpu_after.0);
+        let writer_us = per_record(cpu_before.1, cpu_after.1);
         let written = recorder.rows() - before;
         let dropped = counter(&metrics, "openai_api_route_records_dropped_total") as u64;
         let rate = n as f64 / elapsed.as_secs_f64();
@@ -127,7 +155,10 @@ fn main() {
             elapsed.as_secs_f64(),
         );
         println!(
-            "RESULT records={n} written={written} dropped={dropped} seconds={:.3} records_per_s={rate:.0}",
+            "records: CPU per record {writer_us:.2} µs in the writer thread, {submit_us:.2} µs building and submitting"
+        );
+        println!(
+            "RESULT records={n} written={written} dropped={dropped} seconds={:.3} records_per_s={rate:.0} writer_us={writer_us:.2}",
             elapsed.as_secs_f64()
         );
         if rate < 10_000.0 {

@@ -34,6 +34,8 @@ enum Kind {
 #[derive(Debug)]
 pub struct Capture {
     kind: Kind,
+    /// False when only the token usage is wanted (recording off: the metrics still count tokens).
+    keep_text: bool,
     limit: usize,
     /// SSE: the reply text so far. JSON/text: the raw body so far (bounded).
     text: Vec<u8>,
@@ -69,12 +71,29 @@ impl Capture {
         };
         Capture {
             kind,
+            keep_text: true,
             limit: if limit == 0 { usize::MAX } else { limit },
             text: Vec::new(),
             line: Vec::new(),
             truncated: false,
             usage: Usage::default(),
         }
+    }
+
+    /// A capture that finds only the token usage, for `openai_api_route_tokens_total` when
+    /// nothing is recorded: SSE events without `"usage"` are not parsed, no text is kept.
+    pub fn usage_only(
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        limit: usize,
+    ) -> Capture {
+        let mut c = Capture::new(content_type, content_encoding, limit);
+        c.keep_text = false;
+        if c.kind == Kind::Text {
+            // Plain text has no usage to find.
+            c.kind = Kind::Binary;
+        }
+        c
     }
 
     /// Feeds one relayed chunk.
@@ -128,6 +147,9 @@ impl Capture {
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
+        if !self.keep_text && !data.windows(7).any(|w| w == b"\"usage\"") {
+            return;
+        }
         let Ok(ev) = serde_json::from_slice::<Event>(data) else {
             return;
         };
@@ -158,6 +180,14 @@ impl Capture {
             // The stream ended without a final newline: the last line still counts.
             let line = std::mem::take(&mut self.line);
             self.sse_line(&line);
+        }
+        if !self.keep_text {
+            if self.kind == Kind::Json && !self.truncated {
+                if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice(&self.text) {
+                    self.usage = u.to_usage();
+                }
+            }
+            return (None, self.usage);
         }
         let mut text = match self.kind {
             Kind::Binary => return (None, self.usage),
@@ -268,6 +298,12 @@ struct StreamChoice<'a> {
 struct Delta<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<RawUsage>,
 }
 
 #[derive(Deserialize)]
@@ -548,6 +584,41 @@ mod tests {
             reply(r#"{"choices":[{"message":{"content":"x"}}],"#).as_deref(),
             Some(r#"{"choices":[{"message":{"content":"x"}}],"#)
         );
+    }
+
+    #[test]
+    fn usage_only_keeps_no_text() {
+        let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
+        c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"choices\":[],\"usa");
+        c.feed(b"ge\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
+        let (t, u) = c.finish();
+        assert_eq!(t, None);
+        assert_eq!(
+            (u.prompt, u.completion, u.total),
+            (Some(3), Some(2), Some(5))
+        );
+
+        let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
+        c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
+        assert_eq!(c.finish().1.total, Some(5));
+
+        let mut c = Capture::usage_only(Some("application/json"), None, 0);
+        c.feed(br#"{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#);
+        assert_eq!(
+            c.finish(),
+            (
+                None,
+                Usage {
+                    prompt: Some(1),
+                    completion: Some(1),
+                    total: Some(2)
+                }
+            )
+        );
+
+        let mut c = Capture::usage_only(Some("text/plain"), None, 0);
+        c.feed(b"usage");
+        assert_eq!(c.finish(), (None, Usage::default()));
     }
 
     #[test]

@@ -648,13 +648,15 @@ fn commit(
     }
 
     let ttfb = info.started.elapsed();
-    let capture = state.recorder.as_ref().map(|_| {
-        let encoding = resp
-            .headers()
-            .get(header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok());
-        Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes)
-    });
+    let encoding = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
+    let capture = match state.recorder {
+        Some(_) => Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes),
+        None => Capture::usage_only(content_type.as_deref(), encoding, cfg.record_body_bytes),
+    };
     let finish = Finish {
         state: state.clone().into_inner(),
         info,

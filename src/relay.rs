@@ -17,7 +17,7 @@ use actix_web::web::Bytes;
 use futures_util::Stream;
 use std::future::Future;
 
-use crate::capture::{Capture, Usage};
+use crate::capture::Capture;
 use crate::proxy::RequestInfo;
 use crate::registry::{AttemptResult, FailKind, RegistryView};
 use crate::state::AppState;
@@ -39,8 +39,8 @@ pub struct Finish {
     pub attempts: u32,
     /// Earlier failures (`name: reason`).
     pub failures: Vec<String>,
-    /// Reply-text capture, when recording.
-    pub capture: Option<Capture>,
+    /// Reply text (when recording) and token usage (always: the metrics count tokens).
+    pub capture: Capture,
     /// Request start to response head.
     pub ttfb: Option<Duration>,
     /// Whether the relayed status counts as success for the upstream.
@@ -95,10 +95,7 @@ impl Finish {
         if let Some(outcome) = outcome {
             state.metrics.attempt(upstream, outcome);
         }
-        let (response, usage) = match self.capture.take() {
-            Some(c) => c.finish(),
-            None => (None, Usage::default()),
-        };
+        let (response, usage) = self.capture.finish();
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
@@ -189,8 +186,8 @@ where
 
     fn on_chunk(&mut self, b: &Bytes) {
         self.received += b.len() as u64;
-        if let Some(c) = self.finish.as_mut().and_then(|f| f.capture.as_mut()) {
-            c.feed(b);
+        if let Some(f) = self.finish.as_mut() {
+            f.capture.feed(b);
         }
         match b.len() {
             0 => {}

@@ -105,6 +105,51 @@ async fn metrics_after_ok_failover_and_timeout() {
 }
 
 #[actix_rt::test]
+async fn tokens_are_counted_with_recording_off() {
+    let json = Mock::always(Reply::chat("ok"));
+    let sse = Mock::always(Reply::sse_chat(
+        &["a", "b", "c", "d"],
+        Duration::from_millis(1),
+    ));
+    let gw = Gateway::start_with(
+        &config(
+            "",
+            &[
+                upstream("json", &json.endpoint(), "deny: [streamer]"),
+                upstream("sse", &sse.endpoint(), "allow: [streamer]"),
+            ],
+        ),
+        &["-database", "none"],
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    let streamed = post(
+        &gw,
+        "/v1/chat/completions",
+        serde_json::json!({"model": "streamer", "stream": true}),
+    )
+    .await;
+    assert_eq!(streamed.status, 200);
+    assert!(streamed.text().contains("[DONE]"));
+    let m = metrics_text(&gw).await;
+    let tokens = |upstream: &str, kind: &str| {
+        metric(
+            &m,
+            &format!("openai_api_route_tokens_total{{kind=\"{kind}\",upstream=\"{upstream}\"}}"),
+        )
+    };
+    assert_eq!(tokens("json", "prompt"), Some(5.0), "{m}");
+    assert_eq!(tokens("json", "completion"), Some(7.0));
+    assert_eq!(tokens("sse", "prompt"), Some(3.0));
+    assert_eq!(tokens("sse", "completion"), Some(4.0));
+    assert!(!gw.db_path.exists());
+}
+
+#[actix_rt::test]
 async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
     let m = Mock::always(Reply::chat("ok"));
     let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
