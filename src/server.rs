@@ -228,6 +228,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         })?
         .run();
 
+        // Signal handlers go in before "listening" is announced: a SIGTERM or SIGHUP sent as soon
+        // as the port answers must drain or reload, not kill the process (the default action).
+        spawn_shutdown(server.handle());
+        spawn_reload(cli.clone(), registry.clone(), notifier.clone());
         log::info!(
             "listening on {local} ({} upstreams, auth {}, recording {})",
             shared.get().upstreams.len(),
@@ -238,8 +242,6 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .unwrap_or_else(|| "off".into())
         );
 
-        spawn_shutdown(server.handle());
-        spawn_reload(cli.clone(), registry.clone(), notifier.clone());
         if let Some(rec) = recorder.clone() {
             spawn_retention(rec, shared.clone());
         }
@@ -254,15 +256,21 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     })
 }
 
+/// Registers the SIGTERM/SIGINT handlers now (the caller has not announced it listens yet) and
+/// stops the server gracefully on the first of them.
 fn spawn_shutdown(handle: actix_web::dev::ServerHandle) {
+    #[cfg(unix)]
+    let signals = {
+        use actix_rt::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
     actix_rt::spawn(async move {
         #[cfg(unix)]
         {
-            use actix_rt::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
+            match signals {
                 (Ok(mut term), Ok(mut int)) => {
                     let name = tokio_select(term.recv(), int.recv()).await;
                     log::info!(
@@ -297,33 +305,38 @@ async fn tokio_select(
     }
 }
 
+/// Registers the SIGHUP handler now and reloads the config on each SIGHUP.
 fn spawn_reload(cli: Cli, registry: RegistryHandle, notifier: Addr<NotifierActor>) {
     #[cfg(unix)]
-    actix_rt::spawn(async move {
+    {
         use actix_rt::signal::unix::{signal, SignalKind};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             log::warn!("cannot listen for SIGHUP; config reload disabled");
             return;
         };
-        while hup.recv().await.is_some() {
-            match config::load(&cli.upstreams, cli.noauth) {
-                Ok(cfg) => {
-                    log::info!(
-                        "SIGHUP: reloaded {} ({} upstreams)",
-                        cli.upstreams.display(),
-                        cfg.upstreams.len()
-                    );
-                    notifier.do_send(Reconfigure(cfg.notify.clone()));
-                    registry.reload(Arc::new(cfg));
-                }
-                Err(errors) => {
-                    for e in errors.0 {
-                        log::error!("SIGHUP: config not reloaded, keeping the running one: {e}");
+        actix_rt::spawn(async move {
+            while hup.recv().await.is_some() {
+                match config::load(&cli.upstreams, cli.noauth) {
+                    Ok(cfg) => {
+                        log::info!(
+                            "SIGHUP: reloaded {} ({} upstreams)",
+                            cli.upstreams.display(),
+                            cfg.upstreams.len()
+                        );
+                        notifier.do_send(Reconfigure(cfg.notify.clone()));
+                        registry.reload(Arc::new(cfg));
+                    }
+                    Err(errors) => {
+                        for e in errors.0 {
+                            log::error!(
+                                "SIGHUP: config not reloaded, keeping the running one: {e}"
+                            );
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 fn spawn_retention(rec: Recorder, shared: SharedConfig) {

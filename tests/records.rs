@@ -379,6 +379,78 @@ async fn retention_deletes_old_records_at_start_and_keeps_new_ones() {
 }
 
 #[actix_rt::test]
+async fn ids_are_never_reused_after_retention_empties_the_table() {
+    let m = Mock::always(Reply::chat("x"));
+    let cfg = config("retention_days: 1", &[upstream("u", &m.endpoint(), "")]);
+    let mut gw = Gateway::start(&cfg);
+    for _ in 0..3 {
+        post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    }
+    let ids: Vec<i64> = gw
+        .records(3)
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    // Everything expires, the highest id included.
+    rusqlite::Connection::open(&gw.db_path)
+        .unwrap()
+        .execute(
+            "UPDATE records SET created_at = '2020-01-01T00:00:00.000Z'",
+            [],
+        )
+        .unwrap();
+    let db_arg = gw.db_path.display().to_string();
+    for restart in 0..2 {
+        // The second start finds the table empty and only the kept id to go on.
+        let mut gw2 = Gateway::start_with(&cfg, &["-database", &db_arg]);
+        if restart == 0 {
+            assert!(eventually(Duration::from_secs(5), || read_rows(
+                &gw.db_path
+            )
+            .is_empty()));
+            assert!(gw2.log().contains("retention: deleted 3 records"));
+        }
+        gw2.signal("TERM");
+        assert_eq!(
+            gw2.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "{}",
+            gw2.log()
+        );
+    }
+    let gw3 = Gateway::start_with(&cfg, &["-database", &db_arg]);
+    post(&gw3, "/v1/chat/completions", chat_body(false)).await;
+    post(&gw3, "/v1/chat/completions", chat_body(false)).await;
+    assert!(eventually(Duration::from_secs(5), || read_rows(
+        &gw.db_path
+    )
+    .len()
+        == 2));
+    let ids: Vec<i64> = read_rows(&gw.db_path)
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [4, 5], "ids must continue after the pruned ones");
+}
+
+#[actix_rt::test]
+async fn a_new_database_uses_32_kib_pages() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    gw.records(1);
+    let c = rusqlite::Connection::open(&gw.db_path).unwrap();
+    let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((page, mode.as_str()), (32768, "wal"));
+}
+
+#[actix_rt::test]
 async fn sigint_also_drains_and_flushes() {
     let m = Mock::always(Reply::sse_chat(
         &["a", "b", "c"],

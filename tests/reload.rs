@@ -106,3 +106,30 @@ async fn invalid_reload_keeps_the_running_config_and_health_survives_reload() {
     let page = send("GET", &gw.url("/"), &[], b"").await.text();
     assert!(page.contains("7s / 5s"), "new timeout not shown");
 }
+
+#[actix_rt::test]
+async fn signals_sent_as_soon_as_it_listens_reload_and_drain_instead_of_killing() {
+    let m = Mock::always(Reply::chat("ok"));
+    let mut gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    // `Gateway::start` returns once "listening on" is logged: the handlers must be in place.
+    gw.signal("HUP");
+    assert!(eventually(Duration::from_secs(3), || gw
+        .log()
+        .contains("SIGHUP: reloaded")));
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    let mut fresh = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    fresh.signal("TERM");
+    assert_eq!(
+        fresh.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        fresh.log()
+    );
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
