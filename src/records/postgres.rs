@@ -6,7 +6,8 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
-use postgres::types::ToSql;
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{ToSql, Type};
 use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -44,9 +45,6 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX IF NOT EXISTS records_created_at ON records(created_at);",
 ];
-
-/// Rows per `INSERT` statement (19 parameters each, well under PostgreSQL's 65535).
-const ROWS_PER_STATEMENT: usize = 500;
 
 /// `postgres://user:secret@host/db` → `postgres://user@host/db` (and `password=…` removed from a
 /// key/value string), for logs and the status page.
@@ -143,109 +141,80 @@ fn migrate(conn: &mut postgres::Client) -> Result<(), postgres::Error> {
     Ok(())
 }
 
-/// PostgreSQL text cannot hold NUL.
-fn clean(s: Option<String>) -> Option<String> {
-    s.map(|t| {
-        if t.contains('\0') {
-            t.replace('\0', "\u{FFFD}")
-        } else {
-            t
-        }
-    })
+/// PostgreSQL text cannot hold NUL: borrowed unless there is one to replace.
+fn clean(s: &str) -> Cow<'_, str> {
+    if s.as_bytes().contains(&0) {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
 }
 
-/// Writes a batch in one transaction of multi-row inserts.
+/// [`clean`] for an optional column.
+fn clean_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
+    s.as_deref().map(clean)
+}
+
+/// Column types of [`INSERT_COLUMNS`], in order, for the binary `COPY`.
+const COLUMN_TYPES: [Type; COLUMNS] = [
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT2,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT4,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+];
+
+/// Writes a batch in one transaction with a binary `COPY`: the server neither parses SQL nor
+/// plans per row, which made it several times cheaper for PostgreSQL than multi-row `INSERT`s.
 pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
     let mut tx = conn.transaction().map_err(StoreError::from_pg)?;
-    for rows in batch.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = format!("INSERT INTO records ({INSERT_COLUMNS}) VALUES ");
-        for i in 0..rows.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for c in 0..COLUMNS {
-                if c > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("${}", i * COLUMNS + c + 1));
-            }
-            sql.push(')');
-        }
-        // Owned values first, then a parameter list borrowing them.
-        struct Row {
-            created_at: SystemTime,
-            ip: String,
-            method: String,
-            path: String,
-            model: Option<String>,
-            stream: i16,
-            upstream: Option<String>,
-            status: i32,
-            attempts: i32,
-            error: Option<String>,
-            body: Option<String>,
-            response: Option<String>,
-            prompt: Option<i64>,
-            completion: Option<i64>,
-            total: Option<i64>,
-            ttfb: Option<i64>,
-            duration: i64,
-            user_agent: Option<String>,
-            client_key: Option<String>,
-        }
-        let owned: Vec<Row> = rows
-            .iter()
-            .map(|r| Row {
-                created_at: r.created_at,
-                ip: r.ip.replace('\0', ""),
-                method: r.method.clone(),
-                path: r.path.replace('\0', ""),
-                model: clean(r.model.clone()),
-                stream: i16::from(r.stream),
-                upstream: r.upstream.clone(),
-                status: i32::from(r.status),
-                attempts: r.attempts as i32,
-                error: clean(r.error.clone()),
-                body: clean(r.stored_body().map(Cow::into_owned)),
-                response: clean(r.stored_response().map(Cow::into_owned)),
-                prompt: r.prompt_tokens,
-                completion: r.completion_tokens,
-                total: r.total_tokens,
-                ttfb: r.ttfb_ms.map(|v| v as i64),
-                duration: r.duration_ms as i64,
-                user_agent: clean(r.user_agent.clone()),
-                client_key: r.client_key.clone(),
-            })
-            .collect();
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(owned.len() * COLUMNS);
-        for r in &owned {
-            params.extend_from_slice(&[
-                &r.created_at,
-                &r.ip,
-                &r.method,
-                &r.path,
-                &r.model,
-                &r.stream,
-                &r.upstream,
-                &r.status,
-                &r.attempts,
-                &r.error,
-                &r.body,
-                &r.response,
-                &r.prompt,
-                &r.completion,
-                &r.total,
-                &r.ttfb,
-                &r.duration,
-                &r.user_agent,
-                &r.client_key,
-            ]);
-        }
-        tx.execute(sql.as_str(), &params)
-            .map_err(StoreError::from_pg)?;
+    let sink = tx
+        .copy_in(&format!(
+            "COPY records ({INSERT_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .map_err(StoreError::from_pg)?;
+    let mut writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
+    for r in batch {
+        let (body, response) = (r.stored_body(), r.stored_response());
+        let values: [&(dyn ToSql + Sync); COLUMNS] = [
+            &r.created_at,
+            &clean(&r.ip),
+            &r.method.as_str(),
+            &clean(&r.path),
+            &clean_opt(&r.model),
+            &i16::from(r.stream),
+            &r.upstream.as_deref(),
+            &i32::from(r.status),
+            &(r.attempts as i32),
+            &clean_opt(&r.error),
+            &body.as_deref().map(clean),
+            &response.as_deref().map(clean),
+            &r.prompt_tokens,
+            &r.completion_tokens,
+            &r.total_tokens,
+            &r.ttfb_ms.map(|v| v as i64),
+            &(r.duration_ms as i64),
+            &clean_opt(&r.user_agent),
+            &r.client_key.as_deref(),
+        ];
+        writer.write(&values).map_err(StoreError::from_pg)?;
     }
+    writer.finish().map_err(StoreError::from_pg)?;
     tx.commit().map_err(StoreError::from_pg)
 }
 
