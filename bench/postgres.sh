@@ -2,7 +2,9 @@
 # PostgreSQL recording figures: records/s into PostgreSQL through the real Recorder/DbActor, and
 # the gateway's c=64 throughput with PostgreSQL recording vs -database none, alternating in one
 # run. Needs a PostgreSQL server (default: the machine's, trust auth); creates and drops its own
-# database. Servers on core 0, wrk on core 1, as bench/run.sh does.
+# database. Gateways and the mock on core 0, wrk on core 1, as bench/run.sh does; each round runs
+# the PostgreSQL-recording gateway twice: with the benchmark database's PostgreSQL backends kept off
+# core 0 (a shared database normally runs on its own machine) and left to the scheduler.
 #
 #   bench/postgres.sh                       # BENCH_POSTGRES=postgres://postgres@127.0.0.1:5432/test
 set -euo pipefail
@@ -50,17 +52,28 @@ start_gw() { # name database; sets GW_ADDR (not in a subshell, so PIDS keeps the
   GW_ADDR=$(grep -o 'listening on [0-9.:]*' "$OUT/$1.log" | cut -d' ' -f3)
 }
 start_gw gw_pg "$URL"; PG_ADDR=$GW_ADDR
+# PostgreSQL is the shared server of a scale-out deployment, normally another machine. Each round
+# measures it both ways: its backends for this database kept off the gateway's core (on core 1,
+# with wrk), and left to the scheduler (they then take CPU from the gateway's core too).
+pin_pg() { # CPU list for the PostgreSQL backends serving the benchmark database
+  for p in $(psql "$ADMIN" -tAc "SELECT pid FROM pg_stat_activity WHERE datname = '$DB'"); do
+    taskset -p -c "$1" "$p" >/dev/null 2>&1 || true
+  done
+}
 start_gw gw_none none; NONE_ADDR=$GW_ADDR
 rps() { BENCH_TOKEN=$TOKEN taskset -c 1 wrk -t2 -c64 -d"${DUR}s" -s bench/post.lua "http://$1/v1/chat/completions" 2>/dev/null | awk '/Requests\/sec/ {print int($2)}'; }
-echo "== c=64 for ${DUR}s, ${ROUNDS} rounds alternating (servers on core 0, wrk on core 1)"
+echo "== c=64 for ${DUR}s, ${ROUNDS} rounds alternating (gateways on core 0, wrk on core 1)"
 rps "$PG_ADDR" >/dev/null; rps "$NONE_ADDR" >/dev/null   # warm-up
-pg_sum=0; none_sum=0
+ALL_CPUS=0-$(($(nproc) - 1))
+pg_sum=0; none_sum=0; free_sum=0
 for r in $(seq "$ROUNDS"); do
-  a=$(rps "$PG_ADDR"); b=$(rps "$NONE_ADDR")
-  echo "round $r: postgres recording $a req/s, -database none $b req/s"
-  pg_sum=$((pg_sum + a)); none_sum=$((none_sum + b))
+  pin_pg 1; a=$(rps "$PG_ADDR")
+  b=$(rps "$NONE_ADDR")
+  pin_pg "$ALL_CPUS"; c=$(rps "$PG_ADDR")
+  echo "round $r: postgres recording $a req/s (PostgreSQL off core 0), $c req/s (PostgreSQL unpinned); -database none $b req/s"
+  pg_sum=$((pg_sum + a)); none_sum=$((none_sum + b)); free_sum=$((free_sum + c))
 done
 sleep 0.3
 dropped=$(curl -s "http://$PG_ADDR/v1/metrics" | awk '/^openai_api_route_records_dropped_total / {print $2}')
 rows=$(psql "$URL" -tAc "SELECT COUNT(*) FROM records")
-echo "RESULT postgres_rps=$((pg_sum / ROUNDS)) none_rps=$((none_sum / ROUNDS)) ratio=$(awk "BEGIN {printf \"%.2f\", $pg_sum / $none_sum}") rows=$rows dropped=${dropped:-?}"
+echo "RESULT postgres_rps=$((pg_sum / ROUNDS)) none_rps=$((none_sum / ROUNDS)) ratio=$(awk "BEGIN {printf \"%.2f\", $pg_sum / $none_sum}") unpinned_rps=$((free_sum / ROUNDS)) unpinned_ratio=$(awk "BEGIN {printf \"%.2f\", $free_sum / $none_sum}") rows=$rows dropped=${dropped:-?}"

@@ -476,8 +476,8 @@ RES=$OUT/results.md
     done
   done
   echo
-  printf 'Records: %s records (≈1 KB request body, 500 B reply) through Recorder into SQLite in %ss → **%s records/s**, %s dropped (target ≥ 10,000/s).\n' \
-    "${RB[records]}" "${RB[seconds]}" "${RB[records_per_s]}" "${RB[dropped]}"
+  printf 'Records: %s records (≈1 KB request body, 500 B reply) through Recorder into SQLite in %ss → **%s records/s**, %s dropped (target ≥ 10,000/s); writer thread CPU %s µs per record.\n' \
+    "${RB[records]}" "${RB[seconds]}" "${RB[records_per_s]}" "${RB[dropped]}" "${RB[writer_us]:-?}"
   printf 'Gateway recording ON during this run: %s rows written, openai_api_route_records_dropped_total = %s.\n' "$GW_ROWS" "${GW_DROPPED:-?}"
 } >"$RES"
 
