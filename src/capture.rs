@@ -100,6 +100,7 @@ impl Capture {
     pub fn feed(&mut self, chunk: &[u8]) {
         match self.kind {
             Kind::Binary => {}
+            Kind::Json if !self.keep_text => self.keep_tail(chunk),
             Kind::Json | Kind::Text => self.keep(chunk),
             Kind::Sse => {
                 let mut rest = chunk;
@@ -122,6 +123,22 @@ impl Capture {
                     self.line.clear();
                 }
             }
+        }
+    }
+
+    /// Usage only: the top-level `usage` of a JSON reply comes last, so the tail is enough and a
+    /// large body (embeddings) is neither copied whole nor parsed.
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        const TAIL: usize = 4096;
+        if bytes.len() >= TAIL {
+            self.text.clear();
+            self.text.extend_from_slice(&bytes[bytes.len() - TAIL..]);
+        } else {
+            if self.text.len() + bytes.len() > 2 * TAIL {
+                let drop = self.text.len() + bytes.len() - TAIL;
+                self.text.drain(..drop.min(self.text.len()));
+            }
+            self.text.extend_from_slice(bytes);
         }
     }
 
@@ -182,9 +199,9 @@ impl Capture {
             self.sse_line(&line);
         }
         if !self.keep_text {
-            if self.kind == Kind::Json && !self.truncated {
-                if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice(&self.text) {
-                    self.usage = u.to_usage();
+            if self.kind == Kind::Json {
+                if let Some(u) = tail_usage(&self.text) {
+                    self.usage = u;
                 }
             }
             return (None, self.usage);
@@ -300,10 +317,23 @@ struct Delta<'a> {
     content: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<RawUsage>,
+/// The last `"usage": {…}` object in a JSON text. Inside a JSON string a quote is always
+/// escaped, so `"usage"` followed by a colon can only be a key.
+fn tail_usage(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        let rest = &tail[at + KEY.len()..];
+        let rest = rest.trim_ascii_start();
+        if let Some(value) = rest.strip_prefix(b":") {
+            let mut de = serde_json::Deserializer::from_slice(value);
+            if let Ok(u) = RawUsage::deserialize(&mut de) {
+                return Some(u.to_usage());
+            }
+        }
+        end = at;
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -618,6 +648,34 @@ mod tests {
 
         let mut c = Capture::usage_only(Some("text/plain"), None, 0);
         c.feed(b"usage");
+        assert_eq!(c.finish(), (None, Usage::default()));
+
+        // A large JSON body: only its tail is kept, fed in uneven pieces.
+        let mut body = String::from(r#"{"object":"list","data":["#);
+        for i in 0..5000 {
+            body.push_str(&format!(
+                r#"{{"embedding":[0.{i},0.5],"usage":null,"note":"say \"usage\": {{}}"}},"#
+            ));
+        }
+        body.push_str(r#"{"x":1}],"model":"m","usage" : {"prompt_tokens":8,"total_tokens":8}}"#);
+        for piece in [1, 7, 4095, 4096, 4097, 100_000] {
+            let mut c = Capture::usage_only(Some("application/json"), None, 1024);
+            for chunk in body.as_bytes().chunks(piece) {
+                c.feed(chunk);
+            }
+            assert!(c.text.len() <= 8192, "kept {} bytes", c.text.len());
+            let (t, u) = c.finish();
+            assert_eq!(t, None);
+            assert_eq!(
+                (u.prompt, u.completion, u.total),
+                (Some(8), None, Some(8)),
+                "pieces of {piece}"
+            );
+        }
+        let mut c = Capture::usage_only(Some("application/json"), None, 0);
+        c.feed(
+            br#"{"choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\": 99}"}}]}"#,
+        );
         assert_eq!(c.finish(), (None, Usage::default()));
     }
 

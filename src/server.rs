@@ -149,18 +149,21 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         }
         None => None,
     };
-    let listener = listen(&bind_address(&addr)).map_err(|source| StartError::Bind {
-        addr: addr.clone(),
-        source,
-    })?;
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| addr.clone());
     let tls = tls_config();
 
     let system = actix_rt::System::new();
     system.block_on(async move {
+        // Signal handlers go in before the port opens: a SIGTERM or SIGHUP sent as soon as the
+        // port answers must drain or reload, not kill the process (the default action).
+        let signals = Signals::register();
+        let listener = listen(&bind_address(&addr)).map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.clone());
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
         let recorder =
@@ -228,10 +231,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         })?
         .run();
 
-        // Signal handlers go in before "listening" is announced: a SIGTERM or SIGHUP sent as soon
-        // as the port answers must drain or reload, not kill the process (the default action).
-        spawn_shutdown(server.handle());
-        spawn_reload(cli.clone(), registry.clone(), notifier.clone());
+        spawn_shutdown(signals.stop, server.handle());
+        if let Some(hup) = signals.reload {
+            spawn_reload(hup, cli.clone(), registry.clone(), notifier.clone());
+        }
         log::info!(
             "listening on {local} ({} upstreams, auth {}, recording {})",
             shared.get().upstreams.len(),
@@ -256,38 +259,86 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     })
 }
 
-/// Registers the SIGTERM/SIGINT handlers now (the caller has not announced it listens yet) and
-/// stops the server gracefully on the first of them.
-fn spawn_shutdown(handle: actix_web::dev::ServerHandle) {
+/// The signal streams, registered before the port opens (tokio installs a handler when its
+/// stream is created).
+struct Signals {
+    /// SIGTERM and SIGINT, or None where they cannot be watched (then ctrl-c only).
     #[cfg(unix)]
-    let signals = {
+    stop: Option<(
+        actix_rt::signal::unix::Signal,
+        actix_rt::signal::unix::Signal,
+    )>,
+    #[cfg(not(unix))]
+    stop: Option<()>,
+    /// SIGHUP, or None where it cannot be watched (reload disabled).
+    #[cfg(unix)]
+    reload: Option<actix_rt::signal::unix::Signal>,
+    #[cfg(not(unix))]
+    reload: Option<()>,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    #[cfg(unix)]
+    fn register() -> Signals {
         use actix_rt::signal::unix::{signal, SignalKind};
-        (
+        let stop = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        )
-    };
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => {
+                log::warn!("cannot listen for SIGTERM/SIGINT; falling back to ctrl-c only");
+                None
+            }
+        };
+        let reload = signal(SignalKind::hangup())
+            .map_err(|_| log::warn!("cannot listen for SIGHUP; config reload disabled"))
+            .ok();
+        Signals { stop, reload }
+    }
+
+    /// Elsewhere: ctrl-c only, no reload.
+    #[cfg(not(unix))]
+    fn register() -> Signals {
+        Signals {
+            stop: None,
+            reload: None,
+        }
+    }
+}
+
+/// Stops the server gracefully on the first SIGTERM or SIGINT.
+#[cfg(unix)]
+fn spawn_shutdown(
+    stop: Option<(
+        actix_rt::signal::unix::Signal,
+        actix_rt::signal::unix::Signal,
+    )>,
+    handle: actix_web::dev::ServerHandle,
+) {
     actix_rt::spawn(async move {
-        #[cfg(unix)]
-        {
-            match signals {
-                (Ok(mut term), Ok(mut int)) => {
-                    let name = tokio_select(term.recv(), int.recv()).await;
-                    log::info!(
-                        "{name}: stopping; in-flight requests get up to {}s",
-                        SHUTDOWN_GRACE.as_secs()
-                    );
-                }
-                _ => {
-                    log::warn!("cannot listen for SIGTERM/SIGINT; falling back to ctrl-c only");
-                    let _ = actix_rt::signal::ctrl_c().await;
-                }
+        match stop {
+            Some((mut term, mut int)) => {
+                let name = tokio_select(term.recv(), int.recv()).await;
+                log::info!(
+                    "{name}: stopping; in-flight requests get up to {}s",
+                    SHUTDOWN_GRACE.as_secs()
+                );
+            }
+            None => {
+                let _ = actix_rt::signal::ctrl_c().await;
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = actix_rt::signal::ctrl_c().await;
-        }
+        handle.stop(true).await;
+    });
+}
+
+/// Stops the server gracefully on ctrl-c.
+#[cfg(not(unix))]
+fn spawn_shutdown(_: Option<()>, handle: actix_web::dev::ServerHandle) {
+    actix_rt::spawn(async move {
+        let _ = actix_rt::signal::ctrl_c().await;
         handle.stop(true).await;
     });
 }
@@ -305,39 +356,39 @@ async fn tokio_select(
     }
 }
 
-/// Registers the SIGHUP handler now and reloads the config on each SIGHUP.
-fn spawn_reload(cli: Cli, registry: RegistryHandle, notifier: Addr<NotifierActor>) {
-    #[cfg(unix)]
-    {
-        use actix_rt::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            log::warn!("cannot listen for SIGHUP; config reload disabled");
-            return;
-        };
-        actix_rt::spawn(async move {
-            while hup.recv().await.is_some() {
-                match config::load(&cli.upstreams, cli.noauth) {
-                    Ok(cfg) => {
-                        log::info!(
-                            "SIGHUP: reloaded {} ({} upstreams)",
-                            cli.upstreams.display(),
-                            cfg.upstreams.len()
-                        );
-                        notifier.do_send(Reconfigure(cfg.notify.clone()));
-                        registry.reload(Arc::new(cfg));
-                    }
-                    Err(errors) => {
-                        for e in errors.0 {
-                            log::error!(
-                                "SIGHUP: config not reloaded, keeping the running one: {e}"
-                            );
-                        }
+/// Reloads the config on each SIGHUP.
+#[cfg(unix)]
+fn spawn_reload(
+    mut hup: actix_rt::signal::unix::Signal,
+    cli: Cli,
+    registry: RegistryHandle,
+    notifier: Addr<NotifierActor>,
+) {
+    actix_rt::spawn(async move {
+        while hup.recv().await.is_some() {
+            match config::load(&cli.upstreams, cli.noauth) {
+                Ok(cfg) => {
+                    log::info!(
+                        "SIGHUP: reloaded {} ({} upstreams)",
+                        cli.upstreams.display(),
+                        cfg.upstreams.len()
+                    );
+                    notifier.do_send(Reconfigure(cfg.notify.clone()));
+                    registry.reload(Arc::new(cfg));
+                }
+                Err(errors) => {
+                    for e in errors.0 {
+                        log::error!("SIGHUP: config not reloaded, keeping the running one: {e}");
                     }
                 }
             }
-        });
-    }
+        }
+    });
 }
+
+/// No SIGHUP here: nothing to reload on.
+#[cfg(not(unix))]
+fn spawn_reload(_: (), _: Cli, _: RegistryHandle, _: Addr<NotifierActor>) {}
 
 fn spawn_retention(rec: Recorder, shared: SharedConfig) {
     actix_rt::spawn(async move {

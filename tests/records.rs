@@ -261,6 +261,34 @@ async fn full_queue_drops_and_counts_without_blocking() {
 }
 
 #[actix_rt::test]
+async fn another_writer_holding_the_lock_delays_records_but_loses_none() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    gw.records(1);
+    // Another process (here: this test) writes to the same file for a while.
+    let other = gw.db();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            post(&gw, "/v1/chat/completions", chat_body(false))
+                .await
+                .status,
+            200
+        );
+    }
+    // Several batch intervals pass while the lock is held: the writer must wait, not give up.
+    std::thread::sleep(Duration::from_millis(1500));
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(gw.records(4).len(), 4);
+    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
+    assert!(
+        metrics.contains("openai_api_route_records_dropped_total 0"),
+        "{metrics}"
+    );
+}
+
+#[actix_rt::test]
 async fn sigterm_after_a_burst_loses_no_record() {
     let m = Mock::always(Reply::chat("x"));
     let mut gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
@@ -375,7 +403,9 @@ async fn retention_deletes_old_records_at_start_and_keeps_new_ones() {
         read_rows(&gw.db_path)
     );
     assert_eq!(read_rows(&gw.db_path)[0]["path"], "/v1/chat/completions");
-    assert!(gw2.log().contains("retention: deleted 1 records"));
+    assert!(eventually(Duration::from_secs(5), || gw2
+        .log()
+        .contains("retention: deleted 1 records")));
 }
 
 #[actix_rt::test]
@@ -411,7 +441,9 @@ async fn ids_are_never_reused_after_retention_empties_the_table() {
                 &gw.db_path
             )
             .is_empty()));
-            assert!(gw2.log().contains("retention: deleted 3 records"));
+            assert!(eventually(Duration::from_secs(5), || gw2
+                .log()
+                .contains("retention: deleted 3 records")));
         }
         gw2.signal("TERM");
         assert_eq!(
@@ -434,6 +466,50 @@ async fn ids_are_never_reused_after_retention_empties_the_table() {
         .map(|r| r["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, [4, 5], "ids must continue after the pruned ones");
+}
+
+#[actix_rt::test]
+async fn an_autoincrement_table_from_an_earlier_version_keeps_its_ids_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    {
+        // The layout an earlier version created (migration 1 with AUTOINCREMENT), where ids 4
+        // and 5 were handed out and their rows deleted since.
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at TEXT NOT NULL,
+               ip TEXT, method TEXT NOT NULL, path TEXT NOT NULL, model TEXT,
+               stream INTEGER NOT NULL DEFAULT 0, upstream TEXT, status INTEGER NOT NULL,
+               attempts INTEGER NOT NULL DEFAULT 0, error TEXT, request_body TEXT, response TEXT,
+               prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER,
+               ttfb_ms INTEGER, duration_ms INTEGER, user_agent TEXT, client_key TEXT);
+             CREATE INDEX records_created_at ON records(created_at);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        for _ in 0..5 {
+            c.execute(
+                "INSERT INTO records (created_at, method, path, status) VALUES ('2020-01-01T00:00:00.000Z', 'POST', '/v1/old', 200)",
+                [],
+            )
+            .unwrap();
+        }
+        c.execute("DELETE FROM records WHERE id > 3", []).unwrap();
+    }
+    let m = Mock::always(Reply::chat("x"));
+    let cfg = config("retention_days: 1", &[upstream("u", &m.endpoint(), "")]);
+    let db_arg = db.display().to_string();
+    let gw = Gateway::start_with(&cfg, &["-database", &db_arg]);
+    assert!(eventually(Duration::from_secs(5), || gw
+        .log()
+        .contains("retention: deleted 3 records")));
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert!(eventually(Duration::from_secs(5), || read_rows(&db).len() == 1));
+    assert_eq!(
+        read_rows(&db)[0]["id"],
+        6,
+        "ids 1 to 5 were handed out before"
+    );
 }
 
 #[actix_rt::test]

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, OptionalExtension, ToSql};
+use rusqlite::{params, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::{DbError, Record, StoreError, COLUMN_COUNT, INSERT_COLUMNS};
 use crate::time::{rfc3339, Rfc3339};
@@ -147,7 +147,12 @@ pub fn count(pool: &Pool) -> u64 {
 /// Writes a batch in one transaction.
 pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
-    let tx = conn.transaction().map_err(StoreError::failed)?;
+    // IMMEDIATE: the transaction reads `records_meta` before it writes, and a deferred one that
+    // read first gets SQLITE_BUSY at once (no busy wait) when another process holds the write
+    // lock.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::failed)?;
     let values = (1..=COLUMN_COUNT)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
@@ -225,13 +230,24 @@ fn bind_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Record) -> rusqlite::R
 /// the next id is kept in `records_meta` so that ids are never handed out twice.
 pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
-    let tx = conn.transaction().map_err(StoreError::failed)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::failed)?;
     let max = |tx: &rusqlite::Transaction<'_>| {
         tx.query_row("SELECT MAX(id) FROM records", [], |r| {
             r.get::<_, Option<i64>>(0)
         })
         .map_err(StoreError::failed)
     };
+    // A table made with AUTOINCREMENT may have handed out ids above today's highest row (no
+    // `sqlite_sequence` table at all is fine: nothing was handed out that way).
+    let handed_out: i64 = tx
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
     let before = max(&tx)?;
     let deleted = tx
         .execute(
@@ -241,10 +257,11 @@ pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
         .map_err(StoreError::failed)?;
     if let Some(top) = before.filter(|_| deleted > 0) {
         if max(&tx)? != Some(top) {
+            let next = top.max(handed_out) + 1;
             tx.execute(
                 "INSERT INTO records_meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
-                params![NEXT_ID, top + 1],
+                params![NEXT_ID, next],
             )
             .map_err(StoreError::failed)?;
         }
