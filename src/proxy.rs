@@ -201,15 +201,14 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
 /// A label that tells tokens apart without revealing them: `sk-…abcd` for long tokens, less for
 /// short ones.
 pub fn token_label(token: &str) -> String {
-    let chars: Vec<char> = token.chars().collect();
-    let n = chars.len();
+    // Char boundaries of the first 3 and the last 4 characters, without collecting all of them.
+    let n = token.chars().count();
+    let head_end = token.char_indices().nth(3).map_or(token.len(), |(i, _)| i);
+    let tail = |k: usize| token.char_indices().rev().nth(k - 1).map_or(0, |(i, _)| i);
     if n >= 16 {
-        let head: String = chars[..3].iter().collect();
-        let tail: String = chars[n - 4..].iter().collect();
-        format!("{head}…{tail}")
+        format!("{}…{}", &token[..head_end], &token[tail(4)..])
     } else if n >= 8 {
-        let tail: String = chars[n - 2..].iter().collect();
-        format!("…{tail}")
+        format!("…{}", &token[tail(2)..])
     } else {
         "…".to_string()
     }
@@ -692,5 +691,48 @@ fn commit(
     match length {
         Some(len) if !sse => builder.body(actix_web::body::SizedStream::new(len, body)),
         _ => builder.streaming(body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_label;
+
+    /// The label as first written: collect the characters, then pick.
+    fn reference(token: &str) -> String {
+        let chars: Vec<char> = token.chars().collect();
+        let n = chars.len();
+        if n >= 16 {
+            let head: String = chars[..3].iter().collect();
+            let tail: String = chars[n - 4..].iter().collect();
+            format!("{head}…{tail}")
+        } else if n >= 8 {
+            let tail: String = chars[n - 2..].iter().collect();
+            format!("…{tail}")
+        } else {
+            "…".to_string()
+        }
+    }
+
+    #[test]
+    fn token_labels() {
+        assert_eq!(token_label("sk-bench-client-token"), "sk-…oken");
+        assert_eq!(token_label("abcdefgh"), "…gh");
+        assert_eq!(token_label("short"), "…");
+        assert_eq!(token_label(""), "…");
+        for t in [
+            "ключ-очень-длинный-токен",
+            "é1234567890123456789ü",
+            "日本語のトークンです。長いもの",
+            "日本語のトーク",
+            "日本語のトークンです",
+            "🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑",
+            "sk-1234567890abcdef",
+            "exactly8",
+            "fifteen-chars!!",
+            "sixteen-chars!!!",
+        ] {
+            assert_eq!(token_label(t), reference(t), "{t}");
+        }
     }
 }
