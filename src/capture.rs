@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+use actix_web::web::Bytes;
 use serde::Deserialize;
 
 /// Appended where a kept text was cut at `record_body_bytes`.
@@ -39,6 +40,9 @@ pub struct Capture {
     limit: usize,
     /// SSE: the reply text so far. JSON/text: the raw body so far (bounded).
     text: Vec<u8>,
+    /// JSON/text: the body while it is a single chunk, kept without copying (the usual case for
+    /// a non-stream reply); moved into `text` when a second chunk comes.
+    whole: Option<Bytes>,
     /// SSE: bytes of a line not yet ended.
     line: Vec<u8>,
     truncated: bool,
@@ -74,6 +78,7 @@ impl Capture {
             keep_text: true,
             limit: if limit == 0 { usize::MAX } else { limit },
             text: Vec::new(),
+            whole: None,
             line: Vec::new(),
             truncated: false,
             usage: Usage::default(),
@@ -96,8 +101,25 @@ impl Capture {
         c
     }
 
+    /// Feeds one relayed chunk that can be kept by reference.
+    pub fn feed_shared(&mut self, chunk: &Bytes) {
+        let kept = matches!(self.kind, Kind::Json | Kind::Text)
+            && self.whole.is_none()
+            && self.text.is_empty()
+            && !self.truncated
+            && chunk.len() <= self.limit.min(8192);
+        if kept {
+            self.whole = Some(chunk.clone());
+        } else {
+            self.feed(chunk);
+        }
+    }
+
     /// Feeds one relayed chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
+        if let Some(whole) = self.whole.take() {
+            self.feed(&whole);
+        }
         match self.kind {
             Kind::Binary => {}
             Kind::Json if !self.keep_text => self.keep_tail(chunk),
@@ -198,31 +220,34 @@ impl Capture {
             let line = std::mem::take(&mut self.line);
             self.sse_line(&line);
         }
+        let whole = self.whole.take();
+        let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
         if !self.keep_text {
             if self.kind == Kind::Json {
-                if let Some(u) = tail_usage(&self.text) {
+                if let Some(u) = tail_usage(body) {
                     self.usage = u;
                 }
             }
             return (None, self.usage);
         }
+        let mut usage = self.usage;
         let mut text = match self.kind {
-            Kind::Binary => return (None, self.usage),
-            Kind::Json if !self.truncated => match serde_json::from_slice::<Whole>(&self.text) {
+            Kind::Binary => return (None, usage),
+            Kind::Json if !self.truncated => match serde_json::from_slice::<Whole>(body) {
                 Ok(w) => {
                     if let Some(u) = &w.usage {
-                        self.usage = u.to_usage();
+                        usage = u.to_usage();
                     }
-                    w.into_reply().unwrap_or_else(|| lossy(&self.text))
+                    w.into_reply().unwrap_or_else(|| lossy(body))
                 }
-                Err(_) => lossy(&self.text),
+                Err(_) => lossy(body),
             },
-            _ => lossy(&self.text),
+            _ => lossy(body),
         };
         if self.truncated {
             text.push_str(TRUNCATED);
         }
-        (Some(text), self.usage)
+        (Some(text), usage)
     }
 }
 
@@ -614,6 +639,37 @@ mod tests {
             reply(r#"{"choices":[{"message":{"content":"x"}}],"#).as_deref(),
             Some(r#"{"choices":[{"message":{"content":"x"}}],"#)
         );
+    }
+
+    #[test]
+    fn shared_chunks_give_the_same_result_as_copied_ones() {
+        let body = br#"{"choices":[{"message":{"content":"caf\u00e9 ok"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}"#;
+        for limit in [0, 10, 64, 1 << 20] {
+            for ct in ["application/json", "text/plain"] {
+                for split in 0..body.len() {
+                    let (a, b) = body.split_at(split);
+                    for usage_only in [false, true] {
+                        let make = || {
+                            if usage_only {
+                                Capture::usage_only(Some(ct), None, limit)
+                            } else {
+                                Capture::new(Some(ct), None, limit)
+                            }
+                        };
+                        let (mut shared, mut copied) = (make(), make());
+                        for part in [a, b] {
+                            shared.feed_shared(&Bytes::copy_from_slice(part));
+                            copied.feed(part);
+                        }
+                        assert_eq!(
+                            shared.finish(),
+                            copied.finish(),
+                            "{ct} limit {limit} split {split}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

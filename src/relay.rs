@@ -187,7 +187,7 @@ where
     fn on_chunk(&mut self, b: &Bytes) {
         self.received += b.len() as u64;
         if let Some(f) = self.finish.as_mut() {
-            f.capture.feed(b);
+            f.capture.feed_shared(b);
         }
         match b.len() {
             0 => {}
