@@ -186,7 +186,7 @@ impl Capture {
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
-        if !self.keep_text && !data.windows(7).any(|w| w == b"\"usage\"") {
+        if !self.keep_text && !has_usage_object(data) {
             return;
         }
         let Ok(ev) = serde_json::from_slice::<Event>(data) else {
@@ -340,6 +340,22 @@ struct StreamChoice<'a> {
 struct Delta<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+}
+
+/// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
+/// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let value = rest.trim_ascii_start();
+        match value.strip_prefix(b":") {
+            Some(v) if v.trim_ascii_start().starts_with(b"null") => {}
+            _ => return true,
+        }
+    }
+    false
 }
 
 /// The last `"usage": {…}` object in a JSON text. Inside a JSON string a quote is always
@@ -683,6 +699,19 @@ mod tests {
             (u.prompt, u.completion, u.total),
             (Some(3), Some(2), Some(5))
         );
+
+        // include_usage: every chunk says "usage":null, the last one has the counts.
+        let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
+        c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\": null}\n\n");
+        c.feed(
+            b"data: {\"choices\":[],\"usage\" : {\"prompt_tokens\":6,\"completion_tokens\":1}}\n\n",
+        );
+        assert_eq!(c.finish().1.total, Some(7));
+        assert!(!has_usage_object(br#"{"usage":null,"x":1}"#));
+        assert!(has_usage_object(
+            br#"{"usage":null,"response":{"usage":{"input_tokens":1}}}"#
+        ));
+        assert!(has_usage_object(br#"{"usage" :{"prompt_tokens":1}}"#));
 
         let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
