@@ -342,39 +342,33 @@ struct Delta<'a> {
     content: Option<Cow<'a, str>>,
 }
 
+/// The JSON text after each `"usage":` key (whitespace skipped). Inside a JSON string a quote is
+/// always escaped, so `"usage"` followed by a colon can only be a key.
+fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = json;
+    std::iter::from_fn(move || loop {
+        let at = rest.windows(KEY.len()).position(|w| w == KEY)?;
+        rest = &rest[at + KEY.len()..];
+        if let Some(value) = rest.trim_ascii_start().strip_prefix(b":") {
+            return Some(value.trim_ascii_start());
+        }
+    })
+}
+
 /// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
 /// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
 fn has_usage_object(data: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
-    let mut rest = data;
-    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
-        rest = &rest[at + KEY.len()..];
-        let value = rest.trim_ascii_start();
-        match value.strip_prefix(b":") {
-            Some(v) if v.trim_ascii_start().starts_with(b"null") => {}
-            _ => return true,
-        }
-    }
-    false
+    usage_values(data).any(|v| !v.starts_with(b"null"))
 }
 
-/// The last `"usage": {…}` object in a JSON text. Inside a JSON string a quote is always
-/// escaped, so `"usage"` followed by a colon can only be a key.
+/// The last `"usage": {…}` object in a JSON text.
 fn tail_usage(tail: &[u8]) -> Option<Usage> {
-    const KEY: &[u8] = b"\"usage\"";
-    let mut end = tail.len();
-    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
-        let rest = &tail[at + KEY.len()..];
-        let rest = rest.trim_ascii_start();
-        if let Some(value) = rest.strip_prefix(b":") {
-            let mut de = serde_json::Deserializer::from_slice(value);
-            if let Ok(u) = RawUsage::deserialize(&mut de) {
-                return Some(u.to_usage());
-            }
-        }
-        end = at;
-    }
-    None
+    usage_values(tail)
+        .filter(|v| !v.starts_with(b"null"))
+        .filter_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
+        .last()
+        .map(|u| u.to_usage())
 }
 
 #[derive(Deserialize)]
@@ -423,123 +417,87 @@ struct Content(String);
 
 impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ContentVisitor)
+        d.deserialize_any(TextOf(Shape::Content))
+            .map(|t| Content(t.unwrap_or_default()))
     }
 }
 
-struct ContentVisitor;
+/// Which text a value gives: message content is a string or an array of parts; a part is an
+/// object whose `text` is read as content. Every other shape gives none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Content,
+    Part,
+}
 
-impl<'de> serde::de::Visitor<'de> for ContentVisitor {
-    type Value = Content;
+/// Reads the text of a value of the given shape.
+struct TextOf(Shape);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TextOf {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TextOf {
+    type Value = Option<String>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("message content")
     }
 
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Content, E> {
-        Ok(Content(v.to_owned()))
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<String>, E> {
+        Ok((self.0 == Shape::Content).then(|| v.to_owned()))
     }
 
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Content, E> {
-        Ok(Content(v))
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Option<String>, E> {
+        Ok((self.0 == Shape::Content).then_some(v))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
-        let mut text = String::new();
-        while let Some(part) = seq.next_element::<Part>()? {
-            if let Some(t) = part.0 {
-                text.push_str(&t);
-            }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        if self.0 == Shape::Part {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            return Ok(None);
         }
-        Ok(Content(text))
+        let mut text = String::new();
+        while let Some(part) = seq.next_element_seed(TextOf(Shape::Part))? {
+            text.push_str(part.as_deref().unwrap_or_default());
+        }
+        Ok(Some(text))
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Content, A::Error> {
-        while map
-            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-            .is_some()
-        {}
-        Ok(Content(String::new()))
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Content, E> {
-        Ok(Content(String::new()))
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Content, E> {
-        Ok(Content(String::new()))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Content, E> {
-        Ok(Content(String::new()))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Content, E> {
-        Ok(Content(String::new()))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Content, E> {
-        Ok(Content(String::new()))
-    }
-}
-
-/// One content part: its `text` when that is a string; any other element reads as nothing.
-struct Part(Option<String>);
-
-impl<'de> Deserialize<'de> for Part {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PartVisitor)
-    }
-}
-
-struct PartVisitor;
-
-impl<'de> serde::de::Visitor<'de> for PartVisitor {
-    type Value = Part;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a content part")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Part, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut text = None;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if key == "text" {
+            if self.0 == Shape::Part && key == "text" {
                 text = Some(map.next_value::<Content>()?.0);
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        Ok(Part(text))
+        Ok(text)
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Part, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(Part(None))
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Part, E> {
-        Ok(Part(None))
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Part, E> {
-        Ok(Part(None))
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Part, E> {
-        Ok(Part(None))
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Option<String>, E> {
+        Ok(None)
     }
 
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Part, E> {
-        Ok(Part(None))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Part, E> {
-        Ok(Part(None))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Part, E> {
-        Ok(Part(None))
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Option<String>, E> {
+        Ok(None)
     }
 }
 
