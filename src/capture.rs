@@ -12,6 +12,14 @@ use serde::Deserialize;
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
 
+/// What a capture may hold beyond the kept text: the SSE line being read, a usage tail (SPEC 4d:
+/// at most `record_body_bytes` + 64 KiB per request, however long a line or a body is).
+pub const SLACK: usize = 64 << 10;
+/// The whole capture's bound when `record_body_bytes` is 0 ("no limit" on the record).
+pub const UNLIMITED_CAPTURE: usize = 8 << 20;
+/// The end of a JSON reply or SSE line kept to find `usage` when the rest could not be kept.
+const USAGE_TAIL: usize = 4096;
+
 /// Token counts from `usage`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -45,6 +53,11 @@ pub struct Capture {
     whole: Option<Bytes>,
     /// SSE: bytes of a line not yet ended.
     line: Vec<u8>,
+    /// SSE: the current line outgrew the capture; `line` holds only its last bytes, read for
+    /// `usage` alone when the line ends.
+    line_overflow: bool,
+    /// JSON cut at the limit: its last bytes, where `usage` is.
+    tail: Vec<u8>,
     truncated: bool,
     usage: Usage,
 }
@@ -76,10 +89,16 @@ impl Capture {
         Capture {
             kind,
             keep_text: true,
-            limit: if limit == 0 { usize::MAX } else { limit },
+            limit: if limit == 0 {
+                UNLIMITED_CAPTURE - SLACK
+            } else {
+                limit
+            },
             text: Vec::new(),
             whole: None,
             line: Vec::new(),
+            line_overflow: false,
+            tail: Vec::new(),
             truncated: false,
             usage: Usage::default(),
         }
@@ -127,7 +146,14 @@ impl Capture {
             Kind::Sse => {
                 let mut rest = chunk;
                 while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                    if self.line.is_empty() {
+                    if self.line_overflow {
+                        push_tail(&mut self.line, &rest[..nl]);
+                        let line = std::mem::take(&mut self.line);
+                        self.line_overflow = false;
+                        if let Some(u) = tail_usage(&line) {
+                            self.usage = u;
+                        }
+                    } else if self.line.is_empty() {
                         self.sse_line(&rest[..nl]);
                     } else {
                         let mut line = std::mem::take(&mut self.line);
@@ -138,11 +164,17 @@ impl Capture {
                     }
                     rest = &rest[nl + 1..];
                 }
-                // A line longer than any sane event is not worth keeping in memory.
-                if self.line.len() + rest.len() <= (16 << 20) {
-                    self.line.extend_from_slice(rest);
+                // The line being read and the text kept share the bound: a line that outgrows
+                // it keeps only its tail, enough for the `usage` at its end.
+                let room = (self.limit + SLACK).saturating_sub(self.text.len());
+                if self.line_overflow || self.line.len() + rest.len() > room {
+                    if !self.line_overflow {
+                        self.line_overflow = true;
+                        self.line = Vec::with_capacity(2 * USAGE_TAIL);
+                    }
+                    push_tail(&mut self.line, rest);
                 } else {
-                    self.line.clear();
+                    self.line.extend_from_slice(rest);
                 }
             }
         }
@@ -151,29 +183,30 @@ impl Capture {
     /// Usage only: the top-level `usage` of a JSON reply comes last, so the tail is enough and a
     /// large body (embeddings) is neither copied whole nor parsed.
     fn keep_tail(&mut self, bytes: &[u8]) {
-        const TAIL: usize = 4096;
-        if bytes.len() >= TAIL {
-            self.text.clear();
-            self.text.extend_from_slice(&bytes[bytes.len() - TAIL..]);
-        } else {
-            if self.text.len() + bytes.len() > 2 * TAIL {
-                let drop = self.text.len() + bytes.len() - TAIL;
-                self.text.drain(..drop.min(self.text.len()));
-            }
-            self.text.extend_from_slice(bytes);
-        }
+        push_tail(&mut self.text, bytes);
     }
 
     fn keep(&mut self, bytes: &[u8]) {
         if self.truncated {
+            if self.kind == Kind::Json {
+                push_tail(&mut self.tail, bytes);
+            }
             return;
         }
         let room = self.limit.saturating_sub(self.text.len());
-        if bytes.len() > room {
-            self.text.extend_from_slice(&bytes[..room]);
+        let take = bytes.len().min(room);
+        // Grow no further than the limit: doubling past it would hold up to twice the bound.
+        if self.text.capacity() < self.text.len() + take {
+            let want = (self.text.capacity() * 2).max(self.text.len() + take);
+            self.text
+                .reserve_exact(want.min(self.limit) - self.text.len());
+        }
+        self.text.extend_from_slice(&bytes[..take]);
+        if take < bytes.len() {
             self.truncated = true;
-        } else {
-            self.text.extend_from_slice(bytes);
+            if self.kind == Kind::Json {
+                push_tail(&mut self.tail, &bytes[take..]);
+            }
         }
     }
 
@@ -218,7 +251,13 @@ impl Capture {
         if self.kind == Kind::Sse && !self.line.is_empty() {
             // The stream ended without a final newline: the last line still counts.
             let line = std::mem::take(&mut self.line);
-            self.sse_line(&line);
+            if self.line_overflow {
+                if let Some(u) = tail_usage(&line) {
+                    self.usage = u;
+                }
+            } else {
+                self.sse_line(&line);
+            }
         }
         let whole = self.whole.take();
         let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
@@ -244,10 +283,32 @@ impl Capture {
             },
             _ => lossy(body),
         };
+        if self.truncated && self.kind == Kind::Json {
+            // The text was cut, but its `usage` (at the end) still counts (SPEC 4d).
+            let mut end = body[body.len().saturating_sub(USAGE_TAIL)..].to_vec();
+            end.extend_from_slice(&self.tail);
+            if let Some(u) = tail_usage(&end) {
+                usage = u;
+            }
+        }
         if self.truncated {
             text.push_str(TRUNCATED);
         }
         (Some(text), usage)
+    }
+}
+
+/// Keeps the last [`USAGE_TAIL`] bytes of what passes through `buf` (up to twice that held).
+fn push_tail(buf: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.len() >= USAGE_TAIL {
+        buf.clear();
+        buf.extend_from_slice(&bytes[bytes.len() - USAGE_TAIL..]);
+    } else {
+        if buf.len() + bytes.len() > 2 * USAGE_TAIL {
+            let drop = buf.len() + bytes.len() - USAGE_TAIL;
+            buf.drain(..drop.min(buf.len()));
+        }
+        buf.extend_from_slice(bytes);
     }
 }
 

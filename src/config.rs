@@ -273,6 +273,8 @@ pub struct Config {
     pub stream_timeout: Duration,
     /// Longest silence inside a started response.
     pub idle_timeout: Duration,
+    /// Longest a request body may take to arrive (SPEC 4d "Slow bodies").
+    pub body_timeout: Duration,
     /// Candidate ordering.
     pub lb_policy: LbPolicy,
     /// Largest request body accepted.
@@ -365,6 +367,7 @@ const ROOT_KEYS: &[&str] = &[
     "timeout",
     "stream_timeout",
     "idle_timeout",
+    "body_timeout",
     "lb_policy",
     "max_body_bytes",
     "record_body_bytes",
@@ -551,6 +554,8 @@ impl Parser<'_> {
             get("idle_timeout"),
             Duration::from_secs(120),
         );
+        let body_timeout =
+            self.seconds("body_timeout", get("body_timeout"), Duration::from_secs(30));
         let lb_policy = match get("lb_policy").and_then(|v| self.string("lb_policy", v)) {
             None => LbPolicy::Order,
             Some(s) => match s.trim() {
@@ -647,6 +652,7 @@ impl Parser<'_> {
             timeout,
             stream_timeout,
             idle_timeout,
+            body_timeout,
             lb_policy,
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             record_body_bytes: usize::try_from(record_body_bytes).unwrap_or(usize::MAX),

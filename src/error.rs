@@ -7,6 +7,8 @@ use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
 use serde::Serialize;
 
+use crate::admit::Rejection;
+
 /// A request the gateway answers without (or after failing to get) an upstream answer.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -19,6 +21,15 @@ pub enum GatewayError {
     /// The client's body could not be read.
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    /// The request is malformed in a way the gateway refuses to forward (SPEC 4d).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body did not arrive within `body_timeout`.
+    #[error("the request body did not arrive within {0}s (body_timeout)")]
+    BodyTimeout(u64),
+    /// The request has passed through this gateway too often: a loop of chained gateways.
+    #[error("request loop detected: it has already passed through openai-api-route {0} times")]
+    LoopDetected(usize),
     /// No upstream's allow/deny admits the model.
     #[error("model {0:?} is not served by any configured upstream")]
     NoUpstreamForModel(String),
@@ -54,7 +65,9 @@ impl GatewayError {
         match self {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
             GatewayError::NoUpstreamForModel(_) => StatusCode::NOT_FOUND,
             GatewayError::AllFailed {
                 timed_out: true, ..
@@ -71,6 +84,9 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => ("invalid_request_error", "invalid_api_key"),
             GatewayError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
             GatewayError::BadBody(_) => ("invalid_request_error", "invalid_body"),
+            GatewayError::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            GatewayError::BodyTimeout(_) => ("invalid_request_error", "request_timeout"),
+            GatewayError::LoopDetected(_) => ("invalid_request_error", "loop_detected"),
             GatewayError::NoUpstreamForModel(_) => ("invalid_request_error", "model_not_found"),
             GatewayError::AllFailed {
                 timed_out: true, ..
@@ -80,6 +96,20 @@ impl GatewayError {
             } => ("upstream_error", "upstream_unavailable"),
             GatewayError::Internal(_) => ("server_error", "internal_error"),
         }
+    }
+
+    /// Why the gateway refused the request by itself, for `openai_api_route_rejected_total`;
+    /// None for the answers that come after trying upstreams (or from inside the gateway).
+    pub fn rejection(&self) -> Option<Rejection> {
+        Some(match self {
+            GatewayError::Unauthorized(_) => Rejection::Auth,
+            GatewayError::BodyTooLarge(_) => Rejection::TooLarge,
+            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => Rejection::BadRequest,
+            GatewayError::NoUpstreamForModel(_) => Rejection::NotFound,
+            GatewayError::BodyTimeout(_) => Rejection::Timeout,
+            GatewayError::LoopDetected(_) => Rejection::Loop,
+            GatewayError::AllFailed { .. } | GatewayError::Internal(_) => return None,
+        })
     }
 
     /// The JSON body text (also what the record keeps as the reply).
@@ -95,10 +125,14 @@ impl GatewayError {
         serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{}}"))
     }
 
-    /// The full response.
+    /// The full response. A body that never finished arriving closes the connection: what is
+    /// left of it on the socket cannot be told from the next request.
     pub fn response(&self) -> HttpResponse {
-        HttpResponse::build(self.status())
-            .insert_header((header::CONTENT_TYPE, "application/json"))
+        let mut b = HttpResponse::build(self.status());
+        if matches!(self, GatewayError::BodyTimeout(_)) {
+            b.force_close();
+        }
+        b.insert_header((header::CONTENT_TYPE, "application/json"))
             .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
             .body(self.body())
     }

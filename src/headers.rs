@@ -51,7 +51,21 @@ fn dropped_towards_upstream(name: &HeaderName) -> bool {
         || n == "forwarded"
         || n == "x-real-ip"
         || n.starts_with("x-forwarded-")
+        || CLIENT_IDENTITY_AND_OVERRIDES.contains(&n)
 }
+
+/// Client headers that name the client's address or identity to a front proxy, or ask a server
+/// to treat the request as another method or path: an upstream must see neither (SPEC 4d).
+const CLIENT_IDENTITY_AND_OVERRIDES: &[&str] = &[
+    "cookie",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+];
 
 /// Builds the headers of one upstream attempt into `out` (which starts empty).
 pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &mut HeaderMap) {
@@ -78,6 +92,8 @@ pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &m
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+    // Lets a chain of gateways see a loop (SPEC 4a): the client's own `Via` values passed above.
+    out.append(header::VIA, HeaderValue::from_static(crate::admit::VIA));
 }
 
 /// Whether an upstream response header is relayed to the client. `Content-Length` is handled by
@@ -125,6 +141,15 @@ mod tests {
             ("accept-encoding", "gzip"),
             ("te", "trailers"),
             ("expect", "100-continue"),
+            ("cookie", "session=1"),
+            ("true-client-ip", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("x-client-ip", "1.2.3.4"),
+            ("x-cluster-client-ip", "1.2.3.4"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("via", "1.1 front"),
         ]);
         let mut out = HeaderMap::new();
         let mut key = HeaderValue::from_static("Bearer sk-up");
@@ -134,6 +159,8 @@ mod tests {
         assert_eq!(out.get("content-type").unwrap(), "application/json");
         assert_eq!(out.get("authorization").unwrap(), "Bearer sk-up");
         assert_eq!(out.get("accept-encoding").unwrap(), "identity");
+        let via: Vec<_> = out.get_all("via").collect();
+        assert_eq!(via, vec!["1.1 front", "1.1 openai-api-route"]);
         for gone in [
             "host",
             "content-length",
@@ -144,6 +171,14 @@ mod tests {
             "forwarded",
             "te",
             "expect",
+            "cookie",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x-client-ip",
+            "x-cluster-client-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-http-method-override",
         ] {
             assert!(out.get(gone).is_none(), "{gone} leaked upstream");
         }

@@ -7,10 +7,12 @@
 
 #![warn(missing_docs)]
 
+pub mod admit;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod escape;
 pub mod headers;
 pub mod metrics;
 pub mod notify;

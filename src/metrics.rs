@@ -28,6 +28,7 @@ pub struct Metrics {
     database_up: prometheus::IntGauge,
     notifications: IntCounterVec,
     record_batch_size: Histogram,
+    rejected: IntCounterVec,
 }
 
 impl Metrics {
@@ -98,6 +99,17 @@ impl Metrics {
             .namespace(NAMESPACE)
             .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
         )?;
+        let rejected = IntCounterVec::new(
+            opts(
+                "rejected_total",
+                "Requests the gateway answered itself without any upstream, by reason",
+            ),
+            &["reason"],
+        )?;
+        for r in crate::admit::Rejection::ALL {
+            rejected.with_label_values(&[r.label()]);
+        }
+        registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -120,6 +132,7 @@ impl Metrics {
             database_up,
             notifications,
             record_batch_size,
+            rejected,
         })
     }
 
@@ -194,6 +207,11 @@ impl Metrics {
     /// Size of one write transaction.
     pub fn record_batch(&self, n: usize) {
         self.record_batch_size.observe(n as f64);
+    }
+
+    /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.
+    pub fn rejected(&self, reason: crate::admit::Rejection) {
+        self.rejected.with_label_values(&[reason.label()]).inc();
     }
 
     /// One alert delivery.

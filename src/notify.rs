@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 
 use crate::config::{FeishuConfig, MatrixConfig, NotifyConfig};
+use crate::escape::untrusted;
 use crate::metrics::Metrics;
 use crate::registry::HealthEvent;
 use crate::time::rfc3339;
@@ -198,7 +199,8 @@ async fn send_json(req: awc::ClientRequest, body: serde_json::Value) -> Result<(
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
         if let Some(code) = v.get("code").and_then(|c| c.as_i64()).filter(|c| *c != 0) {
             let msg = v.get("msg").and_then(|m| m.as_str()).unwrap_or("");
-            return Err(format!("rejected: code {code} {msg}"));
+            // The sink's own words: escaped before they reach a log line (SPEC 4d).
+            return Err(format!("rejected: code {code} {}", untrusted(msg)));
         }
     }
     Ok(())
@@ -287,18 +289,19 @@ fn percent_encode(s: &str) -> String {
 
 /// The alert text of a request that failed everywhere.
 pub fn request_failed_text(r: &RequestFailed) -> String {
+    // Everything but the time and status came from a client or an upstream: one line each.
     let mut s = format!(
         "[openai-api-route] request failed on every upstream\ntime: {}\nclient: {}\nrequest: {} {}\nmodel: {}\nstatus: {}\nattempts:",
         rfc3339(r.at),
-        r.ip,
-        r.method,
-        r.path,
-        r.model.as_deref().unwrap_or("-"),
+        untrusted(&r.ip),
+        untrusted(&r.method),
+        untrusted(&r.path),
+        untrusted(r.model.as_deref().unwrap_or("-")),
         r.status
     );
     for a in &r.attempts {
         s.push_str("\n- ");
-        s.push_str(a);
+        s.push_str(&untrusted(a));
     }
     s
 }
@@ -330,7 +333,8 @@ impl Handler<HealthEvent> for NotifierActor {
             } => self.alert(
                 AlertKind::Cooldown,
                 format!(
-                    "[openai-api-route] upstream {upstream} is cooling down\ntime: {now}\nfailures in a row: {failures}\nlast error: {last_error}\nmoved to the back for {}s",
+                    "[openai-api-route] upstream {upstream} is cooling down\ntime: {now}\nfailures in a row: {failures}\nlast error: {}\nmoved to the back for {}s",
+                    untrusted(&last_error),
                     cooldown.as_secs()
                 ),
                 ctx,

@@ -15,11 +15,12 @@ use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 use awc::error::SendRequestError;
 use futures_util::StreamExt;
-use serde::Deserialize;
 
+use crate::admit;
 use crate::capture::Capture;
 use crate::config::{Config, Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
 use crate::error::GatewayError;
+use crate::escape::untrusted;
 use crate::headers;
 use crate::notify::RequestFailed;
 use crate::records::Record;
@@ -113,32 +114,6 @@ pub fn first_byte_wait(up: &Upstream, stream: bool, last: bool, body_len: usize)
         wait = wait.max(LONG_PROMPT_MIN_WAIT);
     }
     wait
-}
-
-#[derive(Deserialize)]
-struct BodyMeta {
-    #[serde(default)]
-    model: Option<serde_json::Value>,
-    #[serde(default)]
-    stream: Option<serde_json::Value>,
-}
-
-/// `model` and whether `"stream": true`, from a JSON object body; anything else is neither.
-pub fn body_meta(body: &[u8]) -> (Option<String>, bool) {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return (None, false);
-    }
-    match serde_json::from_slice::<BodyMeta>(body) {
-        Ok(m) => (
-            match m.model {
-                Some(serde_json::Value::String(s)) => Some(s),
-                _ => None,
-            },
-            matches!(m.stream, Some(serde_json::Value::Bool(true))),
-        ),
-        Err(_) => (None, false),
-    }
 }
 
 /// The body with its top-level `model` replaced; every other member is kept byte for byte.
@@ -312,11 +287,26 @@ async fn read_body(
     })
 }
 
-/// Answers locally (auth, size, routing errors) and records it.
+/// Answers locally (auth, size, routing errors), counts it, and records it unless more than
+/// [`admit::REJECTED_RECORDS_PER_SECOND`] were recorded this second (SPEC 4d).
 fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
+    if let Some(reason) = err.rejection() {
+        state.metrics.rejected(reason);
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !state.reject_gate.admit(now) {
+            return err.response();
+        }
+    }
     let error = err.to_string();
     answer(state, info, &err, 0, error)
 }
+
+/// Longest `path` kept in a record (SPEC 4d).
+const RECORD_PATH_BYTES: usize = 1024;
+/// Longest `user_agent` kept in a record (SPEC 4d).
+const RECORD_USER_AGENT_BYTES: usize = 256;
 
 /// Sends a gateway-made error and records it: `attempts` upstreams were tried, `error` is the
 /// record's summary.
@@ -346,6 +336,23 @@ fn answer(
         ));
     }
     resp
+}
+
+/// The request's `Content-Encoding`, unless absent or `identity`: the gateway reads no other,
+/// and a body it cannot read could carry a model past `allow`/`deny` (SPEC 4d).
+fn unreadable_encoding(req: &HttpRequest) -> Option<&str> {
+    let mut found = None;
+    for v in req.headers().get_all(header::CONTENT_ENCODING) {
+        let Ok(text) = v.to_str() else {
+            return Some("(not text)");
+        };
+        for enc in text.split(',').map(str::trim) {
+            if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
+                found = Some(enc);
+            }
+        }
+    }
+    found
 }
 
 /// Local CORS preflight for `OPTIONS /v1/*` (no auth, nothing proxied).
@@ -413,6 +420,15 @@ async fn attempt(
         creq.send_body(body).await
     }
     .map_err(classify)?;
+    if resp.headers().contains_key(header::TRANSFER_ENCODING)
+        && resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        // Two framings in one head: which one ends the body is ambiguous (SPEC 4d).
+        return Err((
+            FailKind::Connect,
+            "response head has both Transfer-Encoding and Content-Length".into(),
+        ));
+    }
     if !stream || is_failover_status(resp.status()) {
         return Ok((resp, None));
     }
@@ -450,7 +466,7 @@ pub async fn proxy(
         started,
         ip: client_ip(&req, &cfg),
         method: req.method().to_string(),
-        path: req.uri().path().to_string(),
+        path: admit::cut_to(req.uri().path(), RECORD_PATH_BYTES).to_string(),
         model: None,
         stream: false,
         body: Bytes::new(),
@@ -458,7 +474,7 @@ pub async fn proxy(
             .headers()
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+            .map(|ua| admit::cut_to(ua, RECORD_USER_AGENT_BYTES).to_string()),
         client_key: None,
         body_limit: cfg.record_body_bytes,
     };
@@ -466,13 +482,47 @@ pub async fn proxy(
         Ok(label) => info.client_key = label,
         Err(e) => return local_error(&state, info, e),
     }
-    info.body = match read_body(&req, payload, cfg.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return local_error(&state, info, e),
+    let hops = admit::via_hops(req.headers());
+    if hops >= admit::MAX_VIA_HOPS {
+        return local_error(&state, info, GatewayError::LoopDetected(hops));
+    }
+    if admit::has_dot_segment(req.uri().path()) {
+        let err = GatewayError::BadRequest(
+            "the path has a `.` or `..` segment (after percent-decoding); it is not forwarded"
+                .into(),
+        );
+        return local_error(&state, info, err);
+    }
+    let body = actix_rt::time::timeout(
+        cfg.body_timeout,
+        read_body(&req, payload, cfg.max_body_bytes),
+    );
+    info.body = match body.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return local_error(&state, info, e),
+        Err(_) => {
+            let secs = cfg.body_timeout.as_secs();
+            return local_error(&state, info, GatewayError::BodyTimeout(secs));
+        }
     };
-    let (model, stream) = body_meta(&info.body);
-    info.model = model;
-    info.stream = stream;
+    if !info.body.is_empty() {
+        if let Some(enc) = unreadable_encoding(&req) {
+            let err = GatewayError::BadRequest(format!(
+                "the request body has Content-Encoding {:?}, which the gateway cannot read; send it uncompressed",
+                untrusted(enc)
+            ));
+            return local_error(&state, info, err);
+        }
+    }
+    match admit::body_meta(&info.body) {
+        Ok(meta) => {
+            info.model = meta.model;
+            info.stream = meta.stream;
+        }
+        Err(refused) => {
+            return local_error(&state, info, GatewayError::BadRequest(refused.0));
+        }
+    }
 
     let (view, order) = state.registry.candidates(info.model.as_deref());
     let cfg = view.config.clone();
@@ -520,10 +570,11 @@ pub async fn proxy(
             ),
         };
         log::warn!(
-            "{} {}: upstream {} failed: {reason}",
+            "{} {}: upstream {} failed: {}",
             info.method,
-            info.path,
-            up.name
+            untrusted(&info.path),
+            up.name,
+            untrusted(&reason)
         );
         state.metrics.attempt(&up.name, kind.label());
         if !last {
@@ -656,6 +707,8 @@ fn commit(
         Some(_) => Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes),
         None => Capture::usage_only(content_type.as_deref(), encoding, cfg.record_body_bytes),
     };
+    // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
+    let head_request = info.method == "HEAD";
     let finish = Finish {
         state: state.clone().into_inner(),
         info,
@@ -668,7 +721,8 @@ fn commit(
         ttfb: Some(ttfb),
         committed_ok: !failed_anyway,
     };
-    let no_body = status == StatusCode::NO_CONTENT
+    let no_body = head_request
+        || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
     let chunked = resp
@@ -686,6 +740,9 @@ fn commit(
     );
     if no_body {
         body.finish_empty();
+        if let (true, Some(len)) = (head_request, length) {
+            builder.no_chunking(len);
+        }
         return builder.finish();
     }
     match length {

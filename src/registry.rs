@@ -453,8 +453,9 @@ impl Handler<AttemptDone> for UpstreamRegistry {
                     self.metrics.set_healthy(&msg.upstream, false);
                     if first_time {
                         log::warn!(
-                            "upstream {} failed {failures} times in a row ({reason}); moved to the back for {:?}",
+                            "upstream {} failed {failures} times in a row ({}); moved to the back for {:?}",
                             msg.upstream,
+                            crate::escape::untrusted(&reason),
                             cooldown
                         );
                         if let Some(ev) = &self.events {

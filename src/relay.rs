@@ -18,6 +18,7 @@ use futures_util::Stream;
 use std::future::Future;
 
 use crate::capture::Capture;
+use crate::escape::untrusted;
 use crate::proxy::RequestInfo;
 use crate::registry::{AttemptResult, FailKind, RegistryView};
 use crate::state::AppState;
@@ -65,10 +66,11 @@ impl Finish {
         let outcome = match &end {
             End::Broken(reason) => {
                 log::warn!(
-                    "{} {}: upstream {} broke mid-response: {reason}",
+                    "{} {}: upstream {} broke mid-response: {}",
                     self.info.method,
-                    self.info.path,
-                    upstream
+                    untrusted(&self.info.path),
+                    upstream,
+                    untrusted(reason)
                 );
                 self.failures.push(format!("{upstream}: {reason}"));
                 state.registry.report(
@@ -85,7 +87,7 @@ impl Finish {
                 log::info!(
                     "{} {}: client went away; upstream {} request cancelled",
                     self.info.method,
-                    self.info.path,
+                    untrusted(&self.info.path),
                     upstream
                 );
                 self.committed_ok.then_some("ok")

@@ -188,6 +188,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .as_deref()
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
+            reject_gate: Default::default(),
         });
 
         let factory_tls = tls.clone();

@@ -29,4 +29,6 @@ pub struct AppState {
     pub listen: String,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
+    /// Bounds the records of rejected requests (SPEC 4d).
+    pub reject_gate: crate::admit::RejectGate,
 }

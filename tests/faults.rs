@@ -225,6 +225,8 @@ async fn hostile_authorization_headers_get_401() {
     still_healthy(&gw).await;
 }
 
+/// Plain text and a string `"stream"` pass as before. Since SPEC 4d a body that starts with `{`
+/// but is not JSON is refused with a 400 instead of being proxied as is (README changelog).
 #[actix_rt::test]
 async fn odd_bodies_are_proxied_as_is_and_string_stream_is_not_a_stream() {
     let m = Mock::always(Reply::Delay(
@@ -233,9 +235,17 @@ async fn odd_bodies_are_proxied_as_is_and_string_stream_is_not_a_stream() {
     ));
     let gw = one(&m, "stream_timeout: 0.1");
     let auth = format!("Bearer {TOKEN}");
+    let got = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &auth)],
+        b"{not json",
+    )
+    .await;
+    assert_eq!(got.status, 400, "{}", got.text());
+    assert_eq!(got.json()["error"]["type"], "invalid_request_error");
     for body in [
-        &b"{not json"[..],
-        b"plain text body",
+        &b"plain text body"[..],
         br#"{"model":"gpt-test","stream":"true"}"#,
     ] {
         let got = send(
@@ -253,10 +263,11 @@ async fn odd_bodies_are_proxied_as_is_and_string_stream_is_not_a_stream() {
         );
     }
     let seen: Vec<Vec<u8>> = m.seen().into_iter().map(|s| s.body).collect();
-    assert_eq!(seen[0], b"{not json");
-    assert_eq!(seen[1], b"plain text body");
+    assert_eq!(seen.len(), 2, "the invalid JSON body reached the upstream");
+    assert_eq!(seen[0], b"plain text body");
     let rows = gw.records(3);
     assert!(rows.iter().all(|r| r["stream"] == 0));
+    assert_eq!(rows[0]["status"], 400);
     assert_eq!(rows[2]["model"], "gpt-test");
 }
 

@@ -1,15 +1,17 @@
 //! Property-based fuzzing of the parsers that see untrusted bytes: the SSE reply-text extractor,
-//! the config loader, the header rewriter and the `model` rewriter. Nightly (cargo fuzz) is not
+//! the config loader, the header rewriter, the `model` rewriter, the JSON meta reader (duplicate
+//! keys, BOM, deep nesting) and the dot-segment path check. Nightly (cargo fuzz) is not
 //! available here, so proptest drives them; `PROPTEST_CASES=100000 cargo test --test main fuzz::`
 //! runs a long session. Failures are saved under `proptest-regressions/` and replayed first.
 
 use std::path::Path;
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use openai_api_route::admit::{body_meta, has_dot_segment};
 use openai_api_route::capture::Capture;
 use openai_api_route::config::{self, Pattern, UpstreamAuth};
 use openai_api_route::headers::{response_headers, upstream_request_headers};
-use openai_api_route::proxy::{body_meta, rewrite_model};
+use openai_api_route::proxy::rewrite_model;
 use proptest::prelude::*;
 
 fn sse_of(deltas: &[String]) -> Vec<u8> {
@@ -108,15 +110,57 @@ proptest! {
         prop_assert_eq!(parsed.remove("model").unwrap(), serde_json::Value::String(to.clone()));
         obj.remove("model");
         prop_assert_eq!(parsed, obj);
-        let (model, stream) = body_meta(&out);
-        prop_assert_eq!(model.as_deref(), Some(to.as_str()));
-        prop_assert!(!stream);
+        let meta = body_meta(&out).unwrap();
+        prop_assert_eq!(meta.model.as_deref(), Some(to.as_str()));
+        prop_assert!(!meta.stream);
     }
 
     #[test]
     fn body_meta_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = body_meta(&bytes);
         let _ = rewrite_model(&bytes, "m");
+    }
+
+    /// Whatever the JSON meta reader accepts as an object, serde_json reads as the same object
+    /// with the same `model` and `stream`: nothing it lets through can mean another model.
+    #[test]
+    fn json_meta_agrees_with_a_full_parse(bytes in prop::collection::vec(any::<u8>(), 0..256), text in r#"\{[ "a-z:0-9,\[\]{}\\]{0,40}"#) {
+        for input in [bytes.as_slice(), text.as_bytes()] {
+            if let Ok(meta) = body_meta(input) {
+                if meta.json {
+                    let v: serde_json::Value = serde_json::from_slice(input).expect("accepted but not JSON");
+                    let obj = v.as_object().expect("accepted but not an object");
+                    prop_assert_eq!(meta.model.as_deref(), obj.get("model").and_then(|m| m.as_str()));
+                    prop_assert_eq!(meta.stream, obj.get("stream") == Some(&serde_json::Value::Bool(true)));
+                }
+            }
+        }
+    }
+
+    /// A duplicated top-level key or a BOM is always refused; deep nesting never crashes the reader.
+    #[test]
+    fn json_meta_refuses_duplicates_bom_and_depth(keys in prop::collection::vec("[a-z]{1,6}", 1..24), dup in any::<prop::sample::Index>(), depth in 0usize..400) {
+        let mut members: Vec<String> = keys.iter().enumerate().map(|(i, k)| format!("\"{k}{i}\":{i}")).collect();
+        let again = dup.get(&members).clone();
+        members.push(again);
+        let body = format!("{{{}}}", members.join(","));
+        prop_assert!(body_meta(body.as_bytes()).is_err(), "{}", body);
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend_from_slice(b"{\"model\":\"m\"}");
+        prop_assert!(body_meta(&bom).is_err());
+        let nested = format!("{{\"a\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+        // Nesting inside a skipped member is read without recursion: never a crash, always read.
+        prop_assert!(body_meta(nested.as_bytes()).is_ok(), "depth {}", depth);
+    }
+
+    /// A path whose segments decode to `.` or `..` is always caught, however it is spelled;
+    /// plain segments never are.
+    #[test]
+    fn dot_segments_are_caught(segs in prop::collection::vec(prop::sample::select(vec!["a", "files", "x-1", "%2e", "%2E", ".", "%2e%2E", "..", ".%2e", "%252e"]), 1..6), sep in prop::sample::select(vec!["/", "%2f", "%2F", "%5c", "\\"])) {
+        let path = format!("/v1/{}", segs.join(sep));
+        // Every spelling in the list but the plain names decodes (in at most two rounds) to `.` or `..`.
+        let dotty = segs.iter().any(|s| !matches!(*s, "a" | "files" | "x-1"));
+        prop_assert_eq!(has_dot_segment(&path), dotty, "{}", path);
     }
 
     #[test]

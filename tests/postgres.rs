@@ -385,7 +385,7 @@ fn unreachable_postgres_at_start_is_a_clear_error_without_the_password() {
     .err()
     .expect("must not start");
     assert!(
-        err.contains("cannot open or write database postgres://someone@127.0.0.1:1/nope"),
+        err.contains("cannot open or write database postgres://someone:***@127.0.0.1:1/nope"),
         "{err}"
     );
     assert!(!err.contains("hunter2-secret"));

@@ -12,6 +12,7 @@
 
 mod postgres;
 mod sqlite;
+pub mod target;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +26,7 @@ use crate::capture::{cut, request_body_text};
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
-pub use self::postgres::redact as redact_database_url;
+pub use self::target::redact as redact_database_url;
 
 /// Room reserved for a batch (a busy gateway collects about this many per interval).
 const MAX_BATCH: usize = 1024;
@@ -107,6 +108,9 @@ pub enum DbError {
         /// Why.
         reason: String,
     },
+    /// A `-database` value that is neither a file nor a readable connection string.
+    #[error("{0}")]
+    Refused(target::TargetError),
 }
 
 /// A failed write, and whether the database was reachable at all.
@@ -142,20 +146,9 @@ impl StoreError {
 }
 
 /// Whether `target` names a PostgreSQL database: a `postgres://` URL, or a libpq key/value string
-/// like the Go tool's `host=127.0.0.1 port=5432 user=… dbname=…`.
+/// like the Go tool's `host=127.0.0.1 port=5432 user=… dbname=…` (any spacing around `=`).
 pub fn is_postgres_target(target: &str) -> bool {
-    let t = target.trim();
-    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
-        return true;
-    }
-    let tokens: Vec<&str> = t.split_whitespace().collect();
-    !tokens.is_empty()
-        && tokens.iter().all(|tok| tok.contains('='))
-        && tokens.iter().any(|tok| {
-            ["host=", "dbname=", "user=", "hostaddr="]
-                .iter()
-                .any(|k| tok.starts_with(k))
-        })
+    matches!(target::classify(target), Ok(target::Target::Postgres(_)))
 }
 
 /// Where records go. The only place that knows which database is in use.
@@ -170,10 +163,10 @@ pub enum Store {
 impl Store {
     /// Opens `target`: a `postgres://` / `postgresql://` URL, else a SQLite file path.
     pub fn open(target: &str) -> Result<Store, DbError> {
-        if is_postgres_target(target) {
-            postgres::open(target).map(Store::Postgres)
-        } else {
-            sqlite::open(target).map(Store::Sqlite)
+        match target::classify(target) {
+            Ok(target::Target::Postgres(t)) => postgres::open(&t).map(Store::Postgres),
+            Ok(target::Target::Sqlite(path)) => sqlite::open(&path).map(Store::Sqlite),
+            Err(e) => Err(DbError::Refused(e)),
         }
     }
 
@@ -496,15 +489,15 @@ mod tests {
         assert!(!is_postgres_target("weird=name.sqlite"));
         assert_eq!(
             redact_database_url("postgres://u:secret@h:5432/db"),
-            "postgres://u@h:5432/db"
+            "postgres://u:***@h:5432/db"
         );
         assert_eq!(
             redact_database_url("postgres://h/db?password=secret&sslmode=disable"),
-            "postgres://h/db?sslmode=disable"
+            "postgres://h/db?password=***&sslmode=disable"
         );
         assert_eq!(
             redact_database_url("host=h password=secret dbname=d"),
-            "host=h dbname=d"
+            "host=h password=*** dbname=d"
         );
     }
 }

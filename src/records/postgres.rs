@@ -46,52 +46,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS records_created_at ON records(created_at);",
 ];
 
-/// `postgres://user:secret@host/db` → `postgres://user@host/db` (and `password=…` removed from a
-/// key/value string), for logs and the status page.
-pub fn redact(url: &str) -> String {
-    if !url.contains("://") {
-        return url
-            .split_whitespace()
-            .filter(|t| !t.starts_with("password="))
-            .collect::<Vec<_>>()
-            .join(" ");
-    }
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
-        return strip_password_param(url);
-    };
-    let user = rest[..at].split(':').next().unwrap_or("");
-    strip_password_param(&format!(
-        "{}{}@{}",
-        &url[..scheme_end + 3],
-        user,
-        &rest[at + 1..]
-    ))
-}
-
-fn strip_password_param(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, query)) => {
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|p| !p.starts_with("password="))
-                .collect();
-            if kept.is_empty() {
-                base.to_string()
-            } else {
-                format!("{base}?{}", kept.join("&"))
-            }
-        }
-        None => url.to_string(),
-    }
-}
-
 /// Connects, migrates under the advisory lock, and checks that inserts are allowed.
 pub fn open(url: &str) -> Result<Pool, DbError> {
-    let shown = redact(url);
+    let shown = super::target::redact(url);
     let fail = |reason: String| DbError::Open {
         target: shown.clone(),
         reason,

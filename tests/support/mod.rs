@@ -69,6 +69,11 @@ pub enum Reply {
     Delay(Duration, Box<Reply>),
     /// `total` bytes of `x` as a chunked `text/plain` body, generated on the fly.
     Bulk { total: usize, chunk: usize },
+    /// One endless SSE `data:` line: `total` bytes of `x` in `chunk`-sized chunks, never a newline
+    /// until the end.
+    SseLine { total: usize, chunk: usize },
+    /// These exact bytes as the response (head and body), then the connection stays usable.
+    Raw(Vec<u8>),
     /// Close with RST before any response byte.
     Reset,
     /// Close cleanly before any response byte.
@@ -375,6 +380,31 @@ async fn serve_conn(
                     sent += chunk;
                 }
                 if sock.write_all(b"0\r\n\r\n").await.is_err() {
+                    return;
+                }
+            }
+            Reply::SseLine { total, chunk } => {
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n6\r\ndata: \r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut frame = format!("{chunk:x}\r\n").into_bytes();
+                frame.extend(std::iter::repeat_n(b'x', chunk));
+                frame.extend_from_slice(b"\r\n");
+                let mut sent = 0;
+                while sent + chunk <= total {
+                    if sock.write_all(&frame).await.is_err() {
+                        *gone.lock().unwrap() += 1;
+                        return;
+                    }
+                    sent += chunk;
+                }
+                if sock.write_all(b"2\r\n\n\n\r\n0\r\n\r\n").await.is_err() {
+                    return;
+                }
+            }
+            Reply::Raw(bytes) => {
+                if sock.write_all(&bytes).await.is_err() {
                     return;
                 }
             }

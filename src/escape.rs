@@ -1,0 +1,56 @@
+//! Text that came from a client or an upstream, made safe for a log line or an alert (SPEC 4d).
+//!
+//! A model name with a newline could forge a line in an alert; an alert sink's answer with ANSI
+//! escapes could forge or hide log lines. Everything foreign goes through [`untrusted`] first:
+//! control characters become visible escapes and the text is cut at [`MAX_CHARS`] characters.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+/// The most characters of a foreign value that reach a log line or an alert.
+pub const MAX_CHARS: usize = 200;
+
+/// `s` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}` …) and cut at [`MAX_CHARS`]
+/// characters (with `…`). Borrows when there is nothing to change.
+pub fn untrusted(s: &str) -> Cow<'_, str> {
+    let clean = s.chars().all(|c| !c.is_control());
+    if clean && s.len() <= MAX_CHARS {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len().min(MAX_CHARS * 2) + 8);
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX_CHARS {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_cuts() {
+        assert!(matches!(untrusted("gpt-4o"), Cow::Borrowed("gpt-4o")));
+        assert_eq!(
+            untrusted("a\nb\r\x1b[31mc\u{7f}"),
+            "a\\nb\\r\\u{1b}[31mc\\u{7f}"
+        );
+        let long = "x".repeat(500);
+        let cut = untrusted(&long);
+        assert_eq!(cut.chars().count(), MAX_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        assert!(!untrusted("\u{85}next").contains('\u{85}'));
+    }
+}
