@@ -784,6 +784,45 @@ mod tests {
     }
 
     #[test]
+    fn usage_of_a_cut_json_reply_is_still_read() {
+        let text = "y".repeat(20_000);
+        let body = serde_json::json!({
+            "choices": [{"message": {"content": text}}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
+        })
+        .to_string();
+        for split in [1, 7, 4096, body.len()] {
+            let mut c = Capture::new(Some("application/json"), None, 100);
+            for part in body.as_bytes().chunks(split) {
+                c.feed(part);
+            }
+            assert!(c.text.capacity() <= 100, "text grew past the limit");
+            let (reply, usage) = c.finish();
+            assert!(reply.unwrap().ends_with(TRUNCATED));
+            assert_eq!(usage.total, Some(33), "split {split}");
+        }
+    }
+
+    #[test]
+    fn an_endless_sse_line_keeps_only_a_tail() {
+        let mut c = Capture::new(Some("text/event-stream"), None, 1024);
+        c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        c.feed(b"data: {\"type\":\"x\",\"pad\":\"");
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..64 {
+            c.feed(&chunk);
+            assert!(c.line.len() + c.text.len() <= 1024 + SLACK);
+        }
+        c.feed(
+            b"\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n",
+        );
+        c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\" there\"}}]}\n\n");
+        let (text, usage) = c.finish();
+        assert_eq!(text.as_deref(), Some("hi there"));
+        assert_eq!(usage.total, Some(3));
+    }
+
+    #[test]
     fn limits_and_markers() {
         let mut c = Capture::new(Some("text/plain"), None, 4);
         c.feed(b"abcdef");
