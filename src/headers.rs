@@ -7,6 +7,9 @@ use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::UpstreamAuth;
 
+/// The `Via` token this gateway adds to every upstream request (SPEC 4a: loop detection).
+pub const VIA: &str = "1.1 openai-api-route";
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Keep-Alive`
 /// relatives that proxies are expected to drop.
 const HOP_BY_HOP: &[&str] = &[
@@ -93,7 +96,7 @@ pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &m
         HeaderValue::from_static("identity"),
     );
     // Lets a chain of gateways see a loop (SPEC 4a): the client's own `Via` values passed above.
-    out.append(header::VIA, HeaderValue::from_static(crate::admit::VIA));
+    out.append(header::VIA, HeaderValue::from_static(VIA));
 }
 
 /// Whether an upstream response header is relayed to the client. `Content-Length` is handled by

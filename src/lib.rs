@@ -1,25 +1,28 @@
 //! openai-api-route: an OpenAI API gateway that tries an ordered list of OpenAI-compatible
 //! upstreams until one answers, streaming the answer through and recording every request.
 //!
-//! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`]/[`relay`]/[`headers`] §4,
+//! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`] (admit → attempt →
+//! respond → relay) and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
+//! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
 //! [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admit;
+pub mod attempt;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod escape;
 pub mod headers;
+pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod records;
 pub mod registry;
-pub mod relay;
 pub mod server;
 pub mod state;
 pub mod status;

@@ -106,7 +106,7 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        for r in crate::admit::Rejection::ALL {
+        for r in crate::error::Rejection::ALL {
             rejected.with_label_values(&[r.label()]);
         }
         registry.register(Box::new(rejected.clone()))?;
@@ -146,7 +146,7 @@ impl Metrics {
             .map_err(|e| e.to_string())
     }
 
-    /// One attempt's outcome (`ok` or a [`crate::registry::FailKind`] label).
+    /// One attempt's outcome (`ok` or a [`crate::attempt::FailKind`] label).
     pub fn attempt(&self, upstream: &str, outcome: &str) {
         self.upstream_requests
             .with_label_values(&[upstream, outcome])
@@ -210,7 +210,7 @@ impl Metrics {
     }
 
     /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.
-    pub fn rejected(&self, reason: crate::admit::Rejection) {
+    pub fn rejected(&self, reason: crate::error::Rejection) {
         self.rejected.with_label_values(&[reason.label()]).inc();
     }
 

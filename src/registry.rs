@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 
+pub use crate::attempt::FailKind;
 use crate::config::{Config, LbPolicy};
 use crate::metrics::Metrics;
 
@@ -42,31 +43,6 @@ impl SharedConfig {
         match self.0.write() {
             Ok(mut g) => *g = config,
             Err(poisoned) => *poisoned.into_inner() = config,
-        }
-    }
-}
-
-/// Why an attempt failed; also the `outcome` label of the upstream request metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailKind {
-    /// The upstream answered with a failover status.
-    Http,
-    /// No answer (or no first chunk) in time.
-    Timeout,
-    /// Connection, TLS, or connection closed before the response head.
-    Connect,
-    /// A started response broke or stalled.
-    Stream,
-}
-
-impl FailKind {
-    /// The metric label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            FailKind::Http => "http_error",
-            FailKind::Timeout => "timeout",
-            FailKind::Connect => "connect_error",
-            FailKind::Stream => "stream_error",
         }
     }
 }

@@ -30,5 +30,5 @@ pub struct AppState {
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
     /// Bounds the records of rejected requests (SPEC 4d).
-    pub reject_gate: crate::admit::RejectGate,
+    pub reject_gate: crate::error::RejectGate,
 }

@@ -7,10 +7,10 @@
 use std::path::Path;
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
-use openai_api_route::admit::{body_meta, has_dot_segment};
 use openai_api_route::capture::Capture;
 use openai_api_route::config::{self, Pattern, UpstreamAuth};
 use openai_api_route::headers::{response_headers, upstream_request_headers};
+use openai_api_route::proxy::admit::{body_meta, has_dot_segment};
 use openai_api_route::proxy::rewrite_model;
 use proptest::prelude::*;
 

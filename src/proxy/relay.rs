@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,107 +17,8 @@ use futures_util::Stream;
 use std::future::Future;
 
 use crate::capture::Capture;
-use crate::escape::untrusted;
-use crate::proxy::RequestInfo;
-use crate::registry::{AttemptResult, FailKind, RegistryView};
-use crate::state::AppState;
+use crate::ledger::{BodyEnd, Ledger};
 use crate::transport;
-
-/// Everything needed to account for the request when its body ends.
-pub struct Finish {
-    /// Shared state (recorder, registry, metrics).
-    pub state: Arc<AppState>,
-    /// The request.
-    pub info: RequestInfo,
-    /// The registry view the attempt came from.
-    pub view: Arc<RegistryView>,
-    /// Index of the relayed upstream in `view`.
-    pub idx: usize,
-    /// Status sent.
-    pub status: u16,
-    /// Upstreams tried.
-    pub attempts: u32,
-    /// Earlier failures (`name: reason`).
-    pub failures: Vec<String>,
-    /// Reply text (when recording) and token usage (always: the metrics count tokens).
-    pub capture: Capture,
-    /// Request start to response head.
-    pub ttfb: Option<Duration>,
-    /// Whether the relayed status counts as success for the upstream.
-    pub committed_ok: bool,
-}
-
-enum End {
-    Complete,
-    Broken(String),
-    ClientGone,
-}
-
-impl Finish {
-    fn run(mut self, end: End) {
-        let state = self.state.clone();
-        let view = self.view.clone();
-        let upstream = view
-            .config
-            .upstreams
-            .get(self.idx)
-            .map_or("", |u| u.name.as_str());
-        let outcome = match &end {
-            End::Broken(reason) => {
-                log::warn!(
-                    "{} {}: upstream {} broke mid-response: {}",
-                    self.info.method,
-                    untrusted(&self.info.path),
-                    upstream,
-                    untrusted(reason)
-                );
-                self.failures.push(format!("{upstream}: {reason}"));
-                state.registry.report(
-                    &view,
-                    self.idx,
-                    AttemptResult::Failed {
-                        kind: FailKind::Stream,
-                        reason: reason.clone(),
-                    },
-                );
-                Some(FailKind::Stream.label())
-            }
-            End::ClientGone => {
-                log::info!(
-                    "{} {}: client went away; upstream {} request cancelled",
-                    self.info.method,
-                    untrusted(&self.info.path),
-                    upstream
-                );
-                self.committed_ok.then_some("ok")
-            }
-            End::Complete => self.committed_ok.then_some("ok"),
-        };
-        if let Some(outcome) = outcome {
-            state.metrics.attempt(upstream, outcome);
-        }
-        let (response, usage) = self.capture.finish();
-        state
-            .metrics
-            .tokens(upstream, usage.prompt, usage.completion);
-        if let Some(rec) = &state.recorder {
-            let error = if self.failures.is_empty() {
-                None
-            } else {
-                Some(self.failures.join("; "))
-            };
-            rec.submit(self.info.into_record(
-                self.status,
-                Some(upstream.to_string()),
-                self.attempts,
-                error,
-                response,
-                usage,
-                self.ttfb,
-            ));
-        }
-    }
-}
 
 /// Error that makes actix abort a non-SSE response (the client sees an incomplete body).
 #[derive(Debug)]
@@ -148,7 +48,11 @@ pub struct RelayBody<S> {
     /// Whether the upstream body is chunked (its end is a terminator, not EOF).
     chunked: bool,
     received: u64,
-    finish: Option<Finish>,
+    /// Reply text (when recording) and token usage (always: the metrics count tokens); taken
+    /// with the ledger.
+    capture: Option<Capture>,
+    /// Taken when the body ends, breaks or is dropped: the request is accounted for once.
+    ledger: Option<Ledger>,
 }
 
 impl<S> RelayBody<S>
@@ -162,7 +66,8 @@ where
         idle: Duration,
         sse: bool,
         framing: (Option<u64>, bool),
-        finish: Finish,
+        ledger: Ledger,
+        capture: Capture,
     ) -> Self {
         let now = Instant::now();
         RelayBody {
@@ -177,19 +82,20 @@ where
             expected_len: framing.0,
             chunked: framing.1,
             received: 0,
-            finish: Some(finish),
+            capture: Some(capture),
+            ledger: Some(ledger),
         }
     }
 
     /// Accounts for a response that has no body at all (204, 304).
     pub fn finish_empty(mut self) {
-        self.end(End::Complete);
+        self.end(BodyEnd::Complete);
     }
 
     fn on_chunk(&mut self, b: &Bytes) {
         self.received += b.len() as u64;
-        if let Some(f) = self.finish.as_mut() {
-            f.capture.feed_shared(b);
+        if let Some(c) = self.capture.as_mut() {
+            c.feed_shared(b);
         }
         match b.len() {
             0 => {}
@@ -198,16 +104,9 @@ where
         }
     }
 
-    fn end(&mut self, end: End) {
-        self.done = true;
-        if let Some(f) = self.finish.take() {
-            f.run(end);
-        }
-    }
-
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Bytes, RelayError>>> {
         let event = self.sse.then(|| error_event(&self.tail, &reason));
-        self.end(End::Broken(reason.clone()));
+        self.end(BodyEnd::Broken(reason.clone()));
         match event {
             Some(ev) => Poll::Ready(Some(Ok(ev))),
             None => Poll::Ready(Some(Err(RelayError(reason)))),
@@ -258,7 +157,7 @@ where
                         return this
                             .fail("connection closed before the response was complete".into());
                     }
-                    this.end(End::Complete);
+                    this.end(BodyEnd::Complete);
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -283,10 +182,19 @@ where
     }
 }
 
+impl<S> RelayBody<S> {
+    /// Accounts for the request, once: the first of the body's end, its break, or its drop.
+    fn end(&mut self, end: BodyEnd) {
+        self.done = true;
+        if let (Some(ledger), Some(capture)) = (self.ledger.take(), self.capture.take()) {
+            let (response, usage) = capture.finish();
+            ledger.finish_body(end, response, usage);
+        }
+    }
+}
+
 impl<S> Drop for RelayBody<S> {
     fn drop(&mut self) {
-        if let Some(f) = self.finish.take() {
-            f.run(End::ClientGone);
-        }
+        self.end(BodyEnd::ClientGone);
     }
 }

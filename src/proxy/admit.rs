@@ -1,6 +1,7 @@
-//! What a request must be before anything is sent upstream (SPEC 4d): a JSON body the gateway
-//! can read, a path without dot segments, not a loop through chained gateways, and — for what is
-//! refused — a bounded number of records.
+//! Admission: what a request must be before anything is sent upstream. The client's token
+//! (SPEC §4 auth), its address, one bounded read of the body, and (SPEC 4d) a JSON body the
+//! gateway can read, a path without dot segments, not a loop through chained gateways; plus the
+//! local CORS preflight, which needs none of that.
 //!
 //! Each rule exists because the looser one let a client past a filter: a duplicate `"model"` key
 //! made the meta reader give up, so `allow`/`deny` and `model_map` never saw the model that a
@@ -9,9 +10,17 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use actix_web::http::header::HeaderMap;
+use std::net::IpAddr;
+
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::headers::VIA;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// What the gateway reads from a JSON body.
@@ -226,9 +235,6 @@ fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     changed.then_some(out)
 }
 
-/// The `Via` token this gateway adds to every upstream request.
-pub const VIA: &str = "1.1 openai-api-route";
-
 /// A request that already passed through this many gateways is a loop (answered 508).
 pub const MAX_VIA_HOPS: usize = 5;
 
@@ -242,90 +248,6 @@ pub fn via_hops(headers: &HeaderMap) -> usize {
         .count()
 }
 
-/// Why the gateway answered a request itself; the `reason` label of
-/// `openai_api_route_rejected_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// 401.
-    Auth,
-    /// 400.
-    BadRequest,
-    /// 404.
-    NotFound,
-    /// 405.
-    Method,
-    /// 408.
-    Timeout,
-    /// 413.
-    TooLarge,
-    /// 431.
-    Headers,
-    /// 508.
-    Loop,
-}
-
-impl Rejection {
-    /// Every reason, for registering the series up front.
-    pub const ALL: [Rejection; 8] = [
-        Rejection::Auth,
-        Rejection::BadRequest,
-        Rejection::NotFound,
-        Rejection::Method,
-        Rejection::Timeout,
-        Rejection::TooLarge,
-        Rejection::Headers,
-        Rejection::Loop,
-    ];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Rejection::Auth => "auth",
-            Rejection::BadRequest => "bad_request",
-            Rejection::NotFound => "not_found",
-            Rejection::Method => "method",
-            Rejection::Timeout => "timeout",
-            Rejection::TooLarge => "too_large",
-            Rejection::Headers => "headers",
-            Rejection::Loop => "loop",
-        }
-    }
-}
-
-/// Records of rejected requests allowed per second, in total.
-pub const REJECTED_RECORDS_PER_SECOND: u32 = 10;
-
-/// Lets at most [`REJECTED_RECORDS_PER_SECOND`] rejected requests a second be recorded, so an
-/// unauthenticated flood cannot fill the disk or crowd real clients' records out of the queue.
-/// One atomic word: the second in the high bits, the count in the low 32.
-#[derive(Debug, Default)]
-pub struct RejectGate(AtomicU64);
-
-impl RejectGate {
-    /// Whether one more rejected request may be recorded in second `now_sec`.
-    pub fn admit(&self, now_sec: u64) -> bool {
-        let mut cur = self.0.load(Ordering::Relaxed);
-        loop {
-            let (sec, n) = (cur >> 32, (cur & 0xffff_ffff) as u32);
-            let next = if sec == now_sec & 0xffff_ffff {
-                if n >= REJECTED_RECORDS_PER_SECOND {
-                    return false;
-                }
-                cur + 1
-            } else {
-                ((now_sec & 0xffff_ffff) << 32) | 1
-            };
-            match self
-                .0
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-}
-
 /// `s` cut to at most `max` bytes on a char boundary (record columns `path`, `user_agent`).
 pub fn cut_to(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -336,6 +258,193 @@ pub fn cut_to(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Longest `path` kept in a record (SPEC 4d).
+pub const RECORD_PATH_BYTES: usize = 1024;
+/// Longest `user_agent` kept in a record (SPEC 4d).
+pub const RECORD_USER_AGENT_BYTES: usize = 256;
+
+/// Constant-time comparison; only the lengths leak, which tokens do not keep secret anyway.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+/// The bearer token of a request, trimmed.
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    let v = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let token = if v.len() >= 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+        &v[7..]
+    } else {
+        v
+    };
+    Some(token.trim())
+}
+
+/// A label that tells tokens apart without revealing them: `sk-…abcd` for long tokens, less for
+/// short ones.
+pub fn token_label(token: &str) -> String {
+    // Char boundaries of the first 3 and the last 4 characters, without collecting all of them.
+    let n = token.chars().count();
+    let head_end = token.char_indices().nth(3).map_or(token.len(), |(i, _)| i);
+    let tail = |k: usize| token.char_indices().rev().nth(k - 1).map_or(0, |(i, _)| i);
+    if n >= 16 {
+        format!("{}…{}", &token[..head_end], &token[tail(4)..])
+    } else if n >= 8 {
+        format!("…{}", &token[tail(2)..])
+    } else {
+        "…".to_string()
+    }
+}
+
+/// Checks the client token; returns its label.
+pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
+    let token = bearer(req).filter(|t| !t.is_empty());
+    if cfg.noauth {
+        return Ok(token.map(token_label));
+    }
+    let Some(token) = token else {
+        return Err(GatewayError::Unauthorized(
+            "missing API key: send `Authorization: Bearer <token>`",
+        ));
+    };
+    let mut ok = false;
+    for t in &cfg.tokens {
+        ok |= ct_eq(t.as_bytes(), token.as_bytes());
+    }
+    if ok {
+        Ok(Some(token_label(token)))
+    } else {
+        Err(GatewayError::Unauthorized("incorrect API key provided"))
+    }
+}
+
+/// The client address: the peer, unless the peer is a trusted proxy that says otherwise.
+pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
+    let Some(peer) = req.peer_addr().map(|a| a.ip()) else {
+        return String::new();
+    };
+    if !cfg.is_trusted_proxy(peer) {
+        return peer.to_string();
+    }
+    // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is the client.
+    let xff: Vec<IpAddr> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    if let Some(ip) = xff
+        .iter()
+        .rev()
+        .find(|ip| !cfg.is_trusted_proxy(**ip))
+        .or(xff.first())
+    {
+        return ip.to_string();
+    }
+    req.headers()
+        .get("x-real-ip")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<IpAddr>().ok())
+        .unwrap_or(peer)
+        .to_string()
+}
+
+/// Reads the whole body, up to `limit` bytes.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::BodyTooLarge(limit));
+    }
+    // The common case is one chunk: keep it without copying.
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| GatewayError::BadBody(e.to_string()))?;
+        let have = buf
+            .as_ref()
+            .map(|b| b.len())
+            .or(first.as_ref().map(|b| b.len()))
+            .unwrap_or(0);
+        if have + chunk.len() > limit {
+            return Err(GatewayError::BodyTooLarge(limit));
+        }
+        match (&mut buf, &first) {
+            (Some(b), _) => b.extend_from_slice(&chunk),
+            (None, Some(f)) => {
+                let mut b =
+                    BytesMut::with_capacity(declared.unwrap_or(0).max(f.len() + chunk.len()));
+                b.extend_from_slice(f);
+                b.extend_from_slice(&chunk);
+                buf = Some(b);
+            }
+            (None, None) => first = Some(chunk),
+        }
+    }
+    Ok(match buf {
+        Some(b) => b.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
+/// The request's `Content-Encoding`, unless absent or `identity`: the gateway reads no other,
+/// and a body it cannot read could carry a model past `allow`/`deny` (SPEC 4d).
+pub fn unreadable_encoding(req: &HttpRequest) -> Option<&str> {
+    let mut found = None;
+    for v in req.headers().get_all(header::CONTENT_ENCODING) {
+        let Ok(text) = v.to_str() else {
+            return Some("(not text)");
+        };
+        for enc in text.split(',').map(str::trim) {
+            if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
+                found = Some(enc);
+            }
+        }
+    }
+    found
+}
+
+/// Local CORS preflight for `OPTIONS /v1/*` (no auth, nothing proxied).
+pub async fn preflight(req: HttpRequest) -> HttpResponse {
+    let allow_headers = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| format!("Authorization, Content-Type, {v}"))
+        .unwrap_or_else(|| {
+            "Authorization, Content-Type, OpenAI-Beta, OpenAI-Organization, OpenAI-Project"
+                .to_string()
+        });
+    HttpResponse::NoContent()
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .insert_header((
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        ))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
+        .finish()
 }
 
 #[cfg(test)]
@@ -415,14 +524,6 @@ mod tests {
     }
 
     #[test]
-    fn reject_gate_allows_ten_a_second() {
-        let g = RejectGate::default();
-        assert_eq!((0..100).filter(|_| g.admit(7)).count(), 10);
-        assert_eq!((0..100).filter(|_| g.admit(8)).count(), 10);
-        assert!(!g.admit(8));
-    }
-
-    #[test]
     fn via_counting() {
         let mut h = HeaderMap::new();
         h.append(
@@ -436,5 +537,48 @@ mod tests {
             actix_web::http::header::HeaderValue::from_static("1.1 openai-api-route"),
         );
         assert_eq!(via_hops(&h), 3);
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::token_label;
+
+    /// The label as first written: collect the characters, then pick.
+    fn reference(token: &str) -> String {
+        let chars: Vec<char> = token.chars().collect();
+        let n = chars.len();
+        if n >= 16 {
+            let head: String = chars[..3].iter().collect();
+            let tail: String = chars[n - 4..].iter().collect();
+            format!("{head}…{tail}")
+        } else if n >= 8 {
+            let tail: String = chars[n - 2..].iter().collect();
+            format!("…{tail}")
+        } else {
+            "…".to_string()
+        }
+    }
+
+    #[test]
+    fn token_labels() {
+        assert_eq!(token_label("sk-bench-client-token"), "sk-…oken");
+        assert_eq!(token_label("abcdefgh"), "…gh");
+        assert_eq!(token_label("short"), "…");
+        assert_eq!(token_label(""), "…");
+        for t in [
+            "ключ-очень-длинный-токен",
+            "é1234567890123456789ü",
+            "日本語のトークンです。長いもの",
+            "日本語のトーク",
+            "日本語のトークンです",
+            "🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑",
+            "sk-1234567890abcdef",
+            "exactly8",
+            "fifteen-chars!!",
+            "sixteen-chars!!!",
+        ] {
+            assert_eq!(token_label(t), reference(t), "{t}");
+        }
     }
 }

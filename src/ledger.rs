@@ -1,0 +1,363 @@
+//! One ledger per request: what is known about the request, and every outcome of its attempts.
+//!
+//! The ledger is the only caller of the four things a request's outcome feeds: the metrics, the
+//! registry's health report, the all-failed alert and the record. Whether the request ends with
+//! an answer the gateway makes itself, with an all-failed answer, or at the end (or break) of a
+//! relayed body, it goes through one of the `finish` methods here, exactly once. (pingora's
+//! per-request context with a single logging phase is the model.)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+
+use crate::attempt::{is_failover_status, summary, FailKind, Failure};
+use crate::capture::Usage;
+use crate::error::GatewayError;
+use crate::escape::untrusted;
+use crate::notify::RequestFailed;
+use crate::records::Record;
+use crate::registry::{AttemptResult, RegistryView};
+use crate::state::AppState;
+
+/// What is known about a request before any upstream is tried; becomes its record.
+pub struct RequestInfo {
+    /// Wall-clock start.
+    pub created_at: SystemTime,
+    /// Monotonic start.
+    pub started: Instant,
+    /// Client address.
+    pub ip: String,
+    /// Method.
+    pub method: String,
+    /// Path without query (cut for the record).
+    pub path: String,
+    /// `model` from the body.
+    pub model: Option<String>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// The body as received.
+    pub body: Bytes,
+    /// Client User-Agent (cut for the record).
+    pub user_agent: Option<String>,
+    /// Non-secret token label.
+    pub client_key: Option<String>,
+    /// `record_body_bytes`.
+    pub body_limit: usize,
+}
+
+/// How a relayed body ended.
+#[derive(Debug)]
+pub enum BodyEnd {
+    /// To its proper end.
+    Complete,
+    /// The upstream broke or stalled; the reason.
+    Broken(String),
+    /// The client went away first.
+    ClientGone,
+}
+
+/// The upstream whose answer went to the client.
+struct Committed {
+    view: Arc<RegistryView>,
+    idx: usize,
+    status: u16,
+    ttfb: Duration,
+    /// Whether the relayed status counts as a success for the upstream.
+    ok: bool,
+}
+
+/// See the module docs.
+pub struct Ledger {
+    state: Arc<AppState>,
+    info: RequestInfo,
+    failures: Vec<Failure>,
+    attempts: u32,
+    committed: Option<Committed>,
+}
+
+impl Ledger {
+    /// Opens the ledger of one request.
+    pub fn open(state: Arc<AppState>, info: RequestInfo) -> Ledger {
+        Ledger {
+            state,
+            info,
+            failures: Vec::new(),
+            attempts: 0,
+            committed: None,
+        }
+    }
+
+    /// The request.
+    pub fn info(&self) -> &RequestInfo {
+        &self.info
+    }
+
+    /// The request, while admission fills it in.
+    pub fn info_mut(&mut self) -> &mut RequestInfo {
+        &mut self.info
+    }
+
+    /// One more request went upstream.
+    pub fn sent(&mut self) {
+        self.attempts += 1;
+    }
+
+    /// Whether records are written (else the capture reads only the usage, for the metrics).
+    pub fn recording(&self) -> bool {
+        self.state.recorder.is_some()
+    }
+
+    /// Requests sent upstream so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The failures so far.
+    pub fn failures(&self) -> &[Failure] {
+        &self.failures
+    }
+
+    /// An attempt against `view`'s upstream `idx` failed; `moving_on` when another candidate
+    /// follows. Counted, reported to the registry (health) at once, and kept for the record.
+    pub fn failed(
+        &mut self,
+        view: &RegistryView,
+        idx: usize,
+        kind: FailKind,
+        status: Option<u16>,
+        reason: String,
+        moving_on: bool,
+    ) {
+        let name = view
+            .config
+            .upstreams
+            .get(idx)
+            .map_or("", |u| u.name.as_str());
+        log::warn!(
+            "{} {}: upstream {name} failed: {}",
+            self.info.method,
+            untrusted(&self.info.path),
+            untrusted(&reason)
+        );
+        self.state.metrics.attempt(name, kind.label());
+        if moving_on {
+            self.state.metrics.failover(name);
+        }
+        self.state.registry.report(
+            view,
+            idx,
+            AttemptResult::Failed {
+                kind,
+                reason: reason.clone(),
+            },
+        );
+        self.failures.push(Failure {
+            upstream: name.to_string(),
+            kind,
+            status,
+            reason,
+        });
+    }
+
+    /// The answer of `view`'s upstream `idx` goes to the client. A failover status here is the
+    /// last candidate's error, relayed but still a failure (and an all-failed alert for 429/5xx).
+    pub fn commit(
+        &mut self,
+        view: &Arc<RegistryView>,
+        idx: usize,
+        status: StatusCode,
+        first_byte: Duration,
+    ) {
+        let ok = !is_failover_status(status);
+        if ok {
+            if let Some(up) = view.config.upstreams.get(idx) {
+                self.state
+                    .metrics
+                    .first_byte(&up.name, first_byte.as_secs_f64());
+            }
+            self.state
+                .registry
+                .report(view, idx, AttemptResult::Ok { first_byte });
+        } else {
+            self.failed(
+                view,
+                idx,
+                FailKind::Http,
+                Some(status.as_u16()),
+                format!("HTTP {status}"),
+                false,
+            );
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                self.alert(status.as_u16());
+            }
+        }
+        self.committed = Some(Committed {
+            view: view.clone(),
+            idx,
+            status: status.as_u16(),
+            ttfb: self.info.started.elapsed(),
+            ok,
+        });
+    }
+
+    /// The kind of the last failure, if any.
+    pub fn last_failure(&self) -> Option<FailKind> {
+        self.failures.last().map(|f| f.kind)
+    }
+
+    /// Ends a request the gateway answers itself: a refusal before any upstream (counted, and
+    /// recorded within the rejected-records bound) or an all-failed answer (alerted).
+    pub fn finish_local(self, err: GatewayError) -> HttpResponse {
+        let mut resp = err.response();
+        if self.attempts > 0 {
+            resp.headers_mut().insert(
+                header::HeaderName::from_static("x-upstream-attempts"),
+                HeaderValue::from(self.attempts),
+            );
+        }
+        let error = match err.rejection() {
+            Some(reason) => {
+                self.state.metrics.rejected(reason);
+                let now = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if !self.state.reject_gate.admit(now) {
+                    return resp;
+                }
+                err.to_string()
+            }
+            None => {
+                if matches!(err, GatewayError::AllFailed { .. }) {
+                    self.alert(resp.status().as_u16());
+                }
+                if self.failures.is_empty() {
+                    err.to_string()
+                } else {
+                    summary(&self.failures)
+                }
+            }
+        };
+        if let Some(rec) = self.state.recorder.clone() {
+            rec.submit(self.into_record(
+                resp.status().as_u16(),
+                None,
+                Some(error),
+                Some(err.body()),
+                Usage::default(),
+                None,
+            ));
+        }
+        resp
+    }
+
+    /// Ends a relayed response when its body ends, breaks, or the client goes away.
+    pub fn finish_body(mut self, end: BodyEnd, response: Option<String>, usage: Usage) {
+        let Some(c) = self.committed.take() else {
+            return;
+        };
+        let state = self.state.clone();
+        let upstream = c
+            .view
+            .config
+            .upstreams
+            .get(c.idx)
+            .map_or("", |u| u.name.as_str());
+        let outcome = match &end {
+            BodyEnd::Broken(reason) => {
+                log::warn!(
+                    "{} {}: upstream {upstream} broke mid-response: {}",
+                    self.info.method,
+                    untrusted(&self.info.path),
+                    untrusted(reason)
+                );
+                state.registry.report(
+                    &c.view,
+                    c.idx,
+                    AttemptResult::Failed {
+                        kind: FailKind::Stream,
+                        reason: reason.clone(),
+                    },
+                );
+                self.failures.push(Failure {
+                    upstream: upstream.to_string(),
+                    kind: FailKind::Stream,
+                    status: None,
+                    reason: reason.clone(),
+                });
+                Some(FailKind::Stream.label())
+            }
+            BodyEnd::ClientGone => {
+                log::info!(
+                    "{} {}: client went away; upstream {upstream} request cancelled",
+                    self.info.method,
+                    untrusted(&self.info.path),
+                );
+                c.ok.then_some("ok")
+            }
+            BodyEnd::Complete => c.ok.then_some("ok"),
+        };
+        if let Some(outcome) = outcome {
+            state.metrics.attempt(upstream, outcome);
+        }
+        state
+            .metrics
+            .tokens(upstream, usage.prompt, usage.completion);
+        if let Some(rec) = &state.recorder {
+            let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
+            let upstream = Some(upstream.to_string());
+            rec.submit(self.into_record(c.status, upstream, error, response, usage, Some(c.ttfb)));
+        }
+    }
+
+    fn alert(&self, status: u16) {
+        if let Some(alerts) = &self.state.alerts {
+            alerts.do_send(RequestFailed {
+                at: SystemTime::now(),
+                ip: self.info.ip.clone(),
+                method: self.info.method.clone(),
+                path: self.info.path.clone(),
+                model: self.info.model.clone(),
+                status,
+                attempts: self.failures.iter().map(ToString::to_string).collect(),
+            });
+        }
+    }
+
+    fn into_record(
+        self,
+        status: u16,
+        upstream: Option<String>,
+        error: Option<String>,
+        response: Option<String>,
+        usage: Usage,
+        ttfb: Option<Duration>,
+    ) -> Record {
+        let info = self.info;
+        Record {
+            created_at: info.created_at,
+            ip: info.ip,
+            method: info.method,
+            path: info.path,
+            model: info.model,
+            stream: info.stream,
+            upstream,
+            status,
+            attempts: self.attempts,
+            error,
+            request_body: info.body,
+            response,
+            prompt_tokens: usage.prompt,
+            completion_tokens: usage.completion,
+            total_tokens: usage.total,
+            ttfb_ms: ttfb.map(|d| d.as_millis() as u64),
+            duration_ms: info.started.elapsed().as_millis() as u64,
+            user_agent: info.user_agent,
+            client_key: info.client_key,
+            body_limit: info.body_limit,
+        }
+    }
+}

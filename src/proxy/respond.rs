@@ -1,0 +1,106 @@
+//! The committed answer: its response head towards the client, the capture that reads its text
+//! for the record, and the relayed body that owns the ledger until the body ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::HttpResponse;
+
+use crate::capture::Capture;
+use crate::headers;
+use crate::ledger::Ledger;
+use crate::registry::RegistryView;
+
+use super::attempt::Upstreamed;
+use super::relay::RelayBody;
+
+/// Sends the answer of `view`'s upstream `idx` to the client, streaming; from here the relayed
+/// body owns the ledger and finishes it when the body ends.
+pub fn respond(
+    mut ledger: Ledger,
+    view: &Arc<RegistryView>,
+    idx: usize,
+    resp: Upstreamed,
+    first: Option<Bytes>,
+    first_byte: Duration,
+) -> HttpResponse {
+    let cfg = &view.config;
+    let status = resp.status();
+    ledger.commit(view, idx, status, first_byte);
+
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let sse = content_type.as_deref().is_some_and(|c| {
+        c.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+    });
+    let length = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+
+    let mut builder = HttpResponse::build(status);
+    for (name, value) in headers::response_headers(resp.headers()) {
+        builder.append_header((name.clone(), value.clone()));
+    }
+    builder.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"));
+    if let Some(up) = cfg.upstreams.get(idx) {
+        if let Ok(v) = HeaderValue::from_str(&up.name) {
+            builder.insert_header(("x-upstream", v));
+        }
+    }
+    builder.insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
+    if sse {
+        builder.insert_header(("x-accel-buffering", "no"));
+    }
+
+    let encoding = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
+    let capture = if ledger.recording() {
+        Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes)
+    } else {
+        Capture::usage_only(content_type.as_deref(), encoding, cfg.record_body_bytes)
+    };
+    // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
+    let head_request = ledger.info().method == "HEAD";
+    let no_body = head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    let chunked = resp
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let body = RelayBody::new(
+        resp,
+        first,
+        cfg.idle_timeout,
+        sse,
+        (length, chunked),
+        ledger,
+        capture,
+    );
+    if no_body {
+        body.finish_empty();
+        if let (true, Some(len)) = (head_request, length) {
+            builder.no_chunking(len);
+        }
+        return builder.finish();
+    }
+    match length {
+        Some(len) if !sse => builder.body(actix_web::body::SizedStream::new(len, body)),
+        _ => builder.streaming(body),
+    }
+}
