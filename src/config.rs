@@ -160,6 +160,10 @@ pub struct Upstream {
     pub deny: Vec<Pattern>,
     /// `model` rewrites, exact names first, then patterns in file order.
     pub model_map: Vec<(Pattern, String)>,
+    /// `models`: the model list given in the file (then never fetched); None = fetch it (SPEC 4b).
+    pub models: Option<Vec<String>>,
+    /// `force_usage`: add `stream_options.include_usage` to stream requests (SPEC 4b).
+    pub force_usage: bool,
 }
 
 impl Upstream {
@@ -297,6 +301,10 @@ pub struct Config {
     pub database: Option<String>,
     /// The upstreams, in file order.
     pub upstreams: Vec<Upstream>,
+    /// How often each upstream's model list is fetched again (SPEC 4b).
+    pub models_refresh: Duration,
+    /// Skip an upstream whose known model list lacks the request's model (SPEC 4b).
+    pub route_by_models: bool,
 }
 
 impl Config {
@@ -378,6 +386,9 @@ const ROOT_KEYS: &[&str] = &[
     "database",
     "dbtype",
     "dbaddr",
+    "models_refresh",
+    "route_by_models",
+    "force_usage",
 ];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
@@ -388,6 +399,8 @@ const UPSTREAM_KEYS: &[&str] = &[
     "allow",
     "deny",
     "model_map",
+    "models",
+    "force_usage",
 ];
 
 impl Parser<'_> {
@@ -494,6 +507,24 @@ impl Parser<'_> {
             }
             None => default,
         }
+    }
+
+    /// `true`/`false` (also as strings, so `${ENV}` works).
+    fn boolean(&mut self, key: &str, v: Option<&Value>, default: bool) -> bool {
+        let b = match v {
+            None | Some(Value::Null) => return default,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::String(s)) => match self.subst(key, s).trim() {
+                "true" | "yes" | "on" => Some(true),
+                "false" | "no" | "off" => Some(false),
+                _ => None,
+            },
+            Some(_) => None,
+        };
+        b.unwrap_or_else(|| {
+            self.err(key, "expected true or false");
+            default
+        })
     }
 
     /// A comma-separated string or a YAML list of strings.
@@ -637,8 +668,16 @@ impl Parser<'_> {
             }
         };
 
+        let models_refresh = self.seconds(
+            "models_refresh",
+            get("models_refresh"),
+            Duration::from_secs(600),
+        );
+        let route_by_models = self.boolean("route_by_models", get("route_by_models"), false);
+        let force_usage = self.boolean("force_usage", get("force_usage"), true);
+
         let global = (timeout, stream_timeout);
-        let upstreams = self.upstreams(get("upstreams"), global);
+        let upstreams = self.upstreams(get("upstreams"), global, force_usage);
 
         Config {
             file: self.file.clone(),
@@ -659,6 +698,8 @@ impl Parser<'_> {
             address,
             database,
             upstreams,
+            models_refresh,
+            route_by_models,
         }
     }
 
@@ -752,7 +793,12 @@ impl Parser<'_> {
         }
     }
 
-    fn upstreams(&mut self, v: Option<&Value>, global: (Duration, Duration)) -> Vec<Upstream> {
+    fn upstreams(
+        &mut self,
+        v: Option<&Value>,
+        global: (Duration, Duration),
+        force_usage: bool,
+    ) -> Vec<Upstream> {
         let items = match v {
             Some(Value::Sequence(items)) if !items.is_empty() => items,
             Some(Value::Sequence(_)) | None | Some(Value::Null) => {
@@ -849,6 +895,11 @@ impl Parser<'_> {
                 }
                 Some(_) => self.err(&key("model_map"), "expected a mapping {from: to}"),
             }
+            let models = match m.get("models") {
+                None | Some(Value::Null) => None,
+                v => Some(self.list(&key("models"), v)),
+            };
+            let force_usage = self.boolean(&key("force_usage"), m.get("force_usage"), force_usage);
             out.push((
                 name.clone(),
                 Upstream {
@@ -861,6 +912,8 @@ impl Parser<'_> {
                     allow,
                     deny,
                     model_map,
+                    models,
+                    force_usage,
                 },
             ));
         }

@@ -3,7 +3,7 @@
 //!
 //! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`]/[`relay`]/[`headers`] §4,
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
+//! [`models`]/[`usage`] §4b, [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
 
 #![warn(missing_docs)]
 
@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+pub mod models;
 pub mod notify;
 pub mod proxy;
 pub mod records;
@@ -23,3 +24,4 @@ pub mod state;
 pub mod status;
 pub mod time;
 pub mod transport;
+pub mod usage;

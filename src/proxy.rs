@@ -57,6 +57,27 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
+    /// What is known of a request the gateway answers itself (no body read), e.g. `/v1/models`.
+    pub fn local(req: &HttpRequest, cfg: &Config) -> RequestInfo {
+        RequestInfo {
+            created_at: SystemTime::now(),
+            started: Instant::now(),
+            ip: client_ip(req, cfg),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            model: None,
+            stream: false,
+            body: Bytes::new(),
+            user_agent: req
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            client_key: None,
+            body_limit: cfg.record_body_bytes,
+        }
+    }
+
     /// Builds the record once the outcome is known.
     #[allow(clippy::too_many_arguments)]
     pub fn into_record(
@@ -215,7 +236,7 @@ pub fn token_label(token: &str) -> String {
 }
 
 /// Checks the client token; returns its label.
-fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
+pub(crate) fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
     let token = bearer(req).filter(|t| !t.is_empty());
     if cfg.noauth {
         return Ok(token.map(token_label));
@@ -313,9 +334,26 @@ async fn read_body(
 }
 
 /// Answers locally (auth, size, routing errors) and records it.
-fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
+pub(crate) fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
     let error = err.to_string();
     answer(state, info, &err, 0, error)
+}
+
+/// Records a request the gateway answered itself with `status` and `body` (e.g. `/v1/models`).
+pub(crate) fn answered_locally(state: &AppState, info: RequestInfo, status: u16, body: &[u8]) {
+    if let Some(rec) = &state.recorder {
+        let ttfb = info.started.elapsed();
+        let text = String::from_utf8_lossy(body).into_owned();
+        rec.submit(info.into_record(
+            status,
+            None,
+            0,
+            None,
+            Some(text),
+            Default::default(),
+            Some(ttfb),
+        ));
+    }
 }
 
 /// Sends a gateway-made error and records it: `attempts` upstreams were tried, `error` is the
@@ -474,8 +512,9 @@ pub async fn proxy(
     info.model = model;
     info.stream = stream;
 
-    let (view, order) = state.registry.candidates(info.model.as_deref());
+    let (view, mut order) = state.registry.candidates(info.model.as_deref());
     let cfg = view.config.clone();
+    crate::models::route_filter(&state, &cfg, &mut order, info.model.as_deref());
     if order.is_empty() {
         let model = info.model.clone().unwrap_or_default();
         return local_error(&state, info, GatewayError::NoUpstreamForModel(model));
@@ -484,17 +523,43 @@ pub async fn proxy(
     let n = order.len();
     let mut failures: Vec<String> = Vec::new();
     let mut last_kind = FailKind::Connect;
+    // 4b: the body with `stream_options.include_usage` added, when this request should get it.
+    let usage_body = crate::usage::usage_body(&info.path, info.stream, &info.body);
+    let mut repeats = 0;
     for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
         let last = pos + 1 == n;
         let wait = first_byte_wait(up, info.stream, last, info.body.len());
-        let body = match info.model.as_deref().and_then(|m| up.mapped_model(m)) {
-            Some(to) => rewrite_model(&info.body, to).unwrap_or_else(|| info.body.clone()),
-            None => info.body.clone(),
+        let mut add_usage = usage_body.is_some()
+            && up.force_usage
+            && !state.stream_options_refused.refused(&cfg, &up.name);
+        let body_for = |base: &Bytes| match info.model.as_deref().and_then(|m| up.mapped_model(m)) {
+            Some(to) => rewrite_model(base, to).unwrap_or_else(|| base.clone()),
+            None => base.clone(),
+        };
+        let body = match (&usage_body, add_usage) {
+            (Some(with_usage), true) => body_for(with_usage),
+            _ => body_for(&info.body),
         };
         let t0 = Instant::now();
-        let outcome =
+        let mut outcome =
             actix_rt::time::timeout(wait, attempt(&client.0, up, &req, body, info.stream)).await;
+        if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut outcome) {
+            // 4b: a 400 naming the added `stream_options` is repeated once without it.
+            if crate::usage::refuses_stream_options(resp, first, wait).await {
+                log::info!(
+                    "upstream {} refused stream_options; not adding it there until the next reload",
+                    up.name
+                );
+                state.stream_options_refused.refuse(&cfg, &up.name);
+                add_usage = false;
+                repeats += 1;
+                let body = body_for(&info.body);
+                outcome =
+                    actix_rt::time::timeout(wait, attempt(&client.0, up, &req, body, info.stream))
+                        .await;
+            }
+        }
         let (kind, reason) = match outcome {
             Ok(Ok((resp, first))) => {
                 let status = resp.status();
@@ -502,8 +567,9 @@ pub async fn proxy(
                     let at = Attempted {
                         view: &view,
                         idx,
-                        attempts: pos + 1,
+                        attempts: pos + 1 + repeats,
                         t0,
+                        usage_added: add_usage,
                     };
                     return commit(&state, &cfg, info, up, resp, first, at, failures);
                 }
@@ -548,7 +614,7 @@ pub async fn proxy(
         summary: summary.clone(),
     };
     alert_all_failed(&state, &info, err.status().as_u16(), &failures);
-    answer(&state, info, &err, n, summary)
+    answer(&state, info, &err, n + repeats, summary)
 }
 
 fn alert_all_failed(state: &AppState, info: &RequestInfo, status: u16, failures: &[String]) {
@@ -571,6 +637,8 @@ struct Attempted<'a> {
     idx: usize,
     attempts: usize,
     t0: Instant,
+    /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
+    usage_added: bool,
 }
 
 /// Sends the chosen upstream's answer to the client, streaming.
@@ -590,6 +658,7 @@ fn commit(
         idx,
         attempts,
         t0,
+        usage_added,
     } = at;
     let status = resp.status();
     let first_byte = t0.elapsed();
@@ -684,6 +753,11 @@ fn commit(
         (length, chunked),
         finish,
     );
+    let body = if usage_added && sse {
+        body.with_usage_filter()
+    } else {
+        body
+    };
     if no_body {
         body.finish_empty();
         return builder.finish();

@@ -22,6 +22,7 @@ use crate::proxy::RequestInfo;
 use crate::registry::{AttemptResult, FailKind, RegistryView};
 use crate::state::AppState;
 use crate::transport;
+use crate::usage::UsageFilter;
 
 /// Everything needed to account for the request when its body ends.
 pub struct Finish {
@@ -147,6 +148,8 @@ pub struct RelayBody<S> {
     chunked: bool,
     received: u64,
     finish: Option<Finish>,
+    /// Keeps the usage-only chunk the gateway asked for from the client (4b, `force_usage`).
+    usage_filter: Option<UsageFilter>,
 }
 
 impl<S> RelayBody<S>
@@ -176,6 +179,22 @@ where
             chunked: framing.1,
             received: 0,
             finish: Some(finish),
+            usage_filter: None,
+        }
+    }
+
+    /// Drops the usage-only SSE events (still read for the record and metrics) from what the
+    /// client receives: the gateway added `stream_options.include_usage`, the client did not.
+    pub fn with_usage_filter(mut self) -> Self {
+        self.usage_filter = Some(UsageFilter::default());
+        self
+    }
+
+    /// What of an upstream chunk goes to the client; None when nothing does (yet).
+    fn filtered(&mut self, b: Bytes) -> Option<Bytes> {
+        match &mut self.usage_filter {
+            None => Some(b),
+            Some(f) => Some(f.push(&b)).filter(|out| !out.is_empty()),
         }
     }
 
@@ -204,7 +223,11 @@ where
     }
 
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Bytes, RelayError>>> {
-        let event = self.sse.then(|| error_event(&self.tail, &reason));
+        let held = self.usage_filter.as_mut().and_then(UsageFilter::take_held);
+        let event = self.sse.then(|| match held {
+            Some(h) => [h, error_event(&self.tail, &reason)].concat().into(),
+            None => error_event(&self.tail, &reason),
+        });
         self.end(End::Broken(reason.clone()));
         match event {
             Some(ev) => Poll::Ready(Some(Ok(ev))),
@@ -237,7 +260,9 @@ where
         if let Some(b) = this.first.take() {
             this.last_data = Instant::now();
             this.on_chunk(&b);
-            return Poll::Ready(Some(Ok(b)));
+            if let Some(b) = this.filtered(b) {
+                return Poll::Ready(Some(Ok(b)));
+            }
         }
         if this.done {
             return Poll::Ready(None);
@@ -248,7 +273,10 @@ where
                 Poll::Ready(Some(Ok(b))) => {
                     this.last_data = Instant::now();
                     this.on_chunk(&b);
-                    return Poll::Ready(Some(Ok(b)));
+                    match this.filtered(b) {
+                        Some(b) => return Poll::Ready(Some(Ok(b))),
+                        None => continue,
+                    }
                 }
                 Poll::Ready(None) => {
                     let short = this.expected_len.is_some_and(|n| this.received < n);
@@ -257,7 +285,8 @@ where
                             .fail("connection closed before the response was complete".into());
                     }
                     this.end(End::Complete);
-                    return Poll::Ready(None);
+                    let rest = this.usage_filter.as_mut().and_then(UsageFilter::finish);
+                    return Poll::Ready(rest.map(Ok));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     return this.fail(format!("connection broke mid-response: {e}"));
