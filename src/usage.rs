@@ -156,11 +156,17 @@ pub async fn refuses_stream_options(
         while head.len() < ERROR_HEAD {
             match resp.next().await {
                 Some(Ok(chunk)) => head.extend_from_slice(&chunk),
-                _ => break,
+                Some(Err(_)) => break,
+                None => return true,
             }
         }
+        false
     };
-    let _ = actix_rt::time::timeout(wait, read).await;
+    if let Ok(true) = actix_rt::time::timeout(wait, read).await {
+        // The body has ended: an awc payload must not be polled again, so the relay gets none.
+        use actix_web::HttpMessage;
+        drop(resp.take_payload());
+    }
     let head = head.freeze();
     if head.windows(14).any(|w| w == b"stream_options") {
         return true;

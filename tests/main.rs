@@ -6,6 +6,7 @@ mod cli;
 mod failover;
 mod faults;
 mod fuzz;
+mod models;
 mod observability;
 mod postgres;
 mod records;
