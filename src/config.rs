@@ -1093,6 +1093,44 @@ mod tests {
     }
 
     #[test]
+    fn models_and_usage_keys() {
+        let c = parse_str(
+            "authorization: x\nmodels_refresh: 30\nroute_by_models: true\nforce_usage: false\nupstreams:\n  - endpoint: http://h\n    models: [a, \"b/c\"]\n  - endpoint: http://h2\n    force_usage: \"true\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.models_refresh, Duration::from_secs(30));
+        assert!(c.route_by_models);
+        assert_eq!(c.upstreams[0].models, Some(vec!["a".into(), "b/c".into()]));
+        assert!(
+            !c.upstreams[0].force_usage,
+            "the global value is the default"
+        );
+        assert!(c.upstreams[1].force_usage);
+        assert_eq!(c.upstreams[1].models, None);
+        let d = parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n").unwrap();
+        assert_eq!(d.models_refresh, Duration::from_secs(600));
+        assert!(!d.route_by_models);
+        assert!(d.upstreams[0].force_usage);
+        let e = parse_str(
+            "authorization: x\nroute_by_models: maybe\nmodels_refresh: 0\nupstreams:\n  - endpoint: http://h\n    force_usage: 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.yaml: route_by_models: expected true or false"),
+            "{e}"
+        );
+        assert!(
+            e.contains("t.yaml: models_refresh: must be greater than 0"),
+            "{e}"
+        );
+        assert!(
+            e.contains("upstreams[0].force_usage: expected true or false"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn endpoint_display_drops_userinfo() {
         let (base, display, host) =
             parse_endpoint("https://user:pw@h.example:8443/api/v1/").unwrap();
