@@ -160,6 +160,10 @@ pub struct Upstream {
     pub deny: Vec<Pattern>,
     /// `model` rewrites, exact names first, then patterns in file order.
     pub model_map: Vec<(Pattern, String)>,
+    /// `models`: the model list given in the file (then never fetched); None = fetch it (SPEC 4b).
+    pub models: Option<Vec<String>>,
+    /// `force_usage`: add `stream_options.include_usage` to stream requests (SPEC 4b).
+    pub force_usage: bool,
 }
 
 impl Upstream {
@@ -299,6 +303,10 @@ pub struct Config {
     pub database: Option<String>,
     /// The upstreams, in file order.
     pub upstreams: Vec<Upstream>,
+    /// How often each upstream's model list is fetched again (SPEC 4b).
+    pub models_refresh: Duration,
+    /// Skip an upstream whose known model list lacks the request's model (SPEC 4b).
+    pub route_by_models: bool,
 }
 
 impl Config {
@@ -381,6 +389,9 @@ const ROOT_KEYS: &[&str] = &[
     "database",
     "dbtype",
     "dbaddr",
+    "models_refresh",
+    "route_by_models",
+    "force_usage",
 ];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
@@ -391,6 +402,8 @@ const UPSTREAM_KEYS: &[&str] = &[
     "allow",
     "deny",
     "model_map",
+    "models",
+    "force_usage",
 ];
 
 impl Parser<'_> {
@@ -497,6 +510,24 @@ impl Parser<'_> {
             }
             None => default,
         }
+    }
+
+    /// `true`/`false` (also as strings, so `${ENV}` works).
+    fn boolean(&mut self, key: &str, v: Option<&Value>, default: bool) -> bool {
+        let b = match v {
+            None | Some(Value::Null) => return default,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::String(s)) => match self.subst(key, s).trim() {
+                "true" | "yes" | "on" => Some(true),
+                "false" | "no" | "off" => Some(false),
+                _ => None,
+            },
+            Some(_) => None,
+        };
+        b.unwrap_or_else(|| {
+            self.err(key, "expected true or false");
+            default
+        })
     }
 
     /// A comma-separated string or a YAML list of strings.
@@ -642,8 +673,16 @@ impl Parser<'_> {
             }
         };
 
+        let models_refresh = self.seconds(
+            "models_refresh",
+            get("models_refresh"),
+            Duration::from_secs(600),
+        );
+        let route_by_models = self.boolean("route_by_models", get("route_by_models"), false);
+        let force_usage = self.boolean("force_usage", get("force_usage"), true);
+
         let global = (timeout, stream_timeout);
-        let upstreams = self.upstreams(get("upstreams"), global);
+        let upstreams = self.upstreams(get("upstreams"), global, force_usage);
 
         Config {
             file: self.file.clone(),
@@ -665,6 +704,8 @@ impl Parser<'_> {
             address,
             database,
             upstreams,
+            models_refresh,
+            route_by_models,
         }
     }
 
@@ -758,7 +799,12 @@ impl Parser<'_> {
         }
     }
 
-    fn upstreams(&mut self, v: Option<&Value>, global: (Duration, Duration)) -> Vec<Upstream> {
+    fn upstreams(
+        &mut self,
+        v: Option<&Value>,
+        global: (Duration, Duration),
+        force_usage: bool,
+    ) -> Vec<Upstream> {
         let items = match v {
             Some(Value::Sequence(items)) if !items.is_empty() => items,
             Some(Value::Sequence(_)) | None | Some(Value::Null) => {
@@ -855,6 +901,11 @@ impl Parser<'_> {
                 }
                 Some(_) => self.err(&key("model_map"), "expected a mapping {from: to}"),
             }
+            let models = match m.get("models") {
+                None | Some(Value::Null) => None,
+                v => Some(self.list(&key("models"), v)),
+            };
+            let force_usage = self.boolean(&key("force_usage"), m.get("force_usage"), force_usage);
             out.push((
                 name.clone(),
                 Upstream {
@@ -867,6 +918,8 @@ impl Parser<'_> {
                     allow,
                     deny,
                     model_map,
+                    models,
+                    force_usage,
                 },
             ));
         }
@@ -1043,6 +1096,44 @@ mod tests {
             .unwrap()
             .contains("1.2.3.4".parse().unwrap()));
         assert!(IpNet::parse("nope").is_none());
+    }
+
+    #[test]
+    fn models_and_usage_keys() {
+        let c = parse_str(
+            "authorization: x\nmodels_refresh: 30\nroute_by_models: true\nforce_usage: false\nupstreams:\n  - endpoint: http://h\n    models: [a, \"b/c\"]\n  - endpoint: http://h2\n    force_usage: \"true\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.models_refresh, Duration::from_secs(30));
+        assert!(c.route_by_models);
+        assert_eq!(c.upstreams[0].models, Some(vec!["a".into(), "b/c".into()]));
+        assert!(
+            !c.upstreams[0].force_usage,
+            "the global value is the default"
+        );
+        assert!(c.upstreams[1].force_usage);
+        assert_eq!(c.upstreams[1].models, None);
+        let d = parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n").unwrap();
+        assert_eq!(d.models_refresh, Duration::from_secs(600));
+        assert!(!d.route_by_models);
+        assert!(d.upstreams[0].force_usage);
+        let e = parse_str(
+            "authorization: x\nroute_by_models: maybe\nmodels_refresh: 0\nupstreams:\n  - endpoint: http://h\n    force_usage: 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.yaml: route_by_models: expected true or false"),
+            "{e}"
+        );
+        assert!(
+            e.contains("t.yaml: models_refresh: must be greater than 0"),
+            "{e}"
+        );
+        assert!(
+            e.contains("upstreams[0].force_usage: expected true or false"),
+            "{e}"
+        );
     }
 
     #[test]

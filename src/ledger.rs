@@ -16,7 +16,7 @@ use actix_web::HttpResponse;
 
 use crate::attempt::{is_failover_status, summary, FailKind, Failure};
 use crate::capture::Usage;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Rejection};
 use crate::escape::untrusted;
 use crate::notify::RequestFailed;
 use crate::records::Record;
@@ -222,10 +222,7 @@ impl Ledger {
         let error = match err.rejection() {
             Some(reason) => {
                 self.state.metrics.rejected(reason);
-                let now = SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                if !self.state.reject_gate.admit(now) {
+                if !self.admit_rejected_record() {
                     return resp;
                 }
                 err.to_string()
@@ -252,6 +249,37 @@ impl Ledger {
             ));
         }
         resp
+    }
+
+    /// Ends a request the gateway answered with content of its own (`/v1/models`). A 404 is a
+    /// refusal like any other (counted; recorded within the rejected-records bound).
+    pub fn finish_answered(self, status: StatusCode, body: &[u8]) {
+        if status == StatusCode::NOT_FOUND {
+            self.state.metrics.rejected(Rejection::NotFound);
+            if !self.admit_rejected_record() {
+                return;
+            }
+        }
+        if let Some(rec) = self.state.recorder.clone() {
+            let ttfb = self.info.started.elapsed();
+            let text = String::from_utf8_lossy(body).into_owned();
+            rec.submit(self.into_record(
+                status.as_u16(),
+                None,
+                None,
+                Some(text),
+                Usage::default(),
+                Some(ttfb),
+            ));
+        }
+    }
+
+    /// Whether one more refused request may be recorded this second (SPEC 4d).
+    fn admit_rejected_record(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.state.reject_gate.admit(now)
     }
 
     /// Ends a relayed response when its body ends, breaks, or the client goes away.

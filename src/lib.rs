@@ -5,7 +5,7 @@
 //! respond → relay) and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
 //! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
+//! [`models`]/[`usage`] §4b, [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,6 +19,7 @@ pub mod escape;
 pub mod headers;
 pub mod ledger;
 pub mod metrics;
+pub mod models;
 pub mod notify;
 pub mod proxy;
 pub mod records;
@@ -28,3 +29,4 @@ pub mod state;
 pub mod status;
 pub mod time;
 pub mod transport;
+pub mod usage;

@@ -13,6 +13,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use crate::cli::{bind_address, Cli};
 use crate::config::{self, Config, ConfigErrors};
 use crate::metrics::Metrics;
+use crate::models::{self, ModelsActor, ModelsHandle};
 use crate::notify::{NotifierActor, Reconfigure};
 use crate::proxy::{preflight, proxy, UpstreamClient};
 use crate::records::{redact_database_url, DbError, Recorder, Store};
@@ -175,12 +176,16 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             metrics.clone(),
             Some(notifier.clone().recipient()),
         );
+        // Model lists are fetched in the background: nothing here waits for an upstream.
+        let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
         let state = web::Data::new(AppState {
             config: shared.clone(),
             registry: registry.clone(),
             metrics: metrics.clone(),
             recorder: recorder.clone(),
             alerts: Some(notifier.clone().recipient()),
+            models: models.clone(),
+            stream_options_refused: Default::default(),
             started: Instant::now(),
             started_at: SystemTime::now(),
             listen: local.clone(),
@@ -211,6 +216,13 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                             .finish()
                     }),
                 )
+                // 4b: the model list is the gateway's own; other methods are proxied as before.
+                .service(
+                    web::resource(["/v1/models", "/v1/models/{id:.*}"])
+                        .route(web::get().to(models::handler))
+                        .route(web::method(Method::OPTIONS).to(preflight))
+                        .default_service(web::to(proxy)),
+                )
                 .service(
                     web::resource("/v1/{tail}*")
                         .route(web::method(Method::OPTIONS).to(preflight))
@@ -234,7 +246,13 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
 
         spawn_shutdown(signals.stop, server.handle());
         if let Some(hup) = signals.reload {
-            spawn_reload(hup, cli.clone(), registry.clone(), notifier.clone());
+            spawn_reload(
+                hup,
+                cli.clone(),
+                registry.clone(),
+                notifier.clone(),
+                models.clone(),
+            );
         }
         log::info!(
             "listening on {local} ({} upstreams, auth {}, recording {})",
@@ -364,6 +382,7 @@ fn spawn_reload(
     cli: Cli,
     registry: RegistryHandle,
     notifier: Addr<NotifierActor>,
+    models: ModelsHandle,
 ) {
     actix_rt::spawn(async move {
         while hup.recv().await.is_some() {
@@ -375,7 +394,9 @@ fn spawn_reload(
                         cfg.upstreams.len()
                     );
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
-                    registry.reload(Arc::new(cfg));
+                    let cfg = Arc::new(cfg);
+                    models.reload(cfg.clone());
+                    registry.reload(cfg);
                 }
                 Err(errors) => {
                     for e in errors.0 {
@@ -389,7 +410,7 @@ fn spawn_reload(
 
 /// No SIGHUP here: nothing to reload on.
 #[cfg(not(unix))]
-fn spawn_reload(_: (), _: Cli, _: RegistryHandle, _: Addr<NotifierActor>) {}
+fn spawn_reload(_: (), _: Cli, _: RegistryHandle, _: Addr<NotifierActor>, _: ModelsHandle) {}
 
 fn spawn_retention(rec: Recorder, shared: SharedConfig) {
     actix_rt::spawn(async move {

@@ -27,6 +27,10 @@ pub struct AppState {
     pub started_at: SystemTime,
     /// The address actually bound.
     pub listen: String,
+    /// Every upstream's model list and the `/v1/models` answer (4b).
+    pub models: crate::models::ModelsHandle,
+    /// Upstreams that refused an added `stream_options` (4b), until the next reload.
+    pub stream_options_refused: crate::usage::Refusals,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
     /// Bounds the records of rejected requests (SPEC 4d).

@@ -62,7 +62,7 @@ fn ms(d: Duration) -> String {
     }
 }
 
-fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
+fn row(out: &mut String, u: &UpstreamStatus, pos: usize, models: &str) {
     let (state_class, state) = match (u.cooling_until, u.healthy) {
         (Some(until), _) => ("cooling", format!("cooling down until {}", rfc3339(until))),
         (None, true) => ("healthy", "healthy".to_string()),
@@ -85,7 +85,8 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
          <td data-label=\"Failures in a row\">{}</td>\
          <td data-label=\"OK / failed\">{} / {}</td>\
          <td data-label=\"First byte (median)\">{}</td>\
-         <td data-label=\"Last error\">{}</td></tr>",
+         <td data-label=\"Last error\">{}</td>\
+         <td data-label=\"Models\">{models}</td></tr>",
         esc(&u.name),
         esc(&u.endpoint),
         esc(&state),
@@ -112,8 +113,9 @@ fn row(out: &mut String, u: &UpstreamStatus, pos: usize) {
 pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
     let cfg = state.config.get();
     let mut rows = String::new();
+    let models = state.models.snapshot();
     for (i, u) in upstreams.iter().enumerate() {
-        row(&mut rows, u, i + 1);
+        row(&mut rows, u, i + 1, &models.status_cell(&u.name));
     }
     let recording = match &state.recorder {
         Some(r) if !r.up() => format!(
@@ -149,7 +151,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
 <h2>Upstreams, in configured order</h2>\
 <table class=\"upstreams\"><thead><tr><th>#</th><th>Name</th><th>Endpoint</th><th>State</th>\
 <th>Timeouts (head / stream)</th><th>Allow / deny</th><th>Failures in a row</th><th>OK / failed</th>\
-<th>First byte (median)</th><th>Last error</th></tr></thead><tbody>{rows}</tbody></table>\
+<th>First byte (median)</th><th>Last error</th><th>Models</th></tr></thead><tbody>{rows}</tbody></table>\
 <footer>Cooldown: {cf} failures in a row → back of the order for {cs}. Metrics at <a href=\"/v1/metrics\">/v1/metrics</a>.</footer>\
 </body></html>",
         version = esc(env!("CARGO_PKG_VERSION")),

@@ -7,6 +7,7 @@ mod failover;
 mod faults;
 mod fuzz;
 mod hardening;
+mod models;
 mod observability;
 mod postgres;
 mod records;

@@ -154,9 +154,10 @@ async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
     let m = Mock::always(Reply::chat("ok"));
     let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
     let auth = format!("Bearer {TOKEN}");
+    // A proxied GET (the catch-all's series); /v1/models is answered by the gateway (4b).
     send(
         "GET",
-        &gw.url("/v1/models"),
+        &gw.url("/v1/files"),
         &[("authorization", &auth)],
         b"",
     )

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use std::net::IpAddr;
+use std::time::{Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::{self, Bytes, BytesMut};
@@ -21,6 +22,7 @@ use futures_util::StreamExt;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::headers::VIA;
+use crate::ledger::RequestInfo;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// What the gateway reads from a JSON body.
@@ -258,6 +260,27 @@ pub fn cut_to(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// What is known about a request before its body is read: its record's first columns.
+pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
+    RequestInfo {
+        created_at: SystemTime::now(),
+        started: Instant::now(),
+        ip: client_ip(req, cfg),
+        method: req.method().to_string(),
+        path: cut_to(req.uri().path(), RECORD_PATH_BYTES).to_string(),
+        model: None,
+        stream: false,
+        body: Bytes::new(),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| cut_to(ua, RECORD_USER_AGENT_BYTES).to_string()),
+        client_key: None,
+        body_limit: cfg.record_body_bytes,
+    }
 }
 
 /// Longest `path` kept in a record (SPEC 4d).

@@ -118,7 +118,12 @@ pub async fn attempt(
     }
     match resp.next().await {
         Some(Ok(chunk)) => Ok((resp, Some(chunk))),
-        None => Ok((resp, None)),
+        None => {
+            // An ended awc payload panics if polled again: the relay gets an empty one.
+            use actix_web::HttpMessage;
+            drop(resp.take_payload());
+            Ok((resp, None))
+        }
         Some(Err(e)) => Err((
             FailKind::Stream,
             format!("stream broke before its first chunk: {e}"),

@@ -10,17 +10,17 @@ pub mod attempt;
 pub mod relay;
 pub mod respond;
 
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
-use actix_web::http::header;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 
 use crate::attempt::{is_failover_status, FailKind};
 use crate::error::GatewayError;
 use crate::escape::untrusted;
-use crate::ledger::{Ledger, RequestInfo};
+use crate::ledger::Ledger;
 use crate::state::AppState;
+use crate::usage;
 
 pub use self::admit::{preflight, token_label};
 pub use self::attempt::rewrite_model;
@@ -49,23 +49,7 @@ async fn admit_request(
     state: &web::Data<AppState>,
 ) -> Result<Ledger, (Ledger, GatewayError)> {
     let cfg = state.config.get();
-    let info = RequestInfo {
-        created_at: SystemTime::now(),
-        started: Instant::now(),
-        ip: admit::client_ip(req, &cfg),
-        method: req.method().to_string(),
-        path: admit::cut_to(req.uri().path(), admit::RECORD_PATH_BYTES).to_string(),
-        model: None,
-        stream: false,
-        body: Bytes::new(),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| admit::cut_to(ua, admit::RECORD_USER_AGENT_BYTES).to_string()),
-        client_key: None,
-        body_limit: cfg.record_body_bytes,
-    };
+    let info = admit::request_info(req, &cfg);
     let mut ledger = Ledger::open(state.clone().into_inner(), info);
     match admit::authorize(req, &cfg) {
         Ok(label) => ledger.info_mut().client_key = label,
@@ -114,6 +98,18 @@ async fn admit_request(
     Ok(ledger)
 }
 
+/// `base` as `up` gets it: its `model_map` applied to the top-level `model`.
+fn upstream_body(
+    info: &crate::ledger::RequestInfo,
+    up: &crate::config::Upstream,
+    base: &Bytes,
+) -> Bytes {
+    match info.model.as_deref().and_then(|m| up.mapped_model(m)) {
+        Some(to) => rewrite_model(base, to).unwrap_or_else(|| base.clone()),
+        None => base.clone(),
+    }
+}
+
 /// Candidates in order, one attempt each, until one answers (SPEC §4 "Failover").
 async fn forward(
     req: &HttpRequest,
@@ -121,32 +117,70 @@ async fn forward(
     state: &AppState,
     client: &awc::Client,
 ) -> HttpResponse {
-    let (view, order) = state.registry.candidates(ledger.info().model.as_deref());
+    let (view, mut order) = state.registry.candidates(ledger.info().model.as_deref());
+    crate::models::route_filter(
+        state,
+        &view.config,
+        &mut order,
+        ledger.info().model.as_deref(),
+    );
     if order.is_empty() {
         let model = ledger.info().model.clone().unwrap_or_default();
         return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
     }
     let cfg = view.config.clone();
     let n = order.len();
+    // 4b: the body with `stream_options.include_usage` added, when this request should get it.
+    let usage_body = {
+        let info = ledger.info();
+        usage::usage_body(&info.path, info.stream, &info.body)
+    };
     for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
         let last = pos + 1 == n;
-        let info = ledger.info();
-        let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
-        let body = match info.model.as_deref().and_then(|m| up.mapped_model(m)) {
-            Some(to) => rewrite_model(&info.body, to).unwrap_or_else(|| info.body.clone()),
-            None => info.body.clone(),
+        let (stream, wait) = {
+            let info = ledger.info();
+            let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
+            (info.stream, wait)
         };
-        let stream = info.stream;
+        let mut add_usage = usage_body.is_some()
+            && up.force_usage
+            && !state.stream_options_refused.refused(&cfg, &up.name);
+        let body = match (&usage_body, add_usage) {
+            (Some(with_usage), true) => upstream_body(ledger.info(), up, with_usage),
+            _ => upstream_body(ledger.info(), up, &ledger.info().body),
+        };
         let t0 = Instant::now();
         ledger.sent();
-        let outcome =
+        let mut outcome =
             actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream)).await;
+        if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut outcome) {
+            // 4b: a 400 naming the added `stream_options` is repeated once without it.
+            if usage::refuses_stream_options(resp, first, wait).await {
+                log::info!(
+                    "upstream {} refused stream_options; not adding it there until the next reload",
+                    up.name
+                );
+                state.stream_options_refused.refuse(&cfg, &up.name);
+                add_usage = false;
+                let body = upstream_body(ledger.info(), up, &ledger.info().body);
+                ledger.sent();
+                outcome =
+                    actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream))
+                        .await;
+            }
+        }
         let (kind, status, reason) = match outcome {
             Ok(Ok((resp, first))) => {
                 let status = resp.status();
                 if !is_failover_status(status) || last {
-                    return respond::respond(ledger, &view, idx, resp, first, t0.elapsed());
+                    let committed = respond::Committed {
+                        view: &view,
+                        idx,
+                        first_byte: t0.elapsed(),
+                        usage_added: add_usage,
+                    };
+                    return respond::respond(ledger, committed, resp, first);
                 }
                 (
                     FailKind::Http,

@@ -19,6 +19,7 @@ use std::future::Future;
 use crate::capture::Capture;
 use crate::ledger::{BodyEnd, Ledger};
 use crate::transport;
+use crate::usage::UsageFilter;
 
 /// Error that makes actix abort a non-SSE response (the client sees an incomplete body).
 #[derive(Debug)]
@@ -53,6 +54,8 @@ pub struct RelayBody<S> {
     capture: Option<Capture>,
     /// Taken when the body ends, breaks or is dropped: the request is accounted for once.
     ledger: Option<Ledger>,
+    /// Keeps the usage-only chunk the gateway asked for from the client (4b, `force_usage`).
+    usage_filter: Option<UsageFilter>,
 }
 
 impl<S> RelayBody<S>
@@ -84,6 +87,22 @@ where
             received: 0,
             capture: Some(capture),
             ledger: Some(ledger),
+            usage_filter: None,
+        }
+    }
+
+    /// Drops the usage-only SSE events (still read for the record and metrics) from what the
+    /// client receives: the gateway added `stream_options.include_usage`, the client did not.
+    pub fn with_usage_filter(mut self) -> Self {
+        self.usage_filter = Some(UsageFilter::default());
+        self
+    }
+
+    /// What of an upstream chunk goes to the client; None when nothing does (yet).
+    fn filtered(&mut self, b: Bytes) -> Option<Bytes> {
+        match &mut self.usage_filter {
+            None => Some(b),
+            Some(f) => Some(f.push(&b)).filter(|out| !out.is_empty()),
         }
     }
 
@@ -105,7 +124,11 @@ where
     }
 
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Bytes, RelayError>>> {
-        let event = self.sse.then(|| error_event(&self.tail, &reason));
+        let held = self.usage_filter.as_mut().and_then(UsageFilter::take_held);
+        let event = self.sse.then(|| match held {
+            Some(h) => [h, error_event(&self.tail, &reason)].concat().into(),
+            None => error_event(&self.tail, &reason),
+        });
         self.end(BodyEnd::Broken(reason.clone()));
         match event {
             Some(ev) => Poll::Ready(Some(Ok(ev))),
@@ -138,7 +161,9 @@ where
         if let Some(b) = this.first.take() {
             this.last_data = Instant::now();
             this.on_chunk(&b);
-            return Poll::Ready(Some(Ok(b)));
+            if let Some(b) = this.filtered(b) {
+                return Poll::Ready(Some(Ok(b)));
+            }
         }
         if this.done {
             return Poll::Ready(None);
@@ -149,7 +174,10 @@ where
                 Poll::Ready(Some(Ok(b))) => {
                     this.last_data = Instant::now();
                     this.on_chunk(&b);
-                    return Poll::Ready(Some(Ok(b)));
+                    match this.filtered(b) {
+                        Some(b) => return Poll::Ready(Some(Ok(b))),
+                        None => continue,
+                    }
                 }
                 Poll::Ready(None) => {
                     let short = this.expected_len.is_some_and(|n| this.received < n);
@@ -158,7 +186,8 @@ where
                             .fail("connection closed before the response was complete".into());
                     }
                     this.end(BodyEnd::Complete);
-                    return Poll::Ready(None);
+                    let rest = this.usage_filter.as_mut().and_then(UsageFilter::finish);
+                    return Poll::Ready(rest.map(Ok));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     return this.fail(format!("connection broke mid-response: {e}"));

@@ -17,16 +17,32 @@ use crate::registry::RegistryView;
 use super::attempt::Upstreamed;
 use super::relay::RelayBody;
 
-/// Sends the answer of `view`'s upstream `idx` to the client, streaming; from here the relayed
-/// body owns the ledger and finishes it when the body ends.
+/// The attempt whose answer goes to the client.
+pub struct Committed<'a> {
+    /// The registry view the candidates came from.
+    pub view: &'a Arc<RegistryView>,
+    /// The upstream's index in it.
+    pub idx: usize,
+    /// Attempt start to response head (and first chunk, for streams).
+    pub first_byte: Duration,
+    /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
+    pub usage_added: bool,
+}
+
+/// Sends the committed answer to the client, streaming; from here the relayed body owns the
+/// ledger and finishes it when the body ends.
 pub fn respond(
     mut ledger: Ledger,
-    view: &Arc<RegistryView>,
-    idx: usize,
+    at: Committed<'_>,
     resp: Upstreamed,
     first: Option<Bytes>,
-    first_byte: Duration,
 ) -> HttpResponse {
+    let Committed {
+        view,
+        idx,
+        first_byte,
+        usage_added,
+    } = at;
     let cfg = &view.config;
     let status = resp.status();
     ledger.commit(view, idx, status, first_byte);
@@ -92,6 +108,11 @@ pub fn respond(
         ledger,
         capture,
     );
+    let body = if usage_added && sse {
+        body.with_usage_filter()
+    } else {
+        body
+    };
     if no_body {
         body.finish_empty();
         if let (true, Some(len)) = (head_request, length) {

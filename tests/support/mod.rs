@@ -129,6 +129,15 @@ impl Reply {
         }
     }
 
+    /// An OpenAI-style model list of `ids` (`owned_by` "mock-org").
+    pub fn models(ids: &[&str]) -> Reply {
+        let data: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| serde_json::json!({"id": id, "object": "model", "created": 1700000000, "owned_by": "mock-org"}))
+            .collect();
+        Reply::json(200, serde_json::json!({"object": "list", "data": data}))
+    }
+
     pub fn status(status: u16) -> Reply {
         Reply::json(
             status,
@@ -145,6 +154,16 @@ pub struct Mock {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections whose request was abandoned by the peer (EOF/RST while we were sending).
     pub peer_gone: Arc<Mutex<u32>>,
+    /// The gateway's background `GET …/models` fetches (SPEC 4b): answered with `models_reply`,
+    /// kept out of `seen`/`hits` and of the script's request count.
+    models: ModelsSide,
+}
+
+/// How a mock answers the gateway's model-list fetches, and what it saw of them.
+#[derive(Clone)]
+pub struct ModelsSide {
+    reply: Arc<Mutex<Reply>>,
+    fetches: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Mock {
@@ -158,8 +177,12 @@ impl Mock {
         let script: Script = Arc::new(f);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let peer_gone = Arc::new(Mutex::new(0));
+        let models = ModelsSide {
+            reply: Arc::new(Mutex::new(Reply::status(404))),
+            fetches: Arc::new(Mutex::new(Vec::new())),
+        };
         let (tx, rx) = std::sync::mpsc::channel();
-        let (seen2, gone2) = (seen.clone(), peer_gone.clone());
+        let (seen2, gone2, models2) = (seen.clone(), peer_gone.clone(), models.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -174,14 +197,15 @@ impl Mock {
                         return;
                     };
                     let _ = sock.set_nodelay(true);
-                    let (script, seen, counter, gone) = (
+                    let (script, seen, counter, gone, models) = (
                         script.clone(),
                         seen2.clone(),
                         counter.clone(),
                         gone2.clone(),
+                        models2.clone(),
                     );
                     tokio::spawn(async move {
-                        serve_conn(sock, script, seen, counter, gone).await;
+                        serve_conn(sock, script, seen, counter, gone, models).await;
                     });
                 }
             });
@@ -191,7 +215,18 @@ impl Mock {
             addr,
             seen,
             peer_gone,
+            models,
         }
+    }
+
+    /// What the gateway's `GET …/models` fetches get from now on (default: 404).
+    pub fn set_models(&self, reply: Reply) {
+        *self.models.reply.lock().unwrap() = reply;
+    }
+
+    /// The model-list fetches seen so far.
+    pub fn model_fetches(&self) -> Vec<Seen> {
+        self.models.fetches.lock().unwrap().clone()
     }
 
     /// A port where nothing listens (connection refused).
@@ -282,16 +317,23 @@ async fn serve_conn(
     seen: Arc<Mutex<Vec<Seen>>>,
     counter: Arc<Mutex<usize>>,
     gone: Arc<Mutex<u32>>,
+    models: ModelsSide,
 ) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
-        let n = {
-            let mut c = counter.lock().unwrap();
-            *c += 1;
-            *c - 1
+        let path = req.target.split('?').next().unwrap_or("");
+        let mut reply = if req.method == "GET" && path.ends_with("/models") {
+            models.fetches.lock().unwrap().push(req.clone());
+            models.reply.lock().unwrap().clone()
+        } else {
+            let n = {
+                let mut c = counter.lock().unwrap();
+                *c += 1;
+                *c - 1
+            };
+            seen.lock().unwrap().push(req.clone());
+            script(&req, n)
         };
-        seen.lock().unwrap().push(req.clone());
-        let mut reply = script(&req, n);
         while let Reply::Delay(d, inner) = reply {
             // Notice a peer that gives up while we wait.
             tokio::select! {

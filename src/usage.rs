@@ -1,0 +1,501 @@
+//! Token usage for every stream (SPEC 4b, `force_usage`).
+//!
+//! OpenAI-style APIs only report a stream's token counts when the request asks for
+//! `stream_options.include_usage`; most clients do not, so their streams would be recorded and
+//! counted without tokens. The gateway therefore adds the option on the way up ([`usage_body`]),
+//! reads the extra usage-only chunk like any other, and keeps that chunk from a client that did not
+//! ask for it ([`UsageFilter`]): such a client may read `choices[0]` of every chunk and would break
+//! on `"choices": []`. Upstreams that reject the option are remembered until the next reload
+//! ([`Refusals`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::web::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::Config;
+
+/// What is added when the client did not ask for usage itself.
+const INCLUDE_USAGE: &str = "\"include_usage\":true";
+
+/// Paths whose streams carry a usage chunk on request.
+fn usage_path(path: &str) -> bool {
+    path == "/v1/chat/completions" || path == "/v1/completions"
+}
+
+/// Members of a JSON object text in their original order, each value as its raw text.
+fn members(text: &str) -> Option<Vec<(String, &RawValue)>> {
+    let raw: BTreeMap<String, &RawValue> = serde_json::from_str(text).ok()?;
+    let mut v: Vec<(String, &RawValue)> = raw.into_iter().collect();
+    v.sort_by_key(|(_, r)| r.get().as_ptr() as usize - text.as_ptr() as usize);
+    Some(v)
+}
+
+/// Byte offset of `inner` (a sub-slice of `outer`) in `outer`.
+fn offset(outer: &str, inner: &str) -> usize {
+    inner.as_ptr() as usize - outer.as_ptr() as usize
+}
+
+/// `text` (a JSON object) with one more member inserted before its closing brace.
+fn append_member(text: &str, member: &str, empty: bool) -> Option<String> {
+    let close = text.rfind('}')?;
+    let mut out = String::with_capacity(text.len() + member.len() + 1);
+    if empty {
+        // `{ }`: replace the whole object so no stray comma is needed.
+        out.push_str(&text[..text.find('{')?]);
+        out.push('{');
+        out.push_str(member);
+        out.push_str(&text[close..]);
+    } else {
+        out.push_str(&text[..close]);
+        out.push(',');
+        out.push_str(member);
+        out.push_str(&text[close..]);
+    }
+    Some(out)
+}
+
+/// The body to send upstream instead of the client's, when the gateway should ask for usage: a
+/// stream request to `/v1/chat/completions` or `/v1/completions` whose JSON body does not already
+/// say `stream_options.include_usage: true`. Every byte outside `stream_options` is kept, and so
+/// are the client's other `stream_options` members.
+pub fn usage_body(path: &str, stream: bool, body: &[u8]) -> Option<Bytes> {
+    if !stream || !usage_path(path) {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let top = members(text)?;
+    let Some((_, opts)) = top.iter().rev().find(|(k, _)| k == "stream_options") else {
+        return append_member(
+            text,
+            &format!("\"stream_options\":{{{INCLUDE_USAGE}}}"),
+            false,
+        )
+        .map(Bytes::from);
+    };
+    let opts_text = opts.get();
+    let new_opts = match members(opts_text) {
+        Some(inner) => match inner.iter().rev().find(|(k, _)| k == "include_usage") {
+            Some((_, v)) if v.get() == "true" => return None,
+            Some((_, v)) => {
+                let at = offset(opts_text, v.get());
+                format!(
+                    "{}true{}",
+                    &opts_text[..at],
+                    &opts_text[at + v.get().len()..]
+                )
+            }
+            None => append_member(opts_text, INCLUDE_USAGE, inner.is_empty())?,
+        },
+        // `null` or something else that is not an object: the option replaces it.
+        None => format!("{{{INCLUDE_USAGE}}}"),
+    };
+    let at = offset(text, opts_text);
+    let mut out = String::with_capacity(text.len() + INCLUDE_USAGE.len());
+    out.push_str(&text[..at]);
+    out.push_str(&new_opts);
+    out.push_str(&text[at + opts_text.len()..]);
+    Some(Bytes::from(out))
+}
+
+/// Upstreams that answered 400 to an added `stream_options`: not sent it again until the config is
+/// replaced (a reload). Tied to the config it was learnt under, so a reload clears it by itself.
+#[derive(Default)]
+pub struct Refusals(Mutex<(Option<Arc<Config>>, HashSet<String>)>);
+
+impl Refusals {
+    /// Whether `name` refused the option under `config`.
+    pub fn refused(&self, config: &Arc<Config>, name: &str) -> bool {
+        let g = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match &g.0 {
+            Some(c) if Arc::ptr_eq(c, config) => g.1.contains(name),
+            _ => false,
+        }
+    }
+
+    /// Remembers that `name` refused the option under `config`.
+    pub fn refuse(&self, config: &Arc<Config>, name: &str) {
+        let mut g = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !g.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
+            *g = (Some(config.clone()), HashSet::new());
+        }
+        g.1.insert(name.to_string());
+    }
+}
+
+/// How much of a 400 body is read to look for `stream_options`.
+const ERROR_HEAD: usize = 64 * 1024;
+
+/// For an attempt the gateway added `stream_options` to: whether the answer is a 400 whose body
+/// names `stream_options` (then the caller repeats the attempt without it). Otherwise what was read
+/// of the body is put back into `first`, so it is relayed unchanged.
+pub async fn refuses_stream_options(
+    resp: &mut awc::ClientResponse,
+    first: &mut Option<Bytes>,
+    wait: Duration,
+) -> bool {
+    if resp.status().as_u16() != 400 {
+        return false;
+    }
+    let mut head = BytesMut::new();
+    if let Some(f) = first.take() {
+        head.extend_from_slice(&f);
+    }
+    let read = async {
+        while head.len() < ERROR_HEAD {
+            match resp.next().await {
+                Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+                Some(Err(_)) => break,
+                None => return true,
+            }
+        }
+        false
+    };
+    if let Ok(true) = actix_rt::time::timeout(wait, read).await {
+        // The body has ended: an awc payload must not be polled again, so the relay gets none.
+        use actix_web::HttpMessage;
+        drop(resp.take_payload());
+    }
+    let head = head.freeze();
+    if head.windows(14).any(|w| w == b"stream_options") {
+        return true;
+    }
+    if !head.is_empty() {
+        *first = Some(head);
+    }
+    false
+}
+
+/// Events longer than this cannot be a usage-only chunk: they are passed on without waiting for
+/// their end (and bound what is held).
+const MAX_HELD: usize = 64 * 1024;
+
+/// Drops the usage-only SSE events (`"choices": []` with a `usage` object) from a stream whose
+/// usage the gateway asked for. Works on event boundaries (an event may arrive split across
+/// chunks), relays everything else byte for byte, and holds back only the unfinished end of an
+/// event until its blank line arrives.
+#[derive(Debug)]
+pub struct UsageFilter {
+    /// The start of an event whose end has not arrived.
+    held: BytesMut,
+    /// The current event outgrew [`MAX_HELD`]: the rest of it passes as it comes.
+    passing: bool,
+    /// The last byte ended a line (events start at a line start).
+    at_line_start: bool,
+    /// The last byte was a `\r` ending a non-empty line (a `\n` after it belongs to it).
+    prev_cr: bool,
+    /// The last byte was a `\r` making an empty line: the event ends with it, or with a `\n` after.
+    blank_cr: bool,
+}
+
+impl Default for UsageFilter {
+    fn default() -> Self {
+        UsageFilter {
+            held: BytesMut::new(),
+            passing: false,
+            at_line_start: true,
+            prev_cr: false,
+            blank_cr: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    usage: Option<IgnoredAny>,
+}
+
+/// Whether one whole SSE event is a usage-only chunk.
+pub fn is_usage_only(event: &[u8]) -> bool {
+    if !event.windows(7).any(|w| w == b"\"usage\"") {
+        return false;
+    }
+    let mut data = Vec::new();
+    for line in event.split(|b| *b == b'\n' || *b == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    match serde_json::from_slice::<Probe>(&data) {
+        Ok(p) => p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()),
+        Err(_) => false,
+    }
+}
+
+/// What to send of one chunk: pieces of it (and held bytes) in order.
+#[derive(Default)]
+struct Out {
+    pieces: Vec<Bytes>,
+    /// The chunk range being extended: consecutive kept events are sent as one slice.
+    run: Option<(usize, usize)>,
+}
+
+impl Out {
+    fn keep(&mut self, chunk: &Bytes, start: usize, end: usize) {
+        match &mut self.run {
+            Some((_, e)) if *e == start => *e = end,
+            _ => {
+                self.flush(chunk);
+                self.run = Some((start, end));
+            }
+        }
+    }
+
+    fn flush(&mut self, chunk: &Bytes) {
+        if let Some((s, e)) = self.run.take() {
+            if e > s {
+                self.pieces.push(chunk.slice(s..e));
+            }
+        }
+    }
+
+    fn bytes(&mut self, b: Bytes, chunk: &Bytes) {
+        self.flush(chunk);
+        if !b.is_empty() {
+            self.pieces.push(b);
+        }
+    }
+
+    fn finish(mut self, chunk: &Bytes) -> Bytes {
+        self.flush(chunk);
+        match self.pieces.len() {
+            0 => Bytes::new(),
+            1 => self.pieces.pop().unwrap_or_default(),
+            _ => {
+                let mut b = BytesMut::with_capacity(self.pieces.iter().map(Bytes::len).sum());
+                for p in &self.pieces {
+                    b.extend_from_slice(p);
+                }
+                b.freeze()
+            }
+        }
+    }
+}
+
+impl UsageFilter {
+    /// What of `chunk` goes to the client now (possibly empty).
+    pub fn push(&mut self, chunk: &Bytes) -> Bytes {
+        let mut out = Out::default();
+        let mut start = 0;
+        let mut i = 0;
+        while i < chunk.len() {
+            let b = chunk[i];
+            if self.blank_cr {
+                self.blank_cr = false;
+                if b == b'\n' {
+                    self.event_end(chunk, start, i + 1, &mut out);
+                    start = i + 1;
+                    i += 1;
+                    continue;
+                }
+                // A lone `\r` ended the event; this byte starts the next one.
+                self.event_end(chunk, start, i, &mut out);
+                start = i;
+            }
+            if self.prev_cr && b == b'\n' {
+                self.prev_cr = false;
+                i += 1;
+                continue;
+            }
+            self.prev_cr = false;
+            match b {
+                b'\n' => {
+                    if self.at_line_start {
+                        self.event_end(chunk, start, i + 1, &mut out);
+                        start = i + 1;
+                    }
+                    self.at_line_start = true;
+                }
+                b'\r' => {
+                    if self.at_line_start {
+                        self.blank_cr = true;
+                    } else {
+                        self.at_line_start = true;
+                        self.prev_cr = true;
+                    }
+                }
+                _ => self.at_line_start = false,
+            }
+            i += 1;
+        }
+        // The unfinished rest of an event.
+        if start < chunk.len() {
+            if self.passing {
+                out.keep(chunk, start, chunk.len());
+            } else {
+                self.held.extend_from_slice(&chunk[start..]);
+                if self.held.len() > MAX_HELD {
+                    self.passing = true;
+                    let held = std::mem::take(&mut self.held).freeze();
+                    out.bytes(held, chunk);
+                }
+            }
+        }
+        out.finish(chunk)
+    }
+
+    /// An event ends at `chunk[..end]`; it began in `held` (if anything is held) or at `start`.
+    fn event_end(&mut self, chunk: &Bytes, start: usize, end: usize, out: &mut Out) {
+        if self.passing {
+            self.passing = false;
+            out.keep(chunk, start, end);
+        } else if self.held.is_empty() {
+            if !is_usage_only(&chunk[start..end]) {
+                out.keep(chunk, start, end);
+            }
+        } else {
+            self.held.extend_from_slice(&chunk[start..end]);
+            let event = std::mem::take(&mut self.held).freeze();
+            if !is_usage_only(&event) {
+                out.bytes(event, chunk);
+            }
+        }
+    }
+
+    /// At the end of the stream: an unfinished last event, unless it is a usage-only one.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        let held = std::mem::take(&mut self.held).freeze();
+        (!held.is_empty() && !is_usage_only(&held)).then_some(held)
+    }
+
+    /// Whatever is held, to be sent before an error event when the stream breaks.
+    pub fn take_held(&mut self) -> Option<Bytes> {
+        let held = std::mem::take(&mut self.held).freeze();
+        (!held.is_empty()).then_some(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(b: &str) -> Option<String> {
+        usage_body("/v1/chat/completions", true, b.as_bytes())
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn adds_include_usage_keeping_other_bytes() {
+        assert_eq!(
+            body(r#"{"model": "m",  "stream": true}"#).as_deref(),
+            Some(r#"{"model": "m",  "stream": true,"stream_options":{"include_usage":true}}"#)
+        );
+        assert_eq!(
+            body(r#"{"stream":true,"stream_options":{"x": 1},"n":1}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"x": 1,"include_usage":true},"n":1}"#)
+        );
+        assert_eq!(
+            body(r#"{"stream":true,"stream_options":{"include_usage": false, "y":2}}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"include_usage": true, "y":2}}"#)
+        );
+        assert_eq!(
+            body(r#"{"stream":true,"stream_options":{ }}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+        );
+        assert_eq!(
+            body(r#"{"stream":true,"stream_options":null}"#).as_deref(),
+            Some(r#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+        );
+        assert_eq!(
+            body(r#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            None
+        );
+        assert_eq!(body("not json"), None);
+        assert!(usage_body("/v1/embeddings", true, b"{\"stream\":true}").is_none());
+        assert!(usage_body("/v1/completions", false, b"{}").is_none());
+    }
+
+    const USAGE: &str = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";
+
+    fn run(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut f = UsageFilter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&f.push(&Bytes::copy_from_slice(c)));
+        }
+        if let Some(rest) = f.finish() {
+            out.extend_from_slice(&rest);
+        }
+        out
+    }
+
+    #[test]
+    fn drops_only_the_usage_chunk_at_any_split() {
+        let a = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        let done = "data: [DONE]\n\n";
+        let full = format!("{a}{USAGE}{done}");
+        let want = format!("{a}{done}");
+        for i in 0..full.len() {
+            for j in i..full.len() {
+                let b = full.as_bytes();
+                let got = run(&[&b[..i], &b[i..j], &b[j..]]);
+                assert_eq!(String::from_utf8_lossy(&got), want, "split at {i},{j}");
+            }
+        }
+        // CRLF and CR line endings.
+        let crlf = full.replace('\n', "\r\n");
+        assert_eq!(
+            run(&[crlf.as_bytes()]),
+            want.replace('\n', "\r\n").into_bytes()
+        );
+        let cr = full.replace('\n', "\r");
+        assert_eq!(run(&[cr.as_bytes()]), want.replace('\n', "\r").into_bytes());
+    }
+
+    #[test]
+    fn whole_chunks_pass_without_copy_and_usage_with_choices_stays() {
+        let mut f = UsageFilter::default();
+        let c = Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n",
+        );
+        let out = f.push(&c);
+        assert_eq!(out, c);
+        assert_eq!(out.as_ptr(), c.as_ptr());
+        assert!(!is_usage_only(b"data: {\"choices\":[],\"usage\":null}\n\n"));
+        assert!(is_usage_only(USAGE.as_bytes()));
+    }
+
+    #[test]
+    fn long_events_are_not_held() {
+        let mut f = UsageFilter::default();
+        let big = Bytes::from(format!("data: {}", "x".repeat(MAX_HELD + 10)));
+        assert_eq!(f.push(&big), big);
+        let rest = Bytes::from_static(b"yz\n\n");
+        assert_eq!(f.push(&rest), rest);
+    }
+
+    #[test]
+    fn refusals_reset_with_a_new_config() {
+        let (c1, _) = crate::config::parse(
+            std::path::Path::new("t.yaml"),
+            "authorization: x\nupstreams:\n  - endpoint: http://h\n",
+            false,
+            &|_| None,
+        )
+        .unwrap();
+        let c1 = Arc::new(c1);
+        let c2 = Arc::new((*c1).clone());
+        let r = Refusals::default();
+        assert!(!r.refused(&c1, "h"));
+        r.refuse(&c1, "h");
+        assert!(r.refused(&c1, "h"));
+        assert!(!r.refused(&c2, "h"));
+    }
+}
