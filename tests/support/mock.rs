@@ -360,16 +360,9 @@ async fn serve_conn(
                 if sock.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
-                let mut frame = format!("{chunk:x}\r\n").into_bytes();
-                frame.extend(std::iter::repeat_n(b'x', chunk));
-                frame.extend_from_slice(b"\r\n");
-                let mut sent = 0;
-                while sent + chunk <= total {
-                    if sock.write_all(&frame).await.is_err() {
-                        *gone.lock().unwrap() += 1;
-                        return;
-                    }
-                    sent += chunk;
+                if !write_x_chunks(&mut sock, total, chunk).await {
+                    *gone.lock().unwrap() += 1;
+                    return;
                 }
                 if sock.write_all(b"0\r\n\r\n").await.is_err() {
                     return;
@@ -380,16 +373,9 @@ async fn serve_conn(
                 if sock.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
-                let mut frame = format!("{chunk:x}\r\n").into_bytes();
-                frame.extend(std::iter::repeat_n(b'x', chunk));
-                frame.extend_from_slice(b"\r\n");
-                let mut sent = 0;
-                while sent + chunk <= total {
-                    if sock.write_all(&frame).await.is_err() {
-                        *gone.lock().unwrap() += 1;
-                        return;
-                    }
-                    sent += chunk;
+                if !write_x_chunks(&mut sock, total, chunk).await {
+                    *gone.lock().unwrap() += 1;
+                    return;
                 }
                 if sock.write_all(b"2\r\n\n\n\r\n0\r\n\r\n").await.is_err() {
                     return;
@@ -416,6 +402,21 @@ async fn serve_conn(
 }
 
 /// Resolves when the peer closes the connection.
+/// Writes `total / chunk` chunked frames of `chunk` bytes of `x`; false when the peer left.
+async fn write_x_chunks(sock: &mut TcpStream, total: usize, chunk: usize) -> bool {
+    let mut frame = format!("{chunk:x}\r\n").into_bytes();
+    frame.extend(std::iter::repeat_n(b'x', chunk));
+    frame.extend_from_slice(b"\r\n");
+    let mut sent = 0;
+    while sent + chunk <= total {
+        if sock.write_all(&frame).await.is_err() {
+            return false;
+        }
+        sent += chunk;
+    }
+    true
+}
+
 async fn wait_closed(sock: &mut TcpStream) {
     let mut tmp = [0u8; 1024];
     loop {
