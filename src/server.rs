@@ -11,7 +11,7 @@ use actix_web::rt::net::TcpStream;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
 use crate::cli::{bind_address, Cli};
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::metrics::Metrics;
 use crate::models::{self, ModelsActor, ModelsHandle};
 use crate::notify::{NotifierActor, Reconfigure};
@@ -78,7 +78,31 @@ fn listen(addr: &str) -> std::io::Result<TcpListener> {
 
 /// Loads the config named on the command line with `-noauth` applied.
 pub fn load_config(cli: &Cli) -> Result<Config, StartError> {
-    config::load(&cli.upstreams, cli.noauth).map_err(StartError::Config)
+    load_checked(cli).map_err(StartError::Config)
+}
+
+/// The config file with the checks that need the records backends (at start and on reload).
+fn load_checked(cli: &Cli) -> Result<Config, ConfigErrors> {
+    let cfg = config::load(&cli.upstreams, cli.noauth)?;
+    match dbaddr_error(&cfg) {
+        Some(e) => Err(ConfigErrors(vec![e])),
+        None => Ok(cfg),
+    }
+}
+
+/// With the Go tool's `dbtype: postgres`, `dbaddr` must be a PostgreSQL target; anything else
+/// (or nothing) is a config error naming `dbaddr`, never a SQLite file by accident.
+fn dbaddr_error(cfg: &Config) -> Option<ConfigError> {
+    let ok = cfg
+        .database
+        .as_deref()
+        .is_some_and(crate::records::is_postgres_target);
+    (cfg.dbtype_postgres && !ok).then(|| ConfigError {
+        file: cfg.file.clone(),
+        key: "dbaddr".to_string(),
+        problem: "with dbtype: postgres, give a postgres:// URL or a \"host=… dbname=…\" string"
+            .to_string(),
+    })
 }
 
 /// The `-list` output: one line per upstream, never a key.
@@ -386,7 +410,7 @@ fn spawn_reload(
 ) {
     actix_rt::spawn(async move {
         while hup.recv().await.is_some() {
-            match config::load(&cli.upstreams, cli.noauth) {
+            match load_checked(&cli) {
                 Ok(cfg) => {
                     log::info!(
                         "SIGHUP: reloaded {} ({} upstreams)",

@@ -53,6 +53,14 @@ fn bad_configs_give_one_clear_line_and_exit_non_zero() {
             "authorization: x\ntimeout: soon\nupstreams:\n  - endpoint: http://h/v1\n",
             "timeout: expected a non-negative number",
         ),
+        (
+            "authorization: x\ndbtype: postgres\ndbaddr: ./db.sqlite\nupstreams:\n  - endpoint: http://h/v1\n",
+            "dbaddr: with dbtype: postgres, give a postgres:// URL",
+        ),
+        (
+            "authorization: x\ndbtype: postgres\nupstreams:\n  - endpoint: http://h/v1\n",
+            "dbaddr: with dbtype: postgres, give a postgres:// URL",
+        ),
     ];
     for (yaml, expected) in cases {
         let (code, _, err) = run(&["-addr", "127.0.0.1:0"], Some(yaml));

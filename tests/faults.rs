@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn one(m: &Mock, global: &str) -> Gateway {
-    Gateway::start(&config(global, &[upstream("up", &m.endpoint(), "")]))
-}
-
 /// A gateway (no recording) in front of an upstream that streams `total` bytes.
 fn bulk_upstream(total: usize) -> (Mock, Gateway) {
     let m = Mock::always(Reply::Bulk {
@@ -409,9 +405,12 @@ async fn disk_full_is_logged_and_counted_while_serving_goes_on() {
         gw.log().contains("request records failed")
     });
     assert!(counted, "disk full not reported:\n{}", gw.log());
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
+    let metrics = scrape(&gw).await;
     assert!(
-        !metrics.contains("openai_api_route_record_write_failures_total 0"),
+        metrics
+            .metric("openai_api_route_record_write_failures_total")
+            .value()
+            .is_some_and(|n| n > 0.0),
         "not counted"
     );
     still_healthy(&gw).await;
@@ -469,9 +468,12 @@ async fn database_made_read_only_while_running_keeps_serving_and_recovers() {
         "read-only database not reported:\n{}",
         gw.log()
     );
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
+    let metrics = scrape(&gw).await;
     assert!(
-        !metrics.contains("openai_api_route_record_write_failures_total 0"),
+        metrics
+            .metric("openai_api_route_record_write_failures_total")
+            .value()
+            .is_some_and(|n| n > 0.0),
         "not counted"
     );
     drop(restore);

@@ -10,22 +10,6 @@ use futures_util::future::join_all;
 
 use crate::support::*;
 
-fn one(m: &Mock, global: &str) -> Gateway {
-    Gateway::start(&config(global, &[upstream("up", &m.endpoint(), "")]))
-}
-
-/// The value of the first series line that starts with `series` (name and labels as written).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-async fn scrape(gw: &Gateway) -> String {
-    send("GET", &gw.url("/v1/metrics"), &[], b"").await.text()
-}
-
 fn auth() -> String {
     format!("Bearer {TOKEN}")
 }
@@ -70,12 +54,15 @@ async fn unauthenticated_flood_is_counted_but_its_records_are_capped() {
     }
     let text = scrape(&gw).await;
     assert_eq!(
-        metric(&text, "openai_api_route_rejected_total{reason=\"auth\"}"),
+        text.metric("openai_api_route_rejected_total")
+            .label("reason", "auth")
+            .value(),
         Some(sent as f64),
         "every rejected request is counted"
     );
     assert_eq!(
-        metric(&text, "openai_api_route_records_dropped_total"),
+        text.metric("openai_api_route_records_dropped_total")
+            .value(),
         Some(0.0)
     );
     assert_eq!(m.hits(), 1);
@@ -146,10 +133,9 @@ async fn bodies_the_gateway_cannot_read_are_refused_not_forwarded() {
     assert_eq!(m.hits(), 0, "a refused body reached the upstream");
     let text = scrape(&gw).await;
     assert_eq!(
-        metric(
-            &text,
-            "openai_api_route_rejected_total{reason=\"bad_request\"}"
-        ),
+        text.metric("openai_api_route_rejected_total")
+            .label("reason", "bad_request")
+            .value(),
         Some(n as f64)
     );
     // A readable body still goes through, and the deny rule still holds for it.
@@ -216,7 +202,9 @@ async fn a_stalled_body_gets_408_within_body_timeout_and_the_connection_closes()
     assert_eq!(m.hits(), 0);
     let text = scrape(&gw).await;
     assert_eq!(
-        metric(&text, "openai_api_route_rejected_total{reason=\"timeout\"}"),
+        text.metric("openai_api_route_rejected_total")
+            .label("reason", "timeout")
+            .value(),
         Some(1.0)
     );
 }
@@ -371,14 +359,14 @@ async fn head_is_relayed_without_a_body_and_is_not_a_failure() {
     assert!(rows[0]["error"].is_null(), "{}", rows[0]["error"]);
     let text = scrape(&gw).await;
     assert_eq!(
-        metric(
-            &text,
-            "openai_api_route_upstream_requests_total{outcome=\"ok\",upstream=\"up\"}"
-        ),
+        text.metric("openai_api_route_upstream_requests_total")
+            .label("outcome", "ok")
+            .label("upstream", "up")
+            .value(),
         Some(1.0),
         "{text}"
     );
-    assert!(!text.contains("outcome=\"stream_error\""));
+    assert!(!text.text.contains("outcome=\"stream_error\""));
 }
 
 #[actix_rt::test]
@@ -448,10 +436,10 @@ async fn an_upstream_head_with_two_framings_fails_the_attempt() {
     );
     let text = scrape(&gw).await;
     assert_eq!(
-        metric(
-            &text,
-            "openai_api_route_upstream_requests_total{outcome=\"connect_error\",upstream=\"bad\"}"
-        ),
+        text.metric("openai_api_route_upstream_requests_total")
+            .label("outcome", "connect_error")
+            .label("upstream", "bad")
+            .value(),
         Some(1.0),
         "{text}"
     );

@@ -5,24 +5,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-async fn metrics_text(gw: &Gateway) -> String {
-    let got = send("GET", &gw.url("/v1/metrics"), &[], b"").await;
-    assert_eq!(got.status, 200);
-    assert_eq!(got.header("access-control-allow-origin"), Some("*"));
-    assert!(got
-        .header("content-type")
-        .unwrap_or("")
-        .starts_with("text/plain"));
-    got.text()
-}
-
 #[actix_rt::test]
 async fn metrics_after_ok_failover_and_timeout() {
     let bad = Mock::always(Reply::status(500));
@@ -44,64 +26,80 @@ async fn metrics_after_ok_failover_and_timeout() {
         serde_json::json!({"model": "slow"}),
     )
     .await;
-    let m = metrics_text(&gw).await;
+    let m = scrape(&gw).await;
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_upstream_requests_total{outcome=\"http_error\",upstream=\"bad\"}"
-        ),
+        m.metric("openai_api_route_upstream_requests_total")
+            .label("outcome", "http_error")
+            .label("upstream", "bad")
+            .value(),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_upstream_requests_total{outcome=\"ok\",upstream=\"good\"}"
-        ),
+        m.metric("openai_api_route_upstream_requests_total")
+            .label("outcome", "ok")
+            .label("upstream", "good")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_upstream_requests_total{outcome=\"timeout\",upstream=\"hang\"}"
-        ),
+        m.metric("openai_api_route_upstream_requests_total")
+            .label("outcome", "timeout")
+            .label("upstream", "hang")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(&m, "openai_api_route_failovers_total{upstream=\"bad\"}"),
+        m.metric("openai_api_route_failovers_total")
+            .label("upstream", "bad")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(&m, "openai_api_route_failovers_total{upstream=\"hang\"}"),
+        m.metric("openai_api_route_failovers_total")
+            .label("upstream", "hang")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_upstream_first_byte_seconds_count{upstream=\"good\"}"
-        ),
+        m.metric("openai_api_route_upstream_first_byte_seconds_count")
+            .label("upstream", "good")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(&m, "openai_api_route_upstream_healthy{upstream=\"bad\"}"),
+        m.metric("openai_api_route_upstream_healthy")
+            .label("upstream", "bad")
+            .value(),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_tokens_total{kind=\"prompt\",upstream=\"good\"}"
-        ),
+        m.metric("openai_api_route_tokens_total")
+            .label("kind", "prompt")
+            .label("upstream", "good")
+            .value(),
         Some(5.0)
     );
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_tokens_total{kind=\"completion\",upstream=\"good\"}"
-        ),
+        m.metric("openai_api_route_tokens_total")
+            .label("kind", "completion")
+            .label("upstream", "good")
+            .value(),
         Some(7.0)
     );
-    assert!(m.contains("openai_api_route_records_dropped_total 0"));
-    assert!(m.contains("openai_api_route_http_requests_total{endpoint=\"/v1/{tail}*\",method=\"POST\",status=\"200\"}"), "{m}");
+    assert_eq!(
+        m.metric("openai_api_route_records_dropped_total").value(),
+        Some(0.0)
+    );
+    assert!(
+        m.metric("openai_api_route_http_requests_total")
+            .label("endpoint", "/v1/{tail}*")
+            .label("method", "POST")
+            .label("status", "200")
+            .value()
+            .is_some(),
+        "{m}"
+    );
 }
 
 #[actix_rt::test]
@@ -135,12 +133,12 @@ async fn tokens_are_counted_with_recording_off() {
     .await;
     assert_eq!(streamed.status, 200);
     assert!(streamed.text().contains("[DONE]"));
-    let m = metrics_text(&gw).await;
+    let m = scrape(&gw).await;
     let tokens = |upstream: &str, kind: &str| {
-        metric(
-            &m,
-            &format!("openai_api_route_tokens_total{{kind=\"{kind}\",upstream=\"{upstream}\"}}"),
-        )
+        m.metric("openai_api_route_tokens_total")
+            .label("kind", kind)
+            .label("upstream", upstream)
+            .value()
     };
     assert_eq!(tokens("json", "prompt"), Some(5.0), "{m}");
     assert_eq!(tokens("json", "completion"), Some(7.0));
@@ -163,9 +161,9 @@ async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
     )
     .await;
     send("GET", &gw.url("/nope/a"), &[], b"").await;
-    metrics_text(&gw).await; // the scrape's own series exist from here on
-    let before_text = metrics_text(&gw).await;
-    let before = before_text.lines().filter(|l| !l.starts_with('#')).count();
+    scrape(&gw).await; // the scrape's own series exist from here on
+    let before_text = scrape(&gw).await;
+    let before = before_text.series_count();
     for i in 0..20 {
         send(
             "GET",
@@ -176,14 +174,14 @@ async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
         .await;
         send("GET", &gw.url(&format!("/elsewhere-{i}")), &[], b"").await;
     }
-    let text = metrics_text(&gw).await;
-    let after = text.lines().filter(|l| !l.starts_with('#')).count();
+    let text = scrape(&gw).await;
+    let after = text.series_count();
     assert_eq!(
         before, after,
         "new series from client paths:\n{before_text}\n----\n{text}"
     );
-    assert!(!text.contains("random-"));
-    assert!(!text.contains("elsewhere-"));
+    assert!(!text.text.contains("random-"));
+    assert!(!text.text.contains("elsewhere-"));
     assert!(
         m.seen().iter().all(|s| !s.target.contains("metrics")),
         "metrics request reached the upstream"
@@ -284,12 +282,12 @@ async fn all_failed_alerts_reach_feishu_and_matrix_signed_and_coalesced() {
             assert!(!all.contains(secret), "{secret} in an alert");
         }
     }
-    let m = metrics_text(&gw).await;
+    let m = scrape(&gw).await;
     assert_eq!(
-        metric(
-            &m,
-            "openai_api_route_notifications_total{channel=\"feishu\",result=\"ok\"}"
-        ),
+        m.metric("openai_api_route_notifications_total")
+            .label("channel", "feishu")
+            .label("result", "ok")
+            .value(),
         Some(2.0),
         "{m}"
     );
@@ -357,19 +355,14 @@ async fn a_hanging_alert_sink_does_not_delay_clients() {
         );
     }
     // Each delivery gives up after 5 s and is counted as an error.
-    let deadline = Instant::now() + Duration::from_secs(9);
-    let mut errors = None;
-    while Instant::now() < deadline {
-        errors = metric(
-            &metrics_text(&gw).await,
-            "openai_api_route_notifications_total{channel=\"feishu\",result=\"error\"}",
-        );
-        if errors.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(errors.unwrap_or(0.0) >= 1.0);
+    let errors = |m: &Metrics| {
+        m.metric("openai_api_route_notifications_total")
+            .label("channel", "feishu")
+            .label("result", "error")
+            .value()
+    };
+    let m = scrape_until(&gw, Duration::from_secs(9), |m| errors(m).is_some()).await;
+    assert!(errors(&m).unwrap_or(0.0) >= 1.0);
 }
 
 #[actix_rt::test]

@@ -356,9 +356,10 @@ async fn postgres_restart_mid_traffic_loses_nothing_and_shows_the_outage() {
             .unwrap_or(false)
     });
     assert!(down, "status page does not show the outage");
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
-    assert!(
-        metrics.contains("openai_api_route_database_up 0"),
+    let metrics = scrape(&gw).await;
+    assert_eq!(
+        metrics.metric("openai_api_route_database_up").value(),
+        Some(0.0),
         "{metrics}"
     );
     assert!(pg_ctl("start"), "could not restart PostgreSQL");
@@ -368,9 +369,17 @@ async fn postgres_restart_mid_traffic_loses_nothing_and_shows_the_outage() {
         "records lost across the restart:\n{}",
         gw.log()
     );
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
-    assert!(metrics.contains("openai_api_route_database_up 1"));
-    assert!(metrics.contains("openai_api_route_records_dropped_total 0"));
+    let metrics = scrape(&gw).await;
+    assert_eq!(
+        metrics.metric("openai_api_route_database_up").value(),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics
+            .metric("openai_api_route_records_dropped_total")
+            .value(),
+        Some(0.0)
+    );
 }
 
 #[test]

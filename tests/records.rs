@@ -246,13 +246,11 @@ async fn full_queue_drops_and_counts_without_blocking() {
         "requests were slowed by recording: {:?}",
         t.elapsed()
     );
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
-    let dropped: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("openai_api_route_records_dropped_total "))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let dropped = scrape(&gw)
+        .await
+        .metric("openai_api_route_records_dropped_total")
+        .value()
+        .unwrap() as u64;
     assert!(dropped >= 20, "expected drops, metric says {dropped}");
     lock.execute_batch("COMMIT").unwrap();
     // What was queued is written once the lock goes away, and nothing more.
@@ -281,9 +279,12 @@ async fn another_writer_holding_the_lock_delays_records_but_loses_none() {
     std::thread::sleep(Duration::from_millis(1500));
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(gw.records(4).len(), 4);
-    let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
-    assert!(
-        metrics.contains("openai_api_route_records_dropped_total 0"),
+    let metrics = scrape(&gw).await;
+    assert_eq!(
+        metrics
+            .metric("openai_api_route_records_dropped_total")
+            .value(),
+        Some(0.0),
         "{metrics}"
     );
 }
@@ -570,21 +571,13 @@ async fn a_failing_database_write_is_counted_and_serving_goes_on() {
     for _ in 0..3 {
         assert_served(&gw, Duration::from_millis(500)).await;
     }
-    let mut failed = 0.0;
-    for _ in 0..60 {
-        let text = send("GET", &gw.url("/v1/metrics"), &[], b"").await.text();
-        failed = text
-            .lines()
-            .find(|l| l.starts_with("openai_api_route_record_write_failures_total "))
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        if failed > 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(failed >= 1.0, "write failure not counted");
+    let failed = |m: &Metrics| {
+        m.metric("openai_api_route_record_write_failures_total")
+            .value()
+            .unwrap_or(0.0)
+    };
+    let m = scrape_until(&gw, Duration::from_secs(12), |m| failed(m) > 0.0).await;
+    assert!(failed(&m) >= 1.0, "write failure not counted");
     assert!(gw.log().contains("writing") && gw.log().contains("request records failed"));
     lock.execute_batch("COMMIT").unwrap();
     assert_eq!(

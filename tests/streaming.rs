@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn one(m: &Mock, global: &str) -> Gateway {
-    Gateway::start(&config(global, &[upstream("up", &m.endpoint(), "")]))
-}
-
 fn sse_chunks(n: usize, gap: Duration, ending: Ending) -> (Reply, Vec<u8>) {
     let chunks: Vec<(Duration, Vec<u8>)> = (0..n)
         .map(|i| {

@@ -10,6 +10,7 @@
 //! The backend (embedded SQLite or a shared PostgreSQL) is chosen once, in [`Store::open`]; the
 //! rest of the program only sees [`Recorder`].
 
+mod columns;
 mod postgres;
 mod sqlite;
 pub mod target;
@@ -22,10 +23,10 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 use actix_web::web::Bytes;
 
-use crate::capture::{cut, request_body_text};
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
+use self::columns::{cut, request_body_text};
 pub use self::target::redact as redact_database_url;
 
 /// Room reserved for a batch (a busy gateway collects about this many per interval).

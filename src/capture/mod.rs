@@ -3,11 +3,14 @@
 //! Chunks are fed as they are relayed; nothing here may hold the stream back or fail it. SSE is
 //! parsed line by line (events may be split anywhere across reads) and only the text is kept;
 //! JSON and text bodies are kept up to the record limit and read at the end; binary is ignored.
-
-use std::borrow::Cow;
+//! The OpenAI wire shapes read from replies are in `openai`; cutting record columns is the
+//! records module's (`records::columns`).
 
 use actix_web::web::Bytes;
-use serde::Deserialize;
+
+mod openai;
+
+use self::openai::{has_usage_object, tail_usage, Event, Whole};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
@@ -316,278 +319,9 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Cuts `body` for the `request_body` column: text kept up to `limit` bytes (0 = all) on a char
-/// boundary with a marker; binary bodies become a short description.
-pub fn request_body_text(body: &[u8], limit: usize) -> Option<Cow<'_, str>> {
-    if body.is_empty() {
-        return None;
-    }
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Some(format!("[binary body, {} bytes]", body.len()).into());
-    };
-    if text.as_bytes().contains(&0) {
-        return Some(format!("[binary body, {} bytes]", body.len()).into());
-    }
-    Some(cut(text, limit))
-}
-
-/// Cuts a text at `limit` bytes (0 = no limit) on a char boundary, adding the marker. Borrows
-/// when nothing is cut: the writer binds it straight from the record.
-pub fn cut(text: &str, limit: usize) -> Cow<'_, str> {
-    if limit == 0 || text.len() <= limit {
-        return Cow::Borrowed(text);
-    }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}{TRUNCATED}", &text[..end]))
-}
-
-#[derive(Deserialize)]
-struct RawUsage {
-    prompt_tokens: Option<i64>,
-    completion_tokens: Option<i64>,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    total_tokens: Option<i64>,
-}
-
-impl RawUsage {
-    fn to_usage(&self) -> Usage {
-        let prompt = self.prompt_tokens.or(self.input_tokens);
-        let completion = self.completion_tokens.or(self.output_tokens);
-        let total = self.total_tokens.or(match (prompt, completion) {
-            (Some(p), Some(c)) => Some(p + c),
-            _ => None,
-        });
-        Usage {
-            prompt,
-            completion,
-            total,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct Event<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    delta: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    choices: Vec<StreamChoice<'a>>,
-    #[serde(default)]
-    usage: Option<RawUsage>,
-    #[serde(default)]
-    response: Option<ResponseUsage>,
-}
-
-#[derive(Deserialize)]
-struct ResponseUsage {
-    #[serde(default)]
-    usage: Option<RawUsage>,
-}
-
-#[derive(Deserialize)]
-struct StreamChoice<'a> {
-    #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-}
-
-/// The JSON text after each `"usage":` key (whitespace skipped). Inside a JSON string a quote is
-/// always escaped, so `"usage"` followed by a colon can only be a key.
-fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
-    const KEY: &[u8] = b"\"usage\"";
-    let mut rest = json;
-    std::iter::from_fn(move || loop {
-        let at = rest.windows(KEY.len()).position(|w| w == KEY)?;
-        rest = &rest[at + KEY.len()..];
-        if let Some(value) = rest.trim_ascii_start().strip_prefix(b":") {
-            return Some(value.trim_ascii_start());
-        }
-    })
-}
-
-/// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
-/// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
-fn has_usage_object(data: &[u8]) -> bool {
-    usage_values(data).any(|v| !v.starts_with(b"null"))
-}
-
-/// The last `"usage": {…}` object in a JSON text.
-fn tail_usage(tail: &[u8]) -> Option<Usage> {
-    usage_values(tail)
-        .filter(|v| !v.starts_with(b"null"))
-        .filter_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
-        .last()
-        .map(|u| u.to_usage())
-}
-
-#[derive(Deserialize)]
-struct Whole<'a> {
-    #[serde(default)]
-    choices: Vec<WholeChoice>,
-    #[serde(default)]
-    usage: Option<RawUsage>,
-    #[serde(default)]
-    output: Vec<OutputItem<'a>>,
-    #[serde(borrow, default)]
-    object: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct WholeChoice {
-    #[serde(default)]
-    message: Option<Message>,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-#[derive(Deserialize)]
-struct OutputItem<'a> {
-    #[serde(borrow, default)]
-    content: Vec<OutputContent<'a>>,
-}
-
-#[derive(Deserialize)]
-struct OutputContent<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Cow<'a, str>,
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-}
-
-/// `message.content`: a string, or content parts whose `text` strings are joined; anything
-/// else reads as empty. Read in one pass, straight into the reply (no `serde_json::Value`).
-struct Content(String);
-
-impl<'de> Deserialize<'de> for Content {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TextOf(Shape::Content))
-            .map(|t| Content(t.unwrap_or_default()))
-    }
-}
-
-/// Which text a value gives: message content is a string or an array of parts; a part is an
-/// object whose `text` is read as content. Every other shape gives none.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Content,
-    Part,
-}
-
-/// Reads the text of a value of the given shape.
-struct TextOf(Shape);
-
-impl<'de> serde::de::DeserializeSeed<'de> for TextOf {
-    type Value = Option<String>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for TextOf {
-    type Value = Option<String>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("message content")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<String>, E> {
-        Ok((self.0 == Shape::Content).then(|| v.to_owned()))
-    }
-
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Option<String>, E> {
-        Ok((self.0 == Shape::Content).then_some(v))
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        if self.0 == Shape::Part {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-            return Ok(None);
-        }
-        let mut text = String::new();
-        while let Some(part) = seq.next_element_seed(TextOf(Shape::Part))? {
-            text.push_str(part.as_deref().unwrap_or_default());
-        }
-        Ok(Some(text))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut text = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if self.0 == Shape::Part && key == "text" {
-                text = Some(map.next_value::<Content>()?.0);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(text)
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-}
-
-impl Whole<'_> {
-    fn into_reply(self) -> Option<String> {
-        if let Some(c) = self.choices.into_iter().next() {
-            if let Some(m) = c.message {
-                return Some(m.content.map(|c| c.0).unwrap_or_default());
-            }
-            if let Some(t) = c.text {
-                return Some(t);
-            }
-        }
-        if self.object.as_deref() == Some("response") {
-            return Some(
-                self.output
-                    .iter()
-                    .flat_map(|o| &o.content)
-                    .filter(|c| c.kind == "output_text")
-                    .filter_map(|c| c.text.as_deref())
-                    .collect(),
-            );
-        }
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::openai::has_usage_object;
     use super::*;
 
     #[test]
@@ -827,12 +561,6 @@ mod tests {
         let mut c = Capture::new(Some("text/plain"), None, 4);
         c.feed(b"abcdef");
         assert_eq!(c.finish().0.unwrap(), format!("abcd{TRUNCATED}"));
-        assert_eq!(cut("héllo", 2), format!("h{TRUNCATED}"));
-        assert_eq!(
-            request_body_text(&[0xff, 0xfe], 10).unwrap(),
-            "[binary body, 2 bytes]"
-        );
-        assert_eq!(request_body_text(b"", 10), None);
     }
 
     #[test]

@@ -1,0 +1,251 @@
+//! The OpenAI wire shapes a capture reads: SSE events (Chat Completions and Responses API),
+//! whole JSON replies, message content in its string and content-part forms, and `usage` (found
+//! by key, also in a cut reply's tail).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::Usage;
+
+#[derive(Deserialize)]
+pub(super) struct RawUsage {
+    pub(super) prompt_tokens: Option<i64>,
+    pub(super) completion_tokens: Option<i64>,
+    pub(super) input_tokens: Option<i64>,
+    pub(super) output_tokens: Option<i64>,
+    pub(super) total_tokens: Option<i64>,
+}
+
+impl RawUsage {
+    pub(super) fn to_usage(&self) -> Usage {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        let total = self.total_tokens.or(match (prompt, completion) {
+            (Some(p), Some(c)) => Some(p + c),
+            _ => None,
+        });
+        Usage {
+            prompt,
+            completion,
+            total,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct Event<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub(super) kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(super) delta: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(super) choices: Vec<StreamChoice<'a>>,
+    #[serde(default)]
+    pub(super) usage: Option<RawUsage>,
+    #[serde(default)]
+    pub(super) response: Option<ResponseUsage>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct ResponseUsage {
+    #[serde(default)]
+    pub(super) usage: Option<RawUsage>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct StreamChoice<'a> {
+    #[serde(borrow, default)]
+    pub(super) delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    pub(super) text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Delta<'a> {
+    #[serde(borrow, default)]
+    pub(super) content: Option<Cow<'a, str>>,
+}
+
+/// The JSON text after each `"usage":` key (whitespace skipped). Inside a JSON string a quote is
+/// always escaped, so `"usage"` followed by a colon can only be a key.
+pub(super) fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = json;
+    std::iter::from_fn(move || loop {
+        let at = rest.windows(KEY.len()).position(|w| w == KEY)?;
+        rest = &rest[at + KEY.len()..];
+        if let Some(value) = rest.trim_ascii_start().strip_prefix(b":") {
+            return Some(value.trim_ascii_start());
+        }
+    })
+}
+
+/// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
+/// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
+pub(super) fn has_usage_object(data: &[u8]) -> bool {
+    usage_values(data).any(|v| !v.starts_with(b"null"))
+}
+
+/// The last `"usage": {…}` object in a JSON text.
+pub(super) fn tail_usage(tail: &[u8]) -> Option<Usage> {
+    usage_values(tail)
+        .filter(|v| !v.starts_with(b"null"))
+        .filter_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
+        .last()
+        .map(|u| u.to_usage())
+}
+
+#[derive(Deserialize)]
+pub(super) struct Whole<'a> {
+    #[serde(default)]
+    pub(super) choices: Vec<WholeChoice>,
+    #[serde(default)]
+    pub(super) usage: Option<RawUsage>,
+    #[serde(default)]
+    pub(super) output: Vec<OutputItem<'a>>,
+    #[serde(borrow, default)]
+    pub(super) object: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct WholeChoice {
+    #[serde(default)]
+    pub(super) message: Option<Message>,
+    #[serde(default)]
+    pub(super) text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Message {
+    #[serde(default)]
+    pub(super) content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct OutputItem<'a> {
+    #[serde(borrow, default)]
+    pub(super) content: Vec<OutputContent<'a>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct OutputContent<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub(super) kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub(super) text: Option<Cow<'a, str>>,
+}
+
+/// `message.content`: a string, or content parts whose `text` strings are joined; anything
+/// else reads as empty. Read in one pass, straight into the reply (no `serde_json::Value`).
+pub(super) struct Content(String);
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextOf(Shape::Content))
+            .map(|t| Content(t.unwrap_or_default()))
+    }
+}
+
+/// Which text a value gives: message content is a string or an array of parts; a part is an
+/// object whose `text` is read as content. Every other shape gives none.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    Content,
+    Part,
+}
+
+/// Reads the text of a value of the given shape.
+pub(super) struct TextOf(Shape);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TextOf {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TextOf {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("message content")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<String>, E> {
+        Ok((self.0 == Shape::Content).then(|| v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Option<String>, E> {
+        Ok((self.0 == Shape::Content).then_some(v))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        if self.0 == Shape::Part {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            return Ok(None);
+        }
+        let mut text = String::new();
+        while let Some(part) = seq.next_element_seed(TextOf(Shape::Part))? {
+            text.push_str(part.as_deref().unwrap_or_default());
+        }
+        Ok(Some(text))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut text = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if self.0 == Shape::Part && key == "text" {
+                text = Some(map.next_value::<Content>()?.0);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(text)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+}
+
+impl Whole<'_> {
+    pub(super) fn into_reply(self) -> Option<String> {
+        if let Some(c) = self.choices.into_iter().next() {
+            if let Some(m) = c.message {
+                return Some(m.content.map(|c| c.0).unwrap_or_default());
+            }
+            if let Some(t) = c.text {
+                return Some(t);
+            }
+        }
+        if self.object.as_deref() == Some("response") {
+            return Some(
+                self.output
+                    .iter()
+                    .flat_map(|o| &o.content)
+                    .filter(|c| c.kind == "output_text")
+                    .filter_map(|c| c.text.as_deref())
+                    .collect(),
+            );
+        }
+        None
+    }
+}

@@ -1,0 +1,206 @@
+//! The upstreams file (SPEC §3): parsing, `${ENV}` substitution, defaults and validation.
+//!
+//! The file is walked key by key rather than deserialised straight into structs so that every
+//! problem can be reported as one line naming the file, the key path and what is wrong, and so that
+//! unknown keys are warnings instead of hard errors (the Go tool's files carry keys we do not use).
+//!
+//! This module holds the resolved types and the entry points; the walker is in `parse`, and each
+//! section's types and parsing live in `upstream`, `notify` and `net`.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::Value;
+
+mod net;
+mod notify;
+mod parse;
+#[cfg(test)]
+mod tests;
+mod upstream;
+
+pub use net::IpNet;
+pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
+pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
+
+use parse::Parser;
+
+/// Request bodies above this size are "long prompts" that get a longer first-chunk wait.
+pub const LONG_PROMPT_BYTES: usize = 128 * 1024;
+/// The least a long prompt waits for its first chunk.
+pub const LONG_PROMPT_MIN_WAIT: Duration = Duration::from_secs(20);
+
+/// One problem found in a config file, printed as `file: key: problem`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// Dotted key path such as `upstreams[1].endpoint`; empty for whole-file problems.
+    pub key: String,
+    /// What is wrong, in words an operator can act on.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.problem)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.problem)
+        }
+    }
+}
+
+/// All problems of one load; the file is rejected when there is at least one.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// How candidates are ordered before cooled-down upstreams are moved to the back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// The file's order.
+    Order,
+    /// A fresh shuffle per request.
+    Random,
+    /// The start rotates by one per request.
+    RoundRobin,
+}
+
+impl LbPolicy {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbPolicy::Order => "order",
+            LbPolicy::Random => "random",
+            LbPolicy::RoundRobin => "round_robin",
+        }
+    }
+}
+
+/// The whole resolved configuration; shared read-only as `Arc<Config>` and swapped on reload.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Accepted client tokens (never logged).
+    pub tokens: Vec<String>,
+    /// `-noauth` (set from the command line, kept here so reloads keep it).
+    pub noauth: bool,
+    /// Default header wait, non-stream.
+    pub timeout: Duration,
+    /// Default headers-and-first-chunk wait, stream.
+    pub stream_timeout: Duration,
+    /// Longest silence inside a started response.
+    pub idle_timeout: Duration,
+    /// Longest a request body may take to arrive (SPEC 4d "Slow bodies").
+    pub body_timeout: Duration,
+    /// Candidate ordering.
+    pub lb_policy: LbPolicy,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Record text limit, 0 = unlimited.
+    pub record_body_bytes: usize,
+    /// Record retention, 0 = forever.
+    pub retention_days: u32,
+    /// Records that may wait for the writer before new ones are dropped (read at start).
+    pub record_queue: usize,
+    /// Consecutive failures before cooldown.
+    pub cooldown_failures: u32,
+    /// Cooldown length.
+    pub cooldown: Duration,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Alert channels.
+    pub notify: NotifyConfig,
+    /// Listen address from the file (`address`), if any.
+    pub address: Option<String>,
+    /// Database from the file (`database`, or the Go tool's `dbaddr`), if any.
+    pub database: Option<String>,
+    /// The file said `dbtype: postgres`, so `database` (its `dbaddr`) must name PostgreSQL;
+    /// checked at start-up by the server, which knows the backends.
+    pub dbtype_postgres: bool,
+    /// The upstreams, in file order.
+    pub upstreams: Vec<Upstream>,
+    /// How often each upstream's model list is fetched again (SPEC 4b).
+    pub models_refresh: Duration,
+    /// Skip an upstream whose known model list lacks the request's model (SPEC 4b).
+    pub route_by_models: bool,
+    /// A 429/503 `Retry-After` up to this long is waited out on the same upstream (SPEC 4a).
+    pub retry_after_max: Duration,
+    /// Time a request may spend before its first byte, across attempts; None = no limit.
+    pub deadline: Option<Duration>,
+    /// `error.code` (else `error.type`) values that make a 400 fail over (SPEC 4a).
+    pub failover_codes: Vec<String>,
+    /// Continue a broken chat stream on the next candidate (SPEC 4a).
+    pub resume: bool,
+}
+
+impl Config {
+    /// Whether `ip` is a trusted proxy.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// Reads and validates `path`; warnings (unknown keys) are logged, errors returned all together.
+pub fn load(path: &Path, noauth: bool) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            key: String::new(),
+            problem: format!("cannot read file: {e}"),
+        }])
+    })?;
+    let (config, warnings) = parse(path, &text, noauth, &|k| std::env::var(k).ok())?;
+    for w in warnings {
+        log::warn!("{w}");
+    }
+    Ok(config)
+}
+
+/// Parses config text; `env` resolves `${VAR}`. Returns the config and its warnings.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    noauth: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+    let mut p = Parser {
+        file: path.to_path_buf(),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        env,
+    };
+    let root: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                key: String::new(),
+                problem: format!("invalid YAML: {e}"),
+            }]))
+        }
+    };
+    let config = p.root(&root, noauth);
+    if p.errors.is_empty() {
+        Ok((config, p.warnings))
+    } else {
+        Err(ConfigErrors(p.errors))
+    }
+}

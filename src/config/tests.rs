@@ -1,0 +1,146 @@
+//! Unit tests of the config parser: defaults, errors, patterns and networks.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::upstream::parse_endpoint;
+use super::*;
+
+fn parse_str(text: &str) -> Result<Config, ConfigErrors> {
+    parse(Path::new("t.yaml"), text, false, &|k| {
+        (k == "KEY").then(|| "from-env".to_string())
+    })
+    .map(|(c, _)| c)
+}
+
+#[test]
+fn original_file_loads() {
+    let c = parse_str(
+        "authorization: woshimima\nupstreams:\n  - sk: \"secret_key_1\"\n    endpoint: \"https://api.openai.com/v2\"\n  - sk: \"secret_key_2\"\n    endpoint: \"https://api.openai.com/v1\"\n    timeout: 30\n",
+    )
+    .unwrap();
+    assert_eq!(c.tokens, vec!["woshimima"]);
+    assert_eq!(c.upstreams[0].name, "api.openai.com");
+    assert_eq!(c.upstreams[1].name, "api.openai.com#2");
+    assert_eq!(c.upstreams[1].timeout, Duration::from_secs(30));
+    assert_eq!(c.upstreams[0].timeout, Duration::from_secs(60));
+    assert_eq!(c.upstreams[0].stream_timeout, Duration::from_secs(5));
+    assert_eq!(c.upstreams[0].base, "https://api.openai.com/v2");
+    assert_eq!(c.max_body_bytes, 32 << 20);
+    assert_eq!(c.cooldown_failures, 3);
+}
+
+#[test]
+fn env_substitution_and_lists() {
+    let c = parse_str(
+        "authorization: [a, \"b, c\"]\nupstreams:\n  - endpoint: http://x/v1\n    sk: ${KEY}\n    allow: gpt-*, o1\n",
+    )
+    .unwrap();
+    assert_eq!(c.tokens, vec!["a", "b", "c"]);
+    assert!(matches!(&c.upstreams[0].auth, UpstreamAuth::Bearer(v) if v == "Bearer from-env"));
+    assert!(c.upstreams[0].admits(Some("gpt-4o")));
+    assert!(c.upstreams[0].admits(Some("o1")));
+    assert!(!c.upstreams[0].admits(Some("claude")));
+    assert!(c.upstreams[0].admits(None));
+}
+
+#[test]
+fn errors_name_file_key_and_problem() {
+    let e = parse_str(
+        "authorization: x\nlb_policy: fastest\nupstreams:\n  - sk: a\n  - endpoint: ftp://h/\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("t.yaml: lb_policy: unknown policy \"fastest\""),
+        "{e}"
+    );
+    assert!(e.contains("t.yaml: upstreams[0].endpoint: missing"), "{e}");
+    assert!(
+        e.contains("t.yaml: upstreams[1].endpoint: \"ftp://h/\" is not an http(s) URL"),
+        "{e}"
+    );
+    let e = parse_str("upstreams:\n  - endpoint: http://h\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("t.yaml: authorization: no client token"), "{e}");
+    let e = parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n    sk: ${NOPE}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstreams[0].sk: environment variable NOPE is not set"),
+        "{e}"
+    );
+}
+
+#[test]
+fn model_map_exact_beats_wildcard() {
+    let c = parse_str(
+        "authorization: x\nupstreams:\n  - endpoint: http://h\n    model_map: {\"*\": fallback, gpt-4o: dep}\n",
+    )
+    .unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.mapped_model("gpt-4o"), Some("dep"));
+    assert_eq!(u.mapped_model("other"), Some("fallback"));
+}
+
+#[test]
+fn glob_and_cidr() {
+    assert!(Pattern("gpt-*-mini".into()).matches("gpt-4o-mini"));
+    assert!(!Pattern("gpt-*-mini".into()).matches("gpt-4o"));
+    assert!(Pattern("*".into()).matches(""));
+    let n = IpNet::parse("10.0.0.0/8").unwrap();
+    assert!(n.contains("10.1.2.3".parse().unwrap()));
+    assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(!n.contains("11.0.0.1".parse().unwrap()));
+    assert!(IpNet::parse("0.0.0.0/0")
+        .unwrap()
+        .contains("1.2.3.4".parse().unwrap()));
+    assert!(IpNet::parse("nope").is_none());
+}
+
+#[test]
+fn endpoint_display_drops_userinfo() {
+    let (base, display, host) = parse_endpoint("https://user:pw@h.example:8443/api/v1/").unwrap();
+    assert_eq!(base, "https://user:pw@h.example:8443/api/v1");
+    assert_eq!(display, "https://h.example:8443/api/v1");
+    assert_eq!(host, "h.example");
+}
+
+#[test]
+fn models_and_usage_keys() {
+    let c = parse_str(
+            "authorization: x\nmodels_refresh: 30\nroute_by_models: true\nforce_usage: false\nupstreams:\n  - endpoint: http://h\n    models: [a, \"b/c\"]\n  - endpoint: http://h2\n    force_usage: \"true\"\n",
+        )
+        .unwrap();
+    assert_eq!(c.models_refresh, Duration::from_secs(30));
+    assert!(c.route_by_models);
+    assert_eq!(c.upstreams[0].models, Some(vec!["a".into(), "b/c".into()]));
+    assert!(
+        !c.upstreams[0].force_usage,
+        "the global value is the default"
+    );
+    assert!(c.upstreams[1].force_usage);
+    assert_eq!(c.upstreams[1].models, None);
+    let d = parse_str("authorization: x\nupstreams:\n  - endpoint: http://h\n").unwrap();
+    assert_eq!(d.models_refresh, Duration::from_secs(600));
+    assert!(!d.route_by_models);
+    assert!(d.upstreams[0].force_usage);
+    let e = parse_str(
+            "authorization: x\nroute_by_models: maybe\nmodels_refresh: 0\nupstreams:\n  - endpoint: http://h\n    force_usage: 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml: route_by_models: expected true or false"),
+        "{e}"
+    );
+    assert!(
+        e.contains("t.yaml: models_refresh: must be greater than 0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("upstreams[0].force_usage: expected true or false"),
+        "{e}"
+    );
+}
