@@ -3,7 +3,7 @@
 //!
 //! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`]/[`relay`]/[`headers`] §4,
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
+//! [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8, [`server`] start-up, reload and shutdown (§9).
 
 #![warn(missing_docs)]
 
@@ -15,6 +15,7 @@ pub mod headers;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
+pub mod realtime;
 pub mod records;
 pub mod registry;
 pub mod relay;

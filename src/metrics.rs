@@ -28,6 +28,7 @@ pub struct Metrics {
     database_up: prometheus::IntGauge,
     notifications: IntCounterVec,
     record_batch_size: Histogram,
+    websocket_sessions: IntGaugeVec,
 }
 
 impl Metrics {
@@ -98,6 +99,14 @@ impl Metrics {
             .namespace(NAMESPACE)
             .buckets(vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0]),
         )?;
+        let websocket_sessions = IntGaugeVec::new(
+            opts(
+                "websocket_sessions",
+                "Open WebSocket (Realtime API) sessions, by upstream",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(websocket_sessions.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -120,6 +129,7 @@ impl Metrics {
             database_up,
             notifications,
             record_batch_size,
+            websocket_sessions,
         })
     }
 
@@ -194,6 +204,13 @@ impl Metrics {
     /// Size of one write transaction.
     pub fn record_batch(&self, n: usize) {
         self.record_batch_size.observe(n as f64);
+    }
+
+    /// A WebSocket session opened (+1) or ended (-1) on `upstream`.
+    pub fn websocket_sessions(&self, upstream: &str, delta: i64) {
+        self.websocket_sessions
+            .with_label_values(&[upstream])
+            .add(delta);
     }
 
     /// One alert delivery.

@@ -215,7 +215,7 @@ pub fn token_label(token: &str) -> String {
 }
 
 /// Checks the client token; returns its label.
-fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
+pub(crate) fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
     let token = bearer(req).filter(|t| !t.is_empty());
     if cfg.noauth {
         return Ok(token.map(token_label));
@@ -313,14 +313,14 @@ async fn read_body(
 }
 
 /// Answers locally (auth, size, routing errors) and records it.
-fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
+pub(crate) fn local_error(state: &AppState, info: RequestInfo, err: GatewayError) -> HttpResponse {
     let error = err.to_string();
     answer(state, info, &err, 0, error)
 }
 
 /// Sends a gateway-made error and records it: `attempts` upstreams were tried, `error` is the
 /// record's summary.
-fn answer(
+pub(crate) fn answer(
     state: &AppState,
     info: RequestInfo,
     err: &GatewayError,
@@ -374,7 +374,7 @@ pub async fn preflight(req: HttpRequest) -> HttpResponse {
 /// Why an attempt failed before an answer could be committed.
 type AttemptError = (FailKind, String);
 
-fn classify(e: SendRequestError) -> AttemptError {
+pub(crate) fn classify(e: SendRequestError) -> AttemptError {
     match e {
         SendRequestError::Connect(c) => (FailKind::Connect, format!("connect failed: {c}")),
         SendRequestError::Timeout => (FailKind::Timeout, "timed out".into()),
@@ -426,7 +426,7 @@ async fn attempt(
     }
 }
 
-fn secs(d: Duration) -> String {
+pub(crate) fn secs(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s.fract() == 0.0 {
         format!("{s:.0}s")
@@ -551,7 +551,12 @@ pub async fn proxy(
     answer(&state, info, &err, n, summary)
 }
 
-fn alert_all_failed(state: &AppState, info: &RequestInfo, status: u16, failures: &[String]) {
+pub(crate) fn alert_all_failed(
+    state: &AppState,
+    info: &RequestInfo,
+    status: u16,
+    failures: &[String],
+) {
     if let Some(alerts) = &state.alerts {
         alerts.do_send(RequestFailed {
             at: SystemTime::now(),

@@ -175,6 +175,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             metrics.clone(),
             Some(notifier.clone().recipient()),
         );
+        let sessions = crate::realtime::Sessions::default();
         let state = web::Data::new(AppState {
             config: shared.clone(),
             registry: registry.clone(),
@@ -188,6 +189,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .as_deref()
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
+            realtime: sessions.clone(),
         });
 
         let factory_tls = tls.clone();
@@ -210,6 +212,12 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                             .finish()
                     }),
                 )
+                // WebSocket upgrades (SPEC §4c) before the catch-all: same path, guarded.
+                .service(
+                    web::resource("/v1/{tail}*")
+                        .guard(actix_web::guard::fn_guard(crate::realtime::is_upgrade))
+                        .to(crate::realtime::session),
+                )
                 .service(
                     web::resource("/v1/{tail}*")
                         .route(web::method(Method::OPTIONS).to(preflight))
@@ -231,7 +239,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         })?
         .run();
 
-        spawn_shutdown(signals.stop, server.handle());
+        spawn_shutdown(signals.stop, server.handle(), sessions);
         if let Some(hup) = signals.reload {
             spawn_reload(hup, cli.clone(), registry.clone(), notifier.clone());
         }
@@ -316,6 +324,7 @@ fn spawn_shutdown(
         actix_rt::signal::unix::Signal,
     )>,
     handle: actix_web::dev::ServerHandle,
+    sessions: crate::realtime::Sessions,
 ) {
     actix_rt::spawn(async move {
         match stop {
@@ -330,15 +339,22 @@ fn spawn_shutdown(
                 let _ = actix_rt::signal::ctrl_c().await;
             }
         }
+        // Open WebSocket sessions get their 1001 close now, well inside the grace period.
+        sessions.close_all();
         handle.stop(true).await;
     });
 }
 
 /// Stops the server gracefully on ctrl-c.
 #[cfg(not(unix))]
-fn spawn_shutdown(_: Option<()>, handle: actix_web::dev::ServerHandle) {
+fn spawn_shutdown(
+    _: Option<()>,
+    handle: actix_web::dev::ServerHandle,
+    sessions: crate::realtime::Sessions,
+) {
     actix_rt::spawn(async move {
         let _ = actix_rt::signal::ctrl_c().await;
+        sessions.close_all();
         handle.stop(true).await;
     });
 }

@@ -29,4 +29,6 @@ pub struct AppState {
     pub listen: String,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
+    /// Open WebSocket sessions' shutdown signal (SPEC §4c).
+    pub realtime: crate::realtime::Sessions,
 }
