@@ -187,6 +187,27 @@ fn loggable(s: &str) -> String {
         .collect()
 }
 
+/// Browser clients cannot set `Authorization` and offer their key as a subprotocol
+/// (`openai-insecure-api-key.<key>`). Like the `Authorization` header, that key is not sent
+/// upstream (unless `sk: asis`); the other protocols are. None when nothing is left.
+fn without_key_protocols(value: &HeaderValue) -> Option<HeaderValue> {
+    let Ok(text) = value.to_str() else {
+        return Some(value.clone());
+    };
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.starts_with(KEY_PROTOCOL))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// The subprotocol prefix OpenAI's browser clients carry their key in.
+const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
+
 /// The upstream URL for this request: endpoint + path without `/v1` + query (model mapped).
 fn upstream_url(up: &Upstream, req: &HttpRequest, model: Option<&str>) -> String {
     let path = req.uri().path();
@@ -229,10 +250,18 @@ async fn handshake(
     let mut out = HeaderMap::new();
     headers::upstream_request_headers(req.headers(), &up.auth, &mut out);
     let mut ws = client.ws(url.as_str()).max_frame_size(MAX_FRAME_BYTES);
+    let keep_keys = matches!(up.auth, crate::config::UpstreamAuth::AsIs);
     for (name, value) in out.iter() {
-        if !handshake_header(name) {
-            ws = ws.header(name.clone(), value.clone());
+        if handshake_header(name) {
+            continue;
         }
+        if name == header::SEC_WEBSOCKET_PROTOCOL && !keep_keys {
+            if let Some(v) = without_key_protocols(value) {
+                ws = ws.header(name.clone(), v);
+            }
+            continue;
+        }
+        ws = ws.header(name.clone(), value.clone());
     }
     match ws.connect().await {
         Ok((resp, framed)) => {
@@ -908,6 +937,17 @@ mod tests {
         assert!(query_model("model=a&%6dodel=b").is_err());
         assert!(query_model("model=%zz").is_err());
         assert!(query_model("model=%ff").is_err());
+    }
+
+    #[test]
+    fn key_protocols_are_not_forwarded() {
+        let v = HeaderValue::from_static("realtime, openai-insecure-api-key.sk-123, openai-beta.x");
+        assert_eq!(
+            without_key_protocols(&v).unwrap(),
+            "realtime, openai-beta.x"
+        );
+        let v = HeaderValue::from_static("openai-insecure-api-key.sk-123");
+        assert!(without_key_protocols(&v).is_none());
     }
 
     #[test]

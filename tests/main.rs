@@ -8,6 +8,7 @@ mod faults;
 mod fuzz;
 mod observability;
 mod postgres;
+mod realtime;
 mod records;
 mod reload;
 mod sdk;
