@@ -698,3 +698,85 @@ async fn many_concurrent_sessions_leave_memory_flat() {
     );
     assert!(gw.records(600).len() >= 600);
 }
+
+const PY_CLIENT: &str = r#"
+import sys, json
+from websockets.sync.client import connect
+from websockets.exceptions import InvalidStatus, ConnectionClosed
+url, token = sys.argv[1], sys.argv[2]
+try:
+    connect(url, additional_headers={"Authorization": "Bearer wrong"})
+    print("NOAUTH:connected")
+except InvalidStatus as e:
+    print("NOAUTH:%d" % e.response.status_code)
+with connect(url, additional_headers={"Authorization": "Bearer " + token, "OpenAI-Beta": "realtime=v1"},
+             subprotocols=["realtime"], max_size=None, open_timeout=10) as ws:
+    print("PROTO:%s" % ws.subprotocol)
+    ws.send(json.dumps({"type": "session.update", "session": {"voice": "alloy"}}))
+    print("ECHO:" + ws.recv(timeout=10))
+    big = bytes(range(256)) * 8192
+    ws.send(big)
+    print("BIG:%s" % (ws.recv(timeout=10) == big))
+    ws.send("close:4002:py bye")
+    try:
+        ws.recv(timeout=10)
+        print("CLOSE:none")
+    except ConnectionClosed as e:
+        print("CLOSE:%d:%s" % (e.rcvd.code, e.rcvd.reason))
+"#;
+
+/// A client nobody here wrote: Python's `websockets` (installed by `.ci/run` into the venv that
+/// `OPENAI_SDK_PYTHON` points at). Without it the test says so and passes, except under CI.
+#[test]
+fn python_websockets_client_through_a_failing_first_upstream() {
+    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
+        );
+        eprintln!("SKIPPED Python websockets end-to-end test: OPENAI_SDK_PYTHON is not set");
+        return;
+    };
+    let down = Mock::always(Reply::status(503));
+    let good = WsMock::start();
+    let gw = Gateway::start(&config(
+        "",
+        &[
+            upstream("down", &down.endpoint(), ""),
+            upstream("good", &good.endpoint(), ""),
+        ],
+    ));
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            PY_CLIENT,
+            &ws_url(&gw, "/v1/realtime?model=gpt-realtime"),
+            TOKEN,
+        ])
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("NOAUTH:401"), "{stdout}");
+    assert!(stdout.contains("PROTO:realtime"), "{stdout}");
+    assert!(
+        stdout.contains(r#"ECHO:{"type": "session.update", "session": {"voice": "alloy"}}"#),
+        "{stdout}"
+    );
+    assert!(stdout.contains("BIG:True"), "{stdout}");
+    assert!(stdout.contains("CLOSE:4002:py bye"), "{stdout}");
+    assert_eq!(down.hits(), 1, "the failing upstream was tried first");
+    let rows = gw.records(2);
+    assert_eq!(
+        rows[0]["status"], 401,
+        "the refused handshake is recorded too"
+    );
+    assert_eq!(rows[1]["status"], 101);
+    assert_eq!(rows[1]["model"], "gpt-realtime");
+    assert_eq!(rows[1]["upstream"], "good");
+    assert_eq!(rows[1]["attempts"], 2);
+}
