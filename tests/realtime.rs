@@ -92,6 +92,8 @@ fn ws_config() -> WebSocketConfig {
     c
 }
 
+// tungstenite fixes the callback's error type (a whole HTTP response).
+#[allow(clippy::result_large_err)]
 async fn serve_ws(sock: TcpStream, seen: Arc<Mutex<Seen>>) {
     let seen2 = seen.clone();
     let callback = move |req: &Request, mut resp: Response| {
