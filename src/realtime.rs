@@ -46,8 +46,9 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// or after the gateway itself sent close frames at shutdown.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Read size on the upstream socket.
-const READ_CHUNK: usize = 64 * 1024;
+/// Room made for each read on the upstream socket while no frame is pending (the codec reserves
+/// a partial frame's full size itself). Idle sessions hold no more than this per side.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// Whether a request asks for a WebSocket (routing guard: such a `GET /v1/*` comes here).
 pub fn is_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
@@ -616,7 +617,12 @@ impl Frames for ClientFrames {
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
             }
+            if too_large(&self.buf) {
+                return Some(Err(ProtocolError::Overflow));
+            }
             match self.payload.next().await {
+                // Take the chunk as the buffer when nothing is pending (no copy).
+                Some(Ok(chunk)) if self.buf.is_empty() => self.buf = BytesMut::from(chunk),
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
                 Some(Err(_)) | None => return None,
             }
@@ -631,6 +637,9 @@ impl Frames for UpstreamFrames {
                 Ok(Some(f)) => return Some(Ok(f)),
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
+            }
+            if too_large(&self.buf) {
+                return Some(Err(ProtocolError::Overflow));
             }
             self.buf.reserve(READ_CHUNK);
             match self.io.read_buf(&mut self.buf).await {
@@ -666,6 +675,22 @@ impl Sink for ToUpstream {
     async fn send(&mut self, bytes: Bytes) -> bool {
         self.0.write_all(&bytes).await.is_ok() && self.0.flush().await.is_ok()
     }
+}
+
+/// Whether the frame starting `buf` declares a payload over [`MAX_FRAME_BYTES`]. The codec only
+/// checks the size once the whole frame is buffered; this refuses it from its header.
+fn too_large(buf: &[u8]) -> bool {
+    let declared = match (buf.get(1).map(|b| b & 0x7f), buf.len()) {
+        (Some(126), n) if n >= 4 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+        (Some(127), n) if n >= 10 => {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&buf[2..10]);
+            u64::from_be_bytes(len)
+        }
+        (Some(len), _) if len < 126 => u64::from(len),
+        _ => 0,
+    };
+    declared > MAX_FRAME_BYTES as u64
 }
 
 /// The wire form of `frame` as the other side must see it: same opcode, FIN bit and payload.
@@ -948,6 +973,19 @@ mod tests {
         );
         let v = HeaderValue::from_static("openai-insecure-api-key.sk-123");
         assert!(without_key_protocols(&v).is_none());
+    }
+
+    #[test]
+    fn oversized_frames_are_seen_in_their_header() {
+        let mut b = BytesMut::new();
+        Parser::write_message(&mut b, vec![0u8; 70_000], OpCode::Binary, true, true);
+        assert!(!too_large(&b[..10]));
+        let mut head = vec![0x82u8, 0xff];
+        head.extend_from_slice(&(MAX_FRAME_BYTES as u64 + 1).to_be_bytes());
+        assert!(too_large(&head));
+        assert!(!too_large(&head[..9]));
+        head[2..10].copy_from_slice(&(MAX_FRAME_BYTES as u64).to_be_bytes());
+        assert!(!too_large(&head));
     }
 
     #[test]

@@ -271,13 +271,20 @@ async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
     }
 }
 
-fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
-    let ok = eventually(Duration::from_secs(10), || {
-        mock.events().iter().any(|e| pred(e))
-    });
-    let events = mock.events();
-    assert!(ok, "upstream never saw the expected event: {events:?}");
-    events
+/// Waits (without blocking the test's runtime) until the upstream saw an event matching `pred`.
+async fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = mock.events();
+        if events.iter().any(|e| pred(e)) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream never saw the expected event: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[actix_rt::test]
@@ -356,6 +363,11 @@ async fn failover_on_refused_503_and_slow_handshake_then_relay_and_record() {
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(recv(&mut ws).await, Message::text("hello"));
     wait_gauge(&gw, "good", 1).await;
+    assert_eq!(
+        gauge(&metrics(&gw).await, "busy"),
+        Some(0),
+        "every upstream has the series"
+    );
 
     ws.close(None).await.unwrap();
     // The close handshake completes: the client sees the upstream's close answer, then the end.
@@ -366,7 +378,7 @@ async fn failover_on_refused_503_and_slow_handshake_then_relay_and_record() {
             Err(_) => panic!("no close answer"),
         }
     }
-    wait_event(&good, |e| e.starts_with("close:"));
+    wait_event(&good, |e| e.starts_with("close:")).await;
     wait_gauge(&gw, "good", 0).await;
 
     let rows = gw.records(1);
@@ -441,12 +453,12 @@ async fn frames_pass_unchanged_both_ways() {
         recv(&mut ws).await,
         Message::Pong(b"are-you-there".to_vec().into())
     );
-    wait_event(&good, |e| e == "ping:are-you-there");
+    wait_event(&good, |e| e == "ping:are-you-there").await;
     // An unsolicited pong passes too.
     ws.send(Message::Pong(b"unsolicited".to_vec().into()))
         .await
         .unwrap();
-    wait_event(&good, |e| e == "pong:unsolicited");
+    wait_event(&good, |e| e == "pong:unsolicited").await;
 
     // The upstream closes with a code and reason: the client gets exactly that.
     ws.send(Message::text("close:4001:done here"))
@@ -461,7 +473,7 @@ async fn frames_pass_unchanged_both_ways() {
     }
     // tungstenite answers the close; the upstream sees that answer through the gateway.
     let _ = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
-    wait_event(&good, |e| e.starts_with("close:4001"));
+    wait_event(&good, |e| e.starts_with("close:4001")).await;
     let row = &gw.records(1)[0];
     assert_eq!(row["status"], 101);
     assert!(row["error"].is_null(), "{row}");
@@ -478,13 +490,13 @@ async fn client_close_code_reaches_the_upstream_and_abrupt_client_is_noticed() {
     }))
     .await
     .unwrap();
-    wait_event(&good, |e| e == "close:4100:client done");
+    wait_event(&good, |e| e == "close:4100:client done").await;
 
     // A client that just drops its TCP connection: the upstream gets a close (1001).
     let (ws2, _) = connect(&gw, "/v1/realtime", &[]).await.unwrap();
     wait_gauge(&gw, "good", 1).await;
     drop(ws2);
-    let events = wait_event(&good, |e| e.starts_with("close:1001"));
+    let events = wait_event(&good, |e| e.starts_with("close:1001")).await;
     assert!(events.iter().any(|e| e == "end"), "{events:?}");
     wait_gauge(&gw, "good", 0).await;
     let rows = gw.records(2);
@@ -615,7 +627,7 @@ async fn sigterm_closes_open_sessions_with_1001_and_sighup_does_not() {
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // The upstream was closed too (1001), and the gateway exits cleanly with the record written.
-    wait_event(&good, |e| e.starts_with("close:1001"));
+    wait_event(&good, |e| e.starts_with("close:1001")).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
     assert_eq!(
         gw.wait_exit(Duration::from_secs(15)),
@@ -655,7 +667,7 @@ async fn slow_reader_does_not_make_the_gateway_buffer() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    wait_event(&good, |e| e == "flood-done");
+    wait_event(&good, |e| e == "flood-done").await;
     let grown = during.saturating_sub(before);
     assert!(
         grown < 48 * 1024,
@@ -664,17 +676,51 @@ async fn slow_reader_does_not_make_the_gateway_buffer() {
 }
 
 #[actix_rt::test]
+async fn oversized_frame_closes_with_1009_without_being_buffered() {
+    let good = WsMock::start();
+    let gw = Gateway::start(&config("", &[upstream("good", &good.endpoint(), "")]));
+    let (ws, _) = connect(&gw, "/v1/realtime", &[]).await.unwrap();
+    let before = gw.mem_kb("VmRSS");
+    let (mut tx, mut rx) = ws.split();
+    // 64 MiB in one frame: refused from its header (limit 16 MiB), so the rest is never read.
+    let sender = actix_rt::spawn(async move {
+        let _ = tx.send(Message::binary(vec![7u8; 64 << 20])).await;
+        tx
+    });
+    let events = wait_event(&good, |e| e.starts_with("close:1009")).await;
+    assert!(
+        !events.iter().any(|e| e.starts_with("binary")),
+        "{events:?}"
+    );
+    let grown = gw.mem_kb("VmRSS").saturating_sub(before);
+    assert!(
+        grown < 24 * 1024,
+        "gateway RSS grew {grown} kB for a refused frame"
+    );
+    // The client is told too (or, still stuck writing, sees the connection end).
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.next()).await;
+    match got {
+        Ok(Some(Ok(Message::Close(Some(f))))) => assert_eq!(u16::from(f.code), 1009),
+        Ok(None) | Ok(Some(Err(_))) => {}
+        other => panic!("expected a 1009 close, got {other:?}"),
+    }
+    sender.abort();
+    wait_gauge(&gw, "good", 0).await;
+}
+
+#[actix_rt::test]
 async fn many_concurrent_sessions_leave_memory_flat() {
     let good = WsMock::start();
     let gw = Gateway::start(&config("", &[upstream("good", &good.endpoint(), "")]));
-    // Warm up allocator pools with one full round first.
-    async fn round(gw: &Gateway, n: usize) {
+    /// Opens `n` sessions, echoes 64 KiB on each while all are open, closes them; returns the
+    /// gateway's RSS while they were open.
+    async fn round(gw: &Gateway, n: usize) -> u64 {
         let mut clients = Vec::new();
         for _ in 0..n {
             let (ws, _) = connect(gw, "/v1/realtime?model=m", &[]).await.unwrap();
             clients.push(ws);
         }
-        let payload = "x".repeat(16 * 1024);
+        let payload = "x".repeat(64 * 1024);
         for ws in clients.iter_mut() {
             ws.send(Message::text(payload.clone())).await.unwrap();
         }
@@ -682,23 +728,39 @@ async fn many_concurrent_sessions_leave_memory_flat() {
             assert_eq!(recv(ws).await, Message::text(payload.clone()));
         }
         wait_gauge(gw, "good", n as i64).await;
+        let open = gw.mem_kb("VmRSS");
         for mut ws in clients {
             ws.close(None).await.unwrap();
             let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
         }
         wait_gauge(gw, "good", 0).await;
+        open
     }
-    round(&gw, 200).await;
-    let before = gw.mem_kb("VmRSS");
-    round(&gw, 200).await;
-    round(&gw, 200).await;
-    let after = gw.mem_kb("VmRSS");
-    let grown = after.saturating_sub(before);
+    let idle = gw.mem_kb("VmRSS");
+    // Three rounds warm the allocator's pools; three more must not add to what they left.
+    let mut open = Vec::new();
+    let mut after = Vec::new();
+    for _ in 0..6 {
+        open.push(round(&gw, 200).await);
+        after.push(gw.mem_kb("VmRSS"));
+    }
+    eprintln!("RSS idle {idle} kB, with 200 open {open:?}, after each round {after:?}");
+    let peak_open = open.iter().max().copied().unwrap_or(0);
+    // Bounded per session: its sockets' buffers and about one 64 KiB frame per side.
     assert!(
-        grown < 8 * 1024,
-        "RSS grew {grown} kB over 400 more sessions ({before} → {after} kB)"
+        peak_open.saturating_sub(idle) < 200 * 512,
+        "200 open sessions cost {} kB",
+        peak_open - idle
     );
-    assert!(gw.records(600).len() >= 600);
+    let warm = after[2];
+    let later = after[3..].iter().max().copied().unwrap_or(0);
+    // A leak of one 64 KiB buffer per session would add over 37 MB here.
+    assert!(
+        later.saturating_sub(warm) < 12 * 1024,
+        "RSS grew {} kB over 600 more sessions ({warm} → {later} kB)",
+        later.saturating_sub(warm)
+    );
+    assert!(gw.records(1200).len() >= 1200);
 }
 
 const PY_CLIENT: &str = r#"
