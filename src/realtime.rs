@@ -547,7 +547,7 @@ fn open(
         failures,
         ttfb,
     };
-    log::info!(
+    log::debug!(
         "{} {}: WebSocket session opened on upstream {}",
         live.info.method,
         loggable(&live.info.path),
