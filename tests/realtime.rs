@@ -789,12 +789,22 @@ with connect(url, additional_headers={"Authorization": "Bearer " + token, "OpenA
         print("CLOSE:none")
     except ConnectionClosed as e:
         print("CLOSE:%d:%s" % (e.rcvd.code, e.rcvd.reason))
+
+# The official SDK's realtime client, pointed at the gateway by base_url alone.
+import openai
+client = openai.OpenAI(base_url=sys.argv[3], api_key=token, max_retries=0)
+rt = getattr(client, "realtime", None) or client.beta.realtime
+with rt.connect(model="gpt-realtime") as conn:
+    conn.send({"type": "session.update", "session": {"instructions": "be brief"}})
+    echoed = json.loads(conn.recv_bytes())
+    print("SDK:%s:%s" % (echoed["type"], echoed["session"]["instructions"]))
 "#;
 
-/// A client nobody here wrote: Python's `websockets` (installed by `.ci/run` into the venv that
-/// `OPENAI_SDK_PYTHON` points at). Without it the test says so and passes, except under CI.
+/// Clients nobody here wrote: Python's `websockets` and the official `openai` SDK's realtime
+/// client (installed by `.ci/run` into the venv that `OPENAI_SDK_PYTHON` points at). Without them
+/// the test says so and passes, except under CI.
 #[test]
-fn python_websockets_client_through_a_failing_first_upstream() {
+fn python_websockets_and_openai_sdk_realtime_through_a_failing_first_upstream() {
     let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
         assert!(
             std::env::var("CI").is_err(),
@@ -818,6 +828,7 @@ fn python_websockets_client_through_a_failing_first_upstream() {
             PY_CLIENT,
             &ws_url(&gw, "/v1/realtime?model=gpt-realtime"),
             TOKEN,
+            &gw.url("/v1"),
         ])
         .output()
         .expect("run python");
@@ -835,8 +846,20 @@ fn python_websockets_client_through_a_failing_first_upstream() {
     );
     assert!(stdout.contains("BIG:True"), "{stdout}");
     assert!(stdout.contains("CLOSE:4002:py bye"), "{stdout}");
-    assert_eq!(down.hits(), 1, "the failing upstream was tried first");
-    let rows = gw.records(2);
+    assert!(stdout.contains("SDK:session.update:be brief"), "{stdout}");
+    assert_eq!(
+        down.hits(),
+        2,
+        "the failing upstream was tried first each time"
+    );
+    assert_eq!(good.handshakes()[1].0, "/v1/realtime?model=gpt-realtime");
+    assert_eq!(
+        good.header(1, "authorization").as_deref(),
+        Some("Bearer sk-upstream-good-secret")
+    );
+    let rows = gw.records(3);
+    assert_eq!(rows[2]["status"], 101);
+    assert_eq!(rows[2]["model"], "gpt-realtime");
     assert_eq!(
         rows[0]["status"], 401,
         "the refused handshake is recorded too"
