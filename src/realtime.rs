@@ -374,8 +374,20 @@ pub async fn session(
                     first_byte: t0.elapsed(),
                 },
             );
-            failures.push(format!("{}: {}", up.name, refused.reason));
-            return refused_answer(&state, info, up, status, pos + 1, failures);
+            // Like a relayed 400 over HTTP, it is not a failed attempt of the record's `error`.
+            let message = format!(
+                "upstream {} answered {} instead of 101 Switching Protocols",
+                up.name, refused.reason
+            );
+            let error = (!failures.is_empty()).then(|| failures.join("; "));
+            let answer = Answer {
+                upstream: Some(up.name.clone()),
+                status,
+                attempts: pos + 1,
+                message,
+                error,
+            };
+            return status_answer(&state, info, answer);
         }
         log::warn!(
             "{} {}: upstream {} failed the WebSocket handshake: {}",
@@ -407,8 +419,17 @@ pub async fn session(
             .last()
             .and_then(|&i| cfg.upstreams.get(i))
             .map(|u| u.name.clone());
-        proxy::alert_all_failed(&state, &info, status.as_u16(), &failures);
-        return status_answer(&state, info, name, status, n, summary);
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            proxy::alert_all_failed(&state, &info, status.as_u16(), &failures);
+        }
+        let answer = Answer {
+            upstream: name,
+            status,
+            attempts: n,
+            message: format!("all upstreams refused the WebSocket handshake: {summary}"),
+            error: Some(summary),
+        };
+        return status_answer(&state, info, answer);
     }
     let err = GatewayError::AllFailed {
         timed_out: last_kind == FailKind::Timeout,
@@ -441,53 +462,43 @@ fn handshake_error(state: &AppState, info: RequestInfo, e: &HandshakeError) -> H
         .body(body)
 }
 
-/// The status an upstream answered instead of 101, as the client's answer.
-fn refused_answer(
-    state: &AppState,
-    info: RequestInfo,
-    up: &Upstream,
-    status: StatusCode,
-    attempts: usize,
-    failures: Vec<String>,
-) -> HttpResponse {
-    let summary = failures.join("; ");
-    status_answer(
-        state,
-        info,
-        Some(up.name.clone()),
-        status,
-        attempts,
-        summary,
-    )
-}
-
-/// Answers `status` with an OpenAI-style error naming the attempts, and records it.
-fn status_answer(
-    state: &AppState,
-    info: RequestInfo,
+/// A handshake answered with an upstream's status instead of 101.
+struct Answer {
+    /// The upstream whose status it is.
     upstream: Option<String>,
     status: StatusCode,
     attempts: usize,
-    summary: String,
-) -> HttpResponse {
-    let message = format!("the WebSocket handshake was refused: {summary}");
-    let body = serde_json::json!({"error": {"message": message, "type": "upstream_error", "code": status.as_u16().to_string()}}).to_string();
+    /// For the client.
+    message: String,
+    /// For the record (`name: reason` of the failed attempts).
+    error: Option<String>,
+}
+
+/// Answers an upstream's status with an OpenAI-style error (awc keeps no handshake body), and
+/// records it.
+fn status_answer(state: &AppState, info: RequestInfo, a: Answer) -> HttpResponse {
+    let code = if a.status.is_client_error() {
+        "websocket_handshake_refused"
+    } else {
+        "upstream_unavailable"
+    };
+    let body = serde_json::json!({"error": {"message": a.message, "type": "upstream_error", "code": code}}).to_string();
     if let Some(rec) = &state.recorder {
         rec.submit(info.into_record(
-            status.as_u16(),
-            upstream.clone(),
-            attempts as u32,
-            Some(summary),
+            a.status.as_u16(),
+            a.upstream.clone(),
+            a.attempts as u32,
+            a.error,
             Some(body.clone()),
             Default::default(),
             None,
         ));
     }
-    let mut b = HttpResponse::build(status);
+    let mut b = HttpResponse::build(a.status);
     b.insert_header((header::CONTENT_TYPE, "application/json"))
         .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
-        .insert_header(("x-upstream-attempts", attempts.to_string()));
-    if let Some(v) = upstream.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        .insert_header(("x-upstream-attempts", a.attempts.to_string()));
+    if let Some(v) = a.upstream.and_then(|n| HeaderValue::from_str(&n).ok()) {
         b.insert_header(("x-upstream", v));
     }
     b.body(body)

@@ -604,6 +604,16 @@ async fn every_upstream_refusing_relays_the_last_status() {
     let rows = gw.records(1);
     assert_eq!(rows[0]["status"], 429);
     assert_eq!(rows[0]["attempts"], 2);
+    assert_eq!(rows[0]["upstream"], "b");
+    assert_eq!(
+        rows[0]["error"],
+        "a: HTTP 503 Service Unavailable; b: HTTP 429 Too Many Requests"
+    );
+    // The 400 was the answer, not a failed attempt.
+    let rows = gw2.records(1);
+    assert_eq!(rows[0]["status"], 400);
+    assert_eq!(rows[0]["upstream"], "c");
+    assert!(rows[0]["error"].is_null(), "{}", rows[0]);
 }
 
 #[actix_rt::test]
