@@ -314,6 +314,10 @@ async fn failover_on_refused_503_and_slow_handshake_then_relay_and_record() {
         &[
             ("openai-beta", "realtime=v1"),
             ("sec-websocket-protocol", &protocols),
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
         ],
     )
     .await
@@ -355,6 +359,10 @@ async fn failover_on_refused_503_and_slow_handshake_then_relay_and_record() {
         good.header(0, "sec-websocket-protocol").as_deref(),
         Some("realtime"),
         "the key subprotocol is not forwarded"
+    );
+    assert!(
+        good.header(0, "sec-websocket-extensions").is_none(),
+        "compression cannot be negotiated through a frame relay"
     );
     for (k, v) in &good.handshakes()[0].1 {
         assert!(!v.contains(TOKEN), "client token leaked upstream in {k}");
@@ -560,6 +568,19 @@ async fn auth_and_key_handling() {
         .await
         .unwrap_err();
     assert_eq!(status_of(err), 404);
+    // A malformed handshake (no Sec-WebSocket-Key) is refused here, not sent upstream.
+    let raw = raw_exchange(
+        &gw2.addr,
+        format!(
+            "GET /v1/realtime HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("invalid_websocket_handshake"), "{raw}");
     // Two `model` parameters could be read differently upstream: refused.
     let err = connect(&gw2, "/v1/realtime?model=gpt-4o&model=claude", &[])
         .await
