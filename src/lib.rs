@@ -3,7 +3,8 @@
 //!
 //! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`]/[`relay`]/[`headers`] §4,
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8, [`server`] start-up, reload and shutdown (§9).
+//! [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8, [`server`] start-up,
+//! reload and shutdown (§9).
 
 #![warn(missing_docs)]
 
