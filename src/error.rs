@@ -24,6 +24,9 @@ pub enum GatewayError {
     /// The request is malformed in a way the gateway refuses to forward (SPEC 4d).
     #[error("{0}")]
     BadRequest(String),
+    /// A WebSocket upgrade without a valid handshake (SPEC 4c).
+    #[error("not a valid WebSocket handshake: {0}")]
+    BadHandshake(String),
     /// The body did not arrive within `body_timeout`.
     #[error("the request body did not arrive within {0}s (body_timeout)")]
     BodyTimeout(u64),
@@ -65,7 +68,9 @@ impl GatewayError {
         match self {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadBody(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::BadHandshake(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
             GatewayError::NoUpstreamForModel(_) => StatusCode::NOT_FOUND,
@@ -85,6 +90,9 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) => ("invalid_request_error", "request_too_large"),
             GatewayError::BadBody(_) => ("invalid_request_error", "invalid_body"),
             GatewayError::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            GatewayError::BadHandshake(_) => {
+                ("invalid_request_error", "invalid_websocket_handshake")
+            }
             GatewayError::BodyTimeout(_) => ("invalid_request_error", "request_timeout"),
             GatewayError::LoopDetected(_) => ("invalid_request_error", "loop_detected"),
             GatewayError::NoUpstreamForModel(_) => ("invalid_request_error", "model_not_found"),
@@ -104,7 +112,9 @@ impl GatewayError {
         Some(match self {
             GatewayError::Unauthorized(_) => Rejection::Auth,
             GatewayError::BodyTooLarge(_) => Rejection::TooLarge,
-            GatewayError::BadBody(_) | GatewayError::BadRequest(_) => Rejection::BadRequest,
+            GatewayError::BadBody(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::BadHandshake(_) => Rejection::BadRequest,
             GatewayError::NoUpstreamForModel(_) => Rejection::NotFound,
             GatewayError::BodyTimeout(_) => Rejection::Timeout,
             GatewayError::LoopDetected(_) => Rejection::Loop,

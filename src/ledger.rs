@@ -58,6 +58,9 @@ pub enum BodyEnd {
     Broken(String),
     /// The client went away first.
     ClientGone,
+    /// Ended without fault of the upstream's health, with a note for the record's `error`
+    /// (a WebSocket session whose upstream left without a close frame).
+    Noted(String),
 }
 
 /// The upstream whose answer went to the client.
@@ -327,6 +330,15 @@ impl Ledger {
                 c.ok.then_some("ok")
             }
             BodyEnd::Complete => c.ok.then_some("ok"),
+            BodyEnd::Noted(note) => {
+                self.failures.push(Failure {
+                    upstream: upstream.to_string(),
+                    kind: FailKind::Stream,
+                    status: None,
+                    reason: note.clone(),
+                });
+                c.ok.then_some("ok")
+            }
         };
         if let Some(outcome) = outcome {
             state.metrics.attempt(upstream, outcome);

@@ -5,7 +5,8 @@
 //! respond → relay) and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
 //! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`models`]/[`usage`] §4b, [`notify`] §7, [`status`] §8, [`server`] start-up, reload and shutdown (§9).
+//! [`models`]/[`usage`] §4b, [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8,
+//! [`server`] start-up, reload and shutdown (§9).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod models;
 pub mod notify;
 pub mod proxy;
+pub mod realtime;
 pub mod records;
 pub mod registry;
 pub mod server;

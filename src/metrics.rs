@@ -29,6 +29,7 @@ pub struct Metrics {
     notifications: IntCounterVec,
     record_batch_size: Histogram,
     rejected: IntCounterVec,
+    websocket_sessions: IntGaugeVec,
 }
 
 impl Metrics {
@@ -110,6 +111,14 @@ impl Metrics {
             rejected.with_label_values(&[r.label()]);
         }
         registry.register(Box::new(rejected.clone()))?;
+        let websocket_sessions = IntGaugeVec::new(
+            opts(
+                "websocket_sessions",
+                "Open WebSocket (Realtime API) sessions, by upstream",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(websocket_sessions.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -133,6 +142,7 @@ impl Metrics {
             notifications,
             record_batch_size,
             rejected,
+            websocket_sessions,
         })
     }
 
@@ -212,6 +222,13 @@ impl Metrics {
     /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.
     pub fn rejected(&self, reason: crate::error::Rejection) {
         self.rejected.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// A WebSocket session opened (+1) or ended (-1) on `upstream`.
+    pub fn websocket_sessions(&self, upstream: &str, delta: i64) {
+        self.websocket_sessions
+            .with_label_values(&[upstream])
+            .add(delta);
     }
 
     /// One alert delivery.

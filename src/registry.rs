@@ -355,6 +355,8 @@ impl UpstreamRegistry {
     fn publish_health(&self) {
         for (u, h) in self.config.upstreams.iter().zip(&self.health) {
             self.metrics.set_healthy(&u.name, !h.down);
+            // Every upstream's session gauge exists (at 0) before its first session.
+            self.metrics.websocket_sessions(&u.name, 0);
         }
     }
 

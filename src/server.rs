@@ -202,6 +202,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         );
         // Model lists are fetched in the background: nothing here waits for an upstream.
         let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
+        let sessions = crate::realtime::Sessions::default();
         let state = web::Data::new(AppState {
             config: shared.clone(),
             registry: registry.clone(),
@@ -218,6 +219,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
             reject_gate: Default::default(),
+            realtime: sessions.clone(),
         });
 
         let factory_tls = tls.clone();
@@ -247,6 +249,12 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                         .route(web::method(Method::OPTIONS).to(preflight))
                         .default_service(web::to(proxy)),
                 )
+                // WebSocket upgrades (SPEC §4c) before the catch-all: same path, guarded.
+                .service(
+                    web::resource("/v1/{tail}*")
+                        .guard(actix_web::guard::fn_guard(crate::realtime::is_upgrade))
+                        .to(crate::realtime::session),
+                )
                 .service(
                     web::resource("/v1/{tail}*")
                         .route(web::method(Method::OPTIONS).to(preflight))
@@ -268,7 +276,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         })?
         .run();
 
-        spawn_shutdown(signals.stop, server.handle());
+        spawn_shutdown(signals.stop, server.handle(), sessions);
         if let Some(hup) = signals.reload {
             spawn_reload(
                 hup,
@@ -359,6 +367,7 @@ fn spawn_shutdown(
         actix_rt::signal::unix::Signal,
     )>,
     handle: actix_web::dev::ServerHandle,
+    sessions: crate::realtime::Sessions,
 ) {
     actix_rt::spawn(async move {
         match stop {
@@ -373,15 +382,22 @@ fn spawn_shutdown(
                 let _ = actix_rt::signal::ctrl_c().await;
             }
         }
+        // Open WebSocket sessions get their 1001 close now, well inside the grace period.
+        sessions.close_all();
         handle.stop(true).await;
     });
 }
 
 /// Stops the server gracefully on ctrl-c.
 #[cfg(not(unix))]
-fn spawn_shutdown(_: Option<()>, handle: actix_web::dev::ServerHandle) {
+fn spawn_shutdown(
+    _: Option<()>,
+    handle: actix_web::dev::ServerHandle,
+    sessions: crate::realtime::Sessions,
+) {
     actix_rt::spawn(async move {
         let _ = actix_rt::signal::ctrl_c().await;
+        sessions.close_all();
         handle.stop(true).await;
     });
 }

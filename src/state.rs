@@ -35,4 +35,6 @@ pub struct AppState {
     pub database: String,
     /// Bounds the records of rejected requests (SPEC 4d).
     pub reject_gate: crate::error::RejectGate,
+    /// Open WebSocket sessions' shutdown signal (SPEC §4c).
+    pub realtime: crate::realtime::Sessions,
 }

@@ -10,6 +10,7 @@ mod hardening;
 mod models;
 mod observability;
 mod postgres;
+mod realtime;
 mod records;
 mod reload;
 mod sdk;

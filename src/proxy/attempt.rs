@@ -64,7 +64,8 @@ pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
 /// Why an attempt failed before an answer could be committed.
 pub type AttemptError = (FailKind, String);
 
-fn classify(e: SendRequestError) -> AttemptError {
+/// Names what went wrong with a send, as an attempt failure.
+pub fn classify(e: SendRequestError) -> AttemptError {
     match e {
         SendRequestError::Connect(c) => (FailKind::Connect, format!("connect failed: {c}")),
         SendRequestError::Timeout => (FailKind::Timeout, "timed out".into()),

@@ -1,0 +1,383 @@
+//! WebSocket sessions (SPEC §4c): `GET /v1/*` with `Upgrade: websocket`, e.g. the Realtime API's
+//! `/v1/realtime?model=…`.
+//!
+//! The handshake is where failover happens: candidates are tried in order, each within its
+//! `timeout`, until one answers `101 Switching Protocols`. After that the session belongs to that
+//! upstream and frames are relayed both ways unchanged (opcode, FIN bit, payload; close code and
+//! reason) until either side closes; there is no failover and no `idle_timeout`.
+//!
+//! Memory per session is bounded whatever the peers do: each direction reads one frame, hands it
+//! to the other side and waits until that side has taken it (the upstream socket accepted the
+//! bytes, or the client connection's one-frame queue has room) before reading the next. A slow
+//! reader therefore stalls its peer through TCP flow control instead of making the gateway
+//! buffer; the only per-frame buffer is the frame itself, limited to [`MAX_FRAME_BYTES`].
+//!
+//! This file holds the handshake side (auth, candidates, failover, the 101); `session` runs an
+//! accepted session, `query` reads and rewrites the `model` query parameter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::{BodyStream, MessageBody};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use awc::error::WsClientError;
+use tokio::sync::{mpsc, watch};
+
+mod query;
+mod session;
+
+pub use self::query::{query_model, rewrite_query_model};
+use self::session::{relay, ClientBody, Live};
+
+use crate::attempt::{is_failover_status, FailKind};
+use crate::capture::Usage;
+use crate::config::Upstream;
+use crate::error::GatewayError;
+use crate::escape::untrusted;
+use crate::headers;
+use crate::ledger::{BodyEnd, Ledger};
+use crate::proxy::{self, admit, UpstreamClient};
+use crate::state::AppState;
+
+/// Largest frame accepted from either side (both codecs; their default is 64 KiB). Realtime
+/// events carry base64 audio, so a single event can be megabytes.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a session waits for the other side's close frame (or end) once one side has closed,
+/// or after the gateway itself sent close frames at shutdown.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a request asks for a WebSocket (routing guard: such a `GET /v1/*` comes here).
+pub fn is_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
+    ctx.head().method == actix_web::http::Method::GET
+        && ctx
+            .head()
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
+}
+
+/// Tells every open session to close (SIGTERM/SIGINT). Cheap to clone; lives in [`AppState`].
+#[derive(Clone)]
+pub struct Sessions(Arc<watch::Sender<bool>>);
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Sessions {
+    /// Sends every open (and any later) session a close frame with code 1001 on both sides.
+    pub fn close_all(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+}
+
+/// Client handshake headers that belong to the client's own connection: awc makes its own key,
+/// and extensions (compression) cannot be negotiated through a relay that passes frames as is.
+fn handshake_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "sec-websocket-key"
+            | "sec-websocket-version"
+            | "sec-websocket-extensions"
+            | "sec-websocket-accept"
+            | "accept-encoding"
+    )
+}
+
+/// Browser clients cannot set `Authorization` and offer their key as a subprotocol
+/// (`openai-insecure-api-key.<key>`). Like the `Authorization` header, that key is not sent
+/// upstream (unless `sk: asis`); the other protocols are. None when nothing is left.
+fn without_key_protocols(value: &HeaderValue) -> Option<HeaderValue> {
+    let Ok(text) = value.to_str() else {
+        return Some(value.clone());
+    };
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.starts_with(KEY_PROTOCOL))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// The subprotocol prefix OpenAI's browser clients carry their key in.
+const KEY_PROTOCOL: &str = "openai-insecure-api-key.";
+
+/// The upstream URL for this request: endpoint + path without `/v1` + query (model mapped).
+fn upstream_url(up: &Upstream, req: &HttpRequest, model: Option<&str>) -> String {
+    let path = req.uri().path();
+    let mut url = format!("{}{}", up.base, path.strip_prefix("/v1").unwrap_or(path));
+    if let Some(q) = req.uri().query() {
+        url.push('?');
+        match model.and_then(|m| up.mapped_model(m)) {
+            Some(to) => url.push_str(&rewrite_query_model(q, to)),
+            None => url.push_str(q),
+        }
+    }
+    url
+}
+
+type Socket = awc::BoxedSocket;
+
+/// A handshake that got its 101.
+struct Opened {
+    headers: HeaderMap,
+    io: Socket,
+    read_buf: BytesMut,
+}
+
+/// Why a handshake attempt failed: the kind, the record's reason, and the status if the upstream
+/// answered with one.
+struct Refused {
+    kind: FailKind,
+    reason: String,
+    status: Option<StatusCode>,
+}
+
+/// One handshake against `up`.
+async fn handshake(
+    client: &awc::Client,
+    up: &Upstream,
+    req: &HttpRequest,
+    model: Option<&str>,
+) -> Result<Opened, Refused> {
+    let url = upstream_url(up, req, model);
+    let mut out = HeaderMap::new();
+    headers::upstream_request_headers(req.headers(), &up.auth, &mut out);
+    let mut ws = client.ws(url.as_str()).max_frame_size(MAX_FRAME_BYTES);
+    let keep_keys = matches!(up.auth, crate::config::UpstreamAuth::AsIs);
+    for (name, value) in out.iter() {
+        if handshake_header(name) {
+            continue;
+        }
+        if name == header::SEC_WEBSOCKET_PROTOCOL && !keep_keys {
+            if let Some(v) = without_key_protocols(value) {
+                ws = ws.header(name.clone(), v);
+            }
+            continue;
+        }
+        ws = ws.header(name.clone(), value.clone());
+    }
+    match ws.connect().await {
+        Ok((resp, framed)) => {
+            let parts = framed.into_parts();
+            Ok(Opened {
+                headers: resp.headers().clone(),
+                io: parts.io,
+                read_buf: parts.read_buf,
+            })
+        }
+        Err(WsClientError::InvalidResponseStatus(status)) => Err(Refused {
+            kind: FailKind::Http,
+            reason: format!("HTTP {status}"),
+            status: Some(status),
+        }),
+        Err(WsClientError::SendRequest(e)) => {
+            let (kind, reason) = proxy::attempt::classify(e);
+            Err(Refused {
+                kind,
+                reason,
+                status: None,
+            })
+        }
+        Err(other) => Err(Refused {
+            kind: FailKind::Connect,
+            reason: format!("bad WebSocket handshake answer: {other}"),
+            status: None,
+        }),
+    }
+}
+
+/// The handler for `GET /v1/*` with `Upgrade: websocket`.
+pub async fn session(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    client: web::Data<UpstreamClient>,
+) -> HttpResponse {
+    let cfg = state.config.get();
+    let mut ledger = Ledger::open(state.clone().into_inner(), admit::request_info(&req, &cfg));
+    match admit::authorize(&req, &cfg) {
+        Ok(label) => ledger.info_mut().client_key = label,
+        Err(e) => return ledger.finish_local(e),
+    }
+    match query_model(req.uri().query().unwrap_or("")) {
+        Ok(m) => ledger.info_mut().model = m,
+        Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
+    }
+    if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
+        return ledger.finish_local(GatewayError::BadHandshake(e.to_string()));
+    }
+
+    let model = ledger.info().model.clone();
+    let (view, mut order) = state.registry.candidates(model.as_deref());
+    crate::models::route_filter(&state, &view.config, &mut order, model.as_deref());
+    let cfg = view.config.clone();
+    if order.is_empty() {
+        return ledger.finish_local(GatewayError::NoUpstreamForModel(model.unwrap_or_default()));
+    }
+    let n = order.len();
+    for (pos, &idx) in order.iter().enumerate() {
+        let up = &cfg.upstreams[idx];
+        let last = pos + 1 == n;
+        let t0 = Instant::now();
+        ledger.sent();
+        let attempt = handshake(&client.0, up, &req, model.as_deref());
+        let refused = match actix_rt::time::timeout(up.timeout, attempt).await {
+            Ok(Ok(opened)) => {
+                ledger.commit(&view, idx, StatusCode::SWITCHING_PROTOCOLS, t0.elapsed());
+                return open(&state, &req, payload, ledger, up, opened);
+            }
+            Ok(Err(refused)) => refused,
+            Err(_) => Refused {
+                kind: FailKind::Timeout,
+                reason: format!(
+                    "no handshake answer within {}",
+                    proxy::attempt::secs(up.timeout)
+                ),
+                status: None,
+            },
+        };
+        if let Some(status) = refused.status.filter(|s| !is_failover_status(*s) || last) {
+            // Not a failover status, or the last candidate's: it is the answer, as for HTTP.
+            ledger.commit(&view, idx, status, t0.elapsed());
+            let message = if is_failover_status(status) {
+                format!(
+                    "all upstreams refused the WebSocket handshake: {}",
+                    crate::attempt::summary(ledger.failures())
+                )
+            } else {
+                format!(
+                    "upstream {} answered {} instead of 101 Switching Protocols",
+                    up.name, refused.reason
+                )
+            };
+            return status_answer(ledger, &up.name, status, message);
+        }
+        ledger.failed(
+            &view,
+            idx,
+            refused.kind,
+            refused.status.map(|s| s.as_u16()),
+            refused.reason,
+            !last,
+        );
+    }
+    let err = GatewayError::AllFailed {
+        timed_out: ledger.last_failure() == Some(FailKind::Timeout),
+        summary: crate::attempt::summary(ledger.failures()),
+    };
+    ledger.finish_local(err)
+}
+
+/// Answers an upstream's status with an OpenAI-style error (awc keeps no handshake body), and
+/// records it.
+fn status_answer(
+    ledger: Ledger,
+    upstream: &str,
+    status: StatusCode,
+    message: String,
+) -> HttpResponse {
+    let code = if status.is_client_error() {
+        "websocket_handshake_refused"
+    } else {
+        "upstream_unavailable"
+    };
+    let body =
+        serde_json::json!({"error": {"message": message, "type": "upstream_error", "code": code}})
+            .to_string();
+    let mut b = HttpResponse::build(status);
+    b.insert_header((header::CONTENT_TYPE, "application/json"))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
+    if let Ok(v) = HeaderValue::from_str(upstream) {
+        b.insert_header(("x-upstream", v));
+    }
+    ledger.finish_body(BodyEnd::Complete, Some(body.clone()), Usage::default());
+    b.body(body)
+}
+
+/// Commits to `up`: answers 101 to the client and starts relaying.
+fn open(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    payload: web::Payload,
+    ledger: Ledger,
+    up: &Upstream,
+    opened: Opened,
+) -> HttpResponse {
+    // verify_handshake has passed, so the key is there and well formed.
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return GatewayError::Internal("handshake key vanished").response();
+    };
+    let accept = actix_http::ws::hash_key(key.as_bytes());
+    let mut builder = HttpResponse::build(StatusCode::SWITCHING_PROTOCOLS);
+    builder.upgrade("websocket");
+    for (name, value) in headers::response_headers(&opened.headers) {
+        if !handshake_header(name) {
+            builder.append_header((name.clone(), value.clone()));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&accept) {
+        builder.insert_header((header::SEC_WEBSOCKET_ACCEPT, v));
+    }
+    builder.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"));
+    if let Ok(v) = HeaderValue::from_str(&up.name) {
+        builder.insert_header(("x-upstream", v));
+    }
+    builder.insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
+
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    log::debug!(
+        "{} {}: WebSocket session opened on upstream {}",
+        ledger.info().method,
+        untrusted(&ledger.info().path),
+        up.name
+    );
+    let live = Live {
+        ledger,
+        upstream: up.name.clone(),
+    };
+    let stop = state.realtime.subscribe();
+    actix_rt::spawn(relay(
+        state.clone().into_inner(),
+        live,
+        payload,
+        opened,
+        tx,
+        stop,
+    ));
+    builder.body(BodyStream::new(ClientBody(rx)).boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_protocols_are_not_forwarded() {
+        let v = HeaderValue::from_static("realtime, openai-insecure-api-key.sk-123, openai-beta.x");
+        assert_eq!(
+            without_key_protocols(&v).unwrap(),
+            "realtime, openai-beta.x"
+        );
+        let v = HeaderValue::from_static("openai-insecure-api-key.sk-123");
+        assert!(without_key_protocols(&v).is_none());
+    }
+}
