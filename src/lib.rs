@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod history;
+pub mod http_metrics;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;

@@ -529,9 +529,10 @@ pub async fn proxy(
         if !last {
             state.metrics.failover(&up.name);
         }
-        state.registry.report(
+        state.registry.report_for(
             &view,
             idx,
+            info.model.as_deref(),
             AttemptResult::Failed {
                 kind,
                 reason: reason.clone(),
@@ -598,9 +599,10 @@ fn commit(
         // The last candidate's error is the answer: relay it, but it is still a failure.
         let reason = format!("HTTP {status}");
         state.metrics.attempt(&up.name, FailKind::Http.label());
-        state.registry.report(
+        state.registry.report_for(
             view,
             idx,
+            info.model.as_deref(),
             AttemptResult::Failed {
                 kind: FailKind::Http,
                 reason: reason.clone(),

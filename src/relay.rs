@@ -71,9 +71,10 @@ impl Finish {
                     upstream
                 );
                 self.failures.push(format!("{upstream}: {reason}"));
-                state.registry.report(
+                state.registry.report_for(
                     &view,
                     self.idx,
+                    self.info.model.as_deref(),
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: reason.clone(),
@@ -99,6 +100,9 @@ impl Finish {
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
+        state
+            .registry
+            .add_tokens(&view, self.idx, usage.prompt, usage.completion);
         if let Some(rec) = &state.recorder {
             let error = if self.failures.is_empty() {
                 None
