@@ -89,13 +89,7 @@ fn family_index(path: &str) -> usize {
     };
     let mut segs = tail.split('/');
     match segs.next().unwrap_or("") {
-        "chat" => {
-            if segs.next() == Some("completions") {
-                0
-            } else {
-                9
-            }
-        }
+        "chat" if segs.next() == Some("completions") => 0,
         "completions" => 1,
         "embeddings" => 2,
         "responses" => 3,

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod capture;
+pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -7,6 +7,7 @@ mod failover;
 mod faults;
 mod fuzz;
 mod observability;
+mod operator;
 mod postgres;
 mod records;
 mod reload;

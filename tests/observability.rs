@@ -101,7 +101,7 @@ async fn metrics_after_ok_failover_and_timeout() {
         Some(7.0)
     );
     assert!(m.contains("openai_api_route_records_dropped_total 0"));
-    assert!(m.contains("openai_api_route_http_requests_total{endpoint=\"/v1/{tail}*\",method=\"POST\",status=\"200\"}"), "{m}");
+    assert!(m.contains("openai_api_route_http_requests_total{endpoint=\"chat/completions\",method=\"POST\",status=\"200\"}"), "{m}");
 }
 
 #[actix_rt::test]
