@@ -161,6 +161,14 @@ async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
         b"",
     )
     .await;
+    // The `other` API family (every unknown /v1 path) exists from here on.
+    send(
+        "GET",
+        &gw.url("/v1/warm-up"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
     send("GET", &gw.url("/nope/a"), &[], b"").await;
     metrics_text(&gw).await; // the scrape's own series exist from here on
     let before_text = metrics_text(&gw).await;
