@@ -133,7 +133,7 @@ fn grouped(n: u64) -> String {
 fn tokens(u: &UpstreamStatus) -> String {
     let (prompt, completion) = u.history.tokens();
     format!(
-        "{}<br><small>{} prompt · {} completion</small>",
+        "<div>{}<br><small>{} prompt · {} completion</small></div>",
         grouped(prompt + completion),
         grouped(prompt),
         grouped(completion)

@@ -62,7 +62,7 @@ async fn status_page_shows_last_hour_tokens_and_failed_attempts_escaped() {
     );
     // Tokens since start: 4 × (5 prompt + 7 completion) on steady, none on flaky.
     assert!(
-        html.contains("48<br><small>20 prompt · 28 completion</small>"),
+        html.contains("48<br><small>20 prompt · 28 completion</small></div>"),
         "{html}"
     );
     assert!(
