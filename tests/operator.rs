@@ -102,7 +102,7 @@ async fn status_page_shows_last_hour_tokens_and_failed_attempts_escaped() {
 async fn long_failure_reasons_are_cut_at_200_characters() {
     // The model is the client's text on the page: a long one is cut like a long reason.
     let bad = Mock::always(Reply::status(500));
-    let gw = Gateway::start(&config("", &[upstream("bad", &bad.endpoint(), "")]));
+    let gw = Gateway::start(&config("", &[upstream("bad<i>&", &bad.endpoint(), "")]));
     let long_model = "m".repeat(1_000);
     post(
         &gw,
@@ -113,6 +113,9 @@ async fn long_failure_reasons_are_cut_at_200_characters() {
     let html = send("GET", &gw.url("/"), &[], b"").await.text();
     assert!(html.contains(&format!("{}…", "m".repeat(200))));
     assert!(!html.contains(&"m".repeat(201)));
+    // The upstream's name is escaped in its row and in the failure list.
+    assert!(!html.contains("bad<i>"));
+    assert_eq!(html.matches("bad&lt;i&gt;&amp;").count(), 2, "{html}");
 }
 
 #[actix_rt::test]
