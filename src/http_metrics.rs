@@ -268,7 +268,7 @@ where
         let method = method_index(req.method());
         Metered {
             fut: self.service.call(req),
-            metrics: Some(self.metrics.clone()),
+            metrics: self.metrics.clone(),
             early,
             method,
             start: Instant::now(),
@@ -281,7 +281,7 @@ pin_project_lite::pin_project! {
     pub struct Metered<F> {
         #[pin]
         fut: F,
-        metrics: Option<HttpMetrics>,
+        metrics: HttpMetrics,
         early: Early,
         method: usize,
         start: Instant,
@@ -298,9 +298,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.fut.poll(cx));
-        let Some(metrics) = this.metrics.take() else {
-            return Poll::Pending;
-        };
+        let metrics = &*this.metrics;
         let endpoint = |req: &actix_web::HttpRequest| match *this.early {
             Early::Known(i) => Endpoint::Fixed(i),
             Early::AfterRouting => after_routing(req),
