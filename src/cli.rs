@@ -45,8 +45,8 @@ pub struct Cli {
     )]
     pub upstreams: PathBuf,
 
-    /// SQLite database file, created if missing; "none" disables request recording [default: ./db.sqlite, or `database` in the config]
-    #[arg(long, value_name = "FILE")]
+    /// Where requests are recorded: a SQLite database file (created if missing), a postgres://… URL (PostgreSQL, for several replicas), or "none" (recording off) [default: ./db.sqlite, or `database` in the config]
+    #[arg(long, value_name = "FILE|URL")]
     pub database: Option<String>,
 
     /// The Go tool's `-dbtype` (sqlite|postgres); kept so old command lines still start
@@ -147,6 +147,15 @@ mod tests {
             parse(&["-database", "none"]).database.as_deref(),
             Some("none")
         );
+    }
+
+    #[test]
+    fn help_names_every_database_kind() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        for want in ["-database <FILE|URL>", "SQLite", "postgres://", "\"none\""] {
+            assert!(help.contains(want), "{want} missing from:\n{help}");
+        }
     }
 
     #[test]

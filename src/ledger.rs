@@ -150,9 +150,10 @@ impl Ledger {
         if moving_on {
             self.state.metrics.failover(name);
         }
-        self.state.registry.report(
+        self.state.registry.report_for(
             view,
             idx,
+            self.info.model.as_deref(),
             AttemptResult::Failed {
                 kind,
                 reason: reason.clone(),
@@ -182,9 +183,12 @@ impl Ledger {
                     .metrics
                     .first_byte(&up.name, first_byte.as_secs_f64());
             }
-            self.state
-                .registry
-                .report(view, idx, AttemptResult::Ok { first_byte });
+            self.state.registry.report_for(
+                view,
+                idx,
+                self.info.model.as_deref(),
+                AttemptResult::Ok { first_byte },
+            );
         } else {
             self.failed(
                 view,
@@ -305,9 +309,10 @@ impl Ledger {
                     untrusted(&self.info.path),
                     untrusted(reason)
                 );
-                state.registry.report(
+                state.registry.report_for(
                     &c.view,
                     c.idx,
+                    self.info.model.as_deref(),
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: reason.clone(),
@@ -346,6 +351,9 @@ impl Ledger {
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
+        state
+            .registry
+            .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = Some(upstream.to_string());

@@ -13,11 +13,14 @@
 
 pub mod attempt;
 pub mod capture;
+pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod escape;
 pub mod headers;
+pub mod history;
+pub mod http_metrics;
 pub mod ledger;
 pub mod metrics;
 pub mod models;

@@ -5,13 +5,19 @@
 //! create a new series. Counters are atomics: updating them on the request path costs nanoseconds
 //! and needs no actor.
 
-use actix_web_prom::{PrometheusMetrics, PrometheusMetricsBuilder};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// The namespace every series carries.
 pub const NAMESPACE: &str = "openai_api_route";
+
+/// Buckets (seconds) of every latency histogram: chat completions take 10–120 s and more, so
+/// the buckets reach 300 s (SPEC §6, version 0.2) instead of stopping at 10 s.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 /// Handles to the gateway's metrics; cheap to clone (every field is an `Arc` inside).
 #[derive(Clone)]
@@ -30,6 +36,8 @@ pub struct Metrics {
     record_batch_size: Histogram,
     rejected: IntCounterVec,
     websocket_sessions: IntGaugeVec,
+    /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
+    pub http: crate::http_metrics::HttpMetrics,
 }
 
 impl Metrics {
@@ -50,9 +58,7 @@ impl Metrics {
                 "Attempt start to the response head (and first chunk, for streams)",
             )
             .namespace(NAMESPACE)
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["upstream"],
         )?;
         let failovers = IntCounterVec::new(
@@ -129,7 +135,9 @@ impl Metrics {
         registry.register(Box::new(database_up.clone()))?;
         registry.register(Box::new(notifications.clone()))?;
         registry.register(Box::new(record_batch_size.clone()))?;
+        let http = crate::http_metrics::HttpMetrics::new(&registry)?;
         Ok(Metrics {
+            http,
             registry,
             upstream_requests,
             first_byte,
@@ -147,10 +155,20 @@ impl Metrics {
     }
 
     /// The actix-web-prom middleware over our registry, exposing `/v1/metrics`.
+    ///
+    /// It only serves the exposition: the HTTP request series are ours ([`Self::http`], bounded
+    /// labels). Its own two series get names of their own (no clash with ours) and every request
+    /// is excluded from them, so they never hold a sample and never appear in the scrape.
     pub fn http_middleware(&self) -> Result<PrometheusMetrics, String> {
         PrometheusMetricsBuilder::new(NAMESPACE)
             .registry(self.registry.clone())
             .endpoint("/v1/metrics")
+            .metrics_configuration(
+                ActixMetricsConfiguration::default()
+                    .http_requests_total_name("exposition_unused_total")
+                    .http_requests_duration_seconds_name("exposition_unused_seconds"),
+            )
+            .exclude_regex("")
             .mask_unmatched_patterns("UNKNOWN")
             .build()
             .map_err(|e| e.to_string())

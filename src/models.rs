@@ -10,7 +10,6 @@
 //! attempts: they never count toward health, cooldown or `upstream_requests_total`.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,8 +23,6 @@ use crate::config::{Config, Upstream, UpstreamAuth};
 use crate::ledger::Ledger;
 use crate::proxy::admit;
 use crate::state::AppState;
-use crate::status::esc;
-use crate::time::rfc3339;
 
 /// One fetch may take this long before it counts as failed.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,37 +125,6 @@ impl ModelsSnapshot {
     /// One upstream's list state, for the status page.
     pub fn list(&self, name: &str) -> Option<&ListState> {
         self.lists.get(name)
-    }
-
-    /// The status page's "Models" cell for upstream `name` (HTML, escaped).
-    pub fn status_cell(&self, name: &str) -> String {
-        let Some(l) = self.lists.get(name) else {
-            return "—".into();
-        };
-        let mut out = String::new();
-        match (&l.ids, l.configured, l.fetched_at) {
-            (Some(ids), true, _) => {
-                let _ = write!(out, "{} ids <small>(from config)</small>", ids.len());
-            }
-            (Some(ids), false, Some(t)) => {
-                let _ = write!(
-                    out,
-                    "{} ids<br><small>fetched {}</small>",
-                    ids.len(),
-                    esc(&rfc3339(t))
-                );
-            }
-            _ => out.push_str("not fetched yet"),
-        }
-        if let Some((t, e)) = &l.error {
-            let _ = write!(
-                out,
-                "<br><span class=\"err\">{}</span> <small>{}</small>",
-                esc(e),
-                esc(&rfc3339(*t))
-            );
-        }
-        out
     }
 }
 

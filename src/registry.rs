@@ -19,6 +19,7 @@ use actix::prelude::*;
 
 pub use crate::attempt::FailKind;
 use crate::config::{Config, LbPolicy};
+use crate::history::{clip, FailedAttempt, FailureLog, UpstreamHistory, TEXT_MAX};
 use crate::metrics::Metrics;
 
 /// The config every worker reads (auth, limits); swapped whole on reload.
@@ -135,6 +136,8 @@ pub struct UpstreamStatus {
     pub last_error: Option<(SystemTime, String)>,
     /// Median of the recent first-byte latencies.
     pub recent_first_byte: Option<Duration>,
+    /// Its last hour and token totals; read on the page's worker, without a lock.
+    pub history: Arc<UpstreamHistory>,
 }
 
 const RECENT: usize = 32;
@@ -147,6 +150,8 @@ pub struct LiveStats {
     ok: AtomicU64,
     failed: AtomicU64,
     recent: Mutex<VecDeque<Duration>>,
+    /// The status page's last hour and tokens (see [`crate::history`]).
+    history: Arc<UpstreamHistory>,
 }
 
 impl LiveStats {
@@ -246,6 +251,7 @@ pub struct RegistryHandle {
     view: Arc<RwLock<Arc<RegistryView>>>,
     rr: Arc<AtomicUsize>,
     addr: Addr<UpstreamRegistry>,
+    failures: Arc<FailureLog>,
 }
 
 impl RegistryHandle {
@@ -264,15 +270,39 @@ impl RegistryHandle {
         (view, order)
     }
 
-    /// Reports one attempt against `view.config.upstreams[idx]`.
+    /// Reports one attempt against `view.config.upstreams[idx]` (no model known).
     pub fn report(&self, view: &RegistryView, idx: usize, result: AttemptResult) {
+        self.report_for(view, idx, None, result);
+    }
+
+    /// Reports one attempt for a request about `model`: health, the status page's last hour and,
+    /// for a failure, the list of recent failed attempts. Every attempt is counted once here.
+    pub fn report_for(
+        &self,
+        view: &RegistryView,
+        idx: usize,
+        model: Option<&str>,
+        result: AttemptResult,
+    ) {
         let (Some(up), Some(stats)) = (view.config.upstreams.get(idx), view.stats.get(idx)) else {
             return;
         };
+        if let AttemptResult::Failed { kind, reason } = &result {
+            // A stream that broke after its start was counted as an attempt when it started.
+            stats.history.record_failure(*kind != FailKind::Stream);
+            self.failures.push(FailedAttempt {
+                at: SystemTime::now(),
+                upstream: up.name.clone(),
+                model: model.map(|m| clip(m, TEXT_MAX)),
+                outcome: kind.label(),
+                reason: clip(reason, TEXT_MAX),
+            });
+        }
         match result {
             AttemptResult::Ok { first_byte } => {
                 stats.ok.fetch_add(1, Ordering::Relaxed);
                 stats.push_latency(first_byte);
+                stats.history.record_ok(first_byte);
                 // Only a success that ends a failure streak is news for the actor.
                 if stats.failures.swap(0, Ordering::AcqRel) > 0 || view.cooling_until[idx].is_some()
                 {
@@ -287,6 +317,24 @@ impl RegistryHandle {
                 result: failed,
             }),
         }
+    }
+
+    /// Tokens reported in an upstream's usage, for the status page.
+    pub fn add_tokens(
+        &self,
+        view: &RegistryView,
+        idx: usize,
+        prompt: Option<i64>,
+        completion: Option<i64>,
+    ) {
+        if let Some(stats) = view.stats.get(idx) {
+            stats.history.add_tokens(prompt, completion);
+        }
+    }
+
+    /// The last failed attempts, newest first.
+    pub fn recent_failures(&self) -> Vec<FailedAttempt> {
+        self.failures.recent()
     }
 
     /// Every upstream's state, for the status page.
@@ -349,6 +397,7 @@ impl UpstreamRegistry {
             view,
             rr: Arc::new(AtomicUsize::new(0)),
             addr,
+            failures: Arc::default(),
         }
     }
 
@@ -513,6 +562,7 @@ impl Handler<GetSnapshot> for UpstreamRegistry {
                 failed: s.failed.load(Ordering::Relaxed),
                 last_error: h.last_error.clone(),
                 recent_first_byte: s.median_latency(),
+                history: s.history.clone(),
             })
             .collect();
         MessageResult(list)

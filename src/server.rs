@@ -191,6 +191,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             .unwrap_or_else(|_| addr.clone());
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
+        let http_metrics = metrics.http.clone();
         let recorder =
             store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
@@ -225,7 +226,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         let factory_tls = tls.clone();
         let server = HttpServer::new(move || {
             App::new()
-                .wrap(prom.clone())
+                // Our HTTP request series (bounded labels); actix-web-prom only serves the text.
+                .wrap(http_metrics.clone())
                 .app_data(state.clone())
                 .app_data(web::Data::new(UpstreamClient(upstream_client(
                     factory_tls.clone(),
@@ -234,13 +236,14 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .route("/healthz", web::get().to(status::healthz))
                 .route("/static/style.css", web::get().to(status::style))
                 // actix-web-prom answers this path itself; the route keeps the proxy from seeing it.
-                .route(
-                    "/v1/metrics",
-                    web::get().to(|| async {
-                        HttpResponse::Ok()
-                            .insert_header(("access-control-allow-origin", "*"))
-                            .finish()
-                    }),
+                .service(
+                    web::resource("/v1/metrics")
+                        .wrap(prom.clone())
+                        .route(web::get().to(|| async {
+                            HttpResponse::Ok()
+                                .insert_header(("access-control-allow-origin", "*"))
+                                .finish()
+                        })),
                 )
                 // 4b: the model list is the gateway's own; other methods are proxied as before.
                 .service(

@@ -9,6 +9,7 @@ mod fuzz;
 mod hardening;
 mod models;
 mod observability;
+mod operator;
 mod postgres;
 mod realtime;
 mod records;
