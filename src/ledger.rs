@@ -49,6 +49,37 @@ pub struct RequestInfo {
     pub body_limit: usize,
 }
 
+/// One failed attempt as the request path reports it to the ledger.
+#[derive(Debug, Clone)]
+pub struct AttemptFailure {
+    /// Failure class.
+    pub kind: FailKind,
+    /// The upstream's status, when it answered with one.
+    pub status: Option<u16>,
+    /// Human summary (may hold upstream text; escaped where logged).
+    pub reason: String,
+    /// Another candidate follows (counted in `failovers_total`).
+    pub moving_on: bool,
+    /// The `Retry-After` the upstream announced, as a cooldown.
+    pub cooldown: Option<Duration>,
+    /// Kept in the record only: not a health event, not an `upstream_requests_total` outcome.
+    pub quiet: bool,
+}
+
+impl AttemptFailure {
+    /// A failure that counts, not moving on, without cooldown.
+    pub fn new(kind: FailKind, status: Option<u16>, reason: String) -> AttemptFailure {
+        AttemptFailure {
+            kind,
+            status,
+            reason,
+            moving_on: false,
+            cooldown: None,
+            quiet: false,
+        }
+    }
+}
+
 /// How a relayed body ended.
 #[derive(Debug)]
 pub enum BodyEnd {
@@ -124,17 +155,11 @@ impl Ledger {
         &self.failures
     }
 
-    /// An attempt against `view`'s upstream `idx` failed; `moving_on` when another candidate
-    /// follows. Counted, reported to the registry (health) at once, and kept for the record.
-    pub fn failed(
-        &mut self,
-        view: &RegistryView,
-        idx: usize,
-        kind: FailKind,
-        status: Option<u16>,
-        reason: String,
-        moving_on: bool,
-    ) {
+    /// An attempt against `view`'s upstream `idx` failed. Counted, reported to the registry
+    /// (health) at once, and kept for the record — except a `quiet` one (a 400 that fails over by
+    /// `failover_codes`, a prefill the upstream rejected), which only the record's `error` keeps
+    /// (SPEC 4a).
+    pub fn failed(&mut self, view: &RegistryView, idx: usize, f: AttemptFailure) {
         let name = view
             .config
             .upstreams
@@ -144,37 +169,49 @@ impl Ledger {
             "{} {}: upstream {name} failed: {}",
             self.info.method,
             untrusted(&self.info.path),
-            untrusted(&reason)
+            untrusted(&f.reason)
         );
-        self.state.metrics.attempt(name, kind.label());
-        if moving_on {
+        if f.moving_on {
             self.state.metrics.failover(name);
         }
-        self.state.registry.report_for(
-            view,
-            idx,
-            self.info.model.as_deref(),
-            AttemptResult::Failed {
-                kind,
-                reason: reason.clone(),
-            },
-        );
+        if !f.quiet {
+            self.state.metrics.attempt(name, f.kind.label());
+            self.state.registry.report_for(
+                view,
+                idx,
+                self.info.model.as_deref(),
+                AttemptResult::Failed {
+                    kind: f.kind,
+                    reason: f.reason.clone(),
+                    cooldown: f.cooldown,
+                },
+            );
+        }
         self.failures.push(Failure {
             upstream: name.to_string(),
-            kind,
-            status,
-            reason,
+            kind: f.kind,
+            status: f.status,
+            reason: f.reason,
         });
     }
 
+    /// Another attempt on the same upstream follows (SPEC 4a `retries`).
+    pub fn retrying(&self, view: &RegistryView, idx: usize) {
+        if let Some(up) = view.config.upstreams.get(idx) {
+            self.state.metrics.retry(&up.name);
+        }
+    }
+
     /// The answer of `view`'s upstream `idx` goes to the client. A failover status here is the
-    /// last candidate's error, relayed but still a failure (and an all-failed alert for 429/5xx).
+    /// last candidate's error, relayed but still a failure (and an all-failed alert for 429/5xx);
+    /// `cooldown` is the `Retry-After` it announced.
     pub fn commit(
         &mut self,
         view: &Arc<RegistryView>,
         idx: usize,
         status: StatusCode,
         first_byte: Duration,
+        cooldown: Option<Duration>,
     ) {
         let ok = !is_failover_status(status);
         if ok {
@@ -190,14 +227,15 @@ impl Ledger {
                 AttemptResult::Ok { first_byte },
             );
         } else {
-            self.failed(
-                view,
-                idx,
-                FailKind::Http,
-                Some(status.as_u16()),
-                format!("HTTP {status}"),
-                false,
-            );
+            let failure = AttemptFailure {
+                cooldown,
+                ..AttemptFailure::new(
+                    FailKind::Http,
+                    Some(status.as_u16()),
+                    format!("HTTP {status}"),
+                )
+            };
+            self.failed(view, idx, failure);
             if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
                 self.alert(status.as_u16());
             }
@@ -316,6 +354,7 @@ impl Ledger {
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: reason.clone(),
+                        cooldown: None,
                     },
                 );
                 self.failures.push(Failure {

@@ -30,6 +30,7 @@ pub mod realtime;
 pub mod records;
 pub mod registry;
 pub mod server;
+pub mod sse;
 pub mod state;
 pub mod status;
 pub mod time;

@@ -35,6 +35,8 @@ pub struct Metrics {
     notifications: IntCounterVec,
     record_batch_size: Histogram,
     rejected: IntCounterVec,
+    retries: IntCounterVec,
+    resumes: IntCounterVec,
     websocket_sessions: IntGaugeVec,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
@@ -117,6 +119,22 @@ impl Metrics {
             rejected.with_label_values(&[r.label()]);
         }
         registry.register(Box::new(rejected.clone()))?;
+        let retries = IntCounterVec::new(
+            opts(
+                "retries_total",
+                "Extra attempts on the same upstream after a retryable failure (SPEC 4a)",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(retries.clone()))?;
+        let resumes = IntCounterVec::new(
+            opts(
+                "resumes_total",
+                "Continuations of a broken chat stream, by the upstream asked to continue and result",
+            ),
+            &["upstream", "result"],
+        )?;
+        registry.register(Box::new(resumes.clone()))?;
         let websocket_sessions = IntGaugeVec::new(
             opts(
                 "websocket_sessions",
@@ -150,6 +168,8 @@ impl Metrics {
             notifications,
             record_batch_size,
             rejected,
+            retries,
+            resumes,
             websocket_sessions,
         })
     }
@@ -235,6 +255,17 @@ impl Metrics {
     /// Size of one write transaction.
     pub fn record_batch(&self, n: usize) {
         self.record_batch_size.observe(n as f64);
+    }
+
+    /// A same-upstream retry (SPEC 4a).
+    pub fn retry(&self, upstream: &str) {
+        self.retries.with_label_values(&[upstream]).inc();
+    }
+
+    /// A continuation of a broken stream on `upstream`: `ok`, `rejected` (prefill refused, so
+    /// regenerated), `diverged` (the regeneration did not begin with the text sent) or `failed`.
+    pub fn resume(&self, upstream: &str, result: &str) {
+        self.resumes.with_label_values(&[upstream, result]).inc();
     }
 
     /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.

@@ -62,6 +62,9 @@ pub enum AttemptResult {
         kind: FailKind,
         /// Human summary, no secrets.
         reason: String,
+        /// A `Retry-After` the upstream announced (429/503): its cooldown starts at once, whatever
+        /// the failure count (SPEC 4a).
+        cooldown: Option<Duration>,
     },
 }
 
@@ -210,6 +213,23 @@ fn next_random() -> u64 {
 }
 
 impl RegistryView {
+    /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
+    /// cooldown just ran out), and not when this failure is the one that reaches
+    /// `cooldown.failures`.
+    pub fn may_retry(&self, idx: usize) -> bool {
+        let half_open = self
+            .cooling_until
+            .get(idx)
+            .copied()
+            .flatten()
+            .is_some_and(|until| until <= Instant::now());
+        let failures = self
+            .stats
+            .get(idx)
+            .map_or(0, |s| s.failures.load(Ordering::Relaxed));
+        !half_open && failures.saturating_add(1) < self.config.cooldown_failures
+    }
+
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
     pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Vec<usize> {
@@ -287,7 +307,7 @@ impl RegistryHandle {
         let (Some(up), Some(stats)) = (view.config.upstreams.get(idx), view.stats.get(idx)) else {
             return;
         };
-        if let AttemptResult::Failed { kind, reason } = &result {
+        if let AttemptResult::Failed { kind, reason, .. } = &result {
             // A stream that broke after its start was counted as an attempt when it started.
             stats.history.record_failure(*kind != FailKind::Stream);
             self.failures.push(FailedAttempt {
@@ -464,7 +484,23 @@ impl Handler<AttemptDone> for UpstreamRegistry {
                     self.publish_view();
                 }
             }
-            AttemptResult::Failed { reason, .. } => {
+            AttemptResult::Failed {
+                reason, cooldown, ..
+            } => {
+                if let Some(d) = cooldown {
+                    // Retry-After: the upstream said how long; believe it at once (SPEC 4a).
+                    let until = (Instant::now() + d, SystemTime::now() + d);
+                    if h.cooldown_until.is_none_or(|(i, _)| i < until.0) {
+                        h.cooldown_until = Some(until);
+                        log::info!(
+                            "upstream {} asked for {}s (Retry-After); moved to the back until then",
+                            msg.upstream,
+                            d.as_secs()
+                        );
+                        self.publish_view();
+                    }
+                }
+                let h = &mut self.health[i];
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 let failures = stats
                     .failures
@@ -475,8 +511,11 @@ impl Handler<AttemptDone> for UpstreamRegistry {
                     let first_time = !h.down;
                     h.down = true;
                     let cooldown = self.config.cooldown;
-                    h.cooldown_until =
-                        Some((Instant::now() + cooldown, SystemTime::now() + cooldown));
+                    // A longer Retry-After cooldown already running is kept.
+                    let until = (Instant::now() + cooldown, SystemTime::now() + cooldown);
+                    if h.cooldown_until.is_none_or(|(i, _)| i < until.0) {
+                        h.cooldown_until = Some(until);
+                    }
                     self.metrics.set_healthy(&msg.upstream, false);
                     if first_time {
                         log::warn!(

@@ -293,7 +293,15 @@ async fn history_survives_a_reload_and_a_removed_upstream_disappears() {
         "{}",
         gw.log()
     );
-    let html = send("GET", &gw.url("/"), &[], b"").await.text();
+    // The registry applies the reload just after the log line: allow it a moment.
+    let mut html = String::new();
+    for _ in 0..50 {
+        html = send("GET", &gw.url("/"), &[], b"").await.text();
+        if !html.contains("drop-me") {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!html.contains("drop-me"), "removed upstream still listed");
     assert!(
         html.contains("2 attempts <span class=\"key fail\"></span>0 failed"),

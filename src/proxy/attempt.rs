@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::http::Method;
-use actix_web::web::Bytes;
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::HttpRequest;
 use awc::error::SendRequestError;
 use futures_util::StreamExt;
@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use crate::attempt::{is_failover_status, FailKind};
 use crate::config::{Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
 use crate::headers;
+use crate::sse;
 
 /// How long an attempt may take to produce its head (and first chunk, for streams).
 pub fn first_byte_wait(up: &Upstream, stream: bool, last: bool, body_len: usize) -> Duration {
@@ -62,17 +63,39 @@ pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
 }
 
 /// Why an attempt failed before an answer could be committed.
-pub type AttemptError = (FailKind, String);
+#[derive(Debug, Clone)]
+pub struct AttemptError {
+    /// Failure class.
+    pub kind: FailKind,
+    /// Human summary.
+    pub reason: String,
+    /// The same upstream may be tried again (SPEC 4a `retries`): a connection closed or reset
+    /// before complete headers; never a refused connection, a timeout or an ambiguous head.
+    pub retry_same: bool,
+}
+
+impl AttemptError {
+    fn new(kind: FailKind, reason: String) -> AttemptError {
+        AttemptError {
+            kind,
+            reason,
+            retry_same: false,
+        }
+    }
+}
 
 /// Names what went wrong with a send, as an attempt failure.
 pub fn classify(e: SendRequestError) -> AttemptError {
     match e {
-        SendRequestError::Connect(c) => (FailKind::Connect, format!("connect failed: {c}")),
-        SendRequestError::Timeout => (FailKind::Timeout, "timed out".into()),
-        other => (
-            FailKind::Connect,
-            format!("connection closed before a complete response head: {other}"),
-        ),
+        SendRequestError::Connect(c) => {
+            AttemptError::new(FailKind::Connect, format!("connect failed: {c}"))
+        }
+        SendRequestError::Timeout => AttemptError::new(FailKind::Timeout, "timed out".into()),
+        other => AttemptError {
+            kind: FailKind::Connect,
+            reason: format!("connection closed before a complete response head: {other}"),
+            retry_same: true,
+        },
     }
 }
 
@@ -109,7 +132,7 @@ pub async fn attempt(
         && resp.headers().contains_key(header::CONTENT_LENGTH)
     {
         // Two framings in one head: which one ends the body is ambiguous (SPEC 4d).
-        return Err((
+        return Err(AttemptError::new(
             FailKind::Connect,
             "response head has both Transfer-Encoding and Content-Length".into(),
         ));
@@ -117,19 +140,90 @@ pub async fn attempt(
     if !stream || is_failover_status(resp.status()) {
         return Ok((resp, None));
     }
-    match resp.next().await {
-        Some(Ok(chunk)) => Ok((resp, Some(chunk))),
-        None => {
-            // An ended awc payload panics if polled again: the relay gets an empty one.
-            use actix_web::HttpMessage;
-            drop(resp.take_payload());
-            Ok((resp, None))
+    let sse = is_sse(&resp);
+    let first = if sse && resp.status().is_success() {
+        first_event(&mut resp).await?
+    } else {
+        match resp.next().await {
+            Some(Ok(chunk)) => Some(chunk),
+            None => None,
+            Some(Err(e)) => {
+                return Err(AttemptError::new(
+                    FailKind::Stream,
+                    format!("stream broke before its first chunk: {e}"),
+                ))
+            }
         }
-        Some(Err(e)) => Err((
-            FailKind::Stream,
-            format!("stream broke before its first chunk: {e}"),
-        )),
+    };
+    if first.is_none() {
+        // An ended awc payload panics if polled again: the relay gets an empty one.
+        use actix_web::HttpMessage;
+        drop(resp.take_payload());
     }
+    Ok((resp, first))
+}
+
+/// Whether the response is an SSE stream.
+pub fn is_sse(resp: &Upstreamed) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| {
+            c.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
+}
+
+/// The most read ahead while waiting for the first whole SSE event.
+const FIRST_EVENT_MAX: usize = 64 << 10;
+
+/// Reads an SSE stream up to its first whole event (SPEC 4a: in-band errors before commit): an
+/// upstream whose first event is an error has failed the attempt, and nothing of it is sent.
+/// Returns the bytes read so far, to be relayed first.
+async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptError> {
+    let mut held: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    loop {
+        match resp.next().await {
+            Some(Ok(chunk)) => match (&held, buf.is_empty()) {
+                (None, true) => held = Some(chunk),
+                _ => {
+                    if let Some(h) = held.take() {
+                        buf.extend_from_slice(&h);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            },
+            None => break,
+            Some(Err(e)) => {
+                return Err(AttemptError::new(
+                    FailKind::Stream,
+                    format!("stream broke before its first chunk: {e}"),
+                ))
+            }
+        }
+        let seen: &[u8] = held.as_deref().unwrap_or(&buf);
+        match sse::first_event(seen) {
+            Some(ev) if sse::is_error_event(ev) => {
+                return Err(AttemptError::new(
+                    FailKind::Stream,
+                    format!(
+                        "in-band error before the first token: {}",
+                        sse::error_message(ev)
+                    ),
+                ))
+            }
+            Some(_) => break,
+            None if seen.len() >= FIRST_EVENT_MAX => break,
+            None => {}
+        }
+    }
+    Ok(match held {
+        Some(h) => Some(h),
+        None if buf.is_empty() => None,
+        None => Some(buf.freeze()),
+    })
 }
 
 /// A duration as the failure reasons show it: `5s`, `0.250s`.

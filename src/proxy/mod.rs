@@ -8,17 +8,19 @@
 pub mod admit;
 pub mod attempt;
 pub mod relay;
+pub mod rescue;
 pub mod respond;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 
 use crate::attempt::{is_failover_status, FailKind};
 use crate::error::GatewayError;
 use crate::escape::untrusted;
-use crate::ledger::Ledger;
+use crate::ledger::{AttemptFailure, Ledger};
 use crate::state::AppState;
 use crate::usage;
 
@@ -110,7 +112,8 @@ fn upstream_body(
     }
 }
 
-/// Candidates in order, one attempt each, until one answers (SPEC §4 "Failover").
+/// Candidates in order, one attempt each (more with `retries`), until one answers (SPEC §4
+/// "Failover", 4a).
 async fn forward(
     req: &HttpRequest,
     mut ledger: Ledger,
@@ -129,82 +132,172 @@ async fn forward(
         return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
     }
     let cfg = view.config.clone();
+    let deadline = cfg.deadline.map(|d| ledger.info().started + d);
     let n = order.len();
     // 4b: the body with `stream_options.include_usage` added, when this request should get it.
     let usage_body = {
         let info = ledger.info();
         usage::usage_body(&info.path, info.stream, &info.body)
     };
-    for (pos, &idx) in order.iter().enumerate() {
+    let mut out_of_time = false;
+    'candidates: for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
         let last = pos + 1 == n;
-        let (stream, wait) = {
-            let info = ledger.info();
-            let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
-            (info.stream, wait)
-        };
         let mut add_usage = usage_body.is_some()
             && up.force_usage
             && !state.stream_options_refused.refused(&cfg, &up.name);
-        let body = match (&usage_body, add_usage) {
-            (Some(with_usage), true) => upstream_body(ledger.info(), up, with_usage),
-            _ => upstream_body(ledger.info(), up, &ledger.info().body),
-        };
-        let t0 = Instant::now();
-        ledger.sent();
-        let mut outcome =
-            actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream)).await;
-        if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut outcome) {
-            // 4b: a 400 naming the added `stream_options` is repeated once without it.
-            if usage::refuses_stream_options(resp, first, wait).await {
-                log::info!(
-                    "upstream {} refused stream_options; not adding it there until the next reload",
-                    up.name
-                );
-                state.stream_options_refused.refuse(&cfg, &up.name);
-                add_usage = false;
-                let body = upstream_body(ledger.info(), up, &ledger.info().body);
-                ledger.sent();
-                outcome =
-                    actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream))
-                        .await;
+        let mut tries = 0u32;
+        loop {
+            let (stream, mut wait) = {
+                let info = ledger.info();
+                let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
+                (info.stream, wait)
+            };
+            if let Some(left) = time_left(deadline) {
+                if left.is_zero() {
+                    out_of_time = true;
+                    break 'candidates;
+                }
+                wait = wait.min(left);
             }
-        }
-        let (kind, status, reason) = match outcome {
-            Ok(Ok((resp, first))) => {
-                let status = resp.status();
-                if !is_failover_status(status) || last {
-                    let committed = respond::Committed {
+            let body = match (&usage_body, add_usage) {
+                (Some(with_usage), true) => upstream_body(ledger.info(), up, with_usage),
+                _ => upstream_body(ledger.info(), up, &ledger.info().body),
+            };
+            let t0 = Instant::now();
+            ledger.sent();
+            let mut outcome =
+                actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream))
+                    .await;
+            if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut outcome) {
+                // 4b: a 400 naming the added `stream_options` is repeated once without it.
+                if usage::refuses_stream_options(resp, first, wait).await {
+                    log::info!(
+                        "upstream {} refused stream_options; not adding it there until the next reload",
+                        up.name
+                    );
+                    state.stream_options_refused.refuse(&cfg, &up.name);
+                    add_usage = false;
+                    let body = upstream_body(ledger.info(), up, &ledger.info().body);
+                    ledger.sent();
+                    let left = wait.saturating_sub(t0.elapsed());
+                    outcome = actix_rt::time::timeout(
+                        left,
+                        attempt::attempt(client, up, req, body, stream),
+                    )
+                    .await;
+                }
+            }
+            let may_retry = tries < up.retries && view.may_retry(idx);
+            let (failure, retry_in) = match outcome {
+                Ok(Ok((mut resp, mut first))) => {
+                    let status = resp.status();
+                    if status == StatusCode::BAD_REQUEST && !last && !cfg.failover_codes.is_empty()
+                    {
+                        let left = wait.saturating_sub(t0.elapsed());
+                        let (body, whole) =
+                            rescue::read_head_of_body(&mut resp, first.take(), left).await;
+                        if let Some(code) = whole
+                            .then(|| rescue::failover_code(&body, &cfg.failover_codes))
+                            .flatten()
+                        {
+                            // 4a: e.g. context_length_exceeded — another upstream may fit it.
+                            let failure = AttemptFailure {
+                                moving_on: true,
+                                quiet: true,
+                                ..AttemptFailure::new(
+                                    FailKind::Http,
+                                    Some(400),
+                                    format!("HTTP 400 {code}"),
+                                )
+                            };
+                            ledger.failed(&view, idx, failure);
+                            continue 'candidates;
+                        }
+                        first = (!body.is_empty()).then_some(body);
+                    }
+                    let at = respond::Committed {
                         view: &view,
                         idx,
                         first_byte: t0.elapsed(),
                         usage_added: add_usage,
+                        cooldown: None,
                     };
-                    return respond::respond(ledger, committed, resp, first);
+                    if !is_failover_status(status) {
+                        return respond::respond(ledger, at, resp, first);
+                    }
+                    let retry_after = rescue::retry_after(&resp, status);
+                    let cooldown = retry_after.map(|d| d.min(rescue::MAX_RETRY_AFTER));
+                    let retryable =
+                        matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error();
+                    let pause = match retry_after {
+                        Some(d) if d <= cfg.retry_after_max => Some(d),
+                        Some(_) => None,
+                        None => Some(rescue::backoff(tries)),
+                    };
+                    let retry_in = pause.filter(|p| retryable && may_retry && fits(deadline, *p));
+                    if retry_in.is_none() && last {
+                        let at = respond::Committed { cooldown, ..at };
+                        return respond::respond(ledger, at, resp, first);
+                    }
+                    let failure = AttemptFailure {
+                        moving_on: retry_in.is_none() && !last,
+                        cooldown,
+                        ..AttemptFailure::new(
+                            FailKind::Http,
+                            Some(status.as_u16()),
+                            format!("HTTP {status}"),
+                        )
+                    };
+                    (failure, retry_in)
                 }
-                (
-                    FailKind::Http,
-                    Some(status.as_u16()),
-                    format!("HTTP {status}"),
-                )
-            }
-            Ok(Err((kind, reason))) => (kind, None, reason),
-            Err(_) => (
-                FailKind::Timeout,
-                None,
-                if stream {
-                    format!("no first chunk within {}", attempt::secs(wait))
-                } else {
-                    format!("no response head within {}", attempt::secs(wait))
-                },
-            ),
-        };
-        ledger.failed(&view, idx, kind, status, reason, !last);
+                Ok(Err(e)) => {
+                    let pause = rescue::backoff(tries);
+                    let retry_in =
+                        (e.retry_same && may_retry && fits(deadline, pause)).then_some(pause);
+                    let failure = AttemptFailure {
+                        moving_on: retry_in.is_none() && !last,
+                        ..AttemptFailure::new(e.kind, None, e.reason)
+                    };
+                    (failure, retry_in)
+                }
+                Err(_) => {
+                    let reason = if stream {
+                        format!("no first chunk within {}", attempt::secs(wait))
+                    } else {
+                        format!("no response head within {}", attempt::secs(wait))
+                    };
+                    let failure = AttemptFailure {
+                        moving_on: !last,
+                        ..AttemptFailure::new(FailKind::Timeout, None, reason)
+                    };
+                    (failure, None)
+                }
+            };
+            ledger.failed(&view, idx, failure);
+            let Some(pause) = retry_in else {
+                continue 'candidates;
+            };
+            // A client that goes away while we wait drops this future: the wait ends with it.
+            ledger.retrying(&view, idx);
+            actix_rt::time::sleep(pause).await;
+            tries += 1;
+        }
     }
     // Every candidate failed without an HTTP answer to relay.
     let err = GatewayError::AllFailed {
-        timed_out: ledger.last_failure() == Some(FailKind::Timeout),
+        timed_out: out_of_time || ledger.last_failure() == Some(FailKind::Timeout),
         summary: crate::attempt::summary(ledger.failures()),
     };
     ledger.finish_local(err)
+}
+
+/// What is left of the request's `deadline`, if it has one.
+fn time_left(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+/// Whether a pause of `p` still leaves time for an attempt before the deadline.
+fn fits(deadline: Option<Instant>, p: Duration) -> bool {
+    time_left(deadline).is_none_or(|left| left > p)
 }

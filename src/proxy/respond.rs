@@ -27,6 +27,8 @@ pub struct Committed<'a> {
     pub first_byte: Duration,
     /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
     pub usage_added: bool,
+    /// A `Retry-After` the relayed (failover-status) answer announced, as a cooldown (4a).
+    pub cooldown: Option<Duration>,
 }
 
 /// Sends the committed answer to the client, streaming; from here the relayed body owns the
@@ -42,10 +44,11 @@ pub fn respond(
         idx,
         first_byte,
         usage_added,
+        cooldown,
     } = at;
     let cfg = &view.config;
     let status = resp.status();
-    ledger.commit(view, idx, status, first_byte);
+    ledger.commit(view, idx, status, first_byte, cooldown);
 
     let content_type = resp
         .headers()

@@ -38,7 +38,7 @@ use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::headers;
-use crate::ledger::{BodyEnd, Ledger};
+use crate::ledger::{AttemptFailure, BodyEnd, Ledger};
 use crate::proxy::{self, admit, UpstreamClient};
 use crate::state::AppState;
 
@@ -189,10 +189,10 @@ async fn handshake(
             status: Some(status),
         }),
         Err(WsClientError::SendRequest(e)) => {
-            let (kind, reason) = proxy::attempt::classify(e);
+            let e = proxy::attempt::classify(e);
             Err(Refused {
-                kind,
-                reason,
+                kind: e.kind,
+                reason: e.reason,
                 status: None,
             })
         }
@@ -241,7 +241,13 @@ pub async fn session(
         let attempt = handshake(&client.0, up, &req, model.as_deref());
         let refused = match actix_rt::time::timeout(up.timeout, attempt).await {
             Ok(Ok(opened)) => {
-                ledger.commit(&view, idx, StatusCode::SWITCHING_PROTOCOLS, t0.elapsed());
+                ledger.commit(
+                    &view,
+                    idx,
+                    StatusCode::SWITCHING_PROTOCOLS,
+                    t0.elapsed(),
+                    None,
+                );
                 return open(&state, &req, payload, ledger, up, opened);
             }
             Ok(Err(refused)) => refused,
@@ -256,7 +262,7 @@ pub async fn session(
         };
         if let Some(status) = refused.status.filter(|s| !is_failover_status(*s) || last) {
             // Not a failover status, or the last candidate's: it is the answer, as for HTTP.
-            ledger.commit(&view, idx, status, t0.elapsed());
+            ledger.commit(&view, idx, status, t0.elapsed(), None);
             let message = if is_failover_status(status) {
                 format!(
                     "all upstreams refused the WebSocket handshake: {}",
@@ -270,14 +276,15 @@ pub async fn session(
             };
             return status_answer(ledger, &up.name, status, message);
         }
-        ledger.failed(
-            &view,
-            idx,
-            refused.kind,
-            refused.status.map(|s| s.as_u16()),
-            refused.reason,
-            !last,
-        );
+        let failure = AttemptFailure {
+            moving_on: !last,
+            ..AttemptFailure::new(
+                refused.kind,
+                refused.status.map(|s| s.as_u16()),
+                refused.reason,
+            )
+        };
+        ledger.failed(&view, idx, failure);
     }
     let err = GatewayError::AllFailed {
         timed_out: ledger.last_failure() == Some(FailKind::Timeout),
