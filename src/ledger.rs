@@ -102,6 +102,8 @@ struct Committed {
     ttfb: Duration,
     /// Whether the relayed status counts as a success for the upstream.
     ok: bool,
+    /// Its stream broke and the break is already accounted for (a continuation may follow).
+    broken: bool,
 }
 
 /// See the module docs.
@@ -111,6 +113,8 @@ pub struct Ledger {
     failures: Vec<Failure>,
     attempts: u32,
     committed: Option<Committed>,
+    /// Continuations of a broken stream (SPEC 4a resume).
+    resumed: u32,
 }
 
 impl Ledger {
@@ -122,6 +126,7 @@ impl Ledger {
             failures: Vec::new(),
             attempts: 0,
             committed: None,
+            resumed: 0,
         }
     }
 
@@ -246,7 +251,109 @@ impl Ledger {
             status: status.as_u16(),
             ttfb: self.info.started.elapsed(),
             ok,
+            broken: false,
         });
+    }
+
+    /// The shared state, for work that outlives a borrow of the ledger (a continuation).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// The committed stream broke; a continuation is about to be tried (SPEC 4a resume). The
+    /// break counts now (health, `stream_error`), and once.
+    pub fn stream_broke(&mut self, reason: String) {
+        let Some(c) = self.committed.as_mut() else {
+            return;
+        };
+        c.broken = true;
+        let (view, idx) = (c.view.clone(), c.idx);
+        let name = view
+            .config
+            .upstreams
+            .get(idx)
+            .map_or("", |u| u.name.as_str());
+        log::warn!(
+            "{} {}: upstream {name} broke mid-response: {}",
+            self.info.method,
+            untrusted(&self.info.path),
+            untrusted(&reason)
+        );
+        self.state.metrics.attempt(name, FailKind::Stream.label());
+        self.state.registry.report_for(
+            &view,
+            idx,
+            self.info.model.as_deref(),
+            AttemptResult::Failed {
+                kind: FailKind::Stream,
+                reason: reason.clone(),
+                cooldown: None,
+            },
+        );
+        self.failures.push(Failure {
+            upstream: name.to_string(),
+            kind: FailKind::Stream,
+            status: None,
+            reason,
+        });
+    }
+
+    /// A continuation on `view`'s upstream `idx` took over the stream (SPEC 4a resume).
+    pub fn resumed_on(&mut self, view: &Arc<RegistryView>, idx: usize, first_byte: Duration) {
+        if let Some(up) = view.config.upstreams.get(idx) {
+            self.state
+                .metrics
+                .first_byte(&up.name, first_byte.as_secs_f64());
+        }
+        self.state.registry.report_for(
+            view,
+            idx,
+            self.info.model.as_deref(),
+            AttemptResult::Ok { first_byte },
+        );
+        self.resumed += 1;
+        if let Some(c) = self.committed.as_mut() {
+            c.view = view.clone();
+            c.idx = idx;
+            c.ok = true;
+            c.broken = false;
+        }
+    }
+
+    /// A continuation's outcome on `view`'s upstream `idx`, for `resumes_total`.
+    pub fn resume_result(&self, view: &RegistryView, idx: usize, result: &str) {
+        if let Some(up) = view.config.upstreams.get(idx) {
+            self.state.metrics.resume(&up.name, result);
+        }
+    }
+
+    /// Whether the committed stream broke and its break is accounted for.
+    pub fn is_broken(&self) -> bool {
+        self.committed.as_ref().is_some_and(|c| c.broken)
+    }
+
+    /// The committed stream cannot be finished, for a reason that is not the upstream's fault
+    /// (a regeneration that diverged): kept in the record's `error`, not a health event.
+    pub fn unfinished(&mut self, view: &RegistryView, idx: usize, reason: String) {
+        if let Some(c) = self.committed.as_mut() {
+            c.broken = true;
+        }
+        let name = view
+            .config
+            .upstreams
+            .get(idx)
+            .map_or("", |u| u.name.as_str());
+        self.failures.push(Failure {
+            upstream: name.to_string(),
+            kind: FailKind::Stream,
+            status: None,
+            reason,
+        });
+    }
+
+    /// Continuations so far.
+    pub fn resumed(&self) -> u32 {
+        self.resumed
     }
 
     /// The kind of the last failure, if any.
@@ -340,6 +447,8 @@ impl Ledger {
             .get(c.idx)
             .map_or("", |u| u.name.as_str());
         let outcome = match &end {
+            // Already accounted for when it broke; no continuation could finish it.
+            BodyEnd::Broken(_) if c.broken => None,
             BodyEnd::Broken(reason) => {
                 log::warn!(
                     "{} {}: upstream {upstream} broke mid-response: {}",
@@ -373,7 +482,7 @@ impl Ledger {
                 );
                 c.ok.then_some("ok")
             }
-            BodyEnd::Complete => c.ok.then_some("ok"),
+            BodyEnd::Complete => (c.ok && !c.broken).then_some("ok"),
             BodyEnd::Noted(note) => {
                 self.failures.push(Failure {
                     upstream: upstream.to_string(),

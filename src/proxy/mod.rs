@@ -10,6 +10,7 @@ pub mod attempt;
 pub mod relay;
 pub mod rescue;
 pub mod respond;
+pub mod resume;
 
 use std::time::{Duration, Instant};
 
@@ -216,14 +217,21 @@ async fn forward(
                         }
                         first = (!body.is_empty()).then_some(body);
                     }
-                    let at = respond::Committed {
-                        view: &view,
-                        idx,
-                        first_byte: t0.elapsed(),
-                        usage_added: add_usage,
-                        cooldown: None,
-                    };
                     if !is_failover_status(status) {
+                        let at = respond::Committed {
+                            view: &view,
+                            idx,
+                            first_byte: t0.elapsed(),
+                            usage_added: add_usage,
+                            cooldown: None,
+                            resume: resume_plan(
+                                &ledger,
+                                req,
+                                client,
+                                &order[pos + 1..],
+                                &usage_body,
+                            ),
+                        };
                         return respond::respond(ledger, at, resp, first);
                     }
                     let retry_after = rescue::retry_after(&resp, status);
@@ -237,7 +245,14 @@ async fn forward(
                     };
                     let retry_in = pause.filter(|p| retryable && may_retry && fits(deadline, *p));
                     if retry_in.is_none() && last {
-                        let at = respond::Committed { cooldown, ..at };
+                        let at = respond::Committed {
+                            view: &view,
+                            idx,
+                            first_byte: t0.elapsed(),
+                            usage_added: add_usage,
+                            cooldown,
+                            resume: None,
+                        };
                         return respond::respond(ledger, at, resp, first);
                     }
                     let failure = AttemptFailure {
@@ -290,6 +305,36 @@ async fn forward(
         summary: crate::attempt::summary(ledger.failures()),
     };
     ledger.finish_local(err)
+}
+
+/// How a stream may be continued if it breaks (SPEC 4a `resume`): only with `resume: true`, for
+/// a single-choice chat stream, when candidates are left.
+fn resume_plan(
+    ledger: &Ledger,
+    req: &HttpRequest,
+    client: &awc::Client,
+    rest: &[usize],
+    usage_body: &Option<Bytes>,
+) -> Option<resume::ResumePlan> {
+    let info = ledger.info();
+    let cfg = ledger.state().config.get();
+    if !cfg.resume
+        || rest.is_empty()
+        || !resume::resumable_request(&info.path, info.stream, &info.body)
+    {
+        return None;
+    }
+    let text_limit = match cfg.record_body_bytes {
+        0 => crate::capture::UNLIMITED_CAPTURE - crate::capture::SLACK,
+        n => n,
+    };
+    Some(resume::ResumePlan {
+        client: client.clone(),
+        req: req.clone(),
+        remaining: rest.iter().copied().collect(),
+        usage_body: usage_body.clone(),
+        text_limit,
+    })
 }
 
 /// What is left of the request's `deadline`, if it has one.

@@ -4,6 +4,9 @@
 //! upstream that goes silent past `idle_timeout`, turns a broken or stalled SSE stream into a
 //! final `data: {"error":…}` event instead of a silent truncation, and — whether the response
 //! completes, breaks, or the client goes away (drop) — produces the request's record exactly once.
+//!
+//! With `resume` (SPEC 4a) a chat stream is relayed event by event through a [`Resumer`], so
+//! that a break can be continued on the next candidate within the same client stream.
 
 use std::fmt;
 use std::pin::Pin;
@@ -11,8 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_rt::time::{sleep_until, Instant, Sleep};
-use actix_web::error::PayloadError;
-use actix_web::web::Bytes;
+use actix_web::http::header;
+use actix_web::web::{Bytes, BytesMut};
 use futures_util::Stream;
 use std::future::Future;
 
@@ -20,6 +23,9 @@ use crate::capture::Capture;
 use crate::ledger::{BodyEnd, Ledger};
 use crate::transport;
 use crate::usage::UsageFilter;
+
+use super::attempt::Upstreamed;
+use super::resume::{Judged, Op, Resumer};
 
 /// Error that makes actix abort a non-SSE response (the client sees an incomplete body).
 #[derive(Debug)]
@@ -34,9 +40,9 @@ impl fmt::Display for RelayError {
 impl std::error::Error for RelayError {}
 
 /// The streamed body; see the module docs.
-pub struct RelayBody<S> {
+pub struct RelayBody {
     first: Option<Bytes>,
-    upstream: S,
+    upstream: Upstreamed,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     last_data: Instant,
@@ -56,15 +62,16 @@ pub struct RelayBody<S> {
     ledger: Option<Ledger>,
     /// Keeps the usage-only chunk the gateway asked for from the client (4b, `force_usage`).
     usage_filter: Option<UsageFilter>,
+    /// Event-by-event relay that can continue a broken stream (4a `resume`).
+    resumer: Option<Box<Resumer>>,
+    /// A break seen in-band while events before it were still to be sent.
+    break_after: Option<String>,
 }
 
-impl<S> RelayBody<S>
-where
-    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
-{
+impl RelayBody {
     /// Wraps an upstream body; `first` is a chunk already read (stream requests).
     pub fn new(
-        upstream: S,
+        upstream: Upstreamed,
         first: Option<Bytes>,
         idle: Duration,
         sse: bool,
@@ -88,7 +95,15 @@ where
             capture: Some(capture),
             ledger: Some(ledger),
             usage_filter: None,
+            resumer: None,
+            break_after: None,
         }
+    }
+
+    /// Relays event by event so that a break can be continued (SPEC 4a `resume`).
+    pub fn with_resume(mut self, resumer: Resumer) -> Self {
+        self.resumer = Some(Box::new(resumer));
+        self
     }
 
     /// Drops the usage-only SSE events (still read for the record and metrics) from what the
@@ -113,14 +128,214 @@ where
 
     fn on_chunk(&mut self, b: &Bytes) {
         self.received += b.len() as u64;
+        self.feed(b);
+        self.sent(b);
+    }
+
+    fn feed(&mut self, b: &Bytes) {
         if let Some(c) = self.capture.as_mut() {
             c.feed_shared(b);
         }
+    }
+
+    /// Remembers the end of what went to the client.
+    fn sent(&mut self, b: &[u8]) {
         match b.len() {
             0 => {}
             1 => self.tail = [self.tail[1], b[0]],
             n => self.tail = [b[n - 2], b[n - 1]],
         }
+    }
+
+    /// Whether the upstream body just ended short of its framing (cut, not complete).
+    fn ended_short(&self) -> bool {
+        let short = self.expected_len.is_some_and(|n| self.received < n);
+        short || (self.chunked && transport::eof_seen())
+    }
+
+    /// Event mode (resume): the next bytes for the client, or the end.
+    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, RelayError>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if let Some(reason) = self.break_after.take() {
+                if let Some(p) = self.on_break(reason) {
+                    return p;
+                }
+                continue;
+            }
+            let Some(r) = self.resumer.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Some(fut) = r.pending.as_mut() {
+                let (cont, remaining) = match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(c) => c,
+                };
+                r.pending = None;
+                let view = r.view().clone();
+                if let Some(ledger) = self.ledger.as_mut() {
+                    for op in cont.ops {
+                        match op {
+                            Op::Sent => ledger.sent(),
+                            Op::Failed(idx, f) => ledger.failed(&view, idx, f),
+                            Op::Result(idx, result) => ledger.resume_result(&view, idx, result),
+                        }
+                    }
+                }
+                match cont.outcome {
+                    Ok(switch) => {
+                        if let Some(ledger) = self.ledger.as_mut() {
+                            ledger.resumed_on(&view, switch.idx, switch.first_byte);
+                        }
+                        r.switch(&switch, remaining);
+                        let framing = framing_of(&switch.resp);
+                        self.upstream = switch.resp;
+                        self.first = switch.first;
+                        self.expected_len = framing.0;
+                        self.chunked = framing.1;
+                        self.received = 0;
+                        self.last_data = Instant::now();
+                    }
+                    Err(reason) => return self.fail(reason),
+                }
+                continue;
+            }
+            let next = match self.first.take() {
+                Some(b) => Poll::Ready(Some(Ok(b))),
+                None => {
+                    transport::clear_eof();
+                    Pin::new(&mut self.upstream).poll_next(cx)
+                }
+            };
+            match next {
+                Poll::Ready(Some(Ok(b))) => {
+                    self.last_data = Instant::now();
+                    self.received += b.len() as u64;
+                    if let Some(out) = self.judge_events(&b) {
+                        self.sent(&out);
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(None) => {
+                    if self.ended_short() {
+                        let reason = "connection closed before the response was complete".into();
+                        if let Some(p) = self.on_break(reason) {
+                            return p;
+                        }
+                        continue;
+                    }
+                    // A proper end; an event without its final blank line still goes out.
+                    let rest = self
+                        .resumer
+                        .as_mut()
+                        .map(|r| r.splitter.take_rest())
+                        .filter(|b| !b.is_empty());
+                    if let Some(rest) = &rest {
+                        self.feed(rest);
+                    }
+                    self.resume_result_of_current("ok");
+                    self.end(BodyEnd::Complete);
+                    return Poll::Ready(rest.map(Ok));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(p) = self.on_break(format!("connection broke mid-response: {e}")) {
+                        return p;
+                    }
+                }
+                Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        let deadline = self.last_data + self.idle;
+                        if deadline > Instant::now() {
+                            self.sleep.as_mut().reset(deadline);
+                            continue;
+                        }
+                        let idle = self.idle.as_secs_f64();
+                        let reason = format!("no data for {idle}s (idle_timeout)");
+                        if let Some(p) = self.on_break(reason) {
+                            return p;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Splits a chunk into events and judges each; what goes to the client, if anything.
+    fn judge_events(&mut self, b: &Bytes) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        let r = self.resumer.as_mut()?;
+        r.splitter.push(b);
+        while let Some(ev) = r.splitter.next_event() {
+            match r.judge(ev.clone()) {
+                Judged::Emit(bytes) => {
+                    if let Some(c) = self.capture.as_mut() {
+                        c.feed_shared(&bytes);
+                    }
+                    out.extend_from_slice(&bytes);
+                }
+                Judged::Drop { feed } => {
+                    if feed {
+                        if let Some(c) = self.capture.as_mut() {
+                            c.feed_shared(&ev);
+                        }
+                    }
+                }
+                Judged::Break(reason) => {
+                    r.splitter.clear();
+                    self.break_after = Some(reason);
+                    break;
+                }
+                Judged::Diverged => {
+                    r.splitter.clear();
+                    let view = r.view().clone();
+                    let idx = r.current;
+                    if let Some(ledger) = self.ledger.as_mut() {
+                        ledger.resume_result(&view, idx, "diverged");
+                        ledger.unfinished(
+                            &view,
+                            idx,
+                            "the regenerated answer does not begin with the text already sent"
+                                .into(),
+                        );
+                    }
+                    self.break_after = Some("regeneration diverged".into());
+                    break;
+                }
+            }
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// `resumes_total` for the upstream streaming now, when it is a continuation.
+    fn resume_result_of_current(&self, result: &str) {
+        if let (Some(r), Some(ledger)) = (self.resumer.as_ref(), self.ledger.as_ref()) {
+            if r.continuing {
+                ledger.resume_result(r.view(), r.current, result);
+            }
+        }
+    }
+
+    /// A break in event mode: a continuation starts (None: keep polling), or the stream ends
+    /// with the error event.
+    fn on_break(&mut self, reason: String) -> Option<Poll<Option<Result<Bytes, RelayError>>>> {
+        let resumable = self.resumer.as_ref().is_some_and(|r| r.can_resume());
+        let already_broken = self.ledger.as_ref().is_some_and(Ledger::is_broken);
+        if !already_broken {
+            self.resume_result_of_current("failed");
+        }
+        if !resumable {
+            return Some(self.fail(reason));
+        }
+        if let (Some(r), Some(ledger)) = (self.resumer.as_mut(), self.ledger.as_mut()) {
+            if !ledger.is_broken() {
+                ledger.stream_broke(reason);
+            }
+            r.start(ledger);
+        }
+        None
     }
 
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Bytes, RelayError>>> {
@@ -150,14 +365,29 @@ fn error_event(tail: &[u8; 2], reason: &str) -> Bytes {
     Bytes::from(format!("{prefix}data: {body}\n\n"))
 }
 
-impl<S> Stream for RelayBody<S>
-where
-    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
-{
+/// `Content-Length` and whether the body is chunked, from a response head.
+pub fn framing_of(resp: &Upstreamed) -> (Option<u64>, bool) {
+    let length = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = resp
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    (length, chunked)
+}
+
+impl Stream for RelayBody {
     type Item = Result<Bytes, RelayError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.resumer.is_some() {
+            return this.poll_events(cx);
+        }
         if let Some(b) = this.first.take() {
             this.last_data = Instant::now();
             this.on_chunk(&b);
@@ -180,8 +410,7 @@ where
                     }
                 }
                 Poll::Ready(None) => {
-                    let short = this.expected_len.is_some_and(|n| this.received < n);
-                    if short || (this.chunked && transport::eof_seen()) {
+                    if this.ended_short() {
                         return this
                             .fail("connection closed before the response was complete".into());
                     }
@@ -211,7 +440,7 @@ where
     }
 }
 
-impl<S> RelayBody<S> {
+impl RelayBody {
     /// Accounts for the request, once: the first of the body's end, its break, or its drop.
     fn end(&mut self, end: BodyEnd) {
         self.done = true;
@@ -222,7 +451,7 @@ impl<S> RelayBody<S> {
     }
 }
 
-impl<S> Drop for RelayBody<S> {
+impl Drop for RelayBody {
     fn drop(&mut self) {
         self.end(BodyEnd::ClientGone);
     }

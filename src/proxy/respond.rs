@@ -16,6 +16,7 @@ use crate::registry::RegistryView;
 
 use super::attempt::Upstreamed;
 use super::relay::RelayBody;
+use super::resume::{ResumePlan, Resumer};
 
 /// The attempt whose answer goes to the client.
 pub struct Committed<'a> {
@@ -29,6 +30,8 @@ pub struct Committed<'a> {
     pub usage_added: bool,
     /// A `Retry-After` the relayed (failover-status) answer announced, as a cooldown (4a).
     pub cooldown: Option<Duration>,
+    /// How to continue the stream if it breaks (4a `resume`), when it may be continued.
+    pub resume: Option<ResumePlan>,
 }
 
 /// Sends the committed answer to the client, streaming; from here the relayed body owns the
@@ -45,6 +48,7 @@ pub fn respond(
         first_byte,
         usage_added,
         cooldown,
+        resume,
     } = at;
     let cfg = &view.config;
     let status = resp.status();
@@ -111,10 +115,12 @@ pub fn respond(
         ledger,
         capture,
     );
-    let body = if usage_added && sse {
-        body.with_usage_filter()
-    } else {
-        body
+    let body = match resume {
+        Some(plan) if sse && status.is_success() => {
+            body.with_resume(Resumer::new(plan, view.clone(), idx, usage_added))
+        }
+        _ if usage_added && sse => body.with_usage_filter(),
+        _ => body,
     };
     if no_body {
         body.finish_empty();

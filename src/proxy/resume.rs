@@ -1,0 +1,497 @@
+//! Resuming a chat stream that broke after its first byte (SPEC 4a `resume`).
+//!
+//! While resume is possible the relay reads the stream event by event ([`Resumer::judge`]):
+//! it keeps the text already sent, notices what cannot be continued (tool calls, logprobs), and
+//! takes an in-band error event as a break instead of relaying it. When the stream breaks and a
+//! candidate is left, [`continuation`] asks the next upstream to continue the text (its
+//! `prefill` dialect) or, where it cannot, to answer again; the relay then carries on from that
+//! upstream in the same client stream. A regeneration is relayed only from where the text
+//! already sent ends, and only if it begins with exactly that text.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::web::Bytes;
+use actix_web::HttpRequest;
+use serde_json::{Map, Value};
+
+use crate::attempt::{is_failover_status, FailKind};
+use crate::config::{Prefill, Upstream};
+use crate::ledger::{AttemptFailure, Ledger};
+use crate::registry::RegistryView;
+use crate::sse::{self, ChatChunk, EventSplitter};
+use crate::state::AppState;
+
+use super::attempt::{self as one, Upstreamed};
+
+/// What the request path hands the relay so that a broken stream can be continued.
+pub struct ResumePlan {
+    /// The worker's upstream client.
+    pub client: awc::Client,
+    /// The client's request (method, path, query, headers).
+    pub req: HttpRequest,
+    /// Candidates not tried yet, in order.
+    pub remaining: VecDeque<usize>,
+    /// The original body with `stream_options.include_usage` added (4b), when it applies.
+    pub usage_body: Option<Bytes>,
+    /// Text beyond this is not resumed (it outgrew the capture, SPEC 4d).
+    pub text_limit: usize,
+}
+
+/// Whether a request may be resumed at all: a chat-completions stream asking for one choice.
+pub fn resumable_request(path: &str, stream: bool, body: &[u8]) -> bool {
+    if !stream || path != "/v1/chat/completions" {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct N {
+        #[serde(default)]
+        n: Option<Value>,
+    }
+    match serde_json::from_slice::<N>(body) {
+        Ok(N { n: Some(n) }) => n.as_u64().is_some_and(|n| n <= 1) || n.is_null(),
+        Ok(N { n: None }) => true,
+        Err(_) => false,
+    }
+}
+
+/// How the current upstream's events are treated.
+enum Segment {
+    /// Relayed as they come (the first upstream, or a continuation of the text); a first
+    /// chunk that carries only the role is dropped when the client already has one.
+    Relay { skip_role: bool },
+    /// A regeneration: swallowed until its text passes the text already sent.
+    Regenerate { seen: String },
+}
+
+/// What the relay does with one event.
+pub enum Judged {
+    /// Send these bytes (fed to the capture too).
+    Emit(Bytes),
+    /// Send nothing.
+    Drop {
+        /// Feed the capture with the event all the same (a usage-only chunk: its tokens count).
+        feed: bool,
+    },
+    /// The stream broke in-band (an error event).
+    Break(String),
+    /// The regeneration does not begin with the text already sent.
+    Diverged,
+}
+
+/// A continuation's result, applied to the ledger by the relay.
+pub struct Continued {
+    /// What happened on the way, in order.
+    pub ops: Vec<Op>,
+    /// The upstream that took over, or why none did.
+    pub outcome: Result<Switch, String>,
+}
+
+/// One accountable step of a continuation.
+pub enum Op {
+    /// A request went upstream.
+    Sent,
+    /// An attempt failed.
+    Failed(usize, AttemptFailure),
+    /// A `resumes_total` result.
+    Result(usize, &'static str),
+}
+
+/// The upstream that continues the stream.
+pub struct Switch {
+    /// Its index in the view.
+    pub idx: usize,
+    /// Its response, head (and first event) read.
+    pub resp: Upstreamed,
+    /// What was read of its body.
+    pub first: Option<Bytes>,
+    /// Attempt start to first event.
+    pub first_byte: Duration,
+    regenerate: bool,
+    usage_added: bool,
+}
+
+/// A continuation in flight: what it did, and the candidates it leaves.
+pub type PendingContinuation = Pin<Box<dyn Future<Output = (Continued, VecDeque<usize>)>>>;
+
+/// The relay's resume state; see the module docs.
+pub struct Resumer {
+    plan: Option<ResumePlan>,
+    view: Arc<RegistryView>,
+    /// The upstream streaming now.
+    pub current: usize,
+    text: String,
+    role_sent: bool,
+    /// Why it can no longer be resumed, once something was sent that cannot be continued.
+    blocked: bool,
+    segment: Segment,
+    usage_added: bool,
+    /// The current upstream's stream, split into events.
+    pub splitter: EventSplitter,
+    /// A continuation in flight.
+    pub pending: Option<PendingContinuation>,
+    /// The current upstream is a continuation (its completion counts as `resumes_total{ok}`).
+    pub continuing: bool,
+}
+
+impl Resumer {
+    /// Resume state for a stream committed to `view`'s upstream `idx`.
+    pub fn new(plan: ResumePlan, view: Arc<RegistryView>, idx: usize, usage_added: bool) -> Self {
+        Resumer {
+            plan: Some(plan),
+            view,
+            current: idx,
+            text: String::new(),
+            role_sent: false,
+            blocked: false,
+            segment: Segment::Relay { skip_role: false },
+            usage_added,
+            splitter: EventSplitter::default(),
+            pending: None,
+            continuing: false,
+        }
+    }
+
+    /// The registry view the candidates come from.
+    pub fn view(&self) -> &Arc<RegistryView> {
+        &self.view
+    }
+
+    /// Judges one complete event of the current upstream.
+    pub fn judge(&mut self, ev: Bytes) -> Judged {
+        if sse::is_error_event(&ev) {
+            return Judged::Break(format!("in-band error: {}", sse::error_message(&ev)));
+        }
+        if self.usage_added && crate::usage::is_usage_only(&ev) {
+            return Judged::Drop { feed: true };
+        }
+        let chunk = sse::chat_chunk(&ev);
+        match &mut self.segment {
+            Segment::Relay { skip_role } => {
+                if *skip_role && !chunk.unknown && !chunk.done {
+                    *skip_role = false;
+                    if chunk.role
+                        && chunk.content.as_deref().unwrap_or("").is_empty()
+                        && !chunk.tools
+                        && chunk.finish_reason.is_none()
+                    {
+                        return Judged::Drop { feed: false };
+                    }
+                }
+                self.note(&chunk);
+                Judged::Emit(ev)
+            }
+            Segment::Regenerate { seen } => {
+                if chunk.done || chunk.finish_reason.is_some() || chunk.tools {
+                    // It ended (or turned to tools) before reaching the text already sent.
+                    return Judged::Diverged;
+                }
+                let Some(c) = chunk.content.as_deref() else {
+                    return Judged::Drop { feed: false };
+                };
+                seen.push_str(c);
+                if seen.len() <= self.text.len() {
+                    return if self.text.starts_with(seen.as_str()) {
+                        Judged::Drop { feed: false }
+                    } else {
+                        Judged::Diverged
+                    };
+                }
+                if !seen.starts_with(self.text.as_str()) {
+                    return Judged::Diverged;
+                }
+                let rest = seen[self.text.len()..].to_string();
+                let Some(out) = sse::with_content(&ev, &rest) else {
+                    return Judged::Diverged;
+                };
+                self.segment = Segment::Relay { skip_role: false };
+                self.note(&ChatChunk {
+                    content: Some(rest),
+                    ..chunk
+                });
+                Judged::Emit(out)
+            }
+        }
+    }
+
+    /// Keeps what was sent of one relayed chunk.
+    fn note(&mut self, chunk: &ChatChunk) {
+        self.role_sent |= chunk.role;
+        if chunk.tools || chunk.logprobs {
+            self.blocked = true;
+        }
+        if let Some(c) = &chunk.content {
+            self.text.push_str(c);
+        }
+        let limit = self.plan.as_ref().map_or(0, |p| p.text_limit);
+        if self.text.len() > limit {
+            self.blocked = true;
+        }
+    }
+
+    /// Whether a break now can be continued.
+    pub fn can_resume(&self) -> bool {
+        !self.blocked
+            && self.pending.is_none()
+            && self.plan.as_ref().is_some_and(|p| !p.remaining.is_empty())
+    }
+
+    /// Starts the continuation after a break (the ledger has accounted for the break).
+    pub fn start(&mut self, ledger: &Ledger) {
+        let Some(mut plan) = self.plan.take() else {
+            return;
+        };
+        let ctx = Ctx {
+            state: ledger.state().clone(),
+            client: plan.client.clone(),
+            req: plan.req.clone(),
+            view: self.view.clone(),
+            remaining: std::mem::take(&mut plan.remaining),
+            body: ledger.info().body.clone(),
+            usage_body: plan.usage_body.clone(),
+            model: ledger.info().model.clone(),
+            text: self.text.clone(),
+            role_sent: self.role_sent,
+        };
+        self.splitter.clear();
+        self.plan = Some(plan);
+        self.pending = Some(Box::pin(continuation(ctx)));
+    }
+
+    /// The continuing upstream took over: its events are judged from now on. Returns the
+    /// candidates it leaves (for a later break).
+    pub fn switch(&mut self, s: &Switch, remaining: VecDeque<usize>) {
+        self.current = s.idx;
+        self.usage_added = s.usage_added;
+        self.continuing = true;
+        self.segment = if s.regenerate {
+            Segment::Regenerate {
+                seen: String::new(),
+            }
+        } else {
+            Segment::Relay {
+                skip_role: self.role_sent,
+            }
+        };
+        if let Some(p) = self.plan.as_mut() {
+            p.remaining = remaining;
+        }
+    }
+}
+
+/// What a continuation needs, owned (it runs while the relay is being polled).
+struct Ctx {
+    state: Arc<AppState>,
+    client: awc::Client,
+    req: HttpRequest,
+    view: Arc<RegistryView>,
+    remaining: VecDeque<usize>,
+    body: Bytes,
+    usage_body: Option<Bytes>,
+    model: Option<String>,
+    text: String,
+    role_sent: bool,
+}
+
+/// Finds an upstream to continue the stream: each remaining candidate in turn, with the text
+/// sent as a prefill (or, where the upstream cannot take one, as a regeneration).
+async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
+    let mut ops = Vec::new();
+    while let Some(idx) = ctx.remaining.pop_front() {
+        let Some(up) = ctx.view.config.upstreams.get(idx) else {
+            continue;
+        };
+        let last = ctx.remaining.is_empty();
+        let add_usage = ctx.usage_body.is_some()
+            && up.force_usage
+            && !ctx
+                .state
+                .stream_options_refused
+                .refused(&ctx.view.config, &up.name);
+        let base = match (&ctx.usage_body, add_usage) {
+            (Some(b), true) => b.clone(),
+            _ => ctx.body.clone(),
+        };
+        let base = mapped(&base, up, ctx.model.as_deref());
+        let wait = one::first_byte_wait(up, true, last, base.len());
+        let prefill = (!ctx.text.is_empty() && up.prefill != Prefill::None)
+            .then(|| prefill_body(&base, &ctx.text, up.prefill))
+            .flatten();
+        let regenerate = !ctx.text.is_empty() && prefill.is_none();
+        let body = prefill.clone().unwrap_or_else(|| base.clone());
+        ops.push(Op::Sent);
+        let t0 = Instant::now();
+        let got =
+            actix_rt::time::timeout(wait, one::attempt(&ctx.client, up, &ctx.req, body, true));
+        let failure = match got.await {
+            Ok(Ok((resp, first))) if resp.status().is_success() => {
+                let s = Switch {
+                    idx,
+                    resp,
+                    first,
+                    first_byte: t0.elapsed(),
+                    regenerate,
+                    usage_added: add_usage,
+                };
+                return (
+                    Continued {
+                        ops,
+                        outcome: Ok(s),
+                    },
+                    ctx.remaining,
+                );
+            }
+            Ok(Ok((resp, _)))
+                if prefill.is_some()
+                    && resp.status().is_client_error()
+                    && !is_failover_status(resp.status()) =>
+            {
+                // It cannot take a prefill: answer again, and relay what follows the text.
+                let status = resp.status();
+                drop(resp);
+                ops.push(Op::Failed(
+                    idx,
+                    AttemptFailure {
+                        quiet: true,
+                        ..AttemptFailure::new(
+                            FailKind::Http,
+                            Some(status.as_u16()),
+                            format!("prefill refused: HTTP {status}"),
+                        )
+                    },
+                ));
+                ops.push(Op::Result(idx, "rejected"));
+                ops.push(Op::Sent);
+                let t0 = Instant::now();
+                let again = actix_rt::time::timeout(
+                    wait,
+                    one::attempt(&ctx.client, up, &ctx.req, base.clone(), true),
+                );
+                match again.await {
+                    Ok(Ok((resp, first))) if resp.status().is_success() => {
+                        let s = Switch {
+                            idx,
+                            resp,
+                            first,
+                            first_byte: t0.elapsed(),
+                            regenerate: true,
+                            usage_added: add_usage,
+                        };
+                        return (
+                            Continued {
+                                ops,
+                                outcome: Ok(s),
+                            },
+                            ctx.remaining,
+                        );
+                    }
+                    other => failure_of(other, wait),
+                }
+            }
+            other => failure_of(other, wait),
+        };
+        ops.push(Op::Failed(
+            idx,
+            AttemptFailure {
+                moving_on: !last,
+                ..failure
+            },
+        ));
+        ops.push(Op::Result(idx, "failed"));
+    }
+    let _ = ctx.role_sent;
+    (
+        Continued {
+            ops,
+            outcome: Err("no candidate left to continue the stream".into()),
+        },
+        ctx.remaining,
+    )
+}
+
+type AttemptOutcome =
+    Result<Result<(Upstreamed, Option<Bytes>), one::AttemptError>, tokio::time::error::Elapsed>;
+
+/// The failure an unsuccessful continuation attempt amounts to.
+fn failure_of(outcome: AttemptOutcome, wait: Duration) -> AttemptFailure {
+    match outcome {
+        Ok(Ok((resp, _))) => {
+            let status = resp.status();
+            AttemptFailure::new(
+                FailKind::Http,
+                Some(status.as_u16()),
+                format!("HTTP {status}"),
+            )
+        }
+        Ok(Err(e)) => AttemptFailure::new(e.kind, None, e.reason),
+        Err(_) => AttemptFailure::new(
+            FailKind::Timeout,
+            None,
+            format!("no first chunk within {}", one::secs(wait)),
+        ),
+    }
+}
+
+/// `body` as `up` gets it: its `model_map` applied.
+fn mapped(body: &Bytes, up: &Upstream, model: Option<&str>) -> Bytes {
+    match model.and_then(|m| up.mapped_model(m)) {
+        Some(to) => one::rewrite_model(body, to).unwrap_or_else(|| body.clone()),
+        None => body.clone(),
+    }
+}
+
+/// The request with the text already sent appended as an assistant message, in `dialect`.
+pub fn prefill_body(body: &[u8], text: &str, dialect: Prefill) -> Option<Bytes> {
+    let mut obj: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let mut msg = Map::new();
+    msg.insert("role".into(), Value::String("assistant".into()));
+    msg.insert("content".into(), Value::String(text.to_string()));
+    if dialect == Prefill::Deepseek {
+        msg.insert("prefix".into(), Value::Bool(true));
+    }
+    obj.get_mut("messages")?
+        .as_array_mut()?
+        .push(Value::Object(msg));
+    if dialect == Prefill::Vllm {
+        obj.insert("continue_final_message".into(), Value::Bool(true));
+        obj.insert("add_generation_prompt".into(), Value::Bool(false));
+    }
+    serde_json::to_vec(&obj).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_dialects() {
+        let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let v: Value =
+            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Message).unwrap()).unwrap();
+        assert_eq!(
+            v["messages"][1],
+            serde_json::json!({"role": "assistant", "content": "Hel"})
+        );
+        assert!(v.get("continue_final_message").is_none());
+        let v: Value =
+            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Vllm).unwrap()).unwrap();
+        assert_eq!(v["continue_final_message"], true);
+        assert_eq!(v["add_generation_prompt"], false);
+        let v: Value =
+            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Deepseek).unwrap()).unwrap();
+        assert_eq!(v["messages"][1]["prefix"], true);
+    }
+
+    #[test]
+    fn only_single_choice_chat_streams_are_resumable() {
+        let p = "/v1/chat/completions";
+        assert!(resumable_request(p, true, br#"{"messages":[]}"#));
+        assert!(resumable_request(p, true, br#"{"n":1}"#));
+        assert!(!resumable_request(p, true, br#"{"n":2}"#));
+        assert!(!resumable_request(p, false, br#"{}"#));
+        assert!(!resumable_request("/v1/completions", true, br#"{}"#));
+    }
+}
