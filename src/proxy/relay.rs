@@ -216,8 +216,7 @@ impl<S> RelayBody<S> {
     fn end(&mut self, end: BodyEnd) {
         self.done = true;
         if let (Some(ledger), Some(capture)) = (self.ledger.take(), self.capture.take()) {
-            let (response, usage) = capture.finish();
-            ledger.finish_body(end, response, usage);
+            ledger.finish_body(end, capture.finish());
         }
     }
 }
