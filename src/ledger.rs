@@ -251,7 +251,7 @@ impl Ledger {
                 status,
                 None,
                 Some(error),
-                Reply::text(Some(err.body())),
+                Reply::with_text(Some(err.body())),
                 None,
                 status < 400,
             ));
@@ -275,7 +275,7 @@ impl Ledger {
                 status.as_u16(),
                 None,
                 None,
-                Reply::text(Some(text)),
+                Reply::with_text(Some(text)),
                 Some(ttfb),
                 status.as_u16() < 400,
             ));

@@ -53,7 +53,7 @@ pub struct Reply {
 
 impl Reply {
     /// A reply the gateway knows the text of (a WebSocket handshake answer, say).
-    pub fn text(text: Option<String>) -> Reply {
+    pub fn with_text(text: Option<String>) -> Reply {
         Reply {
             text,
             ..Reply::default()

@@ -309,7 +309,7 @@ fn status_answer(
     if let Ok(v) = HeaderValue::from_str(upstream) {
         b.insert_header(("x-upstream", v));
     }
-    ledger.finish_body(BodyEnd::Complete, Reply::text(Some(body.clone())));
+    ledger.finish_body(BodyEnd::Complete, Reply::with_text(Some(body.clone())));
     b.body(body)
 }
 
