@@ -65,6 +65,9 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         user_agent: Some("OpenAI/Python 1.54.0".into()),
         client_key: Some("sk-…cdef".into()),
         body_limit: 1 << 20,
+        finish_reason: Some("stop".into()),
+        resumed: 0,
+        complete: true,
     }
 }
 

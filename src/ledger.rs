@@ -15,7 +15,7 @@ use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
 use crate::attempt::{is_failover_status, summary, FailKind, Failure};
-use crate::capture::Usage;
+use crate::capture::Reply;
 use crate::error::{GatewayError, Rejection};
 use crate::escape::untrusted;
 use crate::notify::RequestFailed;
@@ -391,13 +391,14 @@ impl Ledger {
             }
         };
         if let Some(rec) = self.state.recorder.clone() {
+            let status = resp.status().as_u16();
             rec.submit(self.into_record(
-                resp.status().as_u16(),
+                status,
                 None,
                 Some(error),
-                Some(err.body()),
-                Usage::default(),
+                Reply::with_text(Some(err.body())),
                 None,
+                status < 400,
             ));
         }
         resp
@@ -419,9 +420,9 @@ impl Ledger {
                 status.as_u16(),
                 None,
                 None,
-                Some(text),
-                Usage::default(),
+                Reply::with_text(Some(text)),
                 Some(ttfb),
+                status.as_u16() < 400,
             ));
         }
     }
@@ -434,8 +435,9 @@ impl Ledger {
         self.state.reject_gate.admit(now)
     }
 
-    /// Ends a relayed response when its body ends, breaks, or the client goes away.
-    pub fn finish_body(mut self, end: BodyEnd, response: Option<String>, usage: Usage) {
+    /// Ends a relayed response when its body ends, breaks, or the client goes away, with what
+    /// the capture read of it.
+    pub fn finish_body(mut self, end: BodyEnd, reply: Reply) {
         let Some(c) = self.committed.take() else {
             return;
         };
@@ -496,6 +498,7 @@ impl Ledger {
         if let Some(outcome) = outcome {
             state.metrics.attempt(upstream, outcome);
         }
+        let usage = reply.usage;
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
@@ -505,7 +508,10 @@ impl Ledger {
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = Some(upstream.to_string());
-            rec.submit(self.into_record(c.status, upstream, error, response, usage, Some(c.ttfb)));
+            // The whole answer reached the client: a non-error status, its body to the end, and
+            // no in-band error event inside it.
+            let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+            rec.submit(self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete));
         }
     }
 
@@ -523,16 +529,18 @@ impl Ledger {
         }
     }
 
+    /// The request's one record; `complete` says whether the client got the whole answer.
     fn into_record(
         self,
         status: u16,
         upstream: Option<String>,
         error: Option<String>,
-        response: Option<String>,
-        usage: Usage,
+        reply: Reply,
         ttfb: Option<Duration>,
+        complete: bool,
     ) -> Record {
         let info = self.info;
+        let usage = reply.usage;
         Record {
             created_at: info.created_at,
             ip: info.ip,
@@ -545,7 +553,7 @@ impl Ledger {
             attempts: self.attempts,
             error,
             request_body: info.body,
-            response,
+            response: reply.text,
             prompt_tokens: usage.prompt,
             completion_tokens: usage.completion,
             total_tokens: usage.total,
@@ -554,6 +562,9 @@ impl Ledger {
             user_agent: info.user_agent,
             client_key: info.client_key,
             body_limit: info.body_limit,
+            finish_reason: reply.finish_reason,
+            resumed: self.resumed,
+            complete,
         }
     }
 }

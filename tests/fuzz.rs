@@ -41,7 +41,7 @@ proptest! {
         let body = sse_of(&deltas);
         let mut c = Capture::new(Some("text/event-stream"), None, 0);
         feed_split(&mut c, &body, &cuts);
-        let (text, _) = c.finish();
+        let text = c.finish().text;
         prop_assert_eq!(text.unwrap(), deltas.concat());
     }
 
@@ -49,7 +49,7 @@ proptest! {
     fn capture_never_panics_on_garbage(ct in prop::sample::select(vec!["text/event-stream", "application/json", "text/plain", "image/png"]), bytes in prop::collection::vec(any::<u8>(), 0..2048), cuts in prop::collection::vec(any::<usize>(), 0..6), limit in 0usize..64) {
         let mut c = Capture::new(Some(ct), None, limit);
         feed_split(&mut c, &bytes, &cuts);
-        let (text, _) = c.finish();
+        let text = c.finish().text;
         if let (Some(t), true) = (text, limit > 0) {
             prop_assert!(t.len() <= limit * 3 + 64 || ct == "text/event-stream");
         }

@@ -108,7 +108,8 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 
 const COMPARABLE: &str =
     "ip, method, path, model, stream::int8, upstream, status::int8, attempts::int8, error, \
-    request_body, response, prompt_tokens, completion_tokens, total_tokens, user_agent, client_key";
+    request_body, response, prompt_tokens, completion_tokens, total_tokens, user_agent, client_key, \
+    finish_reason, resumed::int8, complete::int8";
 
 async fn same_traffic(gw: &Gateway) {
     let auth = format!("Bearer {TOKEN}");
@@ -184,7 +185,15 @@ async fn rows_in_postgres_match_sqlite_rows_for_the_same_traffic() {
         "total_tokens",
         "user_agent",
         "client_key",
+        "finish_reason",
+        "resumed",
+        "complete",
     ];
+    // JSON answer, stream to [DONE], answer after a failover, all failed (502), refused (401).
+    let complete: Vec<_> = lite_rows.iter().map(|r| r["complete"].clone()).collect();
+    assert_eq!(complete, [1, 1, 1, 0, 0], "{lite_rows:#?}");
+    assert_eq!(lite_rows[0]["finish_reason"], "stop");
+    assert!(lite_rows.iter().all(|r| r["resumed"] == 0));
     let (pg_rows, ty) = db.with(|c| {
         let rows = c
             .query(&format!("SELECT {COMPARABLE}, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM records ORDER BY id"), &[])
@@ -398,4 +407,80 @@ fn unreachable_postgres_at_start_is_a_clear_error_without_the_password() {
         "{err}"
     );
     assert!(!err.contains("hunter2-secret"));
+}
+
+#[actix_rt::test]
+async fn a_table_of_the_previous_version_gains_the_new_columns() {
+    let Some(admin) = admin_url() else { return };
+    let _g = lock();
+    let db = TestDb::new(&admin);
+    // The table and schema version the previous version (0.1, migration 1) left.
+    db.with(|c| {
+        c.batch_execute(
+            "CREATE TABLE openai_api_route_schema (version INTEGER NOT NULL);
+             INSERT INTO openai_api_route_schema (version) VALUES (1);
+             CREATE TABLE records (
+                id BIGSERIAL PRIMARY KEY,
+                created_at TIMESTAMPTZ NOT NULL,
+                ip TEXT,
+                method TEXT NOT NULL,
+                path TEXT NOT NULL,
+                model TEXT,
+                stream SMALLINT NOT NULL DEFAULT 0,
+                upstream TEXT,
+                status INTEGER NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                error TEXT,
+                request_body TEXT,
+                response TEXT,
+                prompt_tokens BIGINT,
+                completion_tokens BIGINT,
+                total_tokens BIGINT,
+                ttfb_ms BIGINT,
+                duration_ms BIGINT,
+                user_agent TEXT,
+                client_key TEXT
+             );
+             CREATE INDEX records_created_at ON records(created_at);
+             INSERT INTO records (created_at, method, path, status, response)
+               VALUES (now(), 'POST', '/v1/old', 200, 'old reply');",
+        )
+        .unwrap()
+    });
+    let m = Mock::always(Reply::chat("new reply"));
+    let gw = Gateway::start_with(
+        &config("", &[upstream("u", &m.endpoint(), "")]),
+        &["-database", &db.url],
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(db.wait_count(2, Duration::from_secs(10)), 2);
+    let (rows, version) = db.with(|c| {
+        let rows: Vec<(String, Option<String>, i32, i16)> = c
+            .query(
+                "SELECT response, finish_reason, resumed, complete FROM records ORDER BY id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let version: i32 = c
+            .query_one("SELECT version FROM openai_api_route_schema", &[])
+            .unwrap()
+            .get(0);
+        (rows, version)
+    });
+    assert_eq!(
+        rows,
+        [
+            ("old reply".to_string(), None, 0, 0),
+            ("new reply".to_string(), Some("stop".to_string()), 0, 1),
+        ]
+    );
+    assert_eq!(version, 2);
 }

@@ -591,3 +591,220 @@ async fn a_failing_database_write_is_counted_and_serving_goes_on() {
     )
     .is_empty()));
 }
+
+/// An SSE chat stream: one chunk per word (no `finish_reason` yet), then, when `finish` is given,
+/// a chunk with that `finish_reason`, usage and `[DONE]`.
+fn chat_stream(words: &[&str], finish: Option<&str>, gap: Duration, ending: Ending) -> Reply {
+    let mut chunks: Vec<(Duration, Vec<u8>)> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let ev = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+            (
+                if i == 0 { Duration::ZERO } else { gap },
+                format!("data: {ev}\n\n").into_bytes(),
+            )
+        })
+        .collect();
+    if let Some(reason) = finish {
+        let last =
+            serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]});
+        let usage = serde_json::json!({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}});
+        chunks.push((
+            gap,
+            format!("data: {last}\n\ndata: {usage}\n\ndata: [DONE]\n\n").into_bytes(),
+        ));
+    }
+    Reply::Chunks {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        chunks,
+        ending,
+    }
+}
+
+#[actix_rt::test]
+async fn finish_reason_complete_and_resumed_columns() {
+    use futures_util::StreamExt;
+    let m = Mock::script(|req, _| {
+        let gap = Duration::from_millis(5);
+        match req.json()["model"].as_str().unwrap_or_default() {
+            "sse" => chat_stream(&["Hel", "lo"], Some("length"), gap, Ending::Finish),
+            "broken" => chat_stream(&["Hel", "lo"], None, gap, Ending::Drop),
+            "inband" => {
+                let mut r = chat_stream(&["Hel"], None, gap, Ending::Finish);
+                if let Reply::Chunks { chunks, .. } = &mut r {
+                    chunks.push((gap, b"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n".to_vec()));
+                }
+                r
+            }
+            "slow" => chat_stream(
+                &["a"; 100],
+                Some("stop"),
+                Duration::from_millis(50),
+                Ending::Finish,
+            ),
+            "fail" => Reply::status(500),
+            _ => Reply::chat("plain answer"),
+        }
+    });
+    let gw = Gateway::start(&config(
+        "cooldown: {failures: 100, seconds: 1}",
+        &[upstream("u", &m.endpoint(), "")],
+    ));
+    let body = |model: &str, stream: bool| serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+    let got = post(&gw, "/v1/chat/completions", body("json", false)).await;
+    assert_eq!(got.status, 200);
+    let got = post(&gw, "/v1/chat/completions", body("sse", true)).await;
+    assert!(got.text().ends_with("data: [DONE]\n\n"), "{}", got.text());
+    let got = post(&gw, "/v1/chat/completions", body("broken", true)).await;
+    assert!(got.text().contains("upstream_error"), "{}", got.text());
+    let got = post(&gw, "/v1/chat/completions", body("inband", true)).await;
+    assert!(got.text().contains("overloaded"), "{}", got.text());
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", body("fail", false))
+            .await
+            .status,
+        500
+    );
+    let refused = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", "Bearer not-the-token")],
+        body("unauthorized", false).to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let auth = format!("Bearer {TOKEN}");
+    let models = send(
+        "GET",
+        &gw.url("/v1/models"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(models.status, 200);
+    // A client that leaves after two chunks of a long stream.
+    let client = awc::Client::default();
+    let mut resp = client
+        .post(gw.url("/v1/chat/completions"))
+        .insert_header(("authorization", auth.as_str()))
+        .send_body(body("slow", true).to_string())
+        .await
+        .unwrap();
+    let mut chunks = 0;
+    while chunks < 2 {
+        if let Some(Ok(_)) = resp.next().await {
+            chunks += 1;
+        }
+    }
+    drop(resp);
+    drop(client);
+
+    let rows = gw.records(8);
+    let row = |what: &str| {
+        rows.iter()
+            .find(|r| {
+                r["model"] == what || r["path"] == what || r["status"] == 401 && what == "401"
+            })
+            .unwrap_or_else(|| panic!("no row for {what}: {rows:#?}"))
+    };
+    let cols = |r: &serde_json::Value| {
+        (
+            r["finish_reason"].clone(),
+            r["complete"].as_i64(),
+            r["resumed"].as_i64(),
+        )
+    };
+    use serde_json::Value::Null;
+    assert_eq!(cols(row("json")), ("stop".into(), Some(1), Some(0)));
+    let sse = row("sse");
+    assert_eq!(cols(sse), ("length".into(), Some(1), Some(0)));
+    assert_eq!(sse["response"], "Hello");
+    let broken = row("broken");
+    assert_eq!(cols(broken), (Null, Some(0), Some(0)));
+    assert_eq!(broken["status"], 200);
+    assert_eq!(cols(row("inband")), (Null, Some(0), Some(0)));
+    let fail = row("fail");
+    assert_eq!(fail["status"], 500);
+    assert_eq!(cols(fail), (Null, Some(0), Some(0)));
+    assert_eq!(cols(row("401")), (Null, Some(0), Some(0)));
+    assert_eq!(cols(row("/v1/models")), (Null, Some(1), Some(0)));
+    let gone = row("slow");
+    assert_eq!(gone["status"], 200);
+    assert_eq!(cols(gone), (Null, Some(0), Some(0)));
+}
+
+/// The `records` table as the previous version (0.1: migrations 1 and 2) made it.
+const SCHEMA_0_1: &str = "CREATE TABLE records (
+        id INTEGER PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        ip TEXT,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        model TEXT,
+        stream INTEGER NOT NULL DEFAULT 0,
+        upstream TEXT,
+        status INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        request_body TEXT,
+        response TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        ttfb_ms INTEGER,
+        duration_ms INTEGER,
+        user_agent TEXT,
+        client_key TEXT
+    );
+    CREATE INDEX records_created_at ON records(created_at);
+    CREATE TABLE records_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    PRAGMA user_version = 2;";
+
+#[actix_rt::test]
+async fn a_database_of_the_previous_version_gains_the_new_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(SCHEMA_0_1).unwrap();
+        c.execute(
+            "INSERT INTO records (created_at, method, path, status, response) VALUES ('2026-01-01T00:00:00.000Z', 'POST', '/v1/old', 200, 'old reply')",
+            [],
+        )
+        .unwrap();
+    }
+    let m = Mock::always(Reply::chat("new reply"));
+    let db_arg = db.display().to_string();
+    let gw = Gateway::start_with(
+        &config("", &[upstream("u", &m.endpoint(), "")]),
+        &["-database", &db_arg],
+    );
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+    assert!(eventually(Duration::from_secs(5), || read_rows(&db).len() == 2));
+    let rows = read_rows(&db);
+    let old = &rows[0];
+    assert_eq!(old["response"], "old reply");
+    // Old rows: no finish reason, no continuation, and not claimed complete.
+    assert_eq!(
+        (&old["finish_reason"], &old["resumed"], &old["complete"]),
+        (&serde_json::Value::Null, &0.into(), &0.into())
+    );
+    let new = &rows[1];
+    assert_eq!(new["response"], "new reply");
+    assert_eq!(
+        (&new["finish_reason"], &new["resumed"], &new["complete"]),
+        (&"stop".into(), &0.into(), &1.into())
+    );
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+}

@@ -111,6 +111,9 @@ async fn a_stream_cut_mid_answer_is_continued_by_prefill() {
     assert_eq!(rows[0]["response"], "Hello world!");
     assert_eq!(rows[0]["attempts"], 2);
     assert!(rows[0]["error"].as_str().unwrap().starts_with("a: "));
+    assert_eq!(rows[0]["resumed"], 1);
+    assert_eq!(rows[0]["complete"], 1);
+    assert_eq!(rows[0]["finish_reason"], "stop");
 }
 
 #[actix_rt::test]
@@ -147,4 +150,7 @@ async fn regeneration_relays_only_what_follows_and_refuses_a_divergent_one() {
     assert_eq!(text, "Hello");
     assert!(!done);
     assert!(got.text().contains("upstream_error"), "{}", got.text());
+    let rows = gw.records(1);
+    assert_eq!(rows[0]["complete"], 0);
+    assert_eq!(rows[0]["resumed"], 1);
 }

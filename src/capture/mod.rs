@@ -10,7 +10,7 @@ use actix_web::web::Bytes;
 
 mod openai;
 
-use self::openai::{has_usage_object, tail_usage, Event, Whole};
+use self::openai::{has_usage_object, tail_finish_reason, tail_usage, Event, Whole};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
@@ -22,6 +22,8 @@ pub const SLACK: usize = 64 << 10;
 pub const UNLIMITED_CAPTURE: usize = 8 << 20;
 /// The end of a JSON reply or SSE line kept to find `usage` when the rest could not be kept.
 const USAGE_TAIL: usize = 4096;
+/// Longest `finish_reason` kept (the known ones are a few bytes; an upstream's is untrusted).
+const MAX_FINISH_REASON: usize = 64;
 
 /// Token counts from `usage`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,31 @@ pub struct Usage {
     pub completion: Option<i64>,
     /// Total tokens.
     pub total: Option<i64>,
+}
+
+/// What a finished capture gives the record (SPEC §5 `response`, token columns,
+/// `finish_reason`, and what `complete` needs to know of the body itself).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply text; None for binary bodies and when only the usage was read.
+    pub text: Option<String>,
+    /// The token usage found.
+    pub usage: Usage,
+    /// The last non-null `finish_reason` seen (bounded), read only when the text is kept.
+    pub finish_reason: Option<String>,
+    /// An SSE error event (a top-level `error`, or a Responses API `error`/`response.failed`)
+    /// came through: the client did not get the whole answer. Read only when the text is kept.
+    pub error_event: bool,
+}
+
+impl Reply {
+    /// A reply the gateway knows the text of (a WebSocket handshake answer, say).
+    pub fn with_text(text: Option<String>) -> Reply {
+        Reply {
+            text,
+            ..Reply::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +90,10 @@ pub struct Capture {
     tail: Vec<u8>,
     truncated: bool,
     usage: Usage,
+    /// SSE: the last non-null `choices[*].finish_reason` so far.
+    finish_reason: Option<String>,
+    /// SSE: an error event was seen.
+    error_event: bool,
 }
 
 impl Capture {
@@ -104,6 +135,8 @@ impl Capture {
             tail: Vec::new(),
             truncated: false,
             usage: Usage::default(),
+            finish_reason: None,
+            error_event: false,
         }
     }
 
@@ -153,9 +186,7 @@ impl Capture {
                         push_tail(&mut self.line, &rest[..nl]);
                         let line = std::mem::take(&mut self.line);
                         self.line_overflow = false;
-                        if let Some(u) = tail_usage(&line) {
-                            self.usage = u;
-                        }
+                        self.overflowed_line(&line);
                     } else if self.line.is_empty() {
                         self.sse_line(&rest[..nl]);
                     } else {
@@ -235,29 +266,56 @@ impl Capture {
         {
             self.usage = u.to_usage();
         }
+        if ev.error.is_some() || matches!(ev.kind.as_deref(), Some("error" | "response.failed")) {
+            self.error_event = true;
+        }
+        let mut first = None;
+        for (i, c) in ev.choices.into_iter().enumerate() {
+            if let Some(r) = &c.finish_reason {
+                self.saw_finish_reason(r);
+            }
+            if i == 0 {
+                first = c.delta.and_then(|d| d.content).or(c.text);
+            }
+        }
         let text = match ev.kind.as_deref() {
             Some("response.output_text.delta") => ev.delta,
             Some(_) => None,
-            None => ev
-                .choices
-                .into_iter()
-                .next()
-                .and_then(|c| c.delta.and_then(|d| d.content).or(c.text)),
+            None => first,
         };
         if let Some(t) = text {
             self.keep(t.as_bytes());
         }
     }
 
-    /// The reply text (None for binary bodies) and the usage found.
-    pub fn finish(mut self) -> (Option<String>, Usage) {
+    /// The end of an SSE line too long to keep: still read for `usage` and `finish_reason`.
+    fn overflowed_line(&mut self, tail: &[u8]) {
+        if let Some(u) = tail_usage(tail) {
+            self.usage = u;
+        }
+        if self.keep_text {
+            if let Some(r) = tail_finish_reason(tail) {
+                self.saw_finish_reason(&r);
+            }
+        }
+    }
+
+    /// Keeps `reason` (bounded) as the last finish reason; allocates only when it changes.
+    fn saw_finish_reason(&mut self, reason: &str) {
+        let reason = bounded(reason, MAX_FINISH_REASON);
+        if self.finish_reason.as_deref() != Some(reason) {
+            self.finish_reason = Some(reason.to_owned());
+        }
+    }
+
+    /// What the record keeps of the reply: its text (None for binary bodies), the usage found,
+    /// the last `finish_reason`, and whether an SSE error event came through.
+    pub fn finish(mut self) -> Reply {
         if self.kind == Kind::Sse && !self.line.is_empty() {
             // The stream ended without a final newline: the last line still counts.
             let line = std::mem::take(&mut self.line);
             if self.line_overflow {
-                if let Some(u) = tail_usage(&line) {
-                    self.usage = u;
-                }
+                self.overflowed_line(&line);
             } else {
                 self.sse_line(&line);
             }
@@ -270,16 +328,28 @@ impl Capture {
                     self.usage = u;
                 }
             }
-            return (None, self.usage);
+            return Reply {
+                usage: self.usage,
+                ..Reply::default()
+            };
         }
         let mut usage = self.usage;
+        let mut finish_reason = self.finish_reason.take();
         let mut text = match self.kind {
-            Kind::Binary => return (None, usage),
+            Kind::Binary => {
+                return Reply {
+                    usage,
+                    ..Reply::default()
+                }
+            }
             Kind::Json if !self.truncated => match serde_json::from_slice::<Whole>(body) {
-                Ok(w) => {
+                Ok(mut w) => {
                     if let Some(u) = &w.usage {
                         usage = u.to_usage();
                     }
+                    finish_reason = w
+                        .finish_reason()
+                        .map(|r| bounded(&r, MAX_FINISH_REASON).to_owned());
                     w.into_reply().unwrap_or_else(|| lossy(body))
                 }
                 Err(_) => lossy(body),
@@ -287,18 +357,38 @@ impl Capture {
             _ => lossy(body),
         };
         if self.truncated && self.kind == Kind::Json {
-            // The text was cut, but its `usage` (at the end) still counts (SPEC 4d).
+            // The text was cut, but its `usage` (at the end) still counts (SPEC 4d), and so
+            // does the `finish_reason` before it.
             let mut end = body[body.len().saturating_sub(USAGE_TAIL)..].to_vec();
             end.extend_from_slice(&self.tail);
             if let Some(u) = tail_usage(&end) {
                 usage = u;
             }
+            finish_reason =
+                tail_finish_reason(&end).map(|r| bounded(&r, MAX_FINISH_REASON).to_owned());
         }
         if self.truncated {
             text.push_str(TRUNCATED);
         }
-        (Some(text), usage)
+        Reply {
+            text: Some(text),
+            usage,
+            finish_reason,
+            error_event: self.error_event,
+        }
     }
+}
+
+/// `text` cut at `max` bytes on a char boundary.
+fn bounded(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Keeps the last [`USAGE_TAIL`] bytes of what passes through `buf` (up to twice that held).
@@ -324,6 +414,13 @@ mod tests {
     use super::openai::has_usage_object;
     use super::*;
 
+    impl Reply {
+        /// The text and usage, as most tests compare them.
+        fn parts(self) -> (Option<String>, Usage) {
+            (self.text, self.usage)
+        }
+    }
+
     #[test]
     fn sse_chat_split_anywhere() {
         let body = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo ✓\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\ndata: [DONE]\n\n";
@@ -332,7 +429,7 @@ mod tests {
             let (a, b) = body.as_bytes().split_at(split);
             c.feed(a);
             c.feed(b);
-            let (text, usage) = c.finish();
+            let (text, usage) = c.finish().parts();
             assert_eq!(text.as_deref(), Some("Hello ✓"), "split at {split}");
             assert_eq!(usage.total, Some(5));
         }
@@ -343,7 +440,7 @@ mod tests {
         let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.feed(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n");
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
-        let (t, u) = c.finish();
+        let (t, u) = c.finish().parts();
         assert_eq!(t.as_deref(), Some("Hi"));
         assert_eq!(
             (u.prompt, u.completion, u.total),
@@ -352,24 +449,24 @@ mod tests {
 
         let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"Yo"}]}]}"#);
-        assert_eq!(c.finish().0.as_deref(), Some("Yo"));
+        assert_eq!(c.finish().parts().0.as_deref(), Some("Yo"));
     }
 
     #[test]
     fn json_chat_completion_and_other() {
         let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"choices":[{"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#);
-        let (t, u) = c.finish();
+        let (t, u) = c.finish().parts();
         assert_eq!(t.as_deref(), Some("ok"));
         assert_eq!(u.total, Some(2));
         let mut c = Capture::new(Some("application/json"), None, 0);
         c.feed(br#"{"data":[{"embedding":[0.1]}]}"#);
         assert_eq!(
-            c.finish().0.as_deref(),
+            c.finish().parts().0.as_deref(),
             Some(r#"{"data":[{"embedding":[0.1]}]}"#)
         );
         let c = Capture::new(Some("audio/mpeg"), None, 0);
-        assert_eq!(c.finish().0, None);
+        assert_eq!(c.finish().parts().0, None);
     }
 
     #[test]
@@ -377,7 +474,7 @@ mod tests {
         let reply = |body: &str| {
             let mut c = Capture::new(Some("application/json"), None, 0);
             c.feed(body.as_bytes());
-            c.finish().0
+            c.finish().parts().0
         };
         let chat = |content: &str| {
             reply(&format!(
@@ -431,8 +528,8 @@ mod tests {
                             copied.feed(part);
                         }
                         assert_eq!(
-                            shared.finish(),
-                            copied.finish(),
+                            shared.finish().parts(),
+                            copied.finish().parts(),
                             "{ct} limit {limit} split {split}"
                         );
                     }
@@ -446,7 +543,7 @@ mod tests {
         let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
         c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"choices\":[],\"usa");
         c.feed(b"ge\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
-        let (t, u) = c.finish();
+        let (t, u) = c.finish().parts();
         assert_eq!(t, None);
         assert_eq!(
             (u.prompt, u.completion, u.total),
@@ -459,7 +556,7 @@ mod tests {
         c.feed(
             b"data: {\"choices\":[],\"usage\" : {\"prompt_tokens\":6,\"completion_tokens\":1}}\n\n",
         );
-        assert_eq!(c.finish().1.total, Some(7));
+        assert_eq!(c.finish().parts().1.total, Some(7));
         assert!(!has_usage_object(br#"{"usage":null,"x":1}"#));
         assert!(has_usage_object(
             br#"{"usage":null,"response":{"usage":{"input_tokens":1}}}"#
@@ -468,12 +565,12 @@ mod tests {
 
         let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
-        assert_eq!(c.finish().1.total, Some(5));
+        assert_eq!(c.finish().parts().1.total, Some(5));
 
         let mut c = Capture::usage_only(Some("application/json"), None, 0);
         c.feed(br#"{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#);
         assert_eq!(
-            c.finish(),
+            c.finish().parts(),
             (
                 None,
                 Usage {
@@ -486,7 +583,7 @@ mod tests {
 
         let mut c = Capture::usage_only(Some("text/plain"), None, 0);
         c.feed(b"usage");
-        assert_eq!(c.finish(), (None, Usage::default()));
+        assert_eq!(c.finish().parts(), (None, Usage::default()));
 
         // A large JSON body: only its tail is kept, fed in uneven pieces.
         let mut body = String::from(r#"{"object":"list","data":["#);
@@ -502,7 +599,7 @@ mod tests {
                 c.feed(chunk);
             }
             assert!(c.text.len() <= 8192, "kept {} bytes", c.text.len());
-            let (t, u) = c.finish();
+            let (t, u) = c.finish().parts();
             assert_eq!(t, None);
             assert_eq!(
                 (u.prompt, u.completion, u.total),
@@ -514,7 +611,7 @@ mod tests {
         c.feed(
             br#"{"choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\": 99}"}}]}"#,
         );
-        assert_eq!(c.finish(), (None, Usage::default()));
+        assert_eq!(c.finish().parts(), (None, Usage::default()));
     }
 
     #[test]
@@ -531,7 +628,7 @@ mod tests {
                 c.feed(part);
             }
             assert!(c.text.capacity() <= 100, "text grew past the limit");
-            let (reply, usage) = c.finish();
+            let (reply, usage) = c.finish().parts();
             assert!(reply.unwrap().ends_with(TRUNCATED));
             assert_eq!(usage.total, Some(33), "split {split}");
         }
@@ -551,7 +648,7 @@ mod tests {
             b"\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n",
         );
         c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\" there\"}}]}\n\n");
-        let (text, usage) = c.finish();
+        let (text, usage) = c.finish().parts();
         assert_eq!(text.as_deref(), Some("hi there"));
         assert_eq!(usage.total, Some(3));
     }
@@ -560,13 +657,86 @@ mod tests {
     fn limits_and_markers() {
         let mut c = Capture::new(Some("text/plain"), None, 4);
         c.feed(b"abcdef");
-        assert_eq!(c.finish().0.unwrap(), format!("abcd{TRUNCATED}"));
+        assert_eq!(c.finish().parts().0.unwrap(), format!("abcd{TRUNCATED}"));
     }
 
     #[test]
     fn malformed_events_are_skipped() {
         let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.feed(b"data: {not json\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n: comment\n\n");
-        assert_eq!(c.finish().0.as_deref(), Some("x"));
+        assert_eq!(c.finish().parts().0.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn finish_reason_of_json_and_sse_replies() {
+        let json = |body: &str, limit: usize| {
+            let mut c = Capture::new(Some("application/json"), None, limit);
+            c.feed(body.as_bytes());
+            c.finish()
+        };
+        let chat = r#"{"choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#;
+        assert_eq!(json(chat, 0).finish_reason.as_deref(), Some("stop"));
+        // Cut at the record limit: read from the tail, like the usage.
+        let long = format!(
+            r#"{{"choices":[{{"message":{{"content":"{}"}},"finish_reason":"length"}}]}}"#,
+            "w".repeat(10_000)
+        );
+        let r = json(&long, 100);
+        assert!(r.text.unwrap().ends_with(TRUNCATED));
+        assert_eq!(r.finish_reason.as_deref(), Some("length"));
+        assert_eq!(
+            json(
+                r#"{"choices":[{"message":{"content":"x"},"finish_reason":null}]}"#,
+                0
+            )
+            .finish_reason,
+            None
+        );
+        // A key-like text inside a string is not a key.
+        let inner = r#"{"choices":[{"message":{"content":"\"finish_reason\": \"fake\""}}]}"#;
+        assert_eq!(json(inner, 10).finish_reason, None);
+        // An untrusted value is bounded.
+        let huge = format!(
+            r#"{{"choices":[{{"message":{{"content":"x"}},"finish_reason":"{}"}}]}}"#,
+            "é".repeat(100)
+        );
+        assert_eq!(
+            json(&huge, 0).finish_reason.unwrap().len(),
+            MAX_FINISH_REASON
+        );
+
+        let stream =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n\
+            data: {\"choices\":[{\"index\":1,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n\
+            data: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"finish_reason\":\"stop\"}]}\n\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n\
+            data: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut c = Capture::new(Some("text/event-stream"), None, 0);
+            let (a, b) = stream.as_bytes().split_at(split);
+            c.feed(a);
+            c.feed(b);
+            let r = c.finish();
+            assert_eq!(r.text.as_deref(), Some("ab"));
+            assert_eq!(r.finish_reason.as_deref(), Some("stop"), "split {split}");
+            assert!(!r.error_event);
+        }
+    }
+
+    #[test]
+    fn sse_error_events_are_noticed() {
+        for event in [
+            "data: {\"error\":{\"message\":\"boom\",\"type\":\"upstream_error\"}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"message\":\"boom\"}\n\n",
+            "data: {\"type\":\"response.failed\",\"response\":{}}\n\n",
+        ] {
+            let mut c = Capture::new(Some("text/event-stream"), None, 0);
+            c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
+            c.feed(event.as_bytes());
+            assert!(c.finish().error_event, "{event}");
+        }
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
+        c.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"error\":null}\n\n");
+        assert!(!c.finish().error_event);
     }
 }

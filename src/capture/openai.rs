@@ -45,6 +45,9 @@ pub(super) struct Event<'a> {
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
     pub(super) response: Option<ResponseUsage>,
+    /// A top-level `error` (an in-band error event): the answer did not reach its end.
+    #[serde(default)]
+    pub(super) error: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +62,8 @@ pub(super) struct StreamChoice<'a> {
     pub(super) delta: Option<Delta<'a>>,
     #[serde(borrow, default)]
     pub(super) text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(super) finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -67,14 +72,19 @@ pub(super) struct Delta<'a> {
     pub(super) content: Option<Cow<'a, str>>,
 }
 
-/// The JSON text after each `"usage":` key (whitespace skipped). Inside a JSON string a quote is
-/// always escaped, so `"usage"` followed by a colon can only be a key.
+/// The JSON text after each `"usage":` key (whitespace skipped).
 pub(super) fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
-    const KEY: &[u8] = b"\"usage\"";
+    key_values(json, b"\"usage\"")
+}
+
+/// The JSON text after each occurrence of the quoted `key` followed by a colon (whitespace
+/// skipped). Inside a JSON string a quote is always escaped, so a quoted key followed by a colon
+/// can only be a key.
+fn key_values<'a>(json: &'a [u8], key: &'static [u8]) -> impl Iterator<Item = &'a [u8]> {
     let mut rest = json;
     std::iter::from_fn(move || loop {
-        let at = rest.windows(KEY.len()).position(|w| w == KEY)?;
-        rest = &rest[at + KEY.len()..];
+        let at = rest.windows(key.len()).position(|w| w == key)?;
+        rest = &rest[at + key.len()..];
         if let Some(value) = rest.trim_ascii_start().strip_prefix(b":") {
             return Some(value.trim_ascii_start());
         }
@@ -85,6 +95,15 @@ pub(super) fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
 pub(super) fn has_usage_object(data: &[u8]) -> bool {
     usage_values(data).any(|v| !v.starts_with(b"null"))
+}
+
+/// The last non-null `"finish_reason": "…"` in a JSON text (the tail of a reply cut at the
+/// record limit, where the whole could not be parsed).
+pub(super) fn tail_finish_reason(tail: &[u8]) -> Option<String> {
+    key_values(tail, b"\"finish_reason\"")
+        .filter(|v| v.starts_with(b"\""))
+        .filter_map(|v| String::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
+        .last()
 }
 
 /// The last `"usage": {…}` object in a JSON text.
@@ -114,6 +133,8 @@ pub(super) struct WholeChoice {
     pub(super) message: Option<Message>,
     #[serde(default)]
     pub(super) text: Option<String>,
+    #[serde(default)]
+    pub(super) finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +248,14 @@ impl<'de> serde::de::Visitor<'de> for TextOf {
 }
 
 impl Whole<'_> {
+    /// The last non-null `finish_reason` of the choices (`choices[0]`'s for one choice).
+    pub(super) fn finish_reason(&mut self) -> Option<String> {
+        self.choices
+            .iter_mut()
+            .rev()
+            .find_map(|c| c.finish_reason.take())
+    }
+
     pub(super) fn into_reply(self) -> Option<String> {
         if let Some(c) = self.choices.into_iter().next() {
             if let Some(m) = c.message {

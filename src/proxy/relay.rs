@@ -445,8 +445,7 @@ impl RelayBody {
     fn end(&mut self, end: BodyEnd) {
         self.done = true;
         if let (Some(ledger), Some(capture)) = (self.ledger.take(), self.capture.take()) {
-            let (response, usage) = capture.finish();
-            ledger.finish_body(end, response, usage);
+            ledger.finish_body(end, capture.finish());
         }
     }
 }

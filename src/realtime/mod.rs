@@ -33,7 +33,7 @@ pub use self::query::{query_model, rewrite_query_model};
 use self::session::{relay, ClientBody, Live};
 
 use crate::attempt::{is_failover_status, FailKind};
-use crate::capture::Usage;
+use crate::capture::Reply;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
@@ -316,7 +316,7 @@ fn status_answer(
     if let Ok(v) = HeaderValue::from_str(upstream) {
         b.insert_header(("x-upstream", v));
     }
-    ledger.finish_body(BodyEnd::Complete, Some(body.clone()), Usage::default());
+    ledger.finish_body(BodyEnd::Complete, Reply::with_text(Some(body.clone())));
     b.body(body)
 }
 

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
 use super::{Opened, Socket, CLOSE_WAIT, MAX_FRAME_BYTES};
-use crate::capture::Usage;
+use crate::capture::Reply;
 use crate::escape::untrusted;
 use crate::ledger::{BodyEnd, Ledger};
 use crate::state::AppState;
@@ -395,7 +395,7 @@ pub(super) async fn relay(
         Some(why) => BodyEnd::Noted(why),
         None => BodyEnd::Complete,
     };
-    ledger.finish_body(end, None, Usage::default());
+    ledger.finish_body(end, Reply::default());
     drop(client_sink);
     drop(to_client);
 }

@@ -77,14 +77,20 @@ pub struct Record {
     pub client_key: Option<String>,
     /// `record_body_bytes` at the time of the request.
     pub body_limit: usize,
+    /// The last `finish_reason` of the reply (JSON or SSE), bounded by the capture.
+    pub finish_reason: Option<String>,
+    /// Continuations of a broken stream (4a `resume`).
+    pub resumed: u32,
+    /// Whether the client received the whole answer.
+    pub complete: bool,
 }
 
 /// The insert's column list, in the order both backends bind values.
 const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstream, status, \
      attempts, error, request_body, response, prompt_tokens, completion_tokens, total_tokens, \
-     ttfb_ms, duration_ms, user_agent, client_key";
+     ttfb_ms, duration_ms, user_agent, client_key, finish_reason, resumed, complete";
 /// Number of columns in [`INSERT_COLUMNS`].
-const COLUMN_COUNT: usize = 19;
+const COLUMN_COUNT: usize = 22;
 
 impl Record {
     /// The `request_body` column: text cut at the record limit, binary described.

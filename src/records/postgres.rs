@@ -44,6 +44,12 @@ const MIGRATIONS: &[&str] = &[
         client_key TEXT
     );
     CREATE INDEX IF NOT EXISTS records_created_at ON records(created_at);",
+    // 2: the version-0.2 columns. Rows written before have `resumed` 0 and `complete` 0: whether
+    // their client got the whole answer was not recorded, so they are not claimed complete.
+    "ALTER TABLE records
+        ADD COLUMN IF NOT EXISTS finish_reason TEXT,
+        ADD COLUMN IF NOT EXISTS resumed INTEGER NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS complete SMALLINT NOT NULL DEFAULT 0;",
 ];
 
 /// Connects, migrates under the advisory lock, and checks that inserts are allowed.
@@ -133,6 +139,9 @@ const COLUMN_TYPES: [Type; COLUMNS] = [
     Type::INT8,
     Type::TEXT,
     Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT2,
 ];
 
 /// Writes a batch in one transaction with a binary `COPY`: no SQL text to build or parse and no
@@ -169,6 +178,9 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &(r.duration_ms as i64),
             &clean_opt(&r.user_agent),
             &r.client_key.as_deref(),
+            &clean_opt(&r.finish_reason),
+            &(r.resumed.min(i32::MAX as u32) as i32),
+            &i16::from(r.complete),
         ];
         writer.write(&values).map_err(StoreError::from_pg)?;
     }

@@ -43,6 +43,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS records_created_at ON records(created_at);",
     // 2: where retention leaves the next id when it removed the highest one.
     "CREATE TABLE IF NOT EXISTS records_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    // 3: the version-0.2 columns. Rows written before have `resumed` 0 and `complete` 0: whether
+    // their client got the whole answer was not recorded, so they are not claimed complete.
+    "ALTER TABLE records ADD COLUMN finish_reason TEXT;
+    ALTER TABLE records ADD COLUMN resumed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN complete INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The `records_meta` key holding the smallest id the next record may take.
@@ -219,6 +224,9 @@ fn bind_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Record) -> rusqlite::R
         &(r.duration_ms as i64),
         &r.user_agent,
         &r.client_key,
+        &r.finish_reason,
+        &r.resumed,
+        &r.complete,
     ];
     for (i, v) in values.into_iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v)?;
