@@ -76,7 +76,15 @@ async fn a_stream_cut_mid_answer_is_continued_by_prefill() {
         let body = seen.json();
         let last = body["messages"].as_array().and_then(|m| m.last()).cloned();
         if last.as_ref().map(|m| m["role"] == "assistant") == Some(true) {
-            sse(chat_events(&[" wor", "ld!"], true), Ending::Finish)
+            // The gateway asked for usage (force_usage): a usage-only chunk before [DONE].
+            assert_eq!(body["stream_options"]["include_usage"], true);
+            let mut events = chat_events(&[" wor", "ld!"], true);
+            let usage = serde_json::json!({"id": "c2", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}});
+            events.insert(
+                events.len() - 1,
+                (Duration::ZERO, format!("data: {usage}\n\n").into_bytes()),
+            );
+            sse(events, Ending::Finish)
         } else {
             sse(chat_events(&["Something else"], true), Ending::Finish)
         }
@@ -114,6 +122,12 @@ async fn a_stream_cut_mid_answer_is_continued_by_prefill() {
     assert_eq!(rows[0]["resumed"], 1);
     assert_eq!(rows[0]["complete"], 1);
     assert_eq!(rows[0]["finish_reason"], "stop");
+    assert_eq!(rows[0]["prompt_tokens"], 9);
+    assert_eq!(rows[0]["completion_tokens"], 2);
+    assert!(
+        !got.text().contains("usage"),
+        "the added usage chunk reached the client"
+    );
 }
 
 #[actix_rt::test]

@@ -36,6 +36,21 @@ pub struct Usage {
     pub total: Option<i64>,
 }
 
+impl Usage {
+    /// Both counts added (a side without a count adds nothing).
+    pub fn plus(self, other: Usage) -> Usage {
+        let add = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        Usage {
+            prompt: add(self.prompt, other.prompt),
+            completion: add(self.completion, other.completion),
+            total: add(self.total, other.total),
+        }
+    }
+}
+
 /// What a finished capture gives the record (SPEC §5 `response`, token columns,
 /// `finish_reason`, and what `complete` needs to know of the body itself).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -90,6 +105,8 @@ pub struct Capture {
     tail: Vec<u8>,
     truncated: bool,
     usage: Usage,
+    /// Usage of the earlier segments of a resumed stream (SPEC 4b: the continuation's is added).
+    earlier: Usage,
     /// SSE: the last non-null `choices[*].finish_reason` so far.
     finish_reason: Option<String>,
     /// SSE: an error event was seen.
@@ -135,9 +152,16 @@ impl Capture {
             tail: Vec::new(),
             truncated: false,
             usage: Usage::default(),
+            earlier: Usage::default(),
             finish_reason: None,
             error_event: false,
         }
+    }
+
+    /// A resumed stream goes on from another upstream (SPEC 4a): the usage read so far is kept
+    /// and the next upstream's is added to it.
+    pub fn next_segment(&mut self) {
+        self.earlier = self.earlier.plus(std::mem::take(&mut self.usage));
     }
 
     /// A capture that finds only the token usage, for `openai_api_route_tokens_total` when
@@ -310,7 +334,15 @@ impl Capture {
 
     /// What the record keeps of the reply: its text (None for binary bodies), the usage found,
     /// the last `finish_reason`, and whether an SSE error event came through.
-    pub fn finish(mut self) -> Reply {
+    pub fn finish(self) -> Reply {
+        let earlier = self.earlier;
+        let mut reply = self.finish_segment();
+        reply.usage = earlier.plus(reply.usage);
+        reply
+    }
+
+    /// The reply as the last segment alone gives it.
+    fn finish_segment(mut self) -> Reply {
         if self.kind == Kind::Sse && !self.line.is_empty() {
             // The stream ended without a final newline: the last line still counts.
             let line = std::mem::take(&mut self.line);

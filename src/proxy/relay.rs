@@ -190,6 +190,9 @@ impl RelayBody {
                             ledger.resumed_on(&view, switch.idx, switch.first_byte);
                         }
                         r.switch(&switch, remaining);
+                        if let Some(c) = self.capture.as_mut() {
+                            c.next_segment();
+                        }
                         let framing = framing_of(&switch.resp);
                         self.upstream = switch.resp;
                         self.first = switch.first;
