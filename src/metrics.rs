@@ -268,6 +268,28 @@ impl Metrics {
         self.resumes.with_label_values(&[upstream, result]).inc();
     }
 
+    /// Retries and continuations since start, for the status page: the retry total, and the
+    /// resume totals by result (`ok`, `rejected`, `diverged`, `failed`).
+    pub fn rescue_totals(&self) -> (u64, [u64; 4]) {
+        use prometheus::core::Collector;
+        let sum = |v: &IntCounterVec, label: Option<&str>| -> u64 {
+            v.collect()
+                .iter()
+                .flat_map(|mf| mf.get_metric())
+                .filter(|m| {
+                    label.is_none_or(|want| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.name() == "result" && l.value() == want)
+                    })
+                })
+                .map(|m| m.get_counter().get_value() as u64)
+                .sum()
+        };
+        let results = ["ok", "rejected", "diverged", "failed"].map(|r| sum(&self.resumes, Some(r)));
+        (sum(&self.retries, None), results)
+    }
+
     /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.
     pub fn rejected(&self, reason: crate::error::Rejection) {
         self.rejected.with_label_values(&[reason.label()]).inc();

@@ -239,6 +239,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         None => "recording off".to_string(),
     };
     let uptime = dur(state.started.elapsed());
+    let rescue = state.metrics.rescue_totals();
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -253,6 +254,8 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
 <div><span>Client auth</span><b>{auth}</b></div>\
 <div><span>Policy</span><b>{policy}</b></div>\
 <div><span>Records</span><b>{recording}</b></div>\
+<div title=\"Extra attempts on the same upstream after a retryable failure (retries)\"><span>Same-upstream retries</span><b>{retries}</b></div>\
+<div title=\"Broken chat streams continued on the next upstream (resume): finished, prefill refused then regenerated, regeneration diverged, could not continue\"><span>Stream resumes</span><b>{resumes}</b></div>\
 </section>\
 <h2>Upstreams, in configured order</h2>\
 <div class=\"wide\"><table class=\"upstreams\"><thead><tr><th>#</th><th>Name</th><th>Endpoint</th><th>State</th>\
@@ -267,6 +270,11 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         listen = esc(&state.listen),
         auth = if cfg.noauth { "off (-noauth)" } else { "on" },
         policy = esc(cfg.lb_policy.as_str()),
+        retries = rescue.0,
+        resumes = format!(
+            "{} finished · {} prefill refused · {} diverged · {} failed",
+            rescue.1[0], rescue.1[1], rescue.1[2], rescue.1[3]
+        ),
         cf = cfg.cooldown_failures,
         cs = secs(cfg.cooldown),
     )
