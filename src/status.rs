@@ -240,6 +240,10 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
     };
     let uptime = dur(state.started.elapsed());
     let rescue = state.metrics.rescue_totals();
+    let resumes = format!(
+        "{} finished · {} prefill refused · {} diverged · {} failed",
+        rescue.1[0], rescue.1[1], rescue.1[2], rescue.1[3]
+    );
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -271,10 +275,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         auth = if cfg.noauth { "off (-noauth)" } else { "on" },
         policy = esc(cfg.lb_policy.as_str()),
         retries = rescue.0,
-        resumes = format!(
-            "{} finished · {} prefill refused · {} diverged · {} failed",
-            rescue.1[0], rescue.1[1], rescue.1[2], rescue.1[3]
-        ),
+        resumes = resumes,
         cf = cfg.cooldown_failures,
         cs = secs(cfg.cooldown),
     )
