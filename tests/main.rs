@@ -14,5 +14,6 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod rescue;
 mod sdk;
 mod streaming;
