@@ -140,15 +140,16 @@ async fn last_candidate_stream_waits_for_timeout_not_stream_timeout() {
 
 #[actix_rt::test]
 async fn bad_request_is_relayed_and_never_retried() {
+    // A code outside `failover_codes` (whose default, context_length_exceeded, fails over: 4a).
     let bad = Mock::always(Reply::json(
         400,
-        serde_json::json!({"error": {"message": "context_length_exceeded", "code": "context_length_exceeded"}}),
+        serde_json::json!({"error": {"message": "bad value", "code": "invalid_value"}}),
     ));
     let good = Mock::always(Reply::chat("should not be used"));
     let gw = two(&bad.endpoint(), &good.endpoint(), "");
     let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
     assert_eq!(got.status, 400);
-    assert_eq!(got.json()["error"]["code"], "context_length_exceeded");
+    assert_eq!(got.json()["error"]["code"], "invalid_value");
     assert_eq!(got.header("x-upstream"), Some("first"));
     assert_eq!(got.header("x-upstream-attempts"), Some("1"));
     assert_eq!(good.hits(), 0);

@@ -497,6 +497,39 @@ async fn retry_after_longer_than_retry_after_max_moves_on_at_once() {
         "did not move on at once: {:?}",
         t.elapsed()
     );
+    // It still puts `first` in cooldown for 10 s: the next request starts with `second`.
+    let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(got.header("x-upstream"), Some("second"));
+    assert_eq!(got.header("x-upstream-attempts"), Some("1"));
+    assert_eq!(first.hits(), 1);
+}
+
+#[actix_rt::test]
+async fn per_upstream_retries_override_the_global_value() {
+    let first = Mock::script(|_, n| {
+        if n % 2 == 0 {
+            Reply::status(500)
+        } else {
+            Reply::chat("first")
+        }
+    });
+    let second = Mock::always(Reply::chat("second"));
+    let gw = start(
+        QUIET,
+        &[up("first", &first, "retries: 1"), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(got.header("x-upstream"), Some("first"), "{}", got.text());
+    assert_eq!(got.header("x-upstream-attempts"), Some("2"));
+    // And the other way round: global retries, none on this upstream.
+    let first = Mock::always(Reply::status(500));
+    let gw = start(
+        &format!("{QUIET}retries: 2"),
+        &[up("first", &first, "retries: 0"), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(got.header("x-upstream"), Some("second"));
+    assert_eq!(first.hits(), 1);
 }
 
 #[actix_rt::test]
@@ -709,6 +742,36 @@ async fn a_client_that_leaves_during_a_retry_wait_cancels_it() {
         "the retry was sent after the client had left"
     );
     assert_eq!(second.hits(), 0, "the next upstream was asked for nobody");
+
+    // The same during a backoff: 500s with backoffs of 250 ms, 500 ms, 1 s …
+    let (flaky, times) = timed(|_, _| Reply::status(500));
+    let second = Mock::always(Reply::Hang);
+    let gw = start(
+        &format!("{QUIET}retries: 5"),
+        &[up("flaky", &flaky, ""), up("second", &second, "")],
+    );
+    let client = awc::Client::builder()
+        .timeout(Duration::from_millis(450))
+        .finish();
+    let sent = client
+        .post(gw.url("/v1/chat/completions"))
+        .insert_header(("authorization", format!("Bearer {TOKEN}")))
+        .insert_header(("content-type", "application/json"))
+        .send_body(chat_body(false).to_string())
+        .await;
+    assert!(sent.is_err(), "the gateway answered during the backoffs");
+    let left = Instant::now();
+    drop(client);
+    actix_rt::time::sleep(Duration::from_millis(2000)).await;
+    let late = times
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t > left + Duration::from_millis(100))
+        .count();
+    assert_eq!(late, 0, "retries went on after the client had left");
+    assert!(flaky.hits() >= 2, "the first backoff was not waited out");
+    assert_eq!(second.hits(), 0);
 }
 
 #[actix_rt::test]
@@ -1100,6 +1163,7 @@ async fn a_break_right_after_the_role_chunk_sends_the_original_request() {
     assert_eq!(got.status, 200);
     assert_eq!(content(&body), "Hello, world!", "{body}");
     assert!(ends_with_done(&body), "{body}");
+    assert_eq!(body.matches("\"role\"").count(), 1, "{body}");
     assert_eq!(
         second.seen()[0].json()["messages"],
         json!([{"role": "user", "content": "hi"}]),
@@ -1444,6 +1508,26 @@ async fn not_resumed_tool_calls_n_logprobs_completions_last_candidate() {
     let rows = gw.records(1);
     assert_eq!(rows[0]["complete"], 0, "{:?}", rows[0]);
     assert_eq!(rows[0]["resumed"], 0, "{:?}", rows[0]);
+}
+
+#[actix_rt::test]
+async fn a_stream_whose_text_outgrew_the_capture_is_not_resumed() {
+    // record_body_bytes: 10 → the capture holds 10 B + 64 KiB; 80 000 chars of text outgrow it.
+    let long = "x".repeat(20_000);
+    let pieces = [long.as_str(); 4];
+    let first = Mock::always(broken_stream("a", &pieces, Ending::Drop));
+    let second = Mock::always(chat_stream("b", &["UNEXPECTED REQUEST"]));
+    let gw = start(
+        &format!("{QUIET}{FAST}record_body_bytes: 10"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    let text = got.text();
+    assert_eq!(content(&text).len(), 80_000);
+    assert!(ends_with_error_event(&text));
+    assert_eq!(second.hits(), 0, "resumed without knowing the whole text");
+    let rows = gw.records(1);
+    assert_eq!(rows[0]["complete"], 0, "{:?}", rows[0]["error"]);
 }
 
 // ---------------------------------------------------------------------------------------------
