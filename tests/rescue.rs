@@ -429,6 +429,31 @@ async fn retryable_failures_are_retried_on_the_same_upstream() {
 }
 
 #[actix_rt::test]
+async fn a_stream_request_is_retried_before_commit_too() {
+    let first = Mock::script(|_, n| {
+        if n == 0 {
+            Reply::status(503)
+        } else {
+            chat_stream("a", &["Hello", ", world!"])
+        }
+    });
+    let second = Mock::always(chat_stream("b", &["second"]));
+    let gw = start(
+        &format!("{QUIET}retries: 1"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-upstream"), Some("first"));
+    assert_eq!(got.header("x-upstream-attempts"), Some("2"));
+    assert_eq!(
+        got.body,
+        chat_parts("a", &["Hello", ", world!"], true).concat()
+    );
+    assert_eq!(second.hits(), 0);
+}
+
+#[actix_rt::test]
 async fn never_retried_after_a_timeout_a_refused_connection_401_403_404() {
     let mut cases: Vec<(&str, Mock)> = vec![("hang", Mock::always(Reply::Hang))];
     for status in [401u16, 403, 404] {
