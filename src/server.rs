@@ -272,6 +272,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         // actix treats SIGINT as "stop now"; SPEC §5 wants both signals to drain gracefully.
         .disable_signals()
+        // A client that closes its connection while the gateway waits (a Retry-After, a backoff,
+        // a slow upstream) ends the request there: every upstream request and wait is cancelled
+        // with it (SPEC 4a), instead of going on for nobody.
+        .h1_allow_half_closed(false)
         .listen(listener)
         .map_err(|source| StartError::Bind {
             addr: addr.clone(),

@@ -14,6 +14,7 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod rescue;
 mod resume;
 mod sdk;
 mod streaming;

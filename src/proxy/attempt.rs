@@ -87,6 +87,13 @@ impl AttemptError {
 /// Names what went wrong with a send, as an attempt failure.
 pub fn classify(e: SendRequestError) -> AttemptError {
     match e {
+        // A pooled connection the upstream closed as the request went out: closed before a
+        // complete head, not refused.
+        SendRequestError::Connect(awc::error::ConnectError::Disconnected) => AttemptError {
+            kind: FailKind::Connect,
+            reason: "connection closed before a complete response head".into(),
+            retry_same: true,
+        },
         SendRequestError::Connect(c) => {
             AttemptError::new(FailKind::Connect, format!("connect failed: {c}"))
         }
