@@ -268,34 +268,11 @@ impl Ledger {
         };
         c.broken = true;
         let (view, idx) = (c.view.clone(), c.idx);
-        let name = view
-            .config
-            .upstreams
-            .get(idx)
-            .map_or("", |u| u.name.as_str());
-        log::warn!(
-            "{} {}: upstream {name} broke mid-response: {}",
-            self.info.method,
-            untrusted(&self.info.path),
-            untrusted(&reason)
-        );
-        self.state.metrics.attempt(name, FailKind::Stream.label());
-        self.state.registry.report_for(
+        self.failed(
             &view,
             idx,
-            self.info.model.as_deref(),
-            AttemptResult::Failed {
-                kind: FailKind::Stream,
-                reason: reason.clone(),
-                cooldown: None,
-            },
+            AttemptFailure::new(FailKind::Stream, None, reason),
         );
-        self.failures.push(Failure {
-            upstream: name.to_string(),
-            kind: FailKind::Stream,
-            status: None,
-            reason,
-        });
     }
 
     /// A continuation on `view`'s upstream `idx` took over the stream (SPEC 4a resume).

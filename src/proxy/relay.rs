@@ -247,21 +247,32 @@ impl RelayBody {
                         return p;
                     }
                 }
-                Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => match self.poll_idle(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => {
-                        let deadline = self.last_data + self.idle;
-                        if deadline > Instant::now() {
-                            self.sleep.as_mut().reset(deadline);
-                            continue;
-                        }
-                        let idle = self.idle.as_secs_f64();
-                        let reason = format!("no data for {idle}s (idle_timeout)");
+                    Poll::Ready(None) => continue,
+                    Poll::Ready(Some(reason)) => {
                         if let Some(p) = self.on_break(reason) {
                             return p;
                         }
                     }
                 },
+            }
+        }
+    }
+
+    /// The idle timer: pending, re-armed (`None`: poll again), or expired with its reason. It is
+    /// re-armed lazily: only when it fires is the last chunk's time looked at.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<String>> {
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                let deadline = self.last_data + self.idle;
+                if deadline > Instant::now() {
+                    self.sleep.as_mut().reset(deadline);
+                    return Poll::Ready(None);
+                }
+                let idle = self.idle.as_secs_f64();
+                Poll::Ready(Some(format!("no data for {idle}s (idle_timeout)")))
             }
         }
     }
@@ -426,18 +437,10 @@ impl Stream for RelayBody {
                 }
                 Poll::Pending => {}
             }
-            // The timer is re-armed lazily: only when it fires do we look at the last chunk time.
-            match this.sleep.as_mut().poll(cx) {
+            match this.poll_idle(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    let deadline = this.last_data + this.idle;
-                    if deadline > Instant::now() {
-                        this.sleep.as_mut().reset(deadline);
-                        continue;
-                    }
-                    let idle = this.idle.as_secs_f64();
-                    return this.fail(format!("no data for {idle}s (idle_timeout)"));
-                }
+                Poll::Ready(None) => continue,
+                Poll::Ready(Some(reason)) => return this.fail(reason),
             }
         }
     }

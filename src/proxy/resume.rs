@@ -254,7 +254,6 @@ impl Resumer {
             usage_body: plan.usage_body.clone(),
             model: ledger.info().model.clone(),
             text: self.text.clone(),
-            role_sent: self.role_sent,
         };
         self.splitter.clear();
         self.plan = Some(plan);
@@ -293,7 +292,6 @@ struct Ctx {
     usage_body: Option<Bytes>,
     model: Option<String>,
     text: String,
-    role_sent: bool,
 }
 
 /// Finds an upstream to continue the stream: each remaining candidate in turn, with the text
@@ -336,13 +334,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
                     regenerate,
                     usage_added: add_usage,
                 };
-                return (
-                    Continued {
-                        ops,
-                        outcome: Ok(s),
-                    },
-                    ctx.remaining,
-                );
+                return switched(ops, s, ctx.remaining);
             }
             Ok(Ok((resp, _)))
                 if prefill.is_some()
@@ -380,13 +372,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
                             regenerate: true,
                             usage_added: add_usage,
                         };
-                        return (
-                            Continued {
-                                ops,
-                                outcome: Ok(s),
-                            },
-                            ctx.remaining,
-                        );
+                        return switched(ops, s, ctx.remaining);
                     }
                     other => failure_of(other, wait),
                 }
@@ -402,7 +388,6 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
         ));
         ops.push(Op::Result(idx, "failed"));
     }
-    let _ = ctx.role_sent;
     (
         Continued {
             ops,
@@ -414,6 +399,12 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
 
 type AttemptOutcome =
     Result<Result<(Upstreamed, Option<Bytes>), one::AttemptError>, tokio::time::error::Elapsed>;
+
+/// A continuation that found its upstream.
+fn switched(ops: Vec<Op>, s: Switch, remaining: VecDeque<usize>) -> (Continued, VecDeque<usize>) {
+    let outcome = Ok(s);
+    (Continued { ops, outcome }, remaining)
+}
 
 /// The failure an unsuccessful continuation attempt amounts to.
 fn failure_of(outcome: AttemptOutcome, wait: Duration) -> AttemptFailure {
