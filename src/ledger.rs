@@ -220,17 +220,7 @@ impl Ledger {
     ) {
         let ok = !is_failover_status(status);
         if ok {
-            if let Some(up) = view.config.upstreams.get(idx) {
-                self.state
-                    .metrics
-                    .first_byte(&up.name, first_byte.as_secs_f64());
-            }
-            self.state.registry.report_for(
-                view,
-                idx,
-                self.info.model.as_deref(),
-                AttemptResult::Ok { first_byte },
-            );
+            self.answered(view, idx, first_byte);
         } else {
             let failure = AttemptFailure {
                 cooldown,
@@ -255,6 +245,21 @@ impl Ledger {
         });
     }
 
+    /// A successful answer of `view`'s upstream `idx`: its first-byte time and the health report.
+    fn answered(&self, view: &RegistryView, idx: usize, first_byte: Duration) {
+        if let Some(up) = view.config.upstreams.get(idx) {
+            self.state
+                .metrics
+                .first_byte(&up.name, first_byte.as_secs_f64());
+        }
+        self.state.registry.report_for(
+            view,
+            idx,
+            self.info.model.as_deref(),
+            AttemptResult::Ok { first_byte },
+        );
+    }
+
     /// The shared state, for work that outlives a borrow of the ledger (a continuation).
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
@@ -277,17 +282,7 @@ impl Ledger {
 
     /// A continuation on `view`'s upstream `idx` took over the stream (SPEC 4a resume).
     pub fn resumed_on(&mut self, view: &Arc<RegistryView>, idx: usize, first_byte: Duration) {
-        if let Some(up) = view.config.upstreams.get(idx) {
-            self.state
-                .metrics
-                .first_byte(&up.name, first_byte.as_secs_f64());
-        }
-        self.state.registry.report_for(
-            view,
-            idx,
-            self.info.model.as_deref(),
-            AttemptResult::Ok { first_byte },
-        );
+        self.answered(view, idx, first_byte);
         self.resumed += 1;
         if let Some(c) = self.committed.as_mut() {
             c.view = view.clone();

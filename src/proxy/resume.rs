@@ -117,6 +117,25 @@ pub struct Switch {
 /// A continuation in flight: what it did, and the candidates it leaves.
 pub type PendingContinuation = Pin<Box<dyn Future<Output = (Continued, VecDeque<usize>)>>>;
 
+impl Switch {
+    fn new(
+        idx: usize,
+        (resp, first): (Upstreamed, Option<Bytes>),
+        t0: Instant,
+        regenerate: bool,
+        usage_added: bool,
+    ) -> Switch {
+        Switch {
+            idx,
+            resp,
+            first,
+            first_byte: t0.elapsed(),
+            regenerate,
+            usage_added,
+        }
+    }
+}
+
 /// The relay's resume state; see the module docs.
 pub struct Resumer {
     plan: Option<ResumePlan>,
@@ -326,14 +345,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
             actix_rt::time::timeout(wait, one::attempt(&ctx.client, up, &ctx.req, body, true));
         let failure = match got.await {
             Ok(Ok((resp, first))) if resp.status().is_success() => {
-                let s = Switch {
-                    idx,
-                    resp,
-                    first,
-                    first_byte: t0.elapsed(),
-                    regenerate,
-                    usage_added: add_usage,
-                };
+                let s = Switch::new(idx, (resp, first), t0, regenerate, add_usage);
                 return switched(ops, s, ctx.remaining);
             }
             Ok(Ok((resp, _)))
@@ -364,14 +376,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
                 );
                 match again.await {
                     Ok(Ok((resp, first))) if resp.status().is_success() => {
-                        let s = Switch {
-                            idx,
-                            resp,
-                            first,
-                            first_byte: t0.elapsed(),
-                            regenerate: true,
-                            usage_added: add_usage,
-                        };
+                        let s = Switch::new(idx, (resp, first), t0, true, add_usage);
                         return switched(ops, s, ctx.remaining);
                     }
                     other => failure_of(other, wait),
