@@ -1,7 +1,6 @@
 //! SPEC 4b: `/v1/models` answered by the gateway from every upstream's list, `route_by_models`,
 //! and `force_usage` (usage for every stream, the usage-only chunk kept from the client).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -568,12 +567,7 @@ print("USAGE:%d" % last.usage.total_tokens)
 
 #[test]
 fn openai_python_sdk_models_and_streams_with_forced_usage() {
-    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
-        );
-        eprintln!("SKIPPED openai SDK models test: OPENAI_SDK_PYTHON is not set");
+    let Some(python) = sdk_python("openai SDK models test") else {
         return;
     };
     let up = openai_like();
@@ -583,16 +577,7 @@ fn openai_python_sdk_models_and_streams_with_forced_usage() {
         .model_fetches()
         .is_empty()));
     std::thread::sleep(Duration::from_millis(200));
-    let out = Command::new(python)
-        .args(["-c", SDK_SCRIPT, &gw.url("/v1"), TOKEN])
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_python(&python, SDK_SCRIPT, &[&gw.url("/v1"), TOKEN]);
     assert!(stdout.contains("MODELS:sdk-model\n"), "{stdout}");
     assert!(stdout.contains("ONE:mock-org"), "{stdout}");
     assert!(stdout.contains("MISSING:model_not_found"), "{stdout}");

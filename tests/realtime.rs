@@ -836,12 +836,7 @@ with rt.connect(model="gpt-realtime") as conn:
 /// the test says so and passes, except under CI.
 #[test]
 fn python_websockets_and_openai_sdk_realtime_through_a_failing_first_upstream() {
-    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
-        );
-        eprintln!("SKIPPED Python websockets end-to-end test: OPENAI_SDK_PYTHON is not set");
+    let Some(python) = sdk_python("Python websockets end-to-end test") else {
         return;
     };
     let down = Mock::always(Reply::status(503));
@@ -853,21 +848,14 @@ fn python_websockets_and_openai_sdk_realtime_through_a_failing_first_upstream() 
             upstream("good", &good.endpoint(), ""),
         ],
     ));
-    let out = std::process::Command::new(python)
-        .args([
-            "-c",
-            PY_CLIENT,
+    let stdout = run_python(
+        &python,
+        PY_CLIENT,
+        &[
             &ws_url(&gw, "/v1/realtime?model=gpt-realtime"),
             TOKEN,
             &gw.url("/v1"),
-        ])
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "Python client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert!(stdout.contains("NOAUTH:401"), "{stdout}");
     assert!(stdout.contains("PROTO:realtime"), "{stdout}");

@@ -5,7 +5,6 @@
 //! Each test asserts what a user sees: the status and bytes the client got, how long it took,
 //! which mock saw which request, the record, and the metrics.
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1595,25 +1594,8 @@ except openai.APIError as e:
 
 /// Runs the SDK script against `gw`; None (and a note) when no SDK is installed outside CI.
 fn run_sdk(gw: &Gateway) -> Option<String> {
-    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
-        );
-        eprintln!("SKIPPED openai SDK resume test: OPENAI_SDK_PYTHON is not set");
-        return None;
-    };
-    let out = Command::new(python)
-        .args(["-c", SDK_SCRIPT, &gw.url("/v1"), TOKEN])
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "SDK failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(stdout)
+    let python = sdk_python("openai SDK resume test")?;
+    Some(run_python(&python, SDK_SCRIPT, &[&gw.url("/v1"), TOKEN]))
 }
 
 #[test]

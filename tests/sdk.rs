@@ -3,8 +3,6 @@
 //! `.ci/run` installs it into a venv and sets `OPENAI_SDK_PYTHON`; without it (a laptop) the test
 //! says so and passes, except under CI, where a missing SDK is a failure.
 
-use std::process::Command;
-
 use crate::support::*;
 
 const SCRIPT: &str = r#"
@@ -22,12 +20,7 @@ print("STREAM:" + "".join(parts))
 
 #[test]
 fn openai_python_sdk_through_a_failing_first_upstream() {
-    let Ok(python) = std::env::var("OPENAI_SDK_PYTHON") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
-        );
-        eprintln!("SKIPPED openai SDK end-to-end test: OPENAI_SDK_PYTHON is not set");
+    let Some(python) = sdk_python("openai SDK end-to-end test") else {
         return;
     };
     let down = Mock::always(Reply::status(503));
@@ -48,16 +41,7 @@ fn openai_python_sdk_through_a_failing_first_upstream() {
             upstream("good", &good.endpoint(), ""),
         ],
     ));
-    let out = Command::new(python)
-        .args(["-c", SCRIPT, &gw.url("/v1"), TOKEN])
-        .output()
-        .expect("run python");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_python(&python, SCRIPT, &[&gw.url("/v1"), TOKEN]);
     assert!(stdout.contains("NONSTREAM:Hi from the mock"), "{stdout}");
     assert!(stdout.contains("USAGE:12"), "{stdout}");
     assert!(stdout.contains("STREAM:Hello, world"), "{stdout}");

@@ -11,9 +11,11 @@ mod db;
 mod gateway;
 mod metrics;
 mod mock;
+mod python;
 
 pub use client::*;
 pub use db::*;
 pub use gateway::*;
 pub use metrics::*;
 pub use mock::*;
+pub use python::*;
