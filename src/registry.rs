@@ -363,8 +363,12 @@ impl RegistryHandle {
     }
 
     /// Applies a new config (SIGHUP).
-    pub fn reload(&self, config: Arc<Config>) {
-        self.addr.do_send(Reload(config));
+    pub async fn reload(&self, config: Arc<Config>) {
+        // Awaited: when this returns, new requests see the new config (the reload log line
+        // says so only then).
+        if self.addr.send(Reload(config.clone())).await.is_err() {
+            log::error!("SIGHUP: the upstream registry is gone; config not applied");
+        }
     }
 }
 

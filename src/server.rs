@@ -435,15 +435,15 @@ fn spawn_reload(
         while hup.recv().await.is_some() {
             match load_checked(&cli) {
                 Ok(cfg) => {
-                    log::info!(
-                        "SIGHUP: reloaded {} ({} upstreams)",
-                        cli.upstreams.display(),
-                        cfg.upstreams.len()
-                    );
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
                     let cfg = Arc::new(cfg);
-                    models.reload(cfg.clone());
-                    registry.reload(cfg);
+                    let n = cfg.upstreams.len();
+                    registry.reload(cfg.clone()).await;
+                    models.reload(cfg);
+                    log::info!(
+                        "SIGHUP: reloaded {} ({n} upstreams)",
+                        cli.upstreams.display()
+                    );
                 }
                 Err(errors) => {
                     for e in errors.0 {
