@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -39,28 +39,9 @@ struct WsMock {
 impl WsMock {
     fn start() -> WsMock {
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        return;
-                    };
-                    tokio::spawn(serve_ws(sock, seen2.clone()));
-                }
-            });
-        });
-        WsMock {
-            addr: rx.recv().unwrap(),
-            seen,
-        }
+        let addr = spawn_server(move |sock| serve_ws(sock, seen2.clone()));
+        WsMock { addr, seen }
     }
 
     fn endpoint(&self) -> String {

@@ -6,6 +6,33 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Serves every connection to a fresh 127.0.0.1 port with `handler`, on a thread and runtime of
+/// its own (so a mock never competes with the test's own runtime); returns the address.
+pub fn spawn_server<F, Fut>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(handler(sock));
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
 /// A request as the mock upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -173,36 +200,19 @@ impl Mock {
             reply: Arc::new(Mutex::new(Reply::status(404))),
             fetches: Arc::new(Mutex::new(Vec::new())),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
         let (seen2, gone2, models2) = (seen.clone(), peer_gone.clone(), models.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                let counter = Arc::new(Mutex::new(0usize));
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let _ = sock.set_nodelay(true);
-                    let (script, seen, counter, gone, models) = (
-                        script.clone(),
-                        seen2.clone(),
-                        counter.clone(),
-                        gone2.clone(),
-                        models2.clone(),
-                    );
-                    tokio::spawn(async move {
-                        serve_conn(sock, script, seen, counter, gone, models).await;
-                    });
-                }
-            });
+        let counter = Arc::new(Mutex::new(0usize));
+        let addr = spawn_server(move |sock| {
+            let _ = sock.set_nodelay(true);
+            serve_conn(
+                sock,
+                script.clone(),
+                seen2.clone(),
+                counter.clone(),
+                gone2.clone(),
+                models2.clone(),
+            )
         });
-        let addr = rx.recv().unwrap();
         Mock {
             addr,
             seen,
