@@ -155,6 +155,11 @@ impl EventSplitter {
         Some(self.buf.split_to(end).freeze())
     }
 
+    /// What is held.
+    pub fn peek(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Bytes of an event not yet complete.
     pub fn pending(&self) -> usize {
         self.buf.len()

@@ -168,3 +168,29 @@ async fn regeneration_relays_only_what_follows_and_refuses_a_divergent_one() {
     assert_eq!(rows[0]["complete"], 0);
     assert_eq!(rows[0]["resumed"], 1);
 }
+
+#[actix_rt::test]
+async fn a_stream_that_cannot_be_read_event_by_event_is_relayed_as_it_comes() {
+    // One 4 MiB `data:` line: no event ends, so it cannot be judged; it is relayed, not held.
+    let total = 4 * 1024 * 1024;
+    let a = Mock::always(Reply::SseLine {
+        total,
+        chunk: 64 * 1024,
+    });
+    let b = Mock::always(Reply::chat("unused"));
+    let gw = Gateway::start(&config(
+        "resume: true\nrecord_body_bytes: 1024",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let before = gw.mem_kb("VmRSS");
+    let got = post(&gw, "/v1/chat/completions", chat_body(true)).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body.len() > total, "{}", got.body.len());
+    assert!(got.chunk_times.len() > 4, "held back and sent at once");
+    let peak = gw.mem_kb("VmHWM");
+    assert!(peak < before + 8 * 1024, "{before} kB → {peak} kB");
+    assert_eq!(b.hits(), 0);
+}

@@ -25,6 +25,10 @@ use crate::transport;
 use crate::usage::UsageFilter;
 
 use super::attempt::Upstreamed;
+use crate::sse;
+
+/// The longest SSE event held back to be judged (resume); past it the stream is relayed as is.
+const EVENT_MAX: usize = 64 << 10;
 use super::resume::{Judged, Op, Resumer};
 
 /// Error that makes actix abort a non-SSE response (the client sees an incomplete body).
@@ -282,6 +286,16 @@ impl RelayBody {
         let mut out = BytesMut::new();
         let r = self.resumer.as_mut()?;
         r.splitter.push(b);
+        if r.splitter.pending() > EVENT_MAX && sse::event_end(r.splitter.peek()).is_none() {
+            // No event ends within a sane size: relay the bytes as they are; this stream can no
+            // longer be judged, so it will not be resumed.
+            r.give_up();
+            let raw = r.splitter.take_rest();
+            if let Some(c) = self.capture.as_mut() {
+                c.feed_shared(&raw);
+            }
+            return Some(raw);
+        }
         while let Some(ev) = r.splitter.next_event() {
             match r.judge(ev.clone()) {
                 Judged::Emit(bytes) => {

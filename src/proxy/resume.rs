@@ -251,6 +251,12 @@ impl Resumer {
         }
     }
 
+    /// The stream can no longer be read event by event (an event too long to hold): it is
+    /// relayed as it comes and not resumed.
+    pub fn give_up(&mut self) {
+        self.blocked = true;
+    }
+
     /// Whether a break now can be continued.
     pub fn can_resume(&self) -> bool {
         !self.blocked
