@@ -13,13 +13,18 @@ pub const MAX_CHARS: usize = 200;
 /// `s` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}` …) and cut at [`MAX_CHARS`]
 /// characters (with `…`). Borrows when there is nothing to change.
 pub fn untrusted(s: &str) -> Cow<'_, str> {
+    untrusted_cut(s, MAX_CHARS)
+}
+
+/// [`untrusted`] with another length limit, in characters.
+pub fn untrusted_cut(s: &str, max: usize) -> Cow<'_, str> {
     let clean = s.chars().all(|c| !c.is_control());
-    if clean && s.len() <= MAX_CHARS {
+    if clean && s.len() <= max {
         return Cow::Borrowed(s);
     }
-    let mut out = String::with_capacity(s.len().min(MAX_CHARS * 2) + 8);
+    let mut out = String::with_capacity(s.len().min(max * 2) + 8);
     for (n, c) in s.chars().enumerate() {
-        if n == MAX_CHARS {
+        if n == max {
             out.push('…');
             break;
         }

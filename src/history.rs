@@ -294,21 +294,9 @@ impl FailureLog {
 }
 
 /// Client- or upstream-supplied text made safe to keep: control characters escaped (`\n`,
-/// `\u{1b}`), cut at `max` characters with `…`.
+/// `\u{1b}`), cut at `max` characters with `…` (the one rule of [`crate::escape`]).
 pub fn clip(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max * 2));
-    for (n, c) in s.chars().enumerate() {
-        if n == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::escape::untrusted_cut(s, max).into_owned()
 }
 
 #[cfg(test)]

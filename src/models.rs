@@ -139,19 +139,7 @@ pub fn route_filter(state: &AppState, cfg: &Config, order: &mut Vec<usize>, mode
 
 /// Control characters escaped and cut at 200 characters: upstream text goes to logs and the page.
 fn clean(s: &str) -> String {
-    let mut out = String::new();
-    for (n, c) in s.chars().enumerate() {
-        if n == 200 {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::escape::untrusted(s).into_owned()
 }
 
 /// Parses a `/models` answer: OpenAI's `{"data": […]}` (or a bare array) of `{id, created,
