@@ -235,17 +235,16 @@ impl Capture {
         {
             self.usage = u.to_usage();
         }
-        let text = match ev.kind.as_deref() {
+        let text = match ev.kind.as_ref().map(|k| k.0.as_ref()) {
             Some("response.output_text.delta") => ev.delta,
             Some(_) => None,
             None => ev
                 .choices
-                .into_iter()
-                .next()
+                .0
                 .and_then(|c| c.delta.and_then(|d| d.content).or(c.text)),
         };
         if let Some(t) = text {
-            self.keep(t.as_bytes());
+            self.keep(t.0.as_bytes());
         }
     }
 

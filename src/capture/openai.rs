@@ -36,11 +36,11 @@ impl RawUsage {
 #[derive(Deserialize)]
 pub(super) struct Event<'a> {
     #[serde(rename = "type", borrow, default)]
-    pub(super) kind: Option<Cow<'a, str>>,
+    pub(super) kind: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) delta: Option<Cow<'a, str>>,
+    pub(super) delta: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) choices: Vec<StreamChoice<'a>>,
+    pub(super) choices: FirstChoice<'a>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
@@ -58,13 +58,66 @@ pub(super) struct StreamChoice<'a> {
     #[serde(borrow, default)]
     pub(super) delta: Option<Delta<'a>>,
     #[serde(borrow, default)]
-    pub(super) text: Option<Cow<'a, str>>,
+    pub(super) text: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct Delta<'a> {
     #[serde(borrow, default)]
-    pub(super) content: Option<Cow<'a, str>>,
+    pub(super) content: Option<Text<'a>>,
+}
+
+/// A JSON string borrowed from the event unless it has escapes. serde borrows a `Cow<str>` field
+/// only when it is not inside an `Option`; `Option<Cow<str>>` copied every delta's text (one
+/// allocation per streamed chunk).
+pub(super) struct Text<'a>(pub(super) Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The first of an event's `choices` (the only one whose text is kept); the others are skipped
+/// without being collected, so no `Vec` is allocated per streamed chunk.
+#[derive(Default)]
+pub(super) struct FirstChoice<'a>(pub(super) Option<StreamChoice<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FirstChoice<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FirstChoice<'de>, A::Error> {
+                let first = seq.next_element::<StreamChoice<'de>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 /// The JSON text after each `"usage":` key (whitespace skipped). Inside a JSON string a quote is
