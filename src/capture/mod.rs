@@ -74,17 +74,23 @@ impl Capture {
         content_encoding: Option<&str>,
         limit: usize,
     ) -> Capture {
-        let ct = content_type.unwrap_or("").to_ascii_lowercase();
+        // Compared without case in place: no lower-cased copy of the header per response.
+        let ct = content_type.unwrap_or("");
+        let starts = |p: &str| ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
         let encoded = content_encoding
             .map(str::trim)
             .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
         let kind = if encoded {
             Kind::Binary
-        } else if ct.starts_with("text/event-stream") {
+        } else if starts("text/event-stream") {
             Kind::Sse
-        } else if ct.contains("json") {
+        } else if ct
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+        {
             Kind::Json
-        } else if ct.starts_with("text/") || ct.is_empty() {
+        } else if starts("text/") || ct.is_empty() {
             Kind::Text
         } else {
             Kind::Binary
