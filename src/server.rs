@@ -50,6 +50,12 @@ pub enum StartError {
     Other(String),
 }
 
+/// `OPTIONS` requests (CORS preflight). `web::method` records the allowed methods in the request's
+/// extensions on every check (an allocation per request even when it does not match).
+fn is_options() -> impl actix_web::guard::Guard {
+    actix_web::guard::fn_guard(|ctx| ctx.head().method == Method::OPTIONS)
+}
+
 /// Accept-queue length: bursts of thousands of new streams must not overflow it (std's `bind`
 /// uses 128; the kernel caps this at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -249,18 +255,20 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .service(
                     web::resource(["/v1/models", "/v1/models/{id:.*}"])
                         .route(web::get().to(models::handler))
-                        .route(web::method(Method::OPTIONS).to(preflight))
+                        .route(web::route().guard(is_options()).to(preflight))
                         .default_service(web::to(proxy)),
                 )
-                // WebSocket upgrades (SPEC §4c) before the catch-all: same path, guarded.
+                // One resource for the catch-all, so its pattern is matched once per request (two
+                // resources ran the router's regex twice); WebSocket upgrades (SPEC §4c) are its
+                // first route. Plain function guards: actix's method guard allocates on each check.
                 .service(
                     web::resource("/v1/{tail}*")
-                        .guard(actix_web::guard::fn_guard(crate::realtime::is_upgrade))
-                        .to(crate::realtime::session),
-                )
-                .service(
-                    web::resource("/v1/{tail}*")
-                        .route(web::method(Method::OPTIONS).to(preflight))
+                        .route(
+                            web::route()
+                                .guard(actix_web::guard::fn_guard(crate::realtime::is_upgrade))
+                                .to(crate::realtime::session),
+                        )
+                        .route(web::route().guard(is_options()).to(preflight))
                         .default_service(web::to(proxy)),
                 )
         })
