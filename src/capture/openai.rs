@@ -40,7 +40,7 @@ pub(super) struct Event<'a> {
     #[serde(borrow, default)]
     pub(super) delta: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) choices: FirstChoice<'a>,
+    pub(super) choices: First<StreamChoice<'a>>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
@@ -94,29 +94,34 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
-/// The first of an event's `choices` (the only one whose text is kept); the others are skipped
-/// without being collected, so no `Vec` is allocated per streamed chunk.
-#[derive(Default)]
-pub(super) struct FirstChoice<'a>(pub(super) Option<StreamChoice<'a>>);
+/// The first element of a `choices` array (the only one whose text is kept); the others are
+/// skipped without being collected, so no `Vec` is allocated per streamed chunk or reply.
+pub(super) struct First<T>(pub(super) Option<T>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+impl<T> Default for First<T> {
+    fn default() -> Self {
+        First(None)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = FirstChoice<'de>;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = First<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an array of choices")
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<FirstChoice<'de>, A::Error> {
-                let first = seq.next_element::<StreamChoice<'de>>()?;
+            ) -> Result<First<T>, A::Error> {
+                let first = seq.next_element::<T>()?;
                 while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(FirstChoice(first))
+                Ok(First(first))
             }
         }
-        d.deserialize_seq(V)
+        d.deserialize_seq(V(std::marker::PhantomData))
     }
 }
 
@@ -152,13 +157,13 @@ pub(super) fn tail_usage(tail: &[u8]) -> Option<Usage> {
 #[derive(Deserialize)]
 pub(super) struct Whole<'a> {
     #[serde(default)]
-    pub(super) choices: Vec<WholeChoice>,
+    pub(super) choices: First<WholeChoice>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
     pub(super) output: Vec<OutputItem<'a>>,
     #[serde(borrow, default)]
-    pub(super) object: Option<Cow<'a, str>>,
+    pub(super) object: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -281,7 +286,7 @@ impl<'de> serde::de::Visitor<'de> for TextOf {
 
 impl Whole<'_> {
     pub(super) fn into_reply(self) -> Option<String> {
-        if let Some(c) = self.choices.into_iter().next() {
+        if let Some(c) = self.choices.0 {
             if let Some(m) = c.message {
                 return Some(m.content.map(|c| c.0).unwrap_or_default());
             }
@@ -289,7 +294,7 @@ impl Whole<'_> {
                 return Some(t);
             }
         }
-        if self.object.as_deref() == Some("response") {
+        if self.object.as_ref().map(|o| o.0.as_ref()) == Some("response") {
             return Some(
                 self.output
                     .iter()
