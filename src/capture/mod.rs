@@ -206,7 +206,11 @@ impl Capture {
         let take = bytes.len().min(room);
         // Grow no further than the limit: doubling past it would hold up to twice the bound.
         if self.text.capacity() < self.text.len() + take {
-            let want = (self.text.capacity() * 2).max(self.text.len() + take);
+            // At least 256 bytes at first: a streamed reply arrives a few bytes per chunk, and
+            // doubling from 5 bytes cost a reallocation per chunk for its first chunks.
+            let want = (self.text.capacity() * 2)
+                .max(self.text.len() + take)
+                .max(256);
             self.text
                 .reserve_exact(want.min(self.limit) - self.text.len());
         }
