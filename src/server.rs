@@ -252,17 +252,21 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                         })),
                 )
                 // 4b: the model list is the gateway's own; other methods are proxied as before.
+                // In a `/v1/models` scope: its static prefix keeps other paths from running the
+                // `{id:.*}` regex (5% of a proxied request's instructions when it was app-level).
                 .service(
-                    web::resource(["/v1/models", "/v1/models/{id:.*}"])
-                        .route(web::get().to(models::handler))
-                        .route(
-                            web::route()
-                                .guard(actix_web::guard::fn_guard(|ctx| {
-                                    ctx.head().method == Method::OPTIONS
-                                }))
-                                .to(preflight),
-                        )
-                        .default_service(web::to(proxy)),
+                    web::scope("/v1/models").service(
+                        web::resource(["", "/{id:.*}"])
+                            .route(web::get().to(models::handler))
+                            .route(
+                                web::route()
+                                    .guard(actix_web::guard::fn_guard(|ctx| {
+                                        ctx.head().method == Method::OPTIONS
+                                    }))
+                                    .to(preflight),
+                            )
+                            .default_service(web::to(proxy)),
+                    ),
                 )
                 // The catch-all `/v1/*`: prefix scopes, whose static prefix match costs no regex
                 // (a `/v1/{tail}*` resource ran the router's regex on every request: a quarter of

@@ -14,5 +14,6 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod routing;
 mod sdk;
 mod streaming;
