@@ -157,13 +157,49 @@ pub(super) fn has_usage_object(data: &[u8]) -> bool {
     usage_values(data).any(|v| !v.starts_with(b"null"))
 }
 
+/// The values after each `"usage":` key like [`usage_values`], last first: `usage` ends a reply,
+/// so searching from the end reads its last hundred bytes, not the whole reply.
+fn usage_values_rev(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = json.len();
+    std::iter::from_fn(move || loop {
+        let at = json[..end].iter().rposition(|&b| b == b'"')?;
+        end = at;
+        if json[at..].starts_with(KEY) {
+            if let Some(value) = json[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") {
+                return Some(value.trim_ascii_start());
+            }
+        }
+    })
+}
+
 /// The last `"usage": {…}` object in a JSON text.
 pub(super) fn tail_usage(tail: &[u8]) -> Option<Usage> {
-    usage_values(tail)
+    usage_values_rev(tail)
         .filter(|v| !v.starts_with(b"null"))
-        .filter_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
-        .last()
+        .find_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
         .map(|u| u.to_usage())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_found_from_the_end_is_the_last_parsable_one() {
+        let t = br#"{"a":"usage","usage":{"prompt_tokens":1},"x":{"usage":null},"usage" : {"prompt_tokens":2,"completion_tokens":3}}"#;
+        let u = tail_usage(t).unwrap();
+        assert_eq!((u.prompt, u.completion), (Some(2), Some(3)));
+        let forward: Vec<&[u8]> = usage_values(t).collect();
+        let mut backward: Vec<&[u8]> = usage_values_rev(t).collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+        // A cut last object: the one before it counts.
+        let cut = br#"{"usage":{"prompt_tokens":4},"more":1,"usage":{"prompt_tok"#;
+        assert_eq!(tail_usage(cut).unwrap().prompt, Some(4));
+        assert!(tail_usage(br#"{"usage":null}"#).is_none());
+        assert!(tail_usage(b"").is_none());
+    }
 }
 
 #[derive(Deserialize)]
