@@ -494,6 +494,17 @@ RES=$OUT/results.md
   printf 'Records: %s records (≈1 KB request body, 500 B reply) through Recorder into SQLite in %ss → **%s records/s**, %s dropped (target ≥ 10,000/s); writer thread CPU %s µs per record.\n' \
     "${RB[records]}" "${RB[seconds]}" "${RB[records_per_s]}" "${RB[dropped]}" "${RB[writer_us]:-?}"
   printf 'Gateway recording ON during this run: %s rows written, openai_api_route_records_dropped_total = %s.\n' "$GW_ROWS" "${GW_DROPPED:-?}"
+  echo
+  echo "Heap allocations per proxied request, gateway threads only (\`cargo bench --bench allocations\`: the gateway in-process under a counting global allocator):"
+  echo
+  echo "| request | recording | allocations | reallocations | bytes allocated |"
+  echo "|---|---|---|---|---|"
+  for kind in json stream10; do
+    for rec in recording=on recording=off; do
+      printf '| %s | %s | %s | %s | %s |\n' "$([[ $kind == json ]] && echo 'JSON' || echo 'stream, 10 chunks')" "${rec#recording=}" \
+        "${AL[$kind:$rec:allocs]}" "${AL[$kind:$rec:reallocs]}" "${AL[$kind:$rec:bytes]}"
+    done
+  done
 } >"$RES"
 
 # Targets from the performance issue, checked against this run's figures.
