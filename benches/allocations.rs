@@ -6,6 +6,8 @@
 //! ALLOC_N=500 cargo bench --bench allocations
 //! ALLOC_TOP=1 cargo bench --bench allocations     # also name the gateway's busiest allocation sites
 //! ```
+//! With `ALLOC_TOP=1` the totals include the sampler's own allocations (backtraces); read the
+//! per-site counts (allocations per request at each site) instead.
 //! A counting `#[global_allocator]` wraps the system allocator. The gateway runs in-process,
 //! started by the real [`openai_api_route::server::run`] (same App, workers, records actor) on
 //! its own threads, twice: recording ON (SQLite in a temporary directory) and `-database none`.
