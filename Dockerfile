@@ -20,8 +20,8 @@ WORKDIR /src
 #    context's mtimes, which can be older than the stubs, so cargo could otherwise take the stub
 #    build for fresh.
 #    Cargo refuses a manifest whose declared [[test]]/[[bench]] files are missing, even for
-#    `cargo build`, so tests/main.rs and benches/records.rs get empty stubs that stay (the image
-#    never builds them). A build script, if one is ever added, would need a stub here too.
+#    `cargo build`, so tests/main.rs, benches/records.rs and benches/allocations.rs get empty
+#    stubs that stay (the image never builds them). A build script, if one is ever added, would need a stub here too.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src static tests benches \
  && echo 'fn main() {}' > src/main.rs \
@@ -29,6 +29,7 @@ RUN mkdir -p src static tests benches \
  && : > static/style.css \
  && : > tests/main.rs \
  && echo 'fn main() {}' > benches/records.rs \
+ && echo 'fn main() {}' > benches/allocations.rs \
  && cargo build --release --locked \
  && cargo clean --release --package openai-api-route \
  && rm -rf src static

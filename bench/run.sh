@@ -6,7 +6,8 @@
 #
 # What it does (everything on 127.0.0.1, everything it starts is stopped on exit):
 #   - installs nginx and wrk from Debian's packages when missing;
-#   - builds the release binary, the examples bench_mock and sse_load, and benches/records.rs;
+#   - builds the release binary, the examples bench_mock and sse_load, benches/records.rs and
+#     benches/allocations.rs (heap allocations per proxied request, printed in the table);
 #   - starts bench_mock (fixed chat completion; SSE of 20 chunks 50 ms apart for "stream":true),
 #     nginx as a plain reverse proxy in front of it, and the gateway three times: recording ON
 #     (SQLite in bench/out/), -database none, and with a refused first upstream;
@@ -108,8 +109,12 @@ if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
   cp -f target/release/openai-api-route target/release/examples/bench_mock \
     target/release/examples/sse_load "$BIN/" || die "copy binaries"
   cp -f "$rec_exe" "$BIN/records-bench"
+  cargo bench --bench allocations --no-run 2>"$OUT/bench-build.log" || { cat "$OUT/bench-build.log" >>"$RUNLOG"; die "cargo bench --bench allocations --no-run"; }
+  alloc_exe=$(grep -o 'target/release/deps/allocations-[0-9a-f]*' "$OUT/bench-build.log" | tail -1)
+  [[ -n $alloc_exe ]] || die "allocations bench executable not found"
+  cp -f "$alloc_exe" "$BIN/alloc-bench"
 fi
-for b in openai-api-route bench_mock sse_load records-bench; do
+for b in openai-api-route bench_mock sse_load records-bench alloc-bench; do
   [[ -x $BIN/$b ]] || die "$BIN/$b missing (run without BENCH_NO_BUILD=1 once)"
 done
 
@@ -394,6 +399,16 @@ rec_line=$(grep '^RESULT ' <<<"$rec_out")
 declare -A RB=()
 for kv in ${rec_line#RESULT }; do RB[${kv%%=*}]=${kv#*=}; done
 
+# Heap allocations per proxied request: the gateway in-process under a counting allocator.
+log "allocations benchmark: gateway allocations per request (benches/allocations.rs)"
+alloc_out=$(ALLOC_N=$([[ $MODE == smoke ]] && echo 400 || echo 4000) "$BIN/alloc-bench" 2>&1)
+echo "$alloc_out" >"$OUT/alloc-bench.log"
+grep -q '^ALLOC ' <<<"$alloc_out" || die "allocations bench gave no result: $alloc_out"
+declare -A AL=()
+while read -r _ kind rec rest; do
+  for kv in $rest; do AL[$kind:$rec:${kv%%=*}]=${kv#*=}; done
+done < <(grep '^ALLOC ' <<<"$alloc_out")
+
 # Rows the recording gateway wrote during the run, and its dropped-records counter.
 sleep 1
 metric() { # SYS NAME
@@ -479,6 +494,17 @@ RES=$OUT/results.md
   printf 'Records: %s records (≈1 KB request body, 500 B reply) through Recorder into SQLite in %ss → **%s records/s**, %s dropped (target ≥ 10,000/s); writer thread CPU %s µs per record.\n' \
     "${RB[records]}" "${RB[seconds]}" "${RB[records_per_s]}" "${RB[dropped]}" "${RB[writer_us]:-?}"
   printf 'Gateway recording ON during this run: %s rows written, openai_api_route_records_dropped_total = %s.\n' "$GW_ROWS" "${GW_DROPPED:-?}"
+  echo
+  echo "Heap allocations per proxied request, gateway threads only (\`cargo bench --bench allocations\`: the gateway in-process under a counting global allocator):"
+  echo
+  echo "| request | recording | allocations | reallocations | bytes allocated |"
+  echo "|---|---|---|---|---|"
+  for kind in json stream10; do
+    for rec in recording=on recording=off; do
+      printf '| %s | %s | %s | %s | %s |\n' "$([[ $kind == json ]] && echo 'JSON' || echo 'stream, 10 chunks')" "${rec#recording=}" \
+        "${AL[$kind:$rec:allocs]}" "${AL[$kind:$rec:reallocs]}" "${AL[$kind:$rec:bytes]}"
+    done
+  done
 } >"$RES"
 
 # Targets from the performance issue, checked against this run's figures.
@@ -502,6 +528,8 @@ RES=$OUT/results.md
   chk "idle RSS ≤ 20 MB ($(mb "${IDLE_RSS[gw_on]}"))" "${IDLE_RSS[gw_on]} <= 20 * 1024"
   chk "refused first upstream adds ≤ 1 ms ($(awk -v a="$(calc "$(avg R_P50 gw_ref:c1) - $on50")" 'BEGIN{printf "%.0f", a}') µs p50 with cooldown, $(awk -v a="$(calc "$(avg R_P50 gw_refx:c1) - $on50")" 'BEGIN{printf "%.0f", a}') µs when tried on every request)" "$(avg R_P50 gw_refx:c1) - $on50 <= 1000"
   chk "records ≥ 10,000/s (${RB[records_per_s]})" "${RB[records_per_s]} >= 10000"
+  chk "≤ 16 heap allocations per proxied JSON request (${AL[json:recording=on:allocs]})" "${AL[json:recording=on:allocs]} <= 16"
+  chk "≤ 20 heap allocations per proxied 10-chunk stream (${AL[stream10:recording=on:allocs]})" "${AL[stream10:recording=on:allocs]} <= 20"
   [[ $MODE == smoke ]] && echo "(smoke run: figures from ~1 s measurements prove only that the harness works)"
 } >>"$RES"
 

@@ -29,15 +29,14 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
-/// Extra names the `Connection` header declares hop-by-hop.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+/// Whether the `Connection` header(s) of `headers` declare `name` hop-by-hop. Scanned in place
+/// (it used to collect the list into a `Vec<String>`: one allocation per listed name per message).
+fn connection_lists(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
+        .any(|s| s.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Client headers that never go upstream, besides hop-by-hop ones: the upstream gets its own
@@ -72,9 +71,9 @@ const CLIENT_IDENTITY_AND_OVERRIDES: &[&str] = &[
 
 /// Builds the headers of one upstream attempt into `out` (which starts empty).
 pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &mut HeaderMap) {
-    let listed = connection_listed(client);
+    let has_connection = client.contains_key(header::CONNECTION);
     for (name, value) in client.iter() {
-        if dropped_towards_upstream(name) || listed.iter().any(|l| l == name.as_str()) {
+        if dropped_towards_upstream(name) || (has_connection && connection_lists(client, name)) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -100,20 +99,56 @@ pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &m
 }
 
 /// Whether an upstream response header is relayed to the client. `Content-Length` is handled by
-/// the body type; CORS is set by the gateway itself on every `/v1/*` response.
-pub fn relayed_to_client(name: &HeaderName, listed: &[String]) -> bool {
+/// the body type; CORS is set by the gateway itself on every `/v1/*` response. `upstream` is the
+/// response's header map (its `Connection` header may list more hop-by-hop names).
+pub fn relayed_to_client(name: &HeaderName, upstream: &HeaderMap) -> bool {
     !(is_hop_by_hop(name)
         || name == header::CONTENT_LENGTH
         || name == header::ACCESS_CONTROL_ALLOW_ORIGIN
-        || listed.iter().any(|l| l == name.as_str()))
+        || connection_lists(upstream, name))
 }
 
 /// Upstream response headers to copy, in order.
 pub fn response_headers(upstream: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    let listed = connection_listed(upstream);
     upstream
         .iter()
-        .filter(move |(name, _)| relayed_to_client(name, &listed))
+        .filter(move |(name, _)| relayed_to_client(name, upstream))
+}
+
+/// Most distinct upstream names one worker keeps a ready `x-upstream` value for; past that (many
+/// reloads renaming upstreams) the cache starts over.
+const NAME_VALUES: usize = 64;
+
+thread_local! {
+    /// `x-upstream` values per upstream name, built once per worker: cloning one is a reference
+    /// count, building one from the name was an allocation per response.
+    static UPSTREAM_NAME_VALUES: std::cell::RefCell<Vec<(Box<str>, HeaderValue)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The `x-upstream` header value for an upstream name (None if the name is not a valid value).
+pub fn upstream_name_value(name: &str) -> Option<HeaderValue> {
+    UPSTREAM_NAME_VALUES.with(|cell| {
+        let mut cache = cell.borrow_mut();
+        if let Some((_, v)) = cache.iter().find(|(n, _)| &**n == name) {
+            return Some(v.clone());
+        }
+        let v = HeaderValue::from_str(name).ok()?;
+        if cache.len() >= NAME_VALUES {
+            cache.clear();
+        }
+        cache.push((name.into(), v.clone()));
+        Some(v)
+    })
+}
+
+/// A small count as a header value (`x-upstream-attempts`): static for 0–9, formatted above.
+pub fn count_value(n: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(n as usize) {
+        Some(d) => HeaderValue::from_static(d),
+        None => HeaderValue::from(n),
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +161,28 @@ mod tests {
             m.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         m
+    }
+
+    #[test]
+    fn ready_made_values() {
+        assert_eq!(count_value(1), "1");
+        assert_eq!(count_value(9), "9");
+        assert_eq!(count_value(10), "10");
+        assert_eq!(count_value(123), "123");
+        assert_eq!(
+            upstream_name_value("primary")
+                .as_ref()
+                .map(|v| v.as_bytes()),
+            Some(&b"primary"[..])
+        );
+        // Served again from the worker's cache, and a different name is not confused with it.
+        assert_eq!(upstream_name_value("primary").unwrap(), "primary");
+        assert_eq!(upstream_name_value("backup").unwrap(), "backup");
+        assert!(upstream_name_value("bad\nname").is_none());
+        for i in 0..(NAME_VALUES + 5) {
+            let n = format!("u{i}");
+            assert_eq!(upstream_name_value(&n).unwrap(), n.as_str());
+        }
     }
 
     #[test]

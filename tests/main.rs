@@ -16,5 +16,6 @@ mod records;
 mod reload;
 mod rescue;
 mod resume;
+mod routing;
 mod sdk;
 mod streaming;

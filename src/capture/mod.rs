@@ -122,17 +122,23 @@ impl Capture {
         content_encoding: Option<&str>,
         limit: usize,
     ) -> Capture {
-        let ct = content_type.unwrap_or("").to_ascii_lowercase();
+        // Compared without case in place: no lower-cased copy of the header per response.
+        let ct = content_type.unwrap_or("");
+        let starts = |p: &str| ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
         let encoded = content_encoding
             .map(str::trim)
             .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
         let kind = if encoded {
             Kind::Binary
-        } else if ct.starts_with("text/event-stream") {
+        } else if starts("text/event-stream") {
             Kind::Sse
-        } else if ct.contains("json") {
+        } else if ct
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+        {
             Kind::Json
-        } else if ct.starts_with("text/") || ct.is_empty() {
+        } else if starts("text/") || ct.is_empty() {
             Kind::Text
         } else {
             Kind::Binary
@@ -255,7 +261,11 @@ impl Capture {
         let take = bytes.len().min(room);
         // Grow no further than the limit: doubling past it would hold up to twice the bound.
         if self.text.capacity() < self.text.len() + take {
-            let want = (self.text.capacity() * 2).max(self.text.len() + take);
+            // At least 256 bytes at first: a streamed reply arrives a few bytes per chunk, and
+            // doubling from 5 bytes cost a reallocation per chunk for its first chunks.
+            let want = (self.text.capacity() * 2)
+                .max(self.text.len() + take)
+                .max(256);
             self.text
                 .reserve_exact(want.min(self.limit) - self.text.len());
         }
@@ -290,25 +300,25 @@ impl Capture {
         {
             self.usage = u.to_usage();
         }
-        if ev.error.is_some() || matches!(ev.kind.as_deref(), Some("error" | "response.failed")) {
+        if ev.error.is_some()
+            || matches!(
+                ev.kind.as_ref().map(|k| k.0.as_ref()),
+                Some("error" | "response.failed")
+            )
+        {
             self.error_event = true;
         }
-        let mut first = None;
-        for (i, c) in ev.choices.into_iter().enumerate() {
-            if let Some(r) = &c.finish_reason {
-                self.saw_finish_reason(r);
-            }
-            if i == 0 {
-                first = c.delta.and_then(|d| d.content).or(c.text);
-            }
+        let first = ev.choices.0;
+        if let Some(r) = first.as_ref().and_then(|c| c.finish_reason.as_ref()) {
+            self.saw_finish_reason(r);
         }
-        let text = match ev.kind.as_deref() {
+        let text = match ev.kind.as_ref().map(|k| k.0.as_ref()) {
             Some("response.output_text.delta") => ev.delta,
             Some(_) => None,
-            None => first,
+            None => first.and_then(|c| c.delta.and_then(|d| d.content).or(c.text)),
         };
         if let Some(t) = text {
-            self.keep(t.as_bytes());
+            self.keep(t.0.as_bytes());
         }
     }
 

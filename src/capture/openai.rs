@@ -36,11 +36,11 @@ impl RawUsage {
 #[derive(Deserialize)]
 pub(super) struct Event<'a> {
     #[serde(rename = "type", borrow, default)]
-    pub(super) kind: Option<Cow<'a, str>>,
+    pub(super) kind: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) delta: Option<Cow<'a, str>>,
+    pub(super) delta: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) choices: Vec<StreamChoice<'a>>,
+    pub(super) choices: First<StreamChoice<'a>>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
@@ -61,7 +61,7 @@ pub(super) struct StreamChoice<'a> {
     #[serde(borrow, default)]
     pub(super) delta: Option<Delta<'a>>,
     #[serde(borrow, default)]
-    pub(super) text: Option<Cow<'a, str>>,
+    pub(super) text: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub(super) finish_reason: Option<Cow<'a, str>>,
 }
@@ -69,7 +69,65 @@ pub(super) struct StreamChoice<'a> {
 #[derive(Deserialize)]
 pub(super) struct Delta<'a> {
     #[serde(borrow, default)]
-    pub(super) content: Option<Cow<'a, str>>,
+    pub(super) content: Option<Text<'a>>,
+}
+
+/// A JSON string borrowed from the event unless it has escapes. serde borrows a `Cow<str>` field
+/// only when it is not inside an `Option`; `Option<Cow<str>>` copied every delta's text (one
+/// allocation per streamed chunk).
+pub(super) struct Text<'a>(pub(super) Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The first element of a `choices` array (the only one whose text is kept); the others are
+/// skipped without being collected, so no `Vec` is allocated per streamed chunk or reply.
+pub(super) struct First<T>(pub(super) Option<T>);
+
+impl<T> Default for First<T> {
+    fn default() -> Self {
+        First(None)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = First<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<First<T>, A::Error> {
+                let first = seq.next_element::<T>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(First(first))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
 }
 
 /// The JSON text after each `"usage":` key (whitespace skipped).
@@ -81,9 +139,21 @@ pub(super) fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// skipped). Inside a JSON string a quote is always escaped, so a quoted key followed by a colon
 /// can only be a key.
 fn key_values<'a>(json: &'a [u8], key: &'static [u8]) -> impl Iterator<Item = &'a [u8]> {
+    // Jumps from quote to quote: `windows(..).position(w == key)` compared the key through a
+    // slice comparison at every offset (~10 instructions per byte of every reply).
+    let find = move |hay: &[u8]| -> Option<usize> {
+        let mut from = 0;
+        loop {
+            let at = from + hay.get(from..)?.iter().position(|&b| b == b'"')?;
+            if hay[at..].starts_with(key) {
+                return Some(at);
+            }
+            from = at + 1;
+        }
+    };
     let mut rest = json;
     std::iter::from_fn(move || loop {
-        let at = rest.windows(key.len()).position(|w| w == key)?;
+        let at = find(rest)?;
         rest = &rest[at + key.len()..];
         if let Some(value) = rest.trim_ascii_start().strip_prefix(b":") {
             return Some(value.trim_ascii_start());
@@ -106,25 +176,61 @@ pub(super) fn tail_finish_reason(tail: &[u8]) -> Option<String> {
         .last()
 }
 
+/// The values after each `"usage":` key like [`usage_values`], last first: `usage` ends a reply,
+/// so searching from the end reads its last hundred bytes, not the whole reply.
+fn usage_values_rev(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = json.len();
+    std::iter::from_fn(move || loop {
+        let at = json[..end].iter().rposition(|&b| b == b'"')?;
+        end = at;
+        if json[at..].starts_with(KEY) {
+            if let Some(value) = json[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") {
+                return Some(value.trim_ascii_start());
+            }
+        }
+    })
+}
+
 /// The last `"usage": {…}` object in a JSON text.
 pub(super) fn tail_usage(tail: &[u8]) -> Option<Usage> {
-    usage_values(tail)
+    usage_values_rev(tail)
         .filter(|v| !v.starts_with(b"null"))
-        .filter_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
-        .last()
+        .find_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
         .map(|u| u.to_usage())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_found_from_the_end_is_the_last_parsable_one() {
+        let t = br#"{"a":"usage","usage":{"prompt_tokens":1},"x":{"usage":null},"usage" : {"prompt_tokens":2,"completion_tokens":3}}"#;
+        let u = tail_usage(t).unwrap();
+        assert_eq!((u.prompt, u.completion), (Some(2), Some(3)));
+        let forward: Vec<&[u8]> = usage_values(t).collect();
+        let mut backward: Vec<&[u8]> = usage_values_rev(t).collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+        // A cut last object: the one before it counts.
+        let cut = br#"{"usage":{"prompt_tokens":4},"more":1,"usage":{"prompt_tok"#;
+        assert_eq!(tail_usage(cut).unwrap().prompt, Some(4));
+        assert!(tail_usage(br#"{"usage":null}"#).is_none());
+        assert!(tail_usage(b"").is_none());
+    }
 }
 
 #[derive(Deserialize)]
 pub(super) struct Whole<'a> {
     #[serde(default)]
-    pub(super) choices: Vec<WholeChoice>,
+    pub(super) choices: First<WholeChoice>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
     pub(super) output: Vec<OutputItem<'a>>,
     #[serde(borrow, default)]
-    pub(super) object: Option<Cow<'a, str>>,
+    pub(super) object: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -248,16 +354,13 @@ impl<'de> serde::de::Visitor<'de> for TextOf {
 }
 
 impl Whole<'_> {
-    /// The last non-null `finish_reason` of the choices (`choices[0]`'s for one choice).
+    /// The first choice's `finish_reason` (only the first choice is read).
     pub(super) fn finish_reason(&mut self) -> Option<String> {
-        self.choices
-            .iter_mut()
-            .rev()
-            .find_map(|c| c.finish_reason.take())
+        self.choices.0.as_mut().and_then(|c| c.finish_reason.take())
     }
 
     pub(super) fn into_reply(self) -> Option<String> {
-        if let Some(c) = self.choices.into_iter().next() {
+        if let Some(c) = self.choices.0 {
             if let Some(m) = c.message {
                 return Some(m.content.map(|c| c.0).unwrap_or_default());
             }
@@ -265,7 +368,7 @@ impl Whole<'_> {
                 return Some(t);
             }
         }
-        if self.object.as_deref() == Some("response") {
+        if self.object.as_ref().map(|o| o.0.as_ref()) == Some("response") {
             return Some(
                 self.output
                     .iter()

@@ -161,16 +161,23 @@ impl<'de> Visitor<'de> for TopLevel {
             json: true,
             ..BodyMeta::default()
         };
-        let mut few: Vec<Cow<'de, str>> = Vec::new();
+        // The first keys live on the stack (a `Vec` here was one allocation per request).
+        let mut few: [Cow<'de, str>; LINEAR_KEYS] = Default::default();
+        let mut n = 0;
         let mut many: Option<HashSet<Cow<'de, str>>> = None;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let dup = match &mut many {
                 Some(set) => !set.insert(key.clone()),
                 None => {
-                    let dup = few.contains(&key);
-                    few.push(key.clone());
-                    if few.len() > LINEAR_KEYS {
-                        many = Some(few.drain(..).collect());
+                    let dup = few[..n].contains(&key);
+                    if n < LINEAR_KEYS {
+                        few[n] = key.clone();
+                        n += 1;
+                    } else {
+                        let mut set: HashSet<Cow<'de, str>> =
+                            few.iter_mut().map(std::mem::take).collect();
+                        set.insert(key.clone());
+                        many = Some(set);
                     }
                     dup
                 }
@@ -322,10 +329,18 @@ pub fn token_label(token: &str) -> String {
     let n = token.chars().count();
     let head_end = token.char_indices().nth(3).map_or(token.len(), |(i, _)| i);
     let tail = |k: usize| token.char_indices().rev().nth(k - 1).map_or(0, |(i, _)| i);
+    // Built at its exact size (`format!` grew it: an allocation and a reallocation).
+    let join = |head: &str, tail: &str| {
+        let mut s = String::with_capacity(head.len() + '…'.len_utf8() + tail.len());
+        s.push_str(head);
+        s.push('…');
+        s.push_str(tail);
+        s
+    };
     if n >= 16 {
-        format!("{}…{}", &token[..head_end], &token[tail(4)..])
+        join(&token[..head_end], &token[tail(4)..])
     } else if n >= 8 {
-        format!("…{}", &token[tail(2)..])
+        join("", &token[tail(2)..])
     } else {
         "…".to_string()
     }
@@ -359,7 +374,7 @@ pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
         return String::new();
     };
     if !cfg.is_trusted_proxy(peer) {
-        return peer.to_string();
+        return ip_string(peer);
     }
     // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is the client.
     let xff: Vec<IpAddr> = req
@@ -375,14 +390,30 @@ pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
         .find(|ip| !cfg.is_trusted_proxy(**ip))
         .or(xff.first())
     {
-        return ip.to_string();
+        return ip_string(*ip);
     }
-    req.headers()
-        .get("x-real-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<IpAddr>().ok())
-        .unwrap_or(peer)
-        .to_string()
+    ip_string(
+        req.headers()
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<IpAddr>().ok())
+            .unwrap_or(peer),
+    )
+}
+
+/// An address as text in one allocation of its exact size (`to_string` grew the string while
+/// formatting: an allocation and a reallocation per request).
+fn ip_string(ip: IpAddr) -> String {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let len = {
+        let mut w: &mut [u8] = &mut buf;
+        match write!(w, "{ip}") {
+            Ok(()) => 64 - w.len(),
+            Err(_) => return ip.to_string(),
+        }
+    };
+    std::str::from_utf8(&buf[..len]).map_or_else(|_| ip.to_string(), str::to_string)
 }
 
 /// Reads the whole body, up to `limit` bytes.
@@ -513,6 +544,13 @@ mod tests {
         let many: String = (0..1000).map(|i| format!("\"k{i}\":{i},")).collect();
         assert!(meta(&format!("{{{many}\"model\":\"m\"}}")).is_ok());
         assert!(meta(&format!("{{{many}\"k999\":0}}")).is_err());
+        // Around the switch from the stack array to the hash set.
+        for n in 14..=18 {
+            let keys: String = (0..n).map(|i| format!("\"k{i}\":{i},")).collect();
+            assert!(meta(&format!("{{{keys}\"model\":\"m\"}}")).is_ok(), "{n}");
+            assert!(meta(&format!("{{{keys}\"k0\":0}}")).is_err(), "{n}");
+            assert!(meta(&format!("{{{keys}\"k{}\":0}}", n - 1)).is_err(), "{n}");
+        }
         assert_eq!(meta("hello").unwrap(), BodyMeta::default());
         assert_eq!(meta("").unwrap(), BodyMeta::default());
         assert_eq!(meta("[1]").unwrap(), BodyMeta::default());

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
@@ -17,6 +17,9 @@ use crate::registry::RegistryView;
 use super::attempt::Upstreamed;
 use super::relay::RelayBody;
 use super::resume::{ResumePlan, Resumer};
+
+/// The media type of an SSE answer (compared without case).
+const SSE: &str = "text/event-stream";
 
 /// The attempt whose answer goes to the client.
 pub struct Committed<'a> {
@@ -54,15 +57,16 @@ pub fn respond(
     let status = resp.status();
     ledger.commit(view, idx, status, first_byte, cooldown);
 
+    // Borrowed from the upstream's head until the capture is built (no copies, no lower-cased
+    // strings: each was one allocation per request).
     let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let sse = content_type.as_deref().is_some_and(|c| {
-        c.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("text/event-stream")
+        .and_then(|v| v.to_str().ok());
+    let sse = content_type.is_some_and(|c| {
+        let c = c.trim_start();
+        c.get(..SSE.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(SSE))
     });
     let length = resp
         .headers()
@@ -74,15 +78,24 @@ pub fn respond(
     for (name, value) in headers::response_headers(resp.headers()) {
         builder.append_header((name.clone(), value.clone()));
     }
-    builder.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"));
+    builder.insert_header((
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    ));
     if let Some(up) = cfg.upstreams.get(idx) {
-        if let Ok(v) = HeaderValue::from_str(&up.name) {
-            builder.insert_header(("x-upstream", v));
+        if let Some(v) = headers::upstream_name_value(&up.name) {
+            builder.insert_header((HeaderName::from_static("x-upstream"), v));
         }
     }
-    builder.insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
+    builder.insert_header((
+        HeaderName::from_static("x-upstream-attempts"),
+        headers::count_value(ledger.attempts()),
+    ));
     if sse {
-        builder.insert_header(("x-accel-buffering", "no"));
+        builder.insert_header((
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        ));
     }
 
     let encoding = resp
@@ -91,9 +104,9 @@ pub fn respond(
         .and_then(|v| v.to_str().ok());
     // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
     let capture = if ledger.recording() {
-        Capture::new(content_type.as_deref(), encoding, cfg.record_body_bytes)
+        Capture::new(content_type, encoding, cfg.record_body_bytes)
     } else {
-        Capture::usage_only(content_type.as_deref(), encoding, cfg.record_body_bytes)
+        Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
     // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
     let head_request = ledger.info().method == "HEAD";
@@ -104,8 +117,11 @@ pub fn respond(
     let chunked = resp
         .headers()
         .get(header::TRANSFER_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        .is_some_and(|v| {
+            v.as_bytes()
+                .windows(7)
+                .any(|w| w.eq_ignore_ascii_case(b"chunked"))
+        });
     let body = RelayBody::new(
         resp,
         first,

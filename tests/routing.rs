@@ -1,0 +1,79 @@
+//! The `/v1/*` routing that replaced the router's regex (issue 18): every path under `/v1/` still
+//! reaches the proxy (or the model list, the WebSocket session, the local preflight), and `/v1`
+//! alone is still not a route.
+
+use crate::support::*;
+
+fn auth() -> String {
+    format!("Bearer {TOKEN}")
+}
+
+#[actix_rt::test]
+async fn v1_paths_reach_the_same_handlers_as_before() {
+    let m = Mock::always(Reply::chat("routed"));
+    let gw = one(&m, "");
+    let a = auth();
+    let h = [
+        ("authorization", a.as_str()),
+        ("content-type", "application/json"),
+    ];
+
+    // Any path under /v1/ is proxied, with its path and query as sent.
+    for path in [
+        "/v1/chat/completions",
+        "/v1/embeddings?x=1",
+        "/v1/",
+        "/v1/a/b/c",
+    ] {
+        let got = send("POST", &gw.url(path), &h, b"{\"model\":\"m\"}").await;
+        assert_eq!(got.status, 200, "{path}: {}", got.text());
+        assert!(got.header("x-upstream").is_some(), "{path}");
+        assert_eq!(got.header("x-upstream-attempts"), Some("1"), "{path}");
+    }
+    let seen: Vec<String> = m.seen().iter().map(|s| s.target.clone()).collect();
+    for want in [
+        "/v1/chat/completions",
+        "/v1/embeddings?x=1",
+        "/v1/",
+        "/v1/a/b/c",
+    ] {
+        assert!(
+            seen.iter()
+                .any(|p| p.ends_with(want.trim_start_matches("/v1"))),
+            "{want} not forwarded: {seen:?}"
+        );
+    }
+
+    // The CORS preflight is answered locally, without a token, for any /v1/ path.
+    let got = send(
+        "OPTIONS",
+        &gw.url("/v1/chat/completions"),
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        b"",
+    )
+    .await;
+    assert!(got.status == 200 || got.status == 204, "{}", got.status);
+    assert_eq!(got.header("access-control-allow-origin"), Some("*"));
+    let forwarded = m.seen().len();
+
+    // `/v1` itself and paths merely starting with "v1" are not routes; nothing is forwarded.
+    for path in ["/v1", "/v1x/chat/completions", "/v2/chat/completions"] {
+        let got = send("POST", &gw.url(path), &h, b"{}").await;
+        assert_eq!(got.status, 404, "{path}");
+    }
+    assert_eq!(m.seen().len(), forwarded);
+
+    // The model list is still the gateway's own.
+    let got = send(
+        "GET",
+        &gw.url("/v1/models"),
+        &[("authorization", a.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["object"], "list");
+}
