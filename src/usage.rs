@@ -274,6 +274,13 @@ impl Out {
     }
 
     fn finish(mut self, chunk: &Bytes) -> Bytes {
+        if self.pieces.is_empty() {
+            // The common case, one run of the chunk: a slice of it, without a Vec.
+            return match self.run.take() {
+                Some((s, e)) if e > s => chunk.slice(s..e),
+                _ => Bytes::new(),
+            };
+        }
         self.flush(chunk);
         match self.pieces.len() {
             0 => Bytes::new(),
