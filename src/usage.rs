@@ -219,9 +219,24 @@ struct Probe {
     usage: Option<IgnoredAny>,
 }
 
+/// Whether `"usage"` occurs: jumps from quote to quote (a 7-byte window compared at every offset
+/// was a tenth of a stream's instructions).
+fn has_usage_key(event: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut from = 0;
+    while let Some(at) = event[from..].iter().position(|&b| b == b'"') {
+        let at = from + at;
+        if event[at..].starts_with(KEY) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
 /// Whether one whole SSE event is a usage-only chunk.
 pub fn is_usage_only(event: &[u8]) -> bool {
-    if !event.windows(7).any(|w| w == b"\"usage\"") {
+    if !has_usage_key(event) {
         return false;
     }
     let mut data = Vec::new();
@@ -303,6 +318,20 @@ impl UsageFilter {
         let mut start = 0;
         let mut i = 0;
         while i < chunk.len() {
+            if !self.blank_cr && !self.prev_cr {
+                // Inside a line: skip to its end in one search.
+                match chunk[i..].iter().position(|&b| b == b'\n' || b == b'\r') {
+                    Some(0) => {}
+                    Some(n) => {
+                        self.at_line_start = false;
+                        i += n;
+                    }
+                    None => {
+                        self.at_line_start = false;
+                        break;
+                    }
+                }
+            }
             let b = chunk[i];
             if self.blank_cr {
                 self.blank_cr = false;
