@@ -94,6 +94,25 @@ pub fn first_event(buf: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// The first complete `data:` line whose payload is whole (a JSON value or `[DONE]`), for
+/// upstreams that end events with a single newline: enough to judge the first event by.
+pub fn first_data_line(buf: &[u8]) -> Option<&[u8]> {
+    let mut rest = buf;
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..nl + 1];
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if let Some(data) = text.strip_prefix(b"data:") {
+            let data = data.trim_ascii();
+            if data == b"[DONE]" || serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
+                return Some(line);
+            }
+        }
+        rest = &rest[nl + 1..];
+    }
+    None
+}
+
 #[derive(Deserialize)]
 struct ErrorProbe {
     #[serde(default)]
@@ -292,6 +311,19 @@ mod tests {
             Some(&b"data: x\n\n"[..])
         );
         assert_eq!(first_event(b": ping\n\n"), None);
+    }
+
+    #[test]
+    fn single_newline_events_are_judged_by_their_first_data_line() {
+        let buf = b"data: {\"choices\":[]}\ndata: {\"x\":1}\n";
+        assert_eq!(first_event(buf), None);
+        assert_eq!(first_data_line(buf), Some(&b"data: {\"choices\":[]}\n"[..]));
+        assert_eq!(
+            first_data_line(b"data: {\"error\":{\"message\":\"x\"}}\r\n").map(is_error_event),
+            Some(true)
+        );
+        assert_eq!(first_data_line(b"data: {\"choi"), None);
+        assert_eq!(first_data_line(b": ping\ndata: {\"a\""), None);
     }
 
     #[test]

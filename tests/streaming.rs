@@ -211,3 +211,44 @@ async fn client_disconnect_cancels_the_upstream_request() {
     );
     assert!(!response.contains("w99"));
 }
+
+/// An upstream that ends its SSE events with a single newline is still judged by its first
+/// event (a whole `data:` line) and committed to at once, not waited on until `stream_timeout`.
+#[actix_rt::test]
+async fn single_newline_sse_is_committed_without_waiting_for_a_blank_line() {
+    let line = |t: &str| {
+        format!(
+            "data: {}\n",
+            serde_json::json!({"choices": [{"delta": {"content": t}}]})
+        )
+        .into_bytes()
+    };
+    let sloppy = Mock::always(Reply::Chunks {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        chunks: vec![
+            (Duration::ZERO, line("one ")),
+            (Duration::from_millis(1500), line("two")),
+            (Duration::ZERO, b"data: [DONE]\n".to_vec()),
+        ],
+        ending: Ending::Finish,
+    });
+    let other = Mock::always(Reply::sse_chat(&["other"], Duration::ZERO));
+    let gw = Gateway::start(&config(
+        "stream_timeout: 1",
+        &[
+            upstream("sloppy", &sloppy.endpoint(), ""),
+            upstream("other", &other.endpoint(), ""),
+        ],
+    ));
+    let got = post(&gw, "/v1/chat/completions", chat_body(true)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-upstream"), Some("sloppy"), "{}", got.text());
+    assert!(
+        got.text().starts_with("data: {\"choices\""),
+        "{}",
+        got.text()
+    );
+    assert!(got.text().ends_with("data: [DONE]\n"), "{}", got.text());
+    assert_eq!(other.hits(), 0);
+}

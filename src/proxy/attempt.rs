@@ -211,7 +211,9 @@ async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptErro
             }
         }
         let seen: &[u8] = held.as_deref().unwrap_or(&buf);
-        match sse::first_event(seen) {
+        // A blank line ends an event; an upstream that ends its events with single newlines
+        // is judged by its first whole `data:` line instead of being waited on.
+        match sse::first_event(seen).or_else(|| sse::first_data_line(seen)) {
             Some(ev) if sse::is_error_event(ev) => {
                 return Err(AttemptError::new(
                     FailKind::Stream,
