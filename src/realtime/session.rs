@@ -77,6 +77,17 @@ struct UpstreamFrames {
     codec: Codec,
 }
 
+/// The next frame already in `buf`, a protocol error, or an oversized frame announced by its
+/// header (refused before it is buffered); None when more bytes are needed.
+fn decoded(codec: &mut Codec, buf: &mut BytesMut) -> Option<Result<Frame, ProtocolError>> {
+    match codec.decode(buf) {
+        Ok(Some(f)) => return Some(Ok(f)),
+        Ok(None) => {}
+        Err(e) => return Some(Err(e)),
+    }
+    too_large(buf).then_some(Err(ProtocolError::Overflow))
+}
+
 /// A source of frames; `None` when the connection ended.
 trait Frames {
     async fn next(&mut self) -> Option<Result<Frame, ProtocolError>>;
@@ -85,13 +96,8 @@ trait Frames {
 impl Frames for ClientFrames {
     async fn next(&mut self) -> Option<Result<Frame, ProtocolError>> {
         loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Some(Ok(f)),
-                Ok(None) => {}
-                Err(e) => return Some(Err(e)),
-            }
-            if too_large(&self.buf) {
-                return Some(Err(ProtocolError::Overflow));
+            if let Some(ready) = decoded(&mut self.codec, &mut self.buf) {
+                return Some(ready);
             }
             match self.payload.next().await {
                 // Take the chunk as the buffer when nothing is pending (no copy).
@@ -106,13 +112,8 @@ impl Frames for ClientFrames {
 impl Frames for UpstreamFrames {
     async fn next(&mut self) -> Option<Result<Frame, ProtocolError>> {
         loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Some(Ok(f)),
-                Ok(None) => {}
-                Err(e) => return Some(Err(e)),
-            }
-            if too_large(&self.buf) {
-                return Some(Err(ProtocolError::Overflow));
+            if let Some(ready) = decoded(&mut self.codec, &mut self.buf) {
+                return Some(ready);
             }
             self.buf.reserve(READ_CHUNK);
             match self.io.read_buf(&mut self.buf).await {
