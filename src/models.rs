@@ -417,22 +417,10 @@ fn json_response(status: actix_web::http::StatusCode, body: Bytes) -> HttpRespon
 
 /// Percent-decodes a path segment (ids such as `meta-llama/Llama-3` may arrive as `%2F`).
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
+    match admit::percent_decode(s.as_bytes()) {
+        Some(b) => String::from_utf8_lossy(&b).into_owned(),
+        None => s.to_string(),
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `GET /v1/models` and `GET /v1/models/{id}` (an empty id is the list).

@@ -221,7 +221,7 @@ pub fn has_dot_segment(path: &str) -> bool {
 }
 
 /// One round of percent-decoding, or None when there is nothing to decode.
-fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     if !s.contains(&b'%') {
         return None;
     }
