@@ -23,6 +23,8 @@ WORKDIR /src
 #    `cargo build`, so tests/main.rs, benches/records.rs and benches/allocations.rs get empty
 #    stubs that stay (the image never builds them). A build script, if one is ever added, would need a stub here too.
 COPY Cargo.toml Cargo.lock ./
+# awc with this project's patch (see vendor/awc/PATCHED.md), referenced by [patch.crates-io].
+COPY vendor ./vendor
 RUN mkdir -p src static tests benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
