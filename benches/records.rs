@@ -46,9 +46,14 @@ fn response_text(i: usize) -> String {
 fn record(i: usize, body: &Bytes, reply: &str) -> Record {
     Record {
         created_at: SystemTime::now(),
-        ip: format!("10.1.{}.{}", (i / 256) % 256, i % 256),
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
+        ip: Some(std::net::IpAddr::from([
+            10,
+            1,
+            (i / 256 % 256) as u8,
+            (i % 256) as u8,
+        ])),
+        method: actix_web::http::Method::POST,
+        path: actix_web::http::Uri::from_static("/v1/chat/completions"),
         model: Some("gpt-4o-mini".into()),
         stream: i.is_multiple_of(2),
         upstream: Some("primary".into()),
@@ -62,7 +67,9 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         total_tokens: Some(340),
         ttfb_ms: Some(180 + (i % 50) as u64),
         duration_ms: 900 + (i % 400) as u64,
-        user_agent: Some("OpenAI/Python 1.54.0".into()),
+        user_agent: Some(actix_web::http::header::HeaderValue::from_static(
+            "OpenAI/Python 1.54.0",
+        )),
         client_key: Some("sk-…cdef".into()),
         body_limit: 1 << 20,
         finish_reason: Some("stop".into()),

@@ -6,11 +6,13 @@
 //! relayed body, it goes through one of the `finish` methods here, exactly once. (pingora's
 //! per-request context with a single logging phase is the model.)
 
+use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode, Uri};
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
@@ -29,24 +31,33 @@ pub struct RequestInfo {
     pub created_at: SystemTime,
     /// Monotonic start.
     pub started: Instant,
-    /// Client address.
-    pub ip: String,
+    /// Client address (None when the peer is unknown).
+    pub ip: Option<IpAddr>,
     /// Method.
-    pub method: String,
-    /// Path without query (cut for the record).
-    pub path: String,
+    pub method: Method,
+    /// The request's URI, shared with the request (its path is cut where it is shown).
+    pub uri: Uri,
     /// `model` from the body.
     pub model: Option<String>,
     /// `"stream": true`.
     pub stream: bool,
+    /// Where the top-level `stream_options` value sits in `body`, if the body has one.
+    pub stream_options: Option<Range<usize>>,
     /// The body as received.
     pub body: Bytes,
-    /// Client User-Agent (cut for the record).
-    pub user_agent: Option<String>,
-    /// Non-secret token label.
-    pub client_key: Option<String>,
+    /// Client User-Agent, shared with the request (cut where it is stored).
+    pub user_agent: Option<HeaderValue>,
+    /// Non-secret token label, shared with the config.
+    pub client_key: Option<Arc<str>>,
     /// `record_body_bytes`.
     pub body_limit: usize,
+}
+
+impl RequestInfo {
+    /// The path without query, cut as the record keeps it (SPEC 4d).
+    pub fn path(&self) -> &str {
+        crate::records::cut_path(self.uri.path())
+    }
 }
 
 /// One failed attempt as the request path reports it to the ledger.
@@ -165,15 +176,11 @@ impl Ledger {
     /// `failover_codes`, a prefill the upstream rejected), which only the record's `error` keeps
     /// (SPEC 4a).
     pub fn failed(&mut self, view: &RegistryView, idx: usize, f: AttemptFailure) {
-        let name = view
-            .config
-            .upstreams
-            .get(idx)
-            .map_or("", |u| u.name.as_str());
+        let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
         log::warn!(
             "{} {}: upstream {name} failed: {}",
             self.info.method,
-            untrusted(&self.info.path),
+            untrusted(self.info.path()),
             untrusted(&f.reason)
         );
         if f.moving_on {
@@ -310,11 +317,7 @@ impl Ledger {
         if let Some(c) = self.committed.as_mut() {
             c.broken = true;
         }
-        let name = view
-            .config
-            .upstreams
-            .get(idx)
-            .map_or("", |u| u.name.as_str());
+        let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
         self.failures.push(Failure {
             upstream: name.to_string(),
             kind: FailKind::Stream,
@@ -414,12 +417,7 @@ impl Ledger {
             return;
         };
         let state = self.state.clone();
-        let upstream = c
-            .view
-            .config
-            .upstreams
-            .get(c.idx)
-            .map_or("", |u| u.name.as_str());
+        let upstream = c.view.config.upstreams.get(c.idx).map_or("", |u| &*u.name);
         let outcome = match &end {
             // Already accounted for when it broke; no continuation could finish it.
             BodyEnd::Broken(_) if c.broken => None,
@@ -427,7 +425,7 @@ impl Ledger {
                 log::warn!(
                     "{} {}: upstream {upstream} broke mid-response: {}",
                     self.info.method,
-                    untrusted(&self.info.path),
+                    untrusted(self.info.path()),
                     untrusted(reason)
                 );
                 state.registry.report_for(
@@ -452,7 +450,7 @@ impl Ledger {
                 log::info!(
                     "{} {}: client went away; upstream {upstream} request cancelled",
                     self.info.method,
-                    untrusted(&self.info.path),
+                    untrusted(self.info.path()),
                 );
                 c.ok.then_some("ok")
             }
@@ -479,7 +477,7 @@ impl Ledger {
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
-            let upstream = Some(upstream.to_string());
+            let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
             // The whole answer reached the client: a non-error status, its body to the end, and
             // no in-band error event inside it.
             let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
@@ -491,9 +489,9 @@ impl Ledger {
         if let Some(alerts) = &self.state.alerts {
             alerts.do_send(RequestFailed {
                 at: SystemTime::now(),
-                ip: self.info.ip.clone(),
-                method: self.info.method.clone(),
-                path: self.info.path.clone(),
+                ip: self.info.ip.map_or_else(String::new, |ip| ip.to_string()),
+                method: self.info.method.to_string(),
+                path: self.info.path().to_string(),
                 model: self.info.model.clone(),
                 status,
                 attempts: self.failures.iter().map(ToString::to_string).collect(),
@@ -505,7 +503,7 @@ impl Ledger {
     fn into_record(
         self,
         status: u16,
-        upstream: Option<String>,
+        upstream: Option<Arc<str>>,
         error: Option<String>,
         reply: Reply,
         ttfb: Option<Duration>,
@@ -517,7 +515,7 @@ impl Ledger {
             created_at: info.created_at,
             ip: info.ip,
             method: info.method,
-            path: info.path,
+            path: info.uri,
             model: info.model,
             stream: info.stream,
             upstream,

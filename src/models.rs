@@ -84,16 +84,12 @@ impl ModelsSnapshot {
             data.push(v);
         };
         for up in &config.upstreams {
-            if let Some(ids) = lists.get(&up.name).and_then(|l| l.ids.as_ref()) {
+            if let Some(ids) = lists.get(&*up.name).and_then(|l| l.ids.as_ref()) {
                 for e in ids.iter().filter(|e| up.admits(Some(&e.id))) {
-                    add(
-                        &e.id,
-                        e.created,
-                        e.owned_by.as_deref().unwrap_or(up.name.as_str()),
-                    );
+                    add(&e.id, e.created, e.owned_by.as_deref().unwrap_or(&up.name));
                 }
                 known.insert(
-                    up.name.clone(),
+                    up.name.to_string(),
                     ids.iter().map(|e| e.id.clone()).collect::<HashSet<_>>(),
                 );
             }
@@ -116,7 +112,7 @@ impl ModelsSnapshot {
         if up.model_map.iter().any(|(p, _)| p.0 == "*") {
             return true;
         }
-        let Some(ids) = self.known.get(&up.name) else {
+        let Some(ids) = self.known.get(&*up.name) else {
             return true;
         };
         ids.contains(up.mapped_model(model).unwrap_or(model))
@@ -264,7 +260,7 @@ impl ModelsActor {
     /// not already in flight).
     fn refresh(&mut self, ctx: &mut Context<Self>, force: bool) {
         let config = self.config.clone();
-        let names: HashSet<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let names: HashSet<&str> = config.upstreams.iter().map(|u| &*u.name).collect();
         self.lists.retain(|n, _| names.contains(n.as_str()));
         for up in &config.upstreams {
             match &up.models {
@@ -278,7 +274,7 @@ impl ModelsActor {
                         })
                         .collect();
                     self.lists.insert(
-                        up.name.clone(),
+                        up.name.to_string(),
                         ListState {
                             ids: Some(Arc::new(entries)),
                             configured: true,
@@ -288,11 +284,11 @@ impl ModelsActor {
                     );
                 }
                 None => {
-                    let l = self.lists.entry(up.name.clone()).or_default();
+                    let l = self.lists.entry(up.name.to_string()).or_default();
                     if l.configured {
                         *l = ListState::default();
                     }
-                    if force || !self.in_flight.contains(&up.name) {
+                    if force || !self.in_flight.contains(&*up.name) {
                         self.fetch(ctx, up);
                     }
                 }
@@ -304,8 +300,8 @@ impl ModelsActor {
     fn fetch(&mut self, ctx: &mut Context<Self>, up: &Upstream) {
         self.seq += 1;
         let seq = self.seq;
-        self.started.insert(up.name.clone(), seq);
-        self.in_flight.insert(up.name.clone());
+        self.started.insert(up.name.to_string(), seq);
+        self.in_flight.insert(up.name.to_string());
         let mut req = self
             .client
             .get(format!("{}/models", up.base))
@@ -360,7 +356,7 @@ impl ModelsActor {
             .config
             .upstreams
             .iter()
-            .any(|u| u.name == name && u.models.is_none());
+            .any(|u| &*u.name == name && u.models.is_none());
         if !current || self.applied.get(name).is_some_and(|&a| a > seq) {
             return;
         }

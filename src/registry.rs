@@ -312,7 +312,7 @@ impl RegistryHandle {
             stats.history.record_failure(*kind != FailKind::Stream);
             self.failures.push(FailedAttempt {
                 at: SystemTime::now(),
-                upstream: up.name.clone(),
+                upstream: up.name.to_string(),
                 model: model.map(|m| clip(m, TEXT_MAX)),
                 outcome: kind.label(),
                 reason: clip(reason, TEXT_MAX),
@@ -327,13 +327,13 @@ impl RegistryHandle {
                 if stats.failures.swap(0, Ordering::AcqRel) > 0 || view.cooling_until[idx].is_some()
                 {
                     self.addr.do_send(AttemptDone {
-                        upstream: up.name.clone(),
+                        upstream: up.name.to_string(),
                         result: AttemptResult::Ok { first_byte },
                     });
                 }
             }
             failed @ AttemptResult::Failed { .. } => self.addr.do_send(AttemptDone {
-                upstream: up.name.clone(),
+                upstream: up.name.to_string(),
                 result: failed,
             }),
         }
@@ -451,7 +451,7 @@ impl UpstreamRegistry {
     }
 
     fn index_of(&self, name: &str) -> Option<usize> {
-        self.config.upstreams.iter().position(|u| u.name == name)
+        self.config.upstreams.iter().position(|u| &*u.name == name)
     }
 }
 
@@ -552,14 +552,14 @@ impl Handler<Reload> for UpstreamRegistry {
             .config
             .upstreams
             .iter()
-            .map(|u| u.name.as_str())
+            .map(|u| &*u.name)
             .zip(self.health.iter().zip(&self.stats))
             .collect();
         let (health, stats): (Vec<Health>, Vec<Arc<LiveStats>>) = msg
             .0
             .upstreams
             .iter()
-            .map(|u| match old.get(u.name.as_str()) {
+            .map(|u| match old.get(&*u.name) {
                 Some((h, s)) => ((*h).clone(), (*s).clone()),
                 None => (Health::default(), Arc::default()),
             })
@@ -589,7 +589,7 @@ impl Handler<GetSnapshot> for UpstreamRegistry {
             .iter()
             .zip(self.health.iter().zip(&self.stats))
             .map(|(u, (h, s))| UpstreamStatus {
-                name: u.name.clone(),
+                name: u.name.to_string(),
                 endpoint: u.display.clone(),
                 timeout: u.timeout,
                 stream_timeout: u.stream_timeout,

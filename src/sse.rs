@@ -4,6 +4,8 @@
 //! Bytes are relayed verbatim; this module only reads them. Lines may end in `\n`, `\r\n` or
 //! `\r`, and an event ends at a blank line.
 
+use std::borrow::Cow;
+
 use actix_web::web::{Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -54,26 +56,27 @@ fn field(line: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// The event's `event:` name and its `data:` joined by newlines.
-pub fn parse(ev: &[u8]) -> (Option<&[u8]>, Vec<u8>) {
+/// The event's `event:` name and its `data:` joined by newlines (borrowed from the event when it
+/// has a single `data:` line, as nearly every event has).
+pub fn parse(ev: &[u8]) -> (Option<&[u8]>, Cow<'_, [u8]>) {
     let mut name = None;
-    let mut data: Vec<u8> = Vec::new();
-    let mut any_data = false;
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in lines(ev) {
         let (f, v) = field(line);
         match f {
             b"event" => name = Some(v),
-            b"data" => {
-                if any_data {
-                    data.push(b'\n');
+            b"data" => match &mut data {
+                None => data = Some(Cow::Borrowed(v)),
+                Some(d) => {
+                    let d = d.to_mut();
+                    d.push(b'\n');
+                    d.extend_from_slice(v);
                 }
-                data.extend_from_slice(v);
-                any_data = true;
-            }
+            },
             _ => {}
         }
     }
-    (name, data)
+    (name, data.unwrap_or(Cow::Borrowed(&[])))
 }
 
 /// Whether the event carries anything (an `event:` or `data:` field), not only comments.
@@ -114,11 +117,11 @@ pub fn first_data_line(buf: &[u8]) -> Option<&[u8]> {
 }
 
 #[derive(Deserialize)]
-struct ErrorProbe {
+struct ErrorProbe<'a> {
     #[serde(default)]
     error: Option<serde_json::Value>,
-    #[serde(default, rename = "type")]
-    kind: Option<String>,
+    #[serde(default, rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
 }
 
 /// An in-band error (SPEC 4a): `event: error`, a Responses API `response.failed`/`error` event,

@@ -22,6 +22,8 @@ use crate::config::Config;
 
 /// What is added when the client did not ask for usage itself.
 const INCLUDE_USAGE: &str = "\"include_usage\":true";
+/// The member added to a body without `stream_options` (`INCLUDE_USAGE` inside it).
+const STREAM_OPTIONS: &str = "\"stream_options\":{\"include_usage\":true}";
 
 /// Paths whose streams carry a usage chunk on request.
 fn usage_path(path: &str) -> bool {
@@ -63,22 +65,22 @@ fn append_member(text: &str, member: &str, empty: bool) -> Option<String> {
 /// The body to send upstream instead of the client's, when the gateway should ask for usage: a
 /// stream request to `/v1/chat/completions` or `/v1/completions` whose JSON body does not already
 /// say `stream_options.include_usage: true`. Every byte outside `stream_options` is kept, and so
-/// are the client's other `stream_options` members.
-pub fn usage_body(path: &str, stream: bool, body: &[u8]) -> Option<Bytes> {
+/// are the client's other `stream_options` members. `stream_options` is where admission found the
+/// top-level member's value (the body is a JSON object without duplicate keys, so the top level is
+/// not parsed again here).
+pub fn usage_body(
+    path: &str,
+    stream: bool,
+    body: &[u8],
+    stream_options: Option<std::ops::Range<usize>>,
+) -> Option<Bytes> {
     if !stream || !usage_path(path) {
         return None;
     }
     let text = std::str::from_utf8(body).ok()?;
-    let top = members(text)?;
-    let Some((_, opts)) = top.iter().rev().find(|(k, _)| k == "stream_options") else {
-        return append_member(
-            text,
-            &format!("\"stream_options\":{{{INCLUDE_USAGE}}}"),
-            false,
-        )
-        .map(Bytes::from);
+    let Some(opts_text) = stream_options.and_then(|r| text.get(r)) else {
+        return append_member(text, STREAM_OPTIONS, false).map(Bytes::from);
     };
-    let opts_text = opts.get();
     let new_opts = match members(opts_text) {
         Some(inner) => match inner.iter().rev().find(|(k, _)| k == "include_usage") {
             Some((_, v)) if v.get() == "true" => return None,
@@ -423,8 +425,14 @@ mod tests {
     use super::*;
 
     fn body(b: &str) -> Option<String> {
-        usage_body("/v1/chat/completions", true, b.as_bytes())
-            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        let meta = crate::proxy::admit::body_meta(b.as_bytes()).ok()?;
+        usage_body(
+            "/v1/chat/completions",
+            true,
+            b.as_bytes(),
+            meta.stream_options,
+        )
+        .map(|b| String::from_utf8(b.to_vec()).unwrap())
     }
 
     #[test]
@@ -454,8 +462,8 @@ mod tests {
             None
         );
         assert_eq!(body("not json"), None);
-        assert!(usage_body("/v1/embeddings", true, b"{\"stream\":true}").is_none());
-        assert!(usage_body("/v1/completions", false, b"{}").is_none());
+        assert!(usage_body("/v1/embeddings", true, b"{\"stream\":true}", None).is_none());
+        assert!(usage_body("/v1/completions", false, b"{}", None).is_none());
     }
 
     const USAGE: &str = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";

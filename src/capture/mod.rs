@@ -6,6 +6,8 @@
 //! The OpenAI wire shapes read from replies are in `openai`; cutting record columns is the
 //! records module's (`records::columns`).
 
+use std::borrow::Cow;
+
 use actix_web::web::Bytes;
 
 mod openai;
@@ -60,7 +62,7 @@ pub struct Reply {
     /// The token usage found.
     pub usage: Usage,
     /// The last non-null `finish_reason` seen (bounded), read only when the text is kept.
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
     /// An SSE error event (a top-level `error`, or a Responses API `error`/`response.failed`)
     /// came through: the client did not get the whole answer. Read only when the text is kept.
     pub error_event: bool,
@@ -108,7 +110,7 @@ pub struct Capture {
     /// Usage of the earlier segments of a resumed stream (SPEC 4b: the continuation's is added).
     earlier: Usage,
     /// SSE: the last non-null `choices[*].finish_reason` so far.
-    finish_reason: Option<String>,
+    finish_reason: Option<FinishReason>,
     /// SSE: an error event was seen.
     error_event: bool,
 }
@@ -336,9 +338,8 @@ impl Capture {
 
     /// Keeps `reason` (bounded) as the last finish reason; allocates only when it changes.
     fn saw_finish_reason(&mut self, reason: &str) {
-        let reason = bounded(reason, MAX_FINISH_REASON);
-        if self.finish_reason.as_deref() != Some(reason) {
-            self.finish_reason = Some(reason.to_owned());
+        if self.finish_reason.as_deref() != Some(bounded(reason, MAX_FINISH_REASON)) {
+            self.finish_reason = Some(shared_finish_reason(reason));
         }
     }
 
@@ -363,9 +364,9 @@ impl Capture {
             }
         }
         let whole = self.whole.take();
-        let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
         if !self.keep_text {
             if self.kind == Kind::Json {
+                let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
                 if let Some(u) = tail_usage(body) {
                     self.usage = u;
                 }
@@ -377,7 +378,13 @@ impl Capture {
         }
         let mut usage = self.usage;
         let mut finish_reason = self.finish_reason.take();
-        let mut text = match self.kind {
+        // SSE text was kept as it was read: it becomes the record's text without a copy.
+        if self.kind == Kind::Sse && whole.is_none() {
+            let text = into_text(std::mem::take(&mut self.text));
+            return self.reply(text, usage, finish_reason);
+        }
+        let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
+        let text = match self.kind {
             Kind::Binary => {
                 return Reply {
                     usage,
@@ -389,9 +396,7 @@ impl Capture {
                     if let Some(u) = &w.usage {
                         usage = u.to_usage();
                     }
-                    finish_reason = w
-                        .finish_reason()
-                        .map(|r| bounded(&r, MAX_FINISH_REASON).to_owned());
+                    finish_reason = w.finish_reason().map(|r| shared_finish_reason(&r));
                     w.into_reply().unwrap_or_else(|| lossy(body))
                 }
                 Err(_) => lossy(body),
@@ -406,9 +411,13 @@ impl Capture {
             if let Some(u) = tail_usage(&end) {
                 usage = u;
             }
-            finish_reason =
-                tail_finish_reason(&end).map(|r| bounded(&r, MAX_FINISH_REASON).to_owned());
+            finish_reason = tail_finish_reason(&end).map(|r| shared_finish_reason(&r));
         }
+        self.reply(text, usage, finish_reason)
+    }
+
+    /// The reply of a capture that kept its text (marked when it was cut).
+    fn reply(&self, mut text: String, usage: Usage, finish_reason: Option<FinishReason>) -> Reply {
         if self.truncated {
             text.push_str(TRUNCATED);
         }
@@ -418,6 +427,27 @@ impl Capture {
             finish_reason,
             error_event: self.error_event,
         }
+    }
+}
+
+/// A `finish_reason` as the record keeps it: the known values shared, others bounded copies.
+pub type FinishReason = Cow<'static, str>;
+
+/// The finish reasons OpenAI-style APIs send, kept without a copy.
+const KNOWN_FINISH_REASONS: [&str; 6] = [
+    "stop",
+    "length",
+    "tool_calls",
+    "content_filter",
+    "function_call",
+    "eos",
+];
+
+/// `reason`, shared when it is a known one, else copied (bounded: an upstream's is untrusted).
+fn shared_finish_reason(reason: &str) -> FinishReason {
+    match KNOWN_FINISH_REASONS.iter().find(|k| **k == reason) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(bounded(reason, MAX_FINISH_REASON).to_owned()),
     }
 }
 
@@ -449,6 +479,11 @@ fn push_tail(buf: &mut Vec<u8>, bytes: &[u8]) {
 
 fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `bytes` as text, reusing their buffer unless they are not UTF-8.
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| lossy(e.as_bytes()))
 }
 
 #[cfg(test)]

@@ -100,6 +100,9 @@ pub struct Config {
     pub file: PathBuf,
     /// Accepted client tokens (never logged).
     pub tokens: Vec<String>,
+    /// The record's `client_key` label of each of `tokens`, computed once per config so that a
+    /// request shares it instead of building it.
+    pub token_labels: Vec<std::sync::Arc<str>>,
     /// `-noauth` (set from the command line, kept here so reloads keep it).
     pub noauth: bool,
     /// Default header wait, non-stream.
@@ -202,5 +205,29 @@ pub fn parse(
         Ok((config, p.warnings))
     } else {
         Err(ConfigErrors(p.errors))
+    }
+}
+
+/// A label that tells tokens apart without revealing them: `sk-…abcd` for long tokens, less for
+/// short ones.
+pub fn token_label(token: &str) -> String {
+    // Char boundaries of the first 3 and the last 4 characters, without collecting all of them.
+    let n = token.chars().count();
+    let head_end = token.char_indices().nth(3).map_or(token.len(), |(i, _)| i);
+    let tail = |k: usize| token.char_indices().rev().nth(k - 1).map_or(0, |(i, _)| i);
+    // Built at its exact size (`format!` grew it: an allocation and a reallocation).
+    let join = |head: &str, tail: &str| {
+        let mut s = String::with_capacity(head.len() + '…'.len_utf8() + tail.len());
+        s.push_str(head);
+        s.push('…');
+        s.push_str(tail);
+        s
+    };
+    if n >= 16 {
+        join(&token[..head_end], &token[tail(4)..])
+    } else if n >= 8 {
+        join("", &token[tail(2)..])
+    } else {
+        "…".to_string()
     }
 }

@@ -379,6 +379,10 @@ impl Parser<'_> {
 
         Config {
             file: self.file.clone(),
+            token_labels: tokens
+                .iter()
+                .map(|t| super::token_label(t).into())
+                .collect(),
             tokens,
             noauth,
             timeout,

@@ -20,8 +20,8 @@ fn original_file_loads() {
     )
     .unwrap();
     assert_eq!(c.tokens, vec!["woshimima"]);
-    assert_eq!(c.upstreams[0].name, "api.openai.com");
-    assert_eq!(c.upstreams[1].name, "api.openai.com#2");
+    assert_eq!(&*c.upstreams[0].name, "api.openai.com");
+    assert_eq!(&*c.upstreams[1].name, "api.openai.com#2");
     assert_eq!(c.upstreams[1].timeout, Duration::from_secs(30));
     assert_eq!(c.upstreams[0].timeout, Duration::from_secs(60));
     assert_eq!(c.upstreams[0].stream_timeout, Duration::from_secs(5));
@@ -143,4 +143,42 @@ fn models_and_usage_keys() {
         e.contains("upstreams[0].force_usage: expected true or false"),
         "{e}"
     );
+}
+
+#[test]
+fn upstream_urls_and_host_are_assembled_from_the_parsed_endpoint() {
+    let c = parse_str(
+        "authorization: t\nupstreams:\n  - endpoint: https://api.openai.com/v1\n  - endpoint: http://127.0.0.1:8080/openai/v1/\n  - endpoint: http://[::1]:9000\n  - endpoint: http://u:p@h.example:80/x\n",
+    )
+    .unwrap();
+    let url = |i: usize, path: &str, q: Option<&str>| {
+        c.upstreams[i]
+            .origin
+            .uri(path, q)
+            .map(|u| u.to_string())
+            .unwrap_or_default()
+    };
+    let host = |i: usize| {
+        c.upstreams[i]
+            .origin
+            .host()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        url(0, "/chat/completions", None),
+        "https://api.openai.com/v1/chat/completions"
+    );
+    assert_eq!(host(0), "api.openai.com");
+    assert_eq!(
+        url(1, "/embeddings", Some("a=1&b")),
+        "http://127.0.0.1:8080/openai/v1/embeddings?a=1&b"
+    );
+    assert_eq!(host(1), "127.0.0.1:8080");
+    assert_eq!(url(2, "/models", None), "http://[::1]:9000/models");
+    assert_eq!(host(2), "[::1]:9000");
+    // User info stays in the URL as configured and never in `Host`; port 80 is not written.
+    assert_eq!(url(3, "/m", None), "http://u:p@h.example:80/x/m");
+    assert_eq!(host(3), "h.example");
 }

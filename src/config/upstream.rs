@@ -74,9 +74,12 @@ fn glob_match(pat: &[u8], s: &[u8]) -> bool {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Unique label used everywhere an upstream is named.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Base URL without a trailing slash; request paths are appended to it.
     pub base: String,
+    /// `base` taken apart once, so that a request's URL and `Host` are assembled from shared
+    /// pieces instead of being formatted and parsed per request.
+    pub origin: Origin,
     /// The endpoint as it may be shown: scheme, host and path, never user info.
     pub display: String,
     /// What `Authorization` to send.
@@ -276,7 +279,8 @@ impl Parser<'_> {
             out.push((
                 name.clone(),
                 Upstream {
-                    name: name.unwrap_or(host),
+                    name: name.unwrap_or(host).into(),
+                    origin: Origin::of(&base),
                     base,
                     display,
                     auth,
@@ -293,7 +297,7 @@ impl Parser<'_> {
             ));
         }
         // Explicit names must be unique; default names (the host) get #2, #3 … and avoid them.
-        let mut taken: HashSet<String> = HashSet::new();
+        let mut taken: HashSet<std::sync::Arc<str>> = HashSet::new();
         for (i, (explicit, u)) in out.iter().enumerate() {
             if explicit.is_some() && !taken.insert(u.name.clone()) {
                 self.err(
@@ -309,13 +313,84 @@ impl Parser<'_> {
                 let mut n = 1;
                 while taken.contains(&u.name) {
                     n += 1;
-                    u.name = format!("{host}#{n}");
+                    u.name = format!("{host}#{n}").into();
                 }
                 taken.insert(u.name.clone());
             }
             result.push(u);
         }
         result
+    }
+}
+
+/// An upstream's scheme, authority, base path and `Host` value.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    scheme: Option<awc::http::uri::Scheme>,
+    authority: Option<awc::http::uri::Authority>,
+    path: String,
+    host: Option<HeaderValue>,
+}
+
+impl Origin {
+    /// Takes apart a base URL that [`parse_endpoint`] produced.
+    fn of(base: &str) -> Origin {
+        let uri: Option<Uri> = base.parse().ok();
+        let parts = uri.map(Uri::into_parts);
+        let (scheme, authority) = match parts {
+            Some(p) => (p.scheme, p.authority),
+            None => (None, None),
+        };
+        // The value awc would write itself: the host, and the port unless it is 80 or 443.
+        let host = authority.as_ref().and_then(|a| {
+            let text = match a.port_u16() {
+                None | Some(80) | Some(443) => a.host().to_string(),
+                Some(port) => format!("{}:{port}", a.host()),
+            };
+            HeaderValue::from_str(&text).ok()
+        });
+        let path = match (&scheme, &authority) {
+            (Some(s), Some(a)) => base
+                .strip_prefix(s.as_str())
+                .and_then(|r| r.strip_prefix("://"))
+                .and_then(|r| r.strip_prefix(a.as_str()))
+                .unwrap_or("")
+                .to_string(),
+            _ => String::new(),
+        };
+        Origin {
+            scheme,
+            authority,
+            path,
+            host,
+        }
+    }
+
+    /// The upstream URL of a request for `path` (with `/v1` already taken off) and `query`:
+    /// one allocation for the path, the scheme and authority shared. None if the pieces do not
+    /// make a URI (the caller then formats and parses the URL as text).
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+        let mut pq =
+            String::with_capacity(self.path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        pq.push_str(&self.path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let mut parts = awc::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone()?);
+        parts.authority = Some(self.authority.clone()?);
+        parts.path_and_query = Some(
+            awc::http::uri::PathAndQuery::from_maybe_shared(actix_web::web::Bytes::from(pq))
+                .ok()?,
+        );
+        Uri::from_parts(parts).ok()
+    }
+
+    /// The `Host` header for this upstream (awc would otherwise format it per request).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 }
 

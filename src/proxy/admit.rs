@@ -12,6 +12,8 @@ use std::collections::HashSet;
 use std::fmt;
 
 use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderMap};
@@ -19,6 +21,7 @@ use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
+pub use crate::config::token_label;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::headers::VIA;
@@ -34,6 +37,9 @@ pub struct BodyMeta {
     pub stream: bool,
     /// Whether the body is a JSON object (so `model` can be rewritten in it).
     pub json: bool,
+    /// Where the top-level `stream_options` value sits in the body (SPEC 4b `force_usage`
+    /// edits it without parsing the body again).
+    pub stream_options: Option<Range<usize>>,
 }
 
 /// Why a body was refused; the text goes to the client in a 400.
@@ -66,7 +72,10 @@ pub fn body_meta(body: &[u8]) -> Result<BodyMeta, Refused> {
         return Ok(BodyMeta::default());
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let meta = TopLevel
+    let top = TopLevel {
+        base: body.as_ptr() as usize,
+    };
+    let meta = top
         .deserialize(&mut de)
         .and_then(|m| de.end().map(|()| m))
         .map_err(|e| Refused(format!("the request body is not valid JSON: {e}")))?;
@@ -74,7 +83,10 @@ pub fn body_meta(body: &[u8]) -> Result<BodyMeta, Refused> {
 }
 
 /// Deserializes the top-level object, checking keys for duplicates.
-struct TopLevel;
+struct TopLevel {
+    /// Address of the body's first byte: raw values borrowed from the body are located by it.
+    base: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for TopLevel {
     type Value = BodyMeta;
@@ -191,6 +203,11 @@ impl<'de> Visitor<'de> for TopLevel {
             match key.as_ref() {
                 "model" => meta.model = map.next_value_seed(ModelValue)?,
                 "stream" => meta.stream = map.next_value_seed(StreamValue)?,
+                "stream_options" => {
+                    let raw: &'de serde_json::value::RawValue = map.next_value()?;
+                    let at = (raw.get().as_ptr() as usize).wrapping_sub(self.base);
+                    meta.stream_options = Some(at..at + raw.get().len());
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -257,43 +274,25 @@ pub fn via_hops(headers: &HeaderMap) -> usize {
         .count()
 }
 
-/// `s` cut to at most `max` bytes on a char boundary (record columns `path`, `user_agent`).
-pub fn cut_to(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// What is known about a request before its body is read: its record's first columns.
+/// What is known about a request before its body is read: its record's first columns. Every
+/// field shares what the request already holds (the URI's and the header's bytes, the method);
+/// nothing is copied or formatted here: the record's writer does that, off the request path.
 pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
     RequestInfo {
         created_at: SystemTime::now(),
         started: Instant::now(),
         ip: client_ip(req, cfg),
-        method: req.method().to_string(),
-        path: cut_to(req.uri().path(), RECORD_PATH_BYTES).to_string(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
         model: None,
         stream: false,
+        stream_options: None,
         body: Bytes::new(),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| cut_to(ua, RECORD_USER_AGENT_BYTES).to_string()),
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
         client_key: None,
         body_limit: cfg.record_body_bytes,
     }
 }
-
-/// Longest `path` kept in a record (SPEC 4d).
-pub const RECORD_PATH_BYTES: usize = 1024;
-/// Longest `user_agent` kept in a record (SPEC 4d).
-pub const RECORD_USER_AGENT_BYTES: usize = 256;
 
 /// Constant-time comparison; only the lengths leak, which tokens do not keep secret anyway.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -322,59 +321,38 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
     Some(token.trim())
 }
 
-/// A label that tells tokens apart without revealing them: `sk-…abcd` for long tokens, less for
-/// short ones.
-pub fn token_label(token: &str) -> String {
-    // Char boundaries of the first 3 and the last 4 characters, without collecting all of them.
-    let n = token.chars().count();
-    let head_end = token.char_indices().nth(3).map_or(token.len(), |(i, _)| i);
-    let tail = |k: usize| token.char_indices().rev().nth(k - 1).map_or(0, |(i, _)| i);
-    // Built at its exact size (`format!` grew it: an allocation and a reallocation).
-    let join = |head: &str, tail: &str| {
-        let mut s = String::with_capacity(head.len() + '…'.len_utf8() + tail.len());
-        s.push_str(head);
-        s.push('…');
-        s.push_str(tail);
-        s
-    };
-    if n >= 16 {
-        join(&token[..head_end], &token[tail(4)..])
-    } else if n >= 8 {
-        join("", &token[tail(2)..])
-    } else {
-        "…".to_string()
-    }
-}
-
-/// Checks the client token; returns its label.
-pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<String>, GatewayError> {
+/// Checks the client token; returns its label (the config's own, shared, for a configured token).
+pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<Arc<str>>, GatewayError> {
     let token = bearer(req).filter(|t| !t.is_empty());
     if cfg.noauth {
-        return Ok(token.map(token_label));
+        return Ok(token.map(|t| token_label(t).into()));
     }
     let Some(token) = token else {
         return Err(GatewayError::Unauthorized(
             "missing API key: send `Authorization: Bearer <token>`",
         ));
     };
-    let mut ok = false;
-    for t in &cfg.tokens {
-        ok |= ct_eq(t.as_bytes(), token.as_bytes());
+    // Every configured token is compared, whichever matches.
+    let mut found = None;
+    for (i, t) in cfg.tokens.iter().enumerate() {
+        if ct_eq(t.as_bytes(), token.as_bytes()) {
+            found = Some(i);
+        }
     }
-    if ok {
-        Ok(Some(token_label(token)))
-    } else {
-        Err(GatewayError::Unauthorized("incorrect API key provided"))
+    match found {
+        Some(i) => Ok(Some(match cfg.token_labels.get(i) {
+            Some(label) => label.clone(),
+            None => token_label(token).into(),
+        })),
+        None => Err(GatewayError::Unauthorized("incorrect API key provided")),
     }
 }
 
 /// The client address: the peer, unless the peer is a trusted proxy that says otherwise.
-pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
-    let Some(peer) = req.peer_addr().map(|a| a.ip()) else {
-        return String::new();
-    };
+pub fn client_ip(req: &HttpRequest, cfg: &Config) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
     if !cfg.is_trusted_proxy(peer) {
-        return ip_string(peer);
+        return Some(peer);
     }
     // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is the client.
     let xff: Vec<IpAddr> = req
@@ -390,30 +368,15 @@ pub fn client_ip(req: &HttpRequest, cfg: &Config) -> String {
         .find(|ip| !cfg.is_trusted_proxy(**ip))
         .or(xff.first())
     {
-        return ip_string(*ip);
+        return Some(*ip);
     }
-    ip_string(
+    Some(
         req.headers()
             .get("x-real-ip")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<IpAddr>().ok())
             .unwrap_or(peer),
     )
-}
-
-/// An address as text in one allocation of its exact size (`to_string` grew the string while
-/// formatting: an allocation and a reallocation per request).
-fn ip_string(ip: IpAddr) -> String {
-    use std::io::Write;
-    let mut buf = [0u8; 64];
-    let len = {
-        let mut w: &mut [u8] = &mut buf;
-        match write!(w, "{ip}") {
-            Ok(()) => 64 - w.len(),
-            Err(_) => return ip.to_string(),
-        }
-    };
-    std::str::from_utf8(&buf[..len]).map_or_else(|_| ip.to_string(), str::to_string)
 }
 
 /// Reads the whole body, up to `limit` bytes.

@@ -117,16 +117,23 @@ pub async fn attempt(
     body: Bytes,
     stream: bool,
 ) -> Result<(Upstreamed, Option<Bytes>), AttemptError> {
-    let mut url = String::with_capacity(up.base.len() + req.uri().path().len() + 32);
-    url.push_str(&up.base);
     let path = req.uri().path();
-    url.push_str(path.strip_prefix("/v1").unwrap_or(path));
-    if let Some(q) = req.uri().query() {
-        url.push('?');
-        url.push_str(q);
-    }
-    let mut creq = client.request(req.method().clone(), url.as_str());
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    let mut creq = match up.origin.uri(path, req.uri().query()) {
+        Some(uri) => client.request(req.method().clone(), uri),
+        None => {
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            client.request(req.method().clone(), format!("{}{path}{query}", up.base))
+        }
+    };
     headers::upstream_request_headers(req.headers(), &up.auth, creq.headers_mut());
+    if let Some(host) = up.origin.host() {
+        creq.headers_mut().insert(header::HOST, host.clone());
+    }
     let mut resp = if body.is_empty()
         && matches!(*req.method(), Method::GET | Method::HEAD | Method::DELETE)
     {
@@ -176,9 +183,9 @@ pub fn is_sse(resp: &Upstreamed) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| {
-            c.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
+            let c = c.trim_start().as_bytes();
+            let want = b"text/event-stream";
+            c.len() >= want.len() && c[..want.len()].eq_ignore_ascii_case(want)
         })
 }
 

@@ -98,6 +98,7 @@ async fn admit_request(
     info.body = body;
     info.model = meta.model;
     info.stream = meta.stream;
+    info.stream_options = meta.stream_options;
     Ok(ledger)
 }
 
@@ -138,7 +139,12 @@ async fn forward(
     // 4b: the body with `stream_options.include_usage` added, when this request should get it.
     let usage_body = {
         let info = ledger.info();
-        usage::usage_body(&info.path, info.stream, &info.body)
+        usage::usage_body(
+            info.path(),
+            info.stream,
+            &info.body,
+            info.stream_options.clone(),
+        )
     };
     let mut out_of_time = false;
     'candidates: for (pos, &idx) in order.iter().enumerate() {
@@ -320,7 +326,7 @@ fn resume_plan(
     let cfg = ledger.state().config.get();
     if !cfg.resume
         || rest.is_empty()
-        || !resume::resumable_request(&info.path, info.stream, &info.body)
+        || !resume::resumable_request(info.path(), info.stream, &info.body)
     {
         return None;
     }

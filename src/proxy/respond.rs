@@ -109,7 +109,7 @@ pub fn respond(
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
     // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
-    let head_request = ledger.info().method == "HEAD";
+    let head_request = ledger.info().method == actix_web::http::Method::HEAD;
     let no_body = head_request
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

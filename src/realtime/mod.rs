@@ -354,12 +354,12 @@ fn open(
     log::debug!(
         "{} {}: WebSocket session opened on upstream {}",
         ledger.info().method,
-        untrusted(&ledger.info().path),
+        untrusted(ledger.info().path()),
         up.name
     );
     let live = Live {
         ledger,
-        upstream: up.name.clone(),
+        upstream: up.name.to_string(),
     };
     let stop = state.realtime.subscribe();
     actix_rt::spawn(relay(

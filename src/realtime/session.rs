@@ -384,7 +384,7 @@ pub(super) async fn relay(
     log::info!(
         "{} {}: WebSocket session on upstream {} ended after {:.1}s (client: {}, upstream: {})",
         ledger.info().method,
-        untrusted(&ledger.info().path),
+        untrusted(ledger.info().path()),
         upstream,
         ledger.info().started.elapsed().as_secs_f64(),
         describe("client", &up_end).unwrap_or_else(|| "closed".into()),

@@ -16,11 +16,14 @@ mod sqlite;
 pub mod target;
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
+use actix_web::http::header::HeaderValue;
+use actix_web::http::{Method, Uri};
 use actix_web::web::Bytes;
 
 use crate::metrics::Metrics;
@@ -39,18 +42,19 @@ pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Record {
     /// Request start.
     pub created_at: SystemTime,
-    /// Client address.
-    pub ip: String,
+    /// Client address (the column is empty when it is unknown).
+    pub ip: Option<IpAddr>,
     /// HTTP method.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
+    pub method: Method,
+    /// The request URI: its path, cut to [`RECORD_PATH_BYTES`], is the `path` column. Shared
+    /// with the request, so that recording costs the request no copy.
+    pub path: Uri,
     /// `model` from the JSON body.
     pub model: Option<String>,
     /// Stream request.
     pub stream: bool,
-    /// Upstream that answered last.
-    pub upstream: Option<String>,
+    /// Upstream that answered last (its name, shared with the config).
+    pub upstream: Option<Arc<str>>,
     /// Status sent to the client.
     pub status: u16,
     /// Upstreams tried.
@@ -71,14 +75,15 @@ pub struct Record {
     pub ttfb_ms: Option<u64>,
     /// Request start to response complete.
     pub duration_ms: u64,
-    /// Client User-Agent.
-    pub user_agent: Option<String>,
+    /// Client User-Agent, as sent (the column keeps it cut to [`RECORD_USER_AGENT_BYTES`], and
+    /// none that is not visible ASCII).
+    pub user_agent: Option<HeaderValue>,
     /// Non-secret label of the client token.
-    pub client_key: Option<String>,
+    pub client_key: Option<Arc<str>>,
     /// `record_body_bytes` at the time of the request.
     pub body_limit: usize,
     /// The last `finish_reason` of the reply (JSON or SSE), bounded by the capture.
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<crate::capture::FinishReason>,
     /// Continuations of a broken stream (4a `resume`).
     pub resumed: u32,
     /// Whether the client received the whole answer.
@@ -92,7 +97,46 @@ const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstr
 /// Number of columns in [`INSERT_COLUMNS`].
 const COLUMN_COUNT: usize = 22;
 
+/// Longest `path` kept in a record (SPEC 4d).
+pub const RECORD_PATH_BYTES: usize = 1024;
+/// Longest `user_agent` kept in a record (SPEC 4d).
+pub const RECORD_USER_AGENT_BYTES: usize = 256;
+
+/// `s` cut to at most `max` bytes on a char boundary (columns `path` and `user_agent`, whose cut
+/// has no marker: SPEC 4d).
+fn cut_to(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A request path as records and logs show it: cut to [`RECORD_PATH_BYTES`].
+pub fn cut_path(path: &str) -> &str {
+    cut_to(path, RECORD_PATH_BYTES)
+}
+
 impl Record {
+    /// The `ip` column.
+    fn ip_text(&self) -> String {
+        self.ip.map_or_else(String::new, |ip| ip.to_string())
+    }
+
+    /// The `path` column.
+    fn path_text(&self) -> &str {
+        cut_path(self.path.path())
+    }
+
+    /// The `user_agent` column.
+    fn user_agent_text(&self) -> Option<&str> {
+        let ua = self.user_agent.as_ref()?.to_str().ok()?;
+        Some(cut_to(ua, RECORD_USER_AGENT_BYTES))
+    }
+
     /// The `request_body` column: text cut at the record limit, binary described.
     fn stored_body(&self) -> Option<Cow<'_, str>> {
         request_body_text(&self.request_body, self.body_limit)

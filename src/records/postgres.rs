@@ -160,9 +160,9 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
         let (body, response) = (r.stored_body(), r.stored_response());
         let values: [&(dyn ToSql + Sync); COLUMNS] = [
             &r.created_at,
-            &clean(&r.ip),
+            &r.ip_text(),
             &r.method.as_str(),
-            &clean(&r.path),
+            &clean(r.path_text()),
             &clean_opt(&r.model),
             &i16::from(r.stream),
             &r.upstream.as_deref(),
@@ -176,9 +176,9 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &r.total_tokens,
             &r.ttfb_ms.map(|v| v as i64),
             &(r.duration_ms as i64),
-            &clean_opt(&r.user_agent),
+            &r.user_agent_text().map(clean),
             &r.client_key.as_deref(),
-            &clean_opt(&r.finish_reason),
+            &r.finish_reason.as_deref().map(clean),
             &(r.resumed.min(i32::MAX as u32) as i32),
             &i16::from(r.complete),
         ];
