@@ -135,7 +135,12 @@ fn sample(size: usize) {
             continue;
         }
         frames.push(name.to_string());
-        if frames.len() == 4 {
+        if frames.len()
+            == std::env::var("ALLOC_DEPTH")
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(4)
+        {
             break;
         }
     }

@@ -125,7 +125,12 @@ impl ModelsSnapshot {
 }
 
 /// Drops from `order` the upstreams whose known list lacks `model`, when `route_by_models` is on.
-pub fn route_filter(state: &AppState, cfg: &Config, order: &mut Vec<usize>, model: Option<&str>) {
+pub fn route_filter(
+    state: &AppState,
+    cfg: &Config,
+    order: &mut crate::registry::Order,
+    model: Option<&str>,
+) {
     let Some(model) = model.filter(|_| cfg.route_by_models) else {
         return;
     };

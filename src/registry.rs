@@ -212,6 +212,71 @@ fn next_random() -> u64 {
     })
 }
 
+/// Candidates kept inline: a request's order costs no heap allocation with up to this many.
+const INLINE_CANDIDATES: usize = 8;
+
+/// Upstream indices in the order a request tries them (a `Vec` was one allocation per request).
+#[derive(Debug, Clone, Default)]
+pub struct Order {
+    inline: [usize; INLINE_CANDIDATES],
+    len: usize,
+    /// All of them, once there are more than fit inline.
+    spilled: Vec<usize>,
+}
+
+impl Order {
+    /// Appends an index.
+    pub fn push(&mut self, i: usize) {
+        if !self.spilled.is_empty() {
+            self.spilled.push(i);
+        } else if self.len < INLINE_CANDIDATES {
+            self.inline[self.len] = i;
+            self.len += 1;
+        } else {
+            self.spilled.extend_from_slice(&self.inline[..self.len]);
+            self.spilled.push(i);
+        }
+    }
+
+    /// Keeps the indices `keep` accepts, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&usize) -> bool) {
+        if !self.spilled.is_empty() {
+            self.spilled.retain(keep);
+            return;
+        }
+        let mut n = 0;
+        for k in 0..self.len {
+            let i = self.inline[k];
+            if keep(&i) {
+                self.inline[n] = i;
+                n += 1;
+            }
+        }
+        self.len = n;
+    }
+}
+
+impl std::ops::Deref for Order {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+impl std::ops::DerefMut for Order {
+    fn deref_mut(&mut self) -> &mut [usize] {
+        if self.spilled.is_empty() {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spilled
+        }
+    }
+}
+
 impl RegistryView {
     /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
     /// cooldown just ran out), and not when this failure is the one that reaches
@@ -232,9 +297,12 @@ impl RegistryView {
 
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
-    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Vec<usize> {
+    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Order {
         let ups = &self.config.upstreams;
-        let mut order: Vec<usize> = (0..ups.len()).filter(|&i| ups[i].admits(model)).collect();
+        let mut order = Order::default();
+        for i in (0..ups.len()).filter(|&i| ups[i].admits(model)) {
+            order.push(i);
+        }
         match self.config.lb_policy {
             LbPolicy::Order => {}
             LbPolicy::RoundRobin => {
@@ -254,10 +322,14 @@ impl RegistryView {
             let now = Instant::now();
             let cooling = |i: &usize| self.cooling_until[*i].is_some_and(|until| until > now);
             if order.iter().any(cooling) {
-                let (mut front, back): (Vec<usize>, Vec<usize>) =
-                    order.iter().partition(|i| !cooling(i));
-                front.extend(back);
-                order = front;
+                let mut sorted = Order::default();
+                for &i in order.iter().filter(|i| !cooling(i)) {
+                    sorted.push(i);
+                }
+                for &i in order.iter().filter(|i| cooling(i)) {
+                    sorted.push(i);
+                }
+                order = sorted;
             }
         }
         order
@@ -284,7 +356,7 @@ impl RegistryHandle {
     }
 
     /// The view and the ordered candidates for a request's model.
-    pub fn candidates(&self, model: Option<&str>) -> (Arc<RegistryView>, Vec<usize>) {
+    pub fn candidates(&self, model: Option<&str>) -> (Arc<RegistryView>, Order) {
         let view = self.view();
         let order = view.candidates(model, &self.rr);
         (view, order)
@@ -609,5 +681,32 @@ impl Handler<GetSnapshot> for UpstreamRegistry {
             })
             .collect();
         MessageResult(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Order;
+
+    #[test]
+    fn order_keeps_its_indices_inline_and_spilled() {
+        for n in [0usize, 1, 7, 8, 9, 20] {
+            let mut o = Order::default();
+            for i in 0..n {
+                o.push(i * 10);
+            }
+            let want: Vec<usize> = (0..n).map(|i| i * 10).collect();
+            assert_eq!(&*o, &want[..], "n={n}");
+            o.rotate_left(n.min(3));
+            let mut rotated = want.clone();
+            rotated.rotate_left(n.min(3));
+            assert_eq!(&*o, &rotated[..], "n={n}");
+            o.retain(|i| i % 20 == 0);
+            rotated.retain(|i| i % 20 == 0);
+            assert_eq!(&*o, &rotated[..], "n={n}");
+            o.push(999);
+            rotated.push(999);
+            assert_eq!(&*o, &rotated[..], "n={n}");
+        }
     }
 }

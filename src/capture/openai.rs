@@ -224,7 +224,8 @@ mod tests {
 #[derive(Deserialize)]
 pub(super) struct Whole<'a> {
     #[serde(default)]
-    pub(super) choices: First<WholeChoice>,
+    #[serde(borrow)]
+    pub(super) choices: First<WholeChoice<'a>>,
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
     #[serde(default)]
@@ -234,13 +235,13 @@ pub(super) struct Whole<'a> {
 }
 
 #[derive(Deserialize)]
-pub(super) struct WholeChoice {
+pub(super) struct WholeChoice<'a> {
     #[serde(default)]
     pub(super) message: Option<Message>,
     #[serde(default)]
     pub(super) text: Option<String>,
-    #[serde(default)]
-    pub(super) finish_reason: Option<String>,
+    #[serde(borrow, default)]
+    pub(super) finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -353,9 +354,9 @@ impl<'de> serde::de::Visitor<'de> for TextOf {
     }
 }
 
-impl Whole<'_> {
+impl<'a> Whole<'a> {
     /// The first choice's `finish_reason` (only the first choice is read).
-    pub(super) fn finish_reason(&mut self) -> Option<String> {
+    pub(super) fn finish_reason(&mut self) -> Option<Cow<'a, str>> {
         self.choices.0.as_mut().and_then(|c| c.finish_reason.take())
     }
 

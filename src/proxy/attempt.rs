@@ -130,6 +130,9 @@ pub async fn attempt(
             client.request(req.method().clone(), format!("{}{path}{query}", up.base))
         }
     };
+    // The body is relayed as it comes (`Accept-Encoding: identity` is set below); this also
+    // keeps awc from building its own `Accept-Encoding` value for every request.
+    creq = creq.no_decompress();
     headers::upstream_request_headers(req.headers(), &up.auth, creq.headers_mut());
     if let Some(host) = up.origin.host() {
         creq.headers_mut().insert(header::HOST, host.clone());

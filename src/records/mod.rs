@@ -120,10 +120,36 @@ pub fn cut_path(path: &str) -> &str {
     cut_to(path, RECORD_PATH_BYTES)
 }
 
+/// Longest address text (an IPv6 address with an embedded IPv4 one is 45 bytes).
+const IP_TEXT: usize = 48;
+
+/// An address as text without a heap allocation.
+struct IpText {
+    buf: [u8; IP_TEXT],
+    len: usize,
+}
+
+impl IpText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
 impl Record {
-    /// The `ip` column.
-    fn ip_text(&self) -> String {
-        self.ip.map_or_else(String::new, |ip| ip.to_string())
+    /// The `ip` column, formatted on the stack.
+    fn ip_text(&self) -> IpText {
+        let mut t = IpText {
+            buf: [0; IP_TEXT],
+            len: 0,
+        };
+        if let Some(ip) = self.ip {
+            use std::io::Write;
+            let mut w: &mut [u8] = &mut t.buf;
+            if write!(w, "{ip}").is_ok() {
+                t.len = IP_TEXT - w.len();
+            }
+        }
+        t
     }
 
     /// The `path` column.

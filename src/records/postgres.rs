@@ -158,9 +158,10 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
     let mut writer = BinaryCopyInWriter::new(sink, &COLUMN_TYPES);
     for r in batch {
         let (body, response) = (r.stored_body(), r.stored_response());
+        let ip = r.ip_text();
         let values: [&(dyn ToSql + Sync); COLUMNS] = [
             &r.created_at,
-            &r.ip_text(),
+            &ip.as_str(),
             &r.method.as_str(),
             &clean(r.path_text()),
             &clean_opt(&r.model),

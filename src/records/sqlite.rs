@@ -218,9 +218,10 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
 fn bind_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Record) -> rusqlite::Result<()> {
     let (body, response) = (r.stored_body(), r.stored_response());
     let created_at = Rfc3339::new(r.created_at);
+    let ip = r.ip_text();
     let values: [&dyn ToSql; COLUMN_COUNT] = [
         &created_at.as_str(),
-        &r.ip_text(),
+        &ip.as_str(),
         &r.method.as_str(),
         &r.path_text(),
         &r.model,
