@@ -12,7 +12,8 @@
 #     nginx as a plain reverse proxy in front of it, and the gateway three times: recording ON
 #     (SQLite in bench/out/), -database none, and with a refused first upstream;
 #   - measures, alternating systems: (a) c=1 latency, (b) c=64 throughput and p99 with CPU per
-#     request, (c) N concurrent SSE streams, (e) the refused-first-upstream cost, plus the
+#     request, (c) N concurrent SSE streams, (e) the refused-first-upstream cost, (f) 10-chunk
+#     stream requests at c=1 and c=64 (latency, CPU per request), plus the
 #     records/s benchmark; prints one markdown table and writes it to bench/out/results.md.
 #
 # Pinning (2+ cores): for the wrk phases the servers (mock, nginx, gateways) run on core 0 and
@@ -305,11 +306,16 @@ log "mock $MOCK, nginx :$NGINX_PORT, gateways ${URL[gw_on]} ${URL[gw_off]} ${URL
 
 # ---------------------------------------------------------------- wrk runs
 declare -A R_REQ R_DUS R_P50 R_P99 R_N R_TICKS R_ERR
-run_wrk() { # SYS CONNS THREADS SECONDS TAG
-  local sys=$1 c=$2 t=$3 d=$4 tag=$5 pids t0 t1 out line kv k v
+# Stream requests: the same body with "stream": true, answered by bench_mock with 10 SSE chunks
+# and no gap between them (the usage in the last), so that the proxy's per-stream cost is measured.
+sed 's/"max_tokens":256,/"max_tokens":256,"stream":true,/' "$ROOT/bench/post.lua" >"$OUT/stream.lua"
+STREAM_QUERY='?chunks=10&gap_ms=0'
+run_wrk() { # SYS CONNS THREADS SECONDS TAG (a tag starting with "s" sends stream requests)
+  local sys=$1 c=$2 t=$3 d=$4 tag=$5 pids t0 t1 out line kv k v lua=$ROOT/bench/post.lua url=${URL[$1]}
+  [[ $tag == s* ]] && { lua=$OUT/stream.lua; url=$url$STREAM_QUERY; }
   pids=$(pids_of "$sys")
   t0=$(ticks $pids)
-  out=$("${LOAD[@]}" wrk -t"$t" -c"$c" -d"${d}s" --latency -s "$ROOT/bench/post.lua" "${URL[$sys]}" 2>&1)
+  out=$("${LOAD[@]}" wrk -t"$t" -c"$c" -d"${d}s" --latency -s "$lua" "$url" 2>&1)
   t1=$(ticks $pids)
   printf '### %s %s\n%s\n\n' "$sys" "$tag" "$out" >>"$OUT/wrk.log"
   line=$(grep '^WRK ' <<<"$out")
@@ -352,6 +358,13 @@ for r in $(seq "$ROUNDS"); do
   order=("${C64[@]}")
   ((r % 2 == 0)) && order=(gw_off gw_on nginx direct)
   for s in "${order[@]}"; do run_wrk "$s" 64 2 "$DUR" c64; done
+done
+log "(f) streams of 10 chunks, concurrency 1 and 64: $ROUNDS round(s) of ${DUR}s, systems alternating"
+for r in $(seq "$ROUNDS"); do
+  order=("${C64[@]}")
+  ((r % 2 == 0)) && order=(gw_off gw_on nginx direct)
+  for s in "${order[@]}"; do run_wrk "$s" 1 1 "$DUR" sc1; done
+  for s in "${order[@]}"; do run_wrk "$s" 64 2 "$DUR" sc64; done
 done
 
 # ---------------------------------------------------------------- SSE
@@ -458,6 +471,23 @@ RES=$OUT/results.md
       "$r" "$(fmt_us "$p99b")" "$(calc "$r / $NGINX_RPS")" "$cpu" "$note" "$(mb "${PEAK[$s]}")" "$note"
   done
   echo
+  SD50=$(avg R_P50 direct:sc1)
+  SNGINX_RPS=$(rps nginx:sc64)
+  echo "Stream requests (the same body with \`\"stream\": true\`, 10 SSE chunks without a gap, usage in the last; the gateway adds \`stream_options\` and filters the usage chunk, SPEC 4b), same layout:"
+  echo
+  echo "| system | c1 p50 | c1 p99 | added p50 vs direct | c64 req/s | c64 p99 | ratio to nginx | CPU µs/req |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for s in direct nginx gw_on gw_off; do
+    p50=$(avg R_P50 "$s:sc1"); p99=$(avg R_P99 "$s:sc1")
+    added=$(calc "$p50 - $SD50")
+    r=$(rps "$s:sc64"); p99b=$(avg R_P99 "$s:sc64")
+    cpu=$(calc "${R_TICKS[$s:sc64]} * 1000000 / $CLK_TCK / ${R_REQ[$s:sc64]}")
+    note=""; [[ $s == direct ]] && note=" (mock)"
+    printf '| %s | %s | %s | %s | %.0f | %s | %.2f | %.1f%s |\n' "$(label "$s")" "$(fmt_us "$p50")" "$(fmt_us "$p99")" \
+      "$([[ $s == direct ]] && echo '—' || awk -v a="$added" 'BEGIN{printf "%+.0f µs", a}')" \
+      "$r" "$(fmt_us "$p99b")" "$(calc "$r / $SNGINX_RPS")" "$cpu" "$note"
+  done
+  echo
   on50=$(avg R_P50 gw_on:c1); on99=$(avg R_P99 gw_on:c1)
   echo "Refused first upstream (first upstream 127.0.0.1:1 where nothing listens, second the mock; recording ON), c=1, vs the normal config (recording ON):"
   echo
@@ -512,6 +542,17 @@ RES=$OUT/results.md
   echo
   echo "Targets (recording ON unless said):"
   chk() { if awk "BEGIN { exit !($2) }"; then echo "- met: $1"; else echo "- NOT met: $1"; fi; }
+  cpu_of() { calc "${R_TICKS[$1]} * 1000000 / $CLK_TCK / ${R_REQ[$1]}"; }
+  for k in c64 sc64; do
+    what=JSON; [[ $k == sc64 ]] && what=stream
+    chk "CPU per $what request ≤ 1.5 × nginx's ($(awk -v a="$(cpu_of gw_on:$k)" -v b="$(cpu_of nginx:$k)" 'BEGIN{printf "%.1f vs %.1f µs, %.2f×", a, b, a / b}'))" "$(cpu_of gw_on:$k) <= 1.5 * $(cpu_of nginx:$k)"
+  done
+  chk "c64 JSON ≥ 0.75 × nginx's requests/s (ratio $(awk -v a="$(rps gw_on:c64)" -v b="$NGINX_RPS" 'BEGIN{printf "%.2f", a / b}'))" "$(rps gw_on:c64) >= 0.75 * $NGINX_RPS"
+  sadd=$(calc "$(avg R_P50 gw_on:sc1) - $(avg R_P50 direct:sc1)")
+  chk "added p50 vs direct ≤ 50 µs for streams ($(awk -v a="$sadd" 'BEGIN{printf "%.0f", a}') µs; nginx $(awk -v a="$(calc "$(avg R_P50 nginx:sc1) - $(avg R_P50 direct:sc1)")" 'BEGIN{printf "%.0f", a}') µs)" "$sadd <= 50"
+  gadd99=$(calc "$(avg R_P99 gw_on:c1) - $(avg R_P99 direct:c1)"); nadd99=$(calc "$(avg R_P99 nginx:c1) - $(avg R_P99 direct:c1)")
+  chk "c1 p99 added over direct ≤ 3 × nginx's ($(awk -v a="$gadd99" -v b="$nadd99" 'BEGIN{printf "%+.0f vs %+.0f µs", a, b}'))" "$gadd99 <= 3 * ($nadd99 > 0 ? $nadd99 : 0)"
+  chk "peak RSS at ${SSE_NS[-1]} streams ≤ 120 MB ($(mb "${S_RSS[gw_on:${SSE_NS[-1]}]}"); nginx $(mb "${S_RSS[nginx:${SSE_NS[-1]}]}"))" "${S_RSS[gw_on:${SSE_NS[-1]}]} <= 120 * 1024"
   on50=$(avg R_P50 gw_on:c1); on99=$(avg R_P99 gw_on:c1); ng99=$(avg R_P99 nginx:c1)
   chk "added p50 vs direct ≤ 50 µs ($(awk -v a="$(calc "$on50 - $D50")" 'BEGIN{printf "%.0f", a}') µs)" "$on50 - $D50 <= 50"
   chk "c1 p99 ≤ nginx's ($(fmt_us "$on99") vs $(fmt_us "$ng99"))" "$on99 <= $ng99"
