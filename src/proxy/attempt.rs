@@ -109,6 +109,16 @@ pub fn classify(e: SendRequestError) -> AttemptError {
 /// The upstream's response, head read.
 pub type Upstreamed = awc::ClientResponse;
 
+/// The upstream's body alone, as the relay keeps it: the response head (its header map, a few
+/// KiB) is not kept alive for as long as a stream lasts.
+pub type UpstreamBody = actix_http::Payload<actix_http::BoxedPayloadStream>;
+
+/// Takes the body out of an upstream response.
+pub fn body_of(resp: &mut Upstreamed) -> UpstreamBody {
+    use actix_web::HttpMessage;
+    resp.take_payload()
+}
+
 /// One attempt: send, wait for the head, and for streams the first chunk too.
 pub async fn attempt(
     client: &awc::Client,

@@ -24,7 +24,7 @@ use crate::ledger::{BodyEnd, Ledger};
 use crate::transport;
 use crate::usage::UsageFilter;
 
-use super::attempt::Upstreamed;
+use super::attempt::{body_of, UpstreamBody, Upstreamed};
 use crate::sse;
 
 /// The longest SSE event held back to be judged (resume); past it the stream is relayed as is.
@@ -46,7 +46,7 @@ impl std::error::Error for RelayError {}
 /// The streamed body; see the module docs.
 pub struct RelayBody {
     first: Option<Bytes>,
-    upstream: Upstreamed,
+    upstream: UpstreamBody,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     last_data: Instant,
@@ -75,7 +75,7 @@ pub struct RelayBody {
 impl RelayBody {
     /// Wraps an upstream body; `first` is a chunk already read (stream requests).
     pub fn new(
-        upstream: Upstreamed,
+        mut upstream: Upstreamed,
         first: Option<Bytes>,
         idle: Duration,
         sse: bool,
@@ -86,7 +86,7 @@ impl RelayBody {
         let now = Instant::now();
         RelayBody {
             first,
-            upstream,
+            upstream: body_of(&mut upstream),
             idle,
             sleep: Box::pin(sleep_until(now + idle)),
             last_data: now,
@@ -198,7 +198,8 @@ impl RelayBody {
                             c.next_segment();
                         }
                         let framing = framing_of(&switch.resp);
-                        self.upstream = switch.resp;
+                        let mut resp = switch.resp;
+                        self.upstream = body_of(&mut resp);
                         self.first = switch.first;
                         self.expected_len = framing.0;
                         self.chunked = framing.1;
