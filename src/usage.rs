@@ -236,20 +236,59 @@ fn has_usage_key(event: &[u8]) -> bool {
     false
 }
 
-/// Whether one whole SSE event is a usage-only chunk.
+/// Whether `"choices"` is followed by an empty array somewhere in `data` (a usage-only chunk's
+/// shape). A `false` is certain for a one-line JSON object; a `true` is confirmed by parsing.
+fn has_empty_choices(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"choices\"";
+    let skip_ws = |s: &[u8], mut i: usize| {
+        while s.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
+        i
+    };
+    let mut from = 0;
+    while let Some(at) = data[from..].iter().position(|&b| b == b'"') {
+        let at = from + at;
+        if data[at..].starts_with(KEY) {
+            let mut i = skip_ws(data, at + KEY.len());
+            if data.get(i) == Some(&b':') {
+                i = skip_ws(data, i + 1);
+                if data.get(i) == Some(&b'[') && data.get(skip_ws(data, i + 1)) == Some(&b']') {
+                    return true;
+                }
+            }
+        }
+        from = at + 1;
+    }
+    false
+}
+
+/// Whether one whole SSE event is a usage-only chunk. Every chunk of a stream that asked for usage
+/// names `usage` (as `null` until the last), so the one-line events that cannot be usage-only
+/// (no empty `choices`) are told apart without parsing them.
 pub fn is_usage_only(event: &[u8]) -> bool {
     if !has_usage_key(event) {
         return false;
     }
-    let mut data = Vec::new();
-    for line in event.split(|b| *b == b'\n' || *b == b'\r') {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
+    let mut lines = event
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .map(|rest| rest.strip_prefix(b" ").unwrap_or(rest));
+    let Some(first) = lines.next() else {
+        return false;
+    };
+    let data: std::borrow::Cow<'_, [u8]> = match lines.next() {
+        None if !has_empty_choices(first) => return false,
+        None => std::borrow::Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = first.to_vec();
+            for line in std::iter::once(second).chain(lines) {
+                joined.push(b'\n');
+                joined.extend_from_slice(line);
             }
-            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+            std::borrow::Cow::Owned(joined)
         }
-    }
+    };
     match serde_json::from_slice::<Probe>(&data) {
         Ok(p) => p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()),
         Err(_) => false,
@@ -514,6 +553,20 @@ mod tests {
         assert_eq!(out.as_ptr(), c.as_ptr());
         assert!(!is_usage_only(b"data: {\"choices\":[],\"usage\":null}\n\n"));
         assert!(is_usage_only(USAGE.as_bytes()));
+        // Spacing and a JSON object split over two `data:` lines.
+        assert!(is_usage_only(
+            b"data: {\"choices\" : [ \t ],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(is_usage_only(
+            b"data: {\"choices\":\ndata: [],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        // Every ordinary chunk names usage as null and has a choice: not usage-only.
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"choices\\\":[]\"}}],\"usage\":null}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
     }
 
     #[test]
