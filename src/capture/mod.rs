@@ -311,7 +311,11 @@ impl Capture {
             self.error_event = true;
         }
         let first = ev.choices.0;
-        if let Some(r) = first.as_ref().and_then(|c| c.finish_reason.as_ref()) {
+        if let Some(r) = first
+            .as_ref()
+            .and_then(|c| c.finish_reason.as_ref())
+            .map(|t| &*t.0)
+        {
             self.saw_finish_reason(r);
         }
         let text = match ev.kind.as_ref().map(|k| k.0.as_ref()) {

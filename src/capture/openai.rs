@@ -63,7 +63,7 @@ pub(super) struct StreamChoice<'a> {
     #[serde(borrow, default)]
     pub(super) text: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub(super) finish_reason: Option<Cow<'a, str>>,
+    pub(super) finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -241,7 +241,7 @@ pub(super) struct WholeChoice<'a> {
     #[serde(default)]
     pub(super) text: Option<String>,
     #[serde(borrow, default)]
-    pub(super) finish_reason: Option<Cow<'a, str>>,
+    pub(super) finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -357,7 +357,11 @@ impl<'de> serde::de::Visitor<'de> for TextOf {
 impl<'a> Whole<'a> {
     /// The first choice's `finish_reason` (only the first choice is read).
     pub(super) fn finish_reason(&mut self) -> Option<Cow<'a, str>> {
-        self.choices.0.as_mut().and_then(|c| c.finish_reason.take())
+        self.choices
+            .0
+            .as_mut()
+            .and_then(|c| c.finish_reason.take())
+            .map(|t| t.0)
     }
 
     pub(super) fn into_reply(self) -> Option<String> {
