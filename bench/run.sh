@@ -450,6 +450,19 @@ label() {
 }
 D50=$(avg R_P50 direct:c1)
 NGINX_RPS=$(rps nginx:c64)
+wrk_row() { # SYS PREFIX ("" for JSON, "s" for streams) [PEAK_RSS_CELL]: one table row
+  local s=$1 k=$2 p50 p99 added r p99b cpu note=""
+  p50=$(avg R_P50 "$s:${k}c1"); p99=$(avg R_P99 "$s:${k}c1")
+  added=$(calc "$p50 - $(avg R_P50 "direct:${k}c1")")
+  r=$(rps "$s:${k}c64"); p99b=$(avg R_P99 "$s:${k}c64")
+  cpu=$(calc "${R_TICKS[$s:${k}c64]} * 1000000 / $CLK_TCK / ${R_REQ[$s:${k}c64]}")
+  [[ $s == direct ]] && note=" (mock)"
+  printf '| %s | %s | %s | %s | %.0f | %s | %.2f | %.1f%s |' "$(label "$s")" "$(fmt_us "$p50")" "$(fmt_us "$p99")" \
+    "$([[ $s == direct ]] && echo '—' || awk -v a="$added" 'BEGIN{printf "%+.0f µs", a}')" \
+    "$r" "$(fmt_us "$p99b")" "$(calc "$r / $(rps "nginx:${k}c64")")" "$cpu" "$note"
+  [[ -n ${3:-} ]] && printf ' %s%s |' "$3" "$note"
+  echo
+}
 RES=$OUT/results.md
 {
   echo "## Benchmark ($MODE run, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- src 2>/dev/null || echo '+local changes'))"
@@ -460,33 +473,13 @@ RES=$OUT/results.md
   echo
   echo "| system | c1 p50 | c1 p99 | added p50 vs direct | c64 req/s | c64 p99 | ratio to nginx | CPU µs/req | peak RSS |"
   echo "|---|---|---|---|---|---|---|---|---|"
-  for s in direct nginx gw_on gw_off; do
-    p50=$(avg R_P50 "$s:c1"); p99=$(avg R_P99 "$s:c1")
-    added=$(calc "$p50 - $D50")
-    r=$(rps "$s:c64"); p99b=$(avg R_P99 "$s:c64")
-    cpu=$(calc "${R_TICKS[$s:c64]} * 1000000 / $CLK_TCK / ${R_REQ[$s:c64]}")
-    note=""; [[ $s == direct ]] && note=" (mock)"
-    printf '| %s | %s | %s | %s | %.0f | %s | %.2f | %.1f%s | %s%s |\n' "$(label "$s")" "$(fmt_us "$p50")" "$(fmt_us "$p99")" \
-      "$([[ $s == direct ]] && echo '—' || awk -v a="$added" 'BEGIN{printf "%+.0f µs", a}')" \
-      "$r" "$(fmt_us "$p99b")" "$(calc "$r / $NGINX_RPS")" "$cpu" "$note" "$(mb "${PEAK[$s]}")" "$note"
-  done
+  for s in direct nginx gw_on gw_off; do wrk_row "$s" "" "$(mb "${PEAK[$s]}")"; done
   echo
-  SD50=$(avg R_P50 direct:sc1)
-  SNGINX_RPS=$(rps nginx:sc64)
   echo "Stream requests (the same body with \`\"stream\": true\`, 10 SSE chunks without a gap, usage in the last; the gateway adds \`stream_options\` and filters the usage chunk, SPEC 4b), same layout:"
   echo
   echo "| system | c1 p50 | c1 p99 | added p50 vs direct | c64 req/s | c64 p99 | ratio to nginx | CPU µs/req |"
   echo "|---|---|---|---|---|---|---|---|"
-  for s in direct nginx gw_on gw_off; do
-    p50=$(avg R_P50 "$s:sc1"); p99=$(avg R_P99 "$s:sc1")
-    added=$(calc "$p50 - $SD50")
-    r=$(rps "$s:sc64"); p99b=$(avg R_P99 "$s:sc64")
-    cpu=$(calc "${R_TICKS[$s:sc64]} * 1000000 / $CLK_TCK / ${R_REQ[$s:sc64]}")
-    note=""; [[ $s == direct ]] && note=" (mock)"
-    printf '| %s | %s | %s | %s | %.0f | %s | %.2f | %.1f%s |\n' "$(label "$s")" "$(fmt_us "$p50")" "$(fmt_us "$p99")" \
-      "$([[ $s == direct ]] && echo '—' || awk -v a="$added" 'BEGIN{printf "%+.0f µs", a}')" \
-      "$r" "$(fmt_us "$p99b")" "$(calc "$r / $SNGINX_RPS")" "$cpu" "$note"
-  done
+  for s in direct nginx gw_on gw_off; do wrk_row "$s" s; done
   echo
   on50=$(avg R_P50 gw_on:c1); on99=$(avg R_P99 gw_on:c1)
   echo "Refused first upstream (first upstream 127.0.0.1:1 where nothing listens, second the mock; recording ON), c=1, vs the normal config (recording ON):"

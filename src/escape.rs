@@ -41,6 +41,18 @@ pub fn untrusted_cut(s: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `s` cut to at most `max` bytes on a char boundary (the record's bounded columns).
+pub fn cut_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +69,13 @@ mod tests {
         assert_eq!(cut.chars().count(), MAX_CHARS + 1);
         assert!(cut.ends_with('…'));
         assert!(!untrusted("\u{85}next").contains('\u{85}'));
+    }
+
+    #[test]
+    fn cuts_bytes_on_char_boundaries() {
+        assert_eq!(cut_bytes("héllo", 2), "h");
+        assert_eq!(cut_bytes("héllo", 3), "hé");
+        assert_eq!(cut_bytes("abc", 10), "abc");
+        assert_eq!(cut_bytes("", 0), "");
     }
 }

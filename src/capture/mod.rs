@@ -8,6 +8,8 @@
 
 use std::borrow::Cow;
 
+use crate::escape::cut_bytes;
+
 use actix_web::web::Bytes;
 
 mod openai;
@@ -342,7 +344,7 @@ impl Capture {
 
     /// Keeps `reason` (bounded) as the last finish reason; allocates only when it changes.
     fn saw_finish_reason(&mut self, reason: &str) {
-        if self.finish_reason.as_deref() != Some(bounded(reason, MAX_FINISH_REASON)) {
+        if self.finish_reason.as_deref() != Some(cut_bytes(reason, MAX_FINISH_REASON)) {
             self.finish_reason = Some(shared_finish_reason(reason));
         }
     }
@@ -451,20 +453,8 @@ const KNOWN_FINISH_REASONS: [&str; 6] = [
 fn shared_finish_reason(reason: &str) -> FinishReason {
     match KNOWN_FINISH_REASONS.iter().find(|k| **k == reason) {
         Some(k) => Cow::Borrowed(k),
-        None => Cow::Owned(bounded(reason, MAX_FINISH_REASON).to_owned()),
+        None => Cow::Owned(cut_bytes(reason, MAX_FINISH_REASON).to_owned()),
     }
-}
-
-/// `text` cut at `max` bytes on a char boundary.
-fn bounded(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Keeps the last [`USAGE_TAIL`] bytes of what passes through `buf` (up to twice that held).

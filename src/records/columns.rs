@@ -25,11 +25,10 @@ pub fn cut(text: &str, limit: usize) -> Cow<'_, str> {
     if limit == 0 || text.len() <= limit {
         return Cow::Borrowed(text);
     }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}{TRUNCATED}", &text[..end]))
+    Cow::Owned(format!(
+        "{}{TRUNCATED}",
+        crate::escape::cut_bytes(text, limit)
+    ))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use actix_web::http::header::HeaderValue;
 use actix_web::http::{Method, Uri};
 use actix_web::web::Bytes;
 
+use crate::escape::cut_bytes;
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
@@ -102,22 +103,9 @@ pub const RECORD_PATH_BYTES: usize = 1024;
 /// Longest `user_agent` kept in a record (SPEC 4d).
 pub const RECORD_USER_AGENT_BYTES: usize = 256;
 
-/// `s` cut to at most `max` bytes on a char boundary (columns `path` and `user_agent`, whose cut
-/// has no marker: SPEC 4d).
-fn cut_to(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// A request path as records and logs show it: cut to [`RECORD_PATH_BYTES`].
+/// A request path as records and logs show it: cut to [`RECORD_PATH_BYTES`] (no marker: SPEC 4d).
 pub fn cut_path(path: &str) -> &str {
-    cut_to(path, RECORD_PATH_BYTES)
+    cut_bytes(path, RECORD_PATH_BYTES)
 }
 
 /// Longest address text (an IPv6 address with an embedded IPv4 one is 45 bytes).
@@ -160,7 +148,7 @@ impl Record {
     /// The `user_agent` column.
     fn user_agent_text(&self) -> Option<&str> {
         let ua = self.user_agent.as_ref()?.to_str().ok()?;
-        Some(cut_to(ua, RECORD_USER_AGENT_BYTES))
+        Some(cut_bytes(ua, RECORD_USER_AGENT_BYTES))
     }
 
     /// The `request_body` column: text cut at the record limit, binary described.
