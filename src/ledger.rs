@@ -37,8 +37,8 @@ pub struct RequestInfo {
     pub method: Method,
     /// The request's URI, shared with the request (its path is cut where it is shown).
     pub uri: Uri,
-    /// `model` from the body.
-    pub model: Option<String>,
+    /// `model` from the body (shared among a worker's requests for the same model).
+    pub model: Option<Arc<str>>,
     /// `"stream": true`.
     pub stream: bool,
     /// Where the top-level `stream_options` value sits in `body`, if the body has one.
@@ -492,7 +492,7 @@ impl Ledger {
                 ip: self.info.ip.map_or_else(String::new, |ip| ip.to_string()),
                 method: self.info.method.to_string(),
                 path: self.info.path().to_string(),
-                model: self.info.model.clone(),
+                model: self.info.model.as_deref().map(str::to_string),
                 status,
                 attempts: self.failures.iter().map(ToString::to_string).collect(),
             });

@@ -151,10 +151,11 @@ fn upstream_urls_and_host_are_assembled_from_the_parsed_endpoint() {
         "authorization: t\nupstreams:\n  - endpoint: https://api.openai.com/v1\n  - endpoint: http://127.0.0.1:8080/openai/v1/\n  - endpoint: http://[::1]:9000\n  - endpoint: http://u:p@h.example:80/x\n",
     )
     .unwrap();
-    let url = |i: usize, path: &str, q: Option<&str>| {
+    let url = |i: usize, target: &str| {
+        let client: awc::http::Uri = target.parse().unwrap();
         c.upstreams[i]
             .origin
-            .uri(path, q)
+            .uri(&client)
             .map(|u| u.to_string())
             .unwrap_or_default()
     };
@@ -167,18 +168,31 @@ fn upstream_urls_and_host_are_assembled_from_the_parsed_endpoint() {
             .to_string()
     };
     assert_eq!(
-        url(0, "/chat/completions", None),
+        url(0, "/v1/chat/completions"),
         "https://api.openai.com/v1/chat/completions"
     );
     assert_eq!(host(0), "api.openai.com");
     assert_eq!(
-        url(1, "/embeddings", Some("a=1&b")),
+        url(1, "/v1/embeddings?a=1&b"),
         "http://127.0.0.1:8080/openai/v1/embeddings?a=1&b"
     );
     assert_eq!(host(1), "127.0.0.1:8080");
-    assert_eq!(url(2, "/models", None), "http://[::1]:9000/models");
+    assert_eq!(url(2, "/v1/models"), "http://[::1]:9000/models");
     assert_eq!(host(2), "[::1]:9000");
     // User info stays in the URL as configured and never in `Host`; port 80 is not written.
-    assert_eq!(url(3, "/m", None), "http://u:p@h.example:80/x/m");
+    assert_eq!(url(3, "/v1/m"), "http://u:p@h.example:80/x/m");
     assert_eq!(host(3), "h.example");
+    // A base path of `/v1` sends the client's own path and query, shared rather than copied.
+    let client: awc::http::Uri = "/v1/chat/completions?x=1".parse().unwrap();
+    let sent = c.upstreams[0].origin.uri(&client).unwrap();
+    assert_eq!(
+        sent.to_string(),
+        "https://api.openai.com/v1/chat/completions?x=1"
+    );
+    assert_eq!(
+        sent.path_and_query().unwrap().as_str().as_ptr(),
+        client.path_and_query().unwrap().as_str().as_ptr()
+    );
+    // Paths outside /v1 keep their mapping: appended to the base path as they are.
+    assert_eq!(url(0, "/other"), "https://api.openai.com/v1/other");
 }

@@ -366,10 +366,24 @@ impl Origin {
         }
     }
 
-    /// The upstream URL of a request for `path` (with `/v1` already taken off) and `query`:
-    /// one allocation for the path, the scheme and authority shared. None if the pieces do not
-    /// make a URI (the caller then formats and parses the URL as text).
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Option<Uri> {
+    /// The upstream URL of a client request: its path with `/v1` taken off, appended to the base
+    /// path, and its query. The scheme and authority are shared; the path and query too when the
+    /// result is the client's own (a base path of `/v1`, the usual case), else one allocation.
+    /// None if the pieces do not make a URI (the caller then formats and parses the URL as text).
+    pub fn uri(&self, client: &Uri) -> Option<Uri> {
+        let full = client.path();
+        let path = full.strip_prefix("/v1").unwrap_or(full);
+        let query = client.query();
+        let mut parts = awc::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone()?);
+        parts.authority = Some(self.authority.clone()?);
+        // `path` is a suffix of `full`: base path + path is `full` itself when this holds.
+        if full.len() == self.path.len() + path.len() && full.starts_with(self.path.as_str()) {
+            if let Some(pq) = client.path_and_query() {
+                parts.path_and_query = Some(pq.clone());
+                return Uri::from_parts(parts).ok();
+            }
+        }
         let mut pq =
             String::with_capacity(self.path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         pq.push_str(&self.path);
@@ -378,9 +392,6 @@ impl Origin {
             pq.push('?');
             pq.push_str(q);
         }
-        let mut parts = awc::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone()?);
-        parts.authority = Some(self.authority.clone()?);
         parts.path_and_query = Some(
             awc::http::uri::PathAndQuery::from_maybe_shared(actix_web::web::Bytes::from(pq))
                 .ok()?,

@@ -31,8 +31,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 /// What the gateway reads from a JSON body.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BodyMeta {
-    /// Top-level `model`, when a string.
-    pub model: Option<String>,
+    /// Top-level `model`, when a string (shared: see [`shared_model`]).
+    pub model: Option<Arc<str>>,
     /// Top-level `"stream": true`.
     pub stream: bool,
     /// Whether the body is a JSON object (so `model` can be rewritten in it).
@@ -125,24 +125,54 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 struct ModelValue;
 
 impl<'de> DeserializeSeed<'de> for ModelValue {
-    type Value = Option<String>;
+    type Value = Option<Arc<str>>;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Arc<str>>, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Option<String>;
+            type Value = Option<Arc<str>>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("`model` as a string")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
-                Ok(Some(v.to_string()))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<Arc<str>>, E> {
+                Ok(Some(shared_model(v)))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Option<Arc<str>>, E> {
                 Ok(None)
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// Model names a worker keeps to share: a gateway sees a handful of models, asked for again and
+/// again. Bounded: a client sending a new name every time only empties it.
+const SHARED_MODELS: usize = 64;
+/// Longer names are not kept (they are copied per request, as any other name would be).
+const SHARED_MODEL_BYTES: usize = 128;
+
+thread_local! {
+    static MODELS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `name` as a shared string: the worker's copy when it has one (a reference count instead of an
+/// allocation per request).
+pub fn shared_model(name: &str) -> Arc<str> {
+    if name.len() > SHARED_MODEL_BYTES {
+        return name.into();
+    }
+    MODELS.with(|cell| {
+        let mut known = cell.borrow_mut();
+        if let Some(m) = known.iter().find(|m| &***m == name) {
+            return m.clone();
+        }
+        if known.len() >= SHARED_MODELS {
+            known.clear();
+        }
+        let m: Arc<str> = name.into();
+        known.push(m.clone());
+        m
+    })
 }
 
 /// The value of `stream`: only the JSON literal `true` makes a stream request.
@@ -467,6 +497,24 @@ pub async fn preflight(req: HttpRequest) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names_are_shared_within_a_worker_and_bounded() {
+        let a = super::shared_model("gpt-4o-mini");
+        let b = super::shared_model("gpt-4o-mini");
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "gpt-4o-mini");
+        let long = "m".repeat(super::SHARED_MODEL_BYTES + 1);
+        let (x, y) = (super::shared_model(&long), super::shared_model(&long));
+        assert!(!std::sync::Arc::ptr_eq(&x, &y));
+        assert_eq!(*x, *long);
+        // A stream of new names empties the cache rather than growing it; names stay right.
+        for i in 0..3 * super::SHARED_MODELS {
+            assert_eq!(&*super::shared_model(&format!("m{i}")), format!("m{i}"));
+        }
+        super::MODELS.with(|m| assert!(m.borrow().len() <= super::SHARED_MODELS));
+        assert_eq!(&*super::shared_model("gpt-4o-mini"), "gpt-4o-mini");
+    }
 
     fn meta(s: &str) -> Result<BodyMeta, Refused> {
         body_meta(s.as_bytes())

@@ -129,7 +129,7 @@ pub async fn attempt(
 ) -> Result<(Upstreamed, Option<Bytes>), AttemptError> {
     let path = req.uri().path();
     let path = path.strip_prefix("/v1").unwrap_or(path);
-    let mut creq = match up.origin.uri(path, req.uri().query()) {
+    let mut creq = match up.origin.uri(req.uri()) {
         Some(uri) => client.request(req.method().clone(), uri),
         None => {
             let query = req

@@ -130,7 +130,12 @@ async fn forward(
         ledger.info().model.as_deref(),
     );
     if order.is_empty() {
-        let model = ledger.info().model.clone().unwrap_or_default();
+        let model = ledger
+            .info()
+            .model
+            .as_deref()
+            .unwrap_or_default()
+            .to_string();
         return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
     }
     let cfg = view.config.clone();

@@ -277,7 +277,7 @@ impl Resumer {
             remaining: std::mem::take(&mut plan.remaining),
             body: ledger.info().body.clone(),
             usage_body: plan.usage_body.clone(),
-            model: ledger.info().model.clone(),
+            model: ledger.info().model.as_deref().map(str::to_string),
             text: self.text.clone(),
         };
         self.splitter.clear();

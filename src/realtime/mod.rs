@@ -218,7 +218,7 @@ pub async fn session(
         Err(e) => return ledger.finish_local(e),
     }
     match query_model(req.uri().query().unwrap_or("")) {
-        Ok(m) => ledger.info_mut().model = m,
+        Ok(m) => ledger.info_mut().model = m.map(Into::into),
         Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
     }
     if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
@@ -230,7 +230,8 @@ pub async fn session(
     crate::models::route_filter(&state, &view.config, &mut order, model.as_deref());
     let cfg = view.config.clone();
     if order.is_empty() {
-        return ledger.finish_local(GatewayError::NoUpstreamForModel(model.unwrap_or_default()));
+        let model = model.as_deref().unwrap_or_default().to_string();
+        return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
     }
     let n = order.len();
     for (pos, &idx) in order.iter().enumerate() {

@@ -51,7 +51,7 @@ pub struct Record {
     /// with the request, so that recording costs the request no copy.
     pub path: Uri,
     /// `model` from the JSON body.
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// Stream request.
     pub stream: bool,
     /// Upstream that answered last (its name, shared with the config).

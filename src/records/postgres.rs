@@ -164,7 +164,7 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &ip.as_str(),
             &r.method.as_str(),
             &clean(r.path_text()),
-            &clean_opt(&r.model),
+            &r.model.as_deref().map(clean),
             &i16::from(r.stream),
             &r.upstream.as_deref(),
             &i32::from(r.status),
