@@ -5,7 +5,8 @@
 #   bench/ab.sh OLD_BINARY NEW_BINARY     # e.g. a release build of an older commit vs target/release
 #
 # Servers (mock, both gateways, nginx) on core 0, wrk on core 1, systems alternating each round.
-# ROUNDS (default 4) and DUR (seconds, default 5) set the length. Needs nginx and wrk, and
+# ROUNDS (default 4) and DUR (seconds, default 5) set the length; OLD_DB=none or NEW_DB=none runs
+# that side with -database none (e.g. the same binary twice, to measure what recording costs). Needs nginx and wrk, and
 # bench/out/bin/bench_mock from one run of bench/run.sh.
 set -u
 OLD_BIN=${1:?old gateway binary}; NEW_BIN=${2:?new gateway binary}
@@ -20,7 +21,8 @@ port=29400
 for s in old new; do
   port=$((port+1))
   BIN=$OLD_BIN; [[ $s == new ]] && BIN=$NEW_BIN
-  taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database $D/$s.sqlite >/dev/null 2>$s.log &
+  DB=$D/$s.sqlite; [[ $s == old && ${OLD_DB:-} == none ]] && DB=none; [[ $s == new && ${NEW_DB:-} == none ]] && DB=none
+  taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database "$DB" >/dev/null 2>$s.log &
   GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
 done
 cat > ngx/nginx.conf <<NG
