@@ -18,6 +18,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::capture::{find_key, key_values};
 use crate::config::Config;
 
 /// What is added when the client did not ask for usage itself.
@@ -221,46 +222,18 @@ struct Probe {
     usage: Option<IgnoredAny>,
 }
 
-/// Whether `"usage"` occurs: jumps from quote to quote (a 7-byte window compared at every offset
-/// was a tenth of a stream's instructions).
+/// Whether `"usage"` occurs at all (the usage filter's first, cheapest check).
 fn has_usage_key(event: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
-    let mut from = 0;
-    while let Some(at) = event[from..].iter().position(|&b| b == b'"') {
-        let at = from + at;
-        if event[at..].starts_with(KEY) {
-            return true;
-        }
-        from = at + 1;
-    }
-    false
+    find_key(event, b"\"usage\"").is_some()
 }
 
 /// Whether `"choices"` is followed by an empty array somewhere in `data` (a usage-only chunk's
 /// shape). A `false` is certain for a one-line JSON object; a `true` is confirmed by parsing.
 fn has_empty_choices(data: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"choices\"";
-    let skip_ws = |s: &[u8], mut i: usize| {
-        while s.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        i
-    };
-    let mut from = 0;
-    while let Some(at) = data[from..].iter().position(|&b| b == b'"') {
-        let at = from + at;
-        if data[at..].starts_with(KEY) {
-            let mut i = skip_ws(data, at + KEY.len());
-            if data.get(i) == Some(&b':') {
-                i = skip_ws(data, i + 1);
-                if data.get(i) == Some(&b'[') && data.get(skip_ws(data, i + 1)) == Some(&b']') {
-                    return true;
-                }
-            }
-        }
-        from = at + 1;
-    }
-    false
+    key_values(data, b"\"choices\"").any(|v| {
+        v.strip_prefix(b"[")
+            .is_some_and(|r| r.trim_ascii_start().starts_with(b"]"))
+    })
 }
 
 /// Whether one whole SSE event is a usage-only chunk. Every chunk of a stream that asked for usage
