@@ -127,11 +127,11 @@ pub async fn attempt(
     body: Bytes,
     stream: bool,
 ) -> Result<(Upstreamed, Option<Bytes>), AttemptError> {
-    let path = req.uri().path();
-    let path = path.strip_prefix("/v1").unwrap_or(path);
     let mut creq = match up.origin.uri(req.uri()) {
         Some(uri) => client.request(req.method().clone(), uri),
         None => {
+            let path = req.uri().path();
+            let path = path.strip_prefix("/v1").unwrap_or(path);
             let query = req
                 .uri()
                 .query()

@@ -14,12 +14,9 @@ use crate::headers;
 use crate::ledger::Ledger;
 use crate::registry::RegistryView;
 
-use super::attempt::Upstreamed;
+use super::attempt::{is_sse, Upstreamed};
 use super::relay::RelayBody;
 use super::resume::{ResumePlan, Resumer};
-
-/// The media type of an SSE answer (compared without case).
-const SSE: &str = "text/event-stream";
 
 /// The attempt whose answer goes to the client.
 pub struct Committed<'a> {
@@ -63,11 +60,7 @@ pub fn respond(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let sse = content_type.is_some_and(|c| {
-        let c = c.trim_start();
-        c.get(..SSE.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(SSE))
-    });
+    let sse = is_sse(&resp);
     let length = resp
         .headers()
         .get(header::CONTENT_LENGTH)
