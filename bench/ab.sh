@@ -40,10 +40,9 @@ for p in ${GP[old]} ${GP[new]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 $p
 pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};; esac; }
 ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
 export BENCH_TOKEN=sk-bench-client-token
-sed 's/"max_tokens":256,/"max_tokens":256,"stream":true,/' "$ROOT/bench/post.lua" > s.lua
 declare -A REQ TK
 for kind in json stream; do
-  lua=$ROOT/bench/post.lua; q=""; [[ $kind == stream ]] && { lua=$D/s.lua; q='?chunks=10&gap_ms=0'; }
+  lua=$ROOT/bench/post.lua; q=""; export BENCH_STREAM=0; [[ $kind == stream ]] && { BENCH_STREAM=1; q='?chunks=10&gap_ms=0'; }
   for s in old new nginx; do taskset -c 1 wrk -t2 -c64 -d2s -s $lua "${URL[$s]}$q" >/dev/null 2>&1; done
   for r in $(seq $ROUNDS); do
     order=(old new nginx); ((r%2==0)) && order=(nginx new old)

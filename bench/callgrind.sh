@@ -35,8 +35,7 @@ for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$GP/healthz" && b
 URL=http://127.0.0.1:$GP/v1/chat/completions
 LUA=$ROOT/bench/post.lua
 if [[ $KIND == stream ]]; then
-  sed 's/"max_tokens":256,/"max_tokens":256,"stream":true,/' "$LUA" >"$D/post.lua"
-  LUA=$D/post.lua
+  export BENCH_STREAM=1
   URL="$URL?chunks=10&gap_ms=0"
 fi
 export BENCH_TOKEN=sk-bench-client-token

@@ -19,7 +19,7 @@ $B/openai-api-route -addr 127.0.0.1:29222 -config gw.yaml -database $DBA >gw.out
 GPID=$!; sleep 1; taskset -a -p -c 0 $GPID >/dev/null
 export BENCH_TOKEN=sk-bench-client-token
 LUA=$ROOT/bench/post.lua; Q=""
-if [[ $KIND == stream ]]; then sed 's/"max_tokens":256,/"max_tokens":256,"stream":true,/' $LUA > s.lua; LUA=$D/s.lua; Q="?chunks=10&gap_ms=0"; fi
+if [[ $KIND == stream ]]; then export BENCH_STREAM=1; Q="?chunks=10&gap_ms=0"; fi
 taskset -c 1 wrk -t2 -c64 -d2s -s $LUA "http://127.0.0.1:29222/v1/chat/completions$Q" >/dev/null
 perf record -F 2999 -g -p $GPID -o perf.data -- sleep $((SECS-1)) >/dev/null 2>&1 &
 PP=$!

@@ -306,16 +306,16 @@ log "mock $MOCK, nginx :$NGINX_PORT, gateways ${URL[gw_on]} ${URL[gw_off]} ${URL
 
 # ---------------------------------------------------------------- wrk runs
 declare -A R_REQ R_DUS R_P50 R_P99 R_N R_TICKS R_ERR
-# Stream requests: the same body with "stream": true, answered by bench_mock with 10 SSE chunks
-# and no gap between them (the usage in the last), so that the proxy's per-stream cost is measured.
-sed 's/"max_tokens":256,/"max_tokens":256,"stream":true,/' "$ROOT/bench/post.lua" >"$OUT/stream.lua"
+# Stream requests: the same body with "stream": true (BENCH_STREAM=1), answered by bench_mock with
+# 10 SSE chunks and no gap between them (the usage in the last), so that the proxy's per-stream
+# cost is measured.
 STREAM_QUERY='?chunks=10&gap_ms=0'
 run_wrk() { # SYS CONNS THREADS SECONDS TAG (a tag starting with "s" sends stream requests)
-  local sys=$1 c=$2 t=$3 d=$4 tag=$5 pids t0 t1 out line kv k v lua=$ROOT/bench/post.lua url=${URL[$1]}
-  [[ $tag == s* ]] && { lua=$OUT/stream.lua; url=$url$STREAM_QUERY; }
+  local sys=$1 c=$2 t=$3 d=$4 tag=$5 pids t0 t1 out line kv k v stream=0 url=${URL[$1]}
+  [[ $tag == s* ]] && { stream=1; url=$url$STREAM_QUERY; }
   pids=$(pids_of "$sys")
   t0=$(ticks $pids)
-  out=$("${LOAD[@]}" wrk -t"$t" -c"$c" -d"${d}s" --latency -s "$lua" "$url" 2>&1)
+  out=$("${LOAD[@]}" env BENCH_STREAM=$stream wrk -t"$t" -c"$c" -d"${d}s" --latency -s "$ROOT/bench/post.lua" "$url" 2>&1)
   t1=$(ticks $pids)
   printf '### %s %s\n%s\n\n' "$sys" "$tag" "$out" >>"$OUT/wrk.log"
   line=$(grep '^WRK ' <<<"$out")
