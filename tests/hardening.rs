@@ -10,10 +10,6 @@ use futures_util::future::join_all;
 
 use crate::support::*;
 
-fn auth() -> String {
-    format!("Bearer {TOKEN}")
-}
-
 #[actix_rt::test]
 async fn unauthenticated_flood_is_counted_but_its_records_are_capped() {
     let m = Mock::always(Reply::chat("real answer"));

@@ -5,10 +5,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn auth() -> String {
-    format!("Bearer {TOKEN}")
-}
-
 async fn get(gw: &Gateway, path: &str) -> Got {
     let auth = auth();
     send("GET", &gw.url(path), &[("authorization", &auth)], b"").await

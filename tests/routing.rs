@@ -4,10 +4,6 @@
 
 use crate::support::*;
 
-fn auth() -> String {
-    format!("Bearer {TOKEN}")
-}
-
 #[actix_rt::test]
 async fn v1_paths_reach_the_same_handlers_as_before() {
     let m = Mock::always(Reply::chat("routed"));

@@ -20,6 +20,11 @@ pub struct Gateway {
 
 pub const TOKEN: &str = "sk-client-token-0123456789abcdef";
 
+/// The `Authorization` value of [`TOKEN`].
+pub fn auth() -> String {
+    format!("Bearer {TOKEN}")
+}
+
 impl Gateway {
     /// Starts with `config` (YAML) and the default SQLite database in a temp dir.
     pub fn start(config: &str) -> Gateway {
