@@ -18,17 +18,7 @@ fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 fn admin_url() -> Option<String> {
-    match std::env::var("OPENAI_API_ROUTE_TEST_POSTGRES") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI must set OPENAI_API_ROUTE_TEST_POSTGRES (see .ci/run)"
-            );
-            eprintln!("SKIPPED PostgreSQL test: OPENAI_API_ROUTE_TEST_POSTGRES is not set");
-            None
-        }
-    }
+    required_env("OPENAI_API_ROUTE_TEST_POSTGRES", "PostgreSQL test")
 }
 
 /// A database created for one test and dropped after it.

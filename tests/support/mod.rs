@@ -19,3 +19,20 @@ pub use gateway::*;
 pub use metrics::*;
 pub use mock::*;
 pub use python::*;
+
+/// A service a test needs, named by the environment variable `var`. On a machine without it the
+/// test is skipped (and says so as `skipped`); under CI its absence is a failure, never a silent
+/// skip.
+pub fn required_env(var: &str, skipped: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must set {var} (see .ci/run)"
+            );
+            eprintln!("SKIPPED {skipped}: {var} is not set");
+            None
+        }
+    }
+}

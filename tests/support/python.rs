@@ -6,17 +6,7 @@ use std::process::Command;
 /// The Python to run SDK scripts with. On a machine without it the test is skipped (and says
 /// so); under CI its absence is a failure, never a silent skip.
 pub fn sdk_python(test: &str) -> Option<String> {
-    match std::env::var("OPENAI_SDK_PYTHON") {
-        Ok(p) if !p.trim().is_empty() => Some(p),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI must set OPENAI_SDK_PYTHON (see .ci/run)"
-            );
-            eprintln!("SKIPPED {test}: OPENAI_SDK_PYTHON is not set");
-            None
-        }
-    }
+    super::required_env("OPENAI_SDK_PYTHON", test)
 }
 
 /// Runs `script` with `args`, asserts that it succeeded, and returns what it printed.
