@@ -1,7 +1,7 @@
 //! The vocabulary of one upstream attempt, shared by the request path, the ledger and the
 //! registry: how an attempt failed, and which answers are failures at all (SPEC §4, 4a).
 //!
-//! A leaf module: it imports nothing of the gateway's, so everything else may import it.
+//! Nearly a leaf: it imports only the pure attempt policy, so everything else may import it.
 
 use std::fmt;
 
@@ -68,5 +68,5 @@ pub fn summary(failures: &[Failure]) -> String {
 
 /// Statuses after which the next upstream is tried (SPEC §4).
 pub fn is_failover_status(s: StatusCode) -> bool {
-    matches!(s.as_u16(), 401 | 403 | 404 | 408 | 409 | 429) || s.is_server_error()
+    crate::policy::is_failover_status(s.as_u16())
 }

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod models;
 pub mod notify;
+pub mod policy;
 pub mod proxy;
 pub mod realtime;
 pub mod records;

@@ -12,18 +12,24 @@ pub mod rescue;
 pub mod respond;
 pub mod resume;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
+use tokio::time::error::Elapsed;
 
-use crate::attempt::{is_failover_status, FailKind};
+use crate::attempt::FailKind;
+use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::ledger::{AttemptFailure, Ledger};
+use crate::policy::{self, Next, Outcome};
+use crate::registry::{Order, RegistryView};
 use crate::state::AppState;
 use crate::usage;
+
+use self::attempt::{AttemptError, Upstreamed};
 
 pub use self::admit::{preflight, token_label};
 pub use self::attempt::rewrite_model;
@@ -115,193 +121,79 @@ fn upstream_body(
 }
 
 /// Candidates in order, one attempt each (more with `retries`), until one answers (SPEC §4
-/// "Failover", 4a).
+/// "Failover", 4a). What follows each attempt is [`policy::decide`]'s to say; this loop only
+/// performs it.
 async fn forward(
     req: &HttpRequest,
     mut ledger: Ledger,
     state: &AppState,
     client: &awc::Client,
 ) -> HttpResponse {
-    let (view, mut order) = state.registry.candidates(ledger.info().model.as_deref());
-    crate::models::route_filter(
-        state,
-        &view.config,
-        &mut order,
-        ledger.info().model.as_deref(),
-    );
-    if order.is_empty() {
-        let model = ledger
-            .info()
-            .model
-            .as_deref()
-            .unwrap_or_default()
-            .to_string();
-        return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
-    }
+    let (view, order) = match candidates(&ledger, state) {
+        Ok(found) => found,
+        Err(err) => return ledger.finish_local(err),
+    };
     let cfg = view.config.clone();
     let deadline = cfg.deadline.map(|d| ledger.info().started + d);
-    let n = order.len();
     // 4b: the body with `stream_options.include_usage` added, when this request should get it.
     let usage_body = {
         let info = ledger.info();
-        usage::usage_body(
-            info.path(),
-            info.stream,
-            &info.body,
-            info.stream_options.clone(),
-        )
+        let options = info.stream_options.clone();
+        usage::usage_body(info.path(), info.stream, &info.body, options)
     };
     let mut out_of_time = false;
     'candidates: for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
-        let last = pos + 1 == n;
+        let last = pos + 1 == order.len();
         let mut add_usage = usage_body.is_some()
             && up.force_usage
             && !state.stream_options_refused.refused(&cfg, &up.name);
         let mut tries = 0u32;
         loop {
-            let (stream, mut wait) = {
-                let info = ledger.info();
-                let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
-                (info.stream, wait)
+            let info = ledger.info();
+            let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
+            let Some(wait) = policy::attempt_wait(wait, time_left(deadline)) else {
+                out_of_time = true;
+                break 'candidates;
             };
-            if let Some(left) = time_left(deadline) {
-                if left.is_zero() {
-                    out_of_time = true;
-                    break 'candidates;
-                }
-                wait = wait.min(left);
-            }
-            let body = match (&usage_body, add_usage) {
-                (Some(with_usage), true) => upstream_body(ledger.info(), up, with_usage),
-                _ => upstream_body(ledger.info(), up, &ledger.info().body),
+            let plan = Plan {
+                req,
+                client,
+                up,
+                last,
+                stream: ledger.info().stream,
+                wait,
+                usage_body: usage_body.as_ref().filter(|_| add_usage),
             };
-            let t0 = Instant::now();
-            ledger.sent();
-            let mut outcome =
-                actix_rt::time::timeout(wait, attempt::attempt(client, up, req, body, stream))
-                    .await;
-            if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut outcome) {
-                // 4b: a 400 naming the added `stream_options` is repeated once without it.
-                if usage::refuses_stream_options(resp, first, wait).await {
-                    log::info!(
-                        "upstream {} refused stream_options; not adding it there until the next reload",
-                        up.name
-                    );
-                    state.stream_options_refused.refuse(&cfg, &up.name);
-                    add_usage = false;
-                    let body = upstream_body(ledger.info(), up, &ledger.info().body);
-                    ledger.sent();
-                    let left = wait.saturating_sub(t0.elapsed());
-                    outcome = actix_rt::time::timeout(
-                        left,
-                        attempt::attempt(client, up, req, body, stream),
-                    )
-                    .await;
-                }
-            }
-            let may_retry = tries < up.retries && view.may_retry(idx);
-            let (failure, retry_in) = match outcome {
-                Ok(Ok((mut resp, mut first))) => {
-                    let status = resp.status();
-                    if status == StatusCode::BAD_REQUEST && !last && !cfg.failover_codes.is_empty()
-                    {
-                        let left = wait.saturating_sub(t0.elapsed());
-                        let (body, whole) =
-                            rescue::read_head_of_body(&mut resp, first.take(), left).await;
-                        if let Some(code) = whole
-                            .then(|| rescue::failover_code(&body, &cfg.failover_codes))
-                            .flatten()
-                        {
-                            // 4a: e.g. context_length_exceeded — another upstream may fit it.
-                            let failure = AttemptFailure {
-                                moving_on: true,
-                                quiet: true,
-                                ..AttemptFailure::new(
-                                    FailKind::Http,
-                                    Some(400),
-                                    format!("HTTP 400 {code}"),
-                                )
-                            };
-                            ledger.failed(&view, idx, failure);
-                            continue 'candidates;
-                        }
-                        first = (!body.is_empty()).then_some(body);
-                    }
-                    if !is_failover_status(status) {
-                        let at = respond::Committed {
-                            view: &view,
-                            idx,
-                            first_byte: t0.elapsed(),
-                            usage_added: add_usage,
-                            cooldown: None,
-                            resume: resume_plan(
-                                &ledger,
-                                req,
-                                client,
-                                &order[pos + 1..],
-                                &usage_body,
-                            ),
-                        };
-                        return respond::respond(ledger, at, resp, first);
-                    }
-                    let retry_after = rescue::retry_after(&resp, status);
-                    let cooldown = retry_after.map(|d| d.min(rescue::MAX_RETRY_AFTER));
-                    let retryable =
-                        matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error();
-                    let pause = match retry_after {
-                        Some(d) if d <= cfg.retry_after_max => Some(d),
-                        Some(_) => None,
-                        None => Some(rescue::backoff(tries)),
-                    };
-                    let retry_in = pause.filter(|p| retryable && may_retry && fits(deadline, *p));
-                    if retry_in.is_none() && last {
-                        let at = respond::Committed {
-                            view: &view,
-                            idx,
-                            first_byte: t0.elapsed(),
-                            usage_added: add_usage,
-                            cooldown,
-                            resume: None,
-                        };
-                        return respond::respond(ledger, at, resp, first);
-                    }
-                    let failure = AttemptFailure {
-                        moving_on: retry_in.is_none() && !last,
-                        cooldown,
-                        ..AttemptFailure::new(
-                            FailKind::Http,
-                            Some(status.as_u16()),
-                            format!("HTTP {status}"),
-                        )
-                    };
-                    (failure, retry_in)
-                }
-                Ok(Err(e)) => {
-                    let pause = rescue::backoff(tries);
-                    let retry_in =
-                        (e.retry_same && may_retry && fits(deadline, pause)).then_some(pause);
-                    let failure = AttemptFailure {
-                        moving_on: retry_in.is_none() && !last,
-                        ..AttemptFailure::new(e.kind, None, e.reason)
-                    };
-                    (failure, retry_in)
-                }
-                Err(_) => {
-                    let reason = if stream {
-                        format!("no first chunk within {}", attempt::secs(wait))
-                    } else {
-                        format!("no response head within {}", attempt::secs(wait))
-                    };
-                    let failure = AttemptFailure {
-                        moving_on: !last,
-                        ..AttemptFailure::new(FailKind::Timeout, None, reason)
-                    };
-                    (failure, None)
-                }
+            let tried = try_upstream(&mut ledger, state, &cfg, plan).await;
+            add_usage = tried.usage_added;
+            let budget = policy::Budget {
+                tries,
+                retries: up.retries,
+                may_retry: view.may_retry(idx),
+                last,
+                time_left: time_left(deadline),
+                retry_after_max: cfg.retry_after_max,
             };
+            let (pause, failure) =
+                match policy::decide(&tried.outcome, &budget, rescue::backoff(tries)) {
+                    Next::Relay => {
+                        let rest = &order[pos + 1..];
+                        let resume = resume_plan(&ledger, req, client, rest, &usage_body);
+                        return tried.relay(ledger, &view, idx, None, resume);
+                    }
+                    Next::RelayFailure { cooldown } => {
+                        return tried.relay(ledger, &view, idx, cooldown, None)
+                    }
+                    Next::Retry { pause, cooldown } => {
+                        (Some(pause), tried.failure(false, false, cooldown))
+                    }
+                    Next::MoveOn { quiet, cooldown } => {
+                        (None, tried.failure(!last, quiet, cooldown))
+                    }
+                };
             ledger.failed(&view, idx, failure);
-            let Some(pause) = retry_in else {
+            let Some(pause) = pause else {
                 continue 'candidates;
             };
             // A client that goes away while we wait drops this future: the wait ends with it.
@@ -316,6 +208,198 @@ async fn forward(
         summary: crate::attempt::summary(ledger.failures()),
     };
     ledger.finish_local(err)
+}
+
+/// The registry's view and this request's candidates in order (allow/deny, `lb_policy`,
+/// cooldowns, `route_by_models`); none at all is a 404 naming the model.
+fn candidates(
+    ledger: &Ledger,
+    state: &AppState,
+) -> Result<(Arc<RegistryView>, Order), GatewayError> {
+    let model = ledger.info().model.as_deref();
+    let (view, mut order) = state.registry.candidates(model);
+    crate::models::route_filter(state, &view.config, &mut order, model);
+    if order.is_empty() {
+        let model = model.unwrap_or_default().to_string();
+        return Err(GatewayError::NoUpstreamForModel(model));
+    }
+    Ok((view, order))
+}
+
+/// What one attempt needs besides the ledger.
+struct Plan<'a> {
+    req: &'a HttpRequest,
+    client: &'a awc::Client,
+    up: &'a Upstream,
+    /// No candidate follows.
+    last: bool,
+    /// A stream request: its first chunk is waited for too.
+    stream: bool,
+    /// How long the attempt may wait for its first byte (deadline applied).
+    wait: Duration,
+    /// The body with `stream_options` added (4b), when this attempt should carry it.
+    usage_body: Option<&'a Bytes>,
+}
+
+/// One attempt, classified for the policy, with what executing its decision needs.
+struct Tried {
+    outcome: Outcome,
+    /// The upstream's answer, when it gave one.
+    answer: Option<(Upstreamed, Option<Bytes>)>,
+    kind: FailKind,
+    status: Option<u16>,
+    /// `name: reason` text for the record, the log and the all-failed answer.
+    reason: String,
+    /// Attempt start to the response head (and first chunk, for streams).
+    first_byte: Duration,
+    /// The request carried the added `stream_options` (its usage chunk is then not relayed).
+    usage_added: bool,
+}
+
+impl Tried {
+    /// The attempt's failure as the ledger takes it.
+    fn failure(&self, moving_on: bool, quiet: bool, cooldown: Option<Duration>) -> AttemptFailure {
+        AttemptFailure {
+            moving_on,
+            quiet,
+            cooldown,
+            ..AttemptFailure::new(self.kind, self.status, self.reason.clone())
+        }
+    }
+
+    /// Relays this attempt's answer to the client.
+    fn relay(
+        self,
+        ledger: Ledger,
+        view: &Arc<RegistryView>,
+        idx: usize,
+        cooldown: Option<Duration>,
+        resume: Option<resume::ResumePlan>,
+    ) -> HttpResponse {
+        let Some((resp, first)) = self.answer else {
+            // The policy relays only answered attempts; an answer is never lost silently.
+            let err = GatewayError::AllFailed {
+                timed_out: false,
+                summary: self.reason,
+            };
+            return ledger.finish_local(err);
+        };
+        let at = respond::Committed {
+            view,
+            idx,
+            first_byte: self.first_byte,
+            usage_added: self.usage_added,
+            cooldown,
+            resume,
+        };
+        respond::respond(ledger, at, resp, first)
+    }
+}
+
+/// Sends one attempt and classifies what came back. I/O only: the 4b repeat without an added
+/// `stream_options` that the upstream refused, and the read of a 400's body when
+/// `failover_codes` could move it on.
+async fn try_upstream(
+    ledger: &mut Ledger,
+    state: &AppState,
+    cfg: &Arc<Config>,
+    plan: Plan<'_>,
+) -> Tried {
+    let Plan {
+        req, client, up, ..
+    } = plan;
+    let stream = plan.stream;
+    let base = plan.usage_body.unwrap_or(&ledger.info().body);
+    let body = upstream_body(ledger.info(), up, base);
+    let mut usage_added = plan.usage_body.is_some();
+    let t0 = Instant::now();
+    ledger.sent();
+    let send = |body| {
+        actix_rt::time::timeout(
+            plan.wait.saturating_sub(t0.elapsed()),
+            attempt::attempt(client, up, req, body, stream),
+        )
+    };
+    let mut result = send(body).await;
+    if let (true, Ok(Ok((resp, first)))) = (usage_added, &mut result) {
+        // 4b: a 400 naming the added `stream_options` is repeated once without it.
+        if usage::refuses_stream_options(resp, first, plan.wait).await {
+            log::info!(
+                "upstream {} refused stream_options; not adding it there until the next reload",
+                up.name
+            );
+            state.stream_options_refused.refuse(cfg, &up.name);
+            usage_added = false;
+            let body = upstream_body(ledger.info(), up, &ledger.info().body);
+            ledger.sent();
+            result = send(body).await;
+        }
+    }
+    classify(result, &plan, cfg, t0, usage_added).await
+}
+
+/// What came back of an attempt (or its timeout), classified for the policy; a 400 whose body
+/// `failover_codes` could move on is read first.
+async fn classify(
+    result: Result<Result<(Upstreamed, Option<Bytes>), AttemptError>, Elapsed>,
+    plan: &Plan<'_>,
+    cfg: &Config,
+    t0: Instant,
+    usage_added: bool,
+) -> Tried {
+    let wait = plan.wait;
+    let (outcome, answer, kind, reason) = match result {
+        Ok(Ok((mut resp, mut first))) => {
+            let status = resp.status();
+            let mut failover_code = None;
+            if policy::wants_400_body(status.as_u16(), plan.last, !cfg.failover_codes.is_empty()) {
+                let left = wait.saturating_sub(t0.elapsed());
+                let (body, whole) = rescue::read_head_of_body(&mut resp, first.take(), left).await;
+                failover_code = whole
+                    .then(|| rescue::failover_code(&body, &cfg.failover_codes))
+                    .flatten();
+                first = (!body.is_empty()).then_some(body);
+            }
+            let reason = match &failover_code {
+                // 4a: e.g. context_length_exceeded — another upstream may fit it.
+                Some(code) => format!("HTTP 400 {code}"),
+                None => format!("HTTP {status}"),
+            };
+            let outcome = Outcome::Answered {
+                status: status.as_u16(),
+                failover_code: failover_code.is_some(),
+                retry_after: rescue::retry_after(&resp, status),
+            };
+            (outcome, Some((resp, first)), FailKind::Http, reason)
+        }
+        Ok(Err(e)) => (
+            Outcome::Failed {
+                retry_same: e.retry_same,
+            },
+            None,
+            e.kind,
+            e.reason,
+        ),
+        Err(_) => {
+            let what = if plan.stream {
+                "no first chunk"
+            } else {
+                "no response head"
+            };
+            let reason = format!("{what} within {}", attempt::secs(wait));
+            (Outcome::TimedOut, None, FailKind::Timeout, reason)
+        }
+    };
+    let status = answer.as_ref().map(|(resp, _)| resp.status().as_u16());
+    Tried {
+        outcome,
+        answer,
+        kind,
+        status,
+        reason,
+        first_byte: t0.elapsed(),
+        usage_added,
+    }
 }
 
 /// How a stream may be continued if it breaks (SPEC 4a `resume`): only with `resume: true`, for
@@ -351,9 +435,4 @@ fn resume_plan(
 /// What is left of the request's `deadline`, if it has one.
 fn time_left(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| d.saturating_duration_since(Instant::now()))
-}
-
-/// Whether a pause of `p` still leaves time for an attempt before the deadline.
-fn fits(deadline: Option<Instant>, p: Duration) -> bool {
-    time_left(deadline).is_none_or(|left| left > p)
 }

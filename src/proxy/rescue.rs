@@ -10,9 +10,6 @@ use futures_util::StreamExt;
 
 use super::attempt::Upstreamed;
 
-/// The longest cooldown a `Retry-After` can set.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
 /// The most of a 400 body read to find its `error.code`.
 const ERROR_BODY_MAX: usize = 64 << 10;
 
