@@ -37,7 +37,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
-use crate::metrics::{LATENCY_BUCKETS, NAMESPACE};
+use crate::series::{LATENCY_BUCKETS, NAMESPACE};
 
 /// The `endpoint` values of `/v1/*` requests, in SPEC §6's order (`other` last).
 pub const FAMILIES: [&str; 10] = [

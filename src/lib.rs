@@ -30,6 +30,7 @@ pub mod proxy;
 pub mod realtime;
 pub mod records;
 pub mod registry;
+pub mod series;
 pub mod server;
 pub mod sse;
 pub mod state;
