@@ -5,7 +5,7 @@
 #     -v "$PWD/config:/config:ro" -v oar-data:/data \
 #     -e OPENAI_API_KEY -e GATEWAY_TOKEN openai-api-route
 #
-# See README.md, section "Docker".
+# See docs/operations.md, section "Docker".
 
 # ---------------------------------------------------------------------------------------------
 # Build stage. rust:*-slim already carries gcc and libc6-dev, which the bundled SQLite (rusqlite

@@ -3,6 +3,7 @@
 mod support;
 
 mod cli;
+mod docs;
 mod failover;
 mod faults;
 mod fuzz;

@@ -27,6 +27,19 @@ pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
 
 use parse::Parser;
 
+/// Every mapping the parser walks, as (dotted path of the mapping, the keys it accepts): the very
+/// lists it warns about unknown keys with, so a key added to the parser is listed here at once.
+/// `""` is the top level and `"upstreams[]"` each upstream. The docs test (`tests/docs.rs`) reads
+/// it to check that every accepted key has a row in `docs/configuration.md`.
+pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
+    ("", parse::ROOT_KEYS),
+    ("upstreams[]", parse::UPSTREAM_KEYS),
+    ("cooldown", parse::COOLDOWN_KEYS),
+    ("notify", notify::NOTIFY_KEYS),
+    ("notify.feishu", notify::FEISHU_KEYS),
+    ("notify.matrix", notify::MATRIX_KEYS),
+];
+
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.
 pub const LONG_PROMPT_BYTES: usize = 128 * 1024;
 /// The least a long prompt waits for its first chunk.

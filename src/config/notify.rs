@@ -37,6 +37,13 @@ pub struct NotifyConfig {
     pub min_interval: Duration,
 }
 
+/// The keys of the `notify` mapping; any other one is warned about and ignored.
+pub(super) const NOTIFY_KEYS: &[&str] = &["feishu", "matrix", "min_interval"];
+/// The keys of `notify.feishu`.
+pub(super) const FEISHU_KEYS: &[&str] = &["webhook", "secret"];
+/// The keys of `notify.matrix`.
+pub(super) const MATRIX_KEYS: &[&str] = &["homeserver", "access_token", "room_id"];
+
 impl Parser<'_> {
     pub(super) fn notify(&mut self, v: Option<&Value>) -> NotifyConfig {
         let empty = Mapping::new();
@@ -48,7 +55,7 @@ impl Parser<'_> {
                 &empty
             }
         };
-        self.warn_unknown(map, &["feishu", "matrix", "min_interval"], "notify");
+        self.warn_unknown(map, NOTIFY_KEYS, "notify");
         let env = self.env;
         let sub = |p: &mut Self, name: &str| -> Mapping {
             match map.get(name) {
@@ -61,7 +68,7 @@ impl Parser<'_> {
             }
         };
         let fm = sub(self, "feishu");
-        self.warn_unknown(&fm, &["webhook", "secret"], "notify.feishu");
+        self.warn_unknown(&fm, FEISHU_KEYS, "notify.feishu");
         let webhook = fm
             .get("webhook")
             .and_then(|v| self.string("notify.feishu.webhook", v))
@@ -80,11 +87,7 @@ impl Parser<'_> {
         });
 
         let mm = sub(self, "matrix");
-        self.warn_unknown(
-            &mm,
-            &["homeserver", "access_token", "room_id"],
-            "notify.matrix",
-        );
+        self.warn_unknown(&mm, MATRIX_KEYS, "notify.matrix");
         let field = |p: &mut Self, k: &str, var: &str| {
             mm.get(k)
                 .and_then(|v| p.string(&format!("notify.matrix.{k}"), v))

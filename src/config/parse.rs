@@ -18,7 +18,8 @@ pub(super) struct Parser<'a> {
     pub(super) env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-const ROOT_KEYS: &[&str] = &[
+/// The top-level keys; any other one is warned about and ignored (listed in `KEY_SECTIONS`).
+pub(super) const ROOT_KEYS: &[&str] = &[
     "authorization",
     "timeout",
     "stream_timeout",
@@ -47,6 +48,7 @@ const ROOT_KEYS: &[&str] = &[
     "resume",
     "prefill",
 ];
+/// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
     "name",
     "endpoint",
@@ -294,7 +296,7 @@ impl Parser<'_> {
         match get("cooldown") {
             None | Some(Value::Null) => {}
             Some(Value::Mapping(m)) => {
-                self.warn_unknown(m, &["failures", "seconds"], "cooldown");
+                self.warn_unknown(m, COOLDOWN_KEYS, "cooldown");
                 cooldown_failures = self.integer("cooldown.failures", m.get("failures"), 3);
                 if cooldown_failures == 0 {
                     self.err("cooldown.failures", "must be at least 1");
@@ -430,3 +432,6 @@ fn split_commas(s: &str) -> impl Iterator<Item = String> + '_ {
 pub(super) fn is_http_url(s: &str) -> bool {
     parse_endpoint(s).is_some()
 }
+
+/// The keys of the `cooldown` mapping; any other one is warned about and ignored.
+pub(super) const COOLDOWN_KEYS: &[&str] = &["failures", "seconds"];

@@ -196,3 +196,31 @@ fn upstream_urls_and_host_are_assembled_from_the_parsed_endpoint() {
     // Paths outside /v1 keep their mapping: appended to the base path as they are.
     assert_eq!(url(0, "/other"), "https://api.openai.com/v1/other");
 }
+
+#[test]
+fn key_sections_name_the_mappings_the_parser_warns_in() {
+    // Every listed key of the nested sections is accepted without a warning, and one unknown key
+    // in each section of `KEY_SECTIONS` is warned about under that section's path.
+    let text = "authorization: x\nzz: 1\n\
+        cooldown: {failures: 2, seconds: 5, zz: 1}\n\
+        notify:\n  min_interval: 5\n  zz: 1\n\
+        \x20 feishu: {webhook: http://f/hook, secret: s, zz: 1}\n\
+        \x20 matrix: {homeserver: http://m, access_token: t, room_id: r, zz: 1}\n\
+        upstreams:\n  - endpoint: http://h/v1\n    zz: 1\n";
+    let (_, warnings) = parse(Path::new("t.yaml"), text, false, &|_| None).unwrap();
+    let mut got: Vec<String> = warnings.into_iter().map(|w| w.key).collect();
+    got.sort();
+    let mut want: Vec<String> = KEY_SECTIONS
+        .iter()
+        .map(|(path, _)| match *path {
+            "" => "zz".to_string(),
+            "upstreams[]" => "upstreams[0].zz".to_string(),
+            p => format!("{p}.zz"),
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    for (path, keys) in KEY_SECTIONS {
+        assert!(!keys.is_empty() && !keys.contains(&"zz"), "{path}");
+    }
+}
