@@ -12,6 +12,7 @@
 
 mod columns;
 mod postgres;
+mod priority;
 mod sqlite;
 pub mod target;
 
@@ -450,19 +451,26 @@ impl Recorder {
         metrics.set_database_up(true);
         let kind = store.kind();
         let (s, m) = (shared.clone(), metrics.clone());
-        let addr = SyncArbiter::start(1, move || DbActor {
-            store: store.clone(),
-            shared: s.clone(),
-            metrics: m.clone(),
-            batch: Vec::with_capacity(MAX_BATCH),
+        // The writer yields the CPU to request workers while its backlog is short (priority.rs).
+        let class = Arc::new(priority::WriterClass::probe());
+        let c = class.clone();
+        let addr = SyncArbiter::start(1, move || {
+            c.enter();
+            DbActor {
+                store: store.clone(),
+                shared: s.clone(),
+                metrics: m.clone(),
+                batch: Vec::with_capacity(MAX_BATCH),
+            }
         });
         let buffer: Arc<Mutex<Vec<Record>>> = Arc::default();
-        let (ticker, collected) = (addr.clone(), buffer.clone());
+        let (ticker, collected, backlog) = (addr.clone(), buffer.clone(), shared.clone());
         actix_rt::spawn(async move {
             let mut every = actix_rt::time::interval(BATCH_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
+                class.adjust(backlog.pending.load(Ordering::Acquire), capacity);
                 let batch = take(&collected);
                 if !batch.is_empty() {
                     ticker.do_send(InsertBatch(batch));
