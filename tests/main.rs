@@ -19,3 +19,4 @@ mod resume;
 mod routing;
 mod sdk;
 mod streaming;
+mod status_browser;
