@@ -56,22 +56,23 @@ const MEASURE: &str = r#"(async () => {
              clippedBy: clipped(s, r),
              hidden: getComputedStyle(s).visibility !== 'visible' };
   });
-  // A line break inside a name or an endpoint is allowed after a separator or at a space only.
+  // A line break inside a name or an endpoint is allowed at a space, after a separator, or where
+  // the markup allows one (a <wbr>, a <br>: the text nodes on either side differ); nowhere else.
   const breaks = [];
   for (const el of document.querySelectorAll('.name, .endpoint, .facts b')) {
     const chars = [];
     const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
-    for (let n; (n = walk.nextNode());) {
+    for (let n, k = 0; (n = walk.nextNode()); k++) {
       for (let i = 0; i < n.length; i++) {
         const r = document.createRange();
         r.setStart(n, i); r.setEnd(n, i + 1);
         const rects = r.getClientRects();
-        if (rects.length) chars.push({ ch: n.data[i], top: rects[0].top, bottom: rects[0].bottom });
+        if (rects.length) chars.push({ ch: n.data[i], node: k, top: rects[0].top, bottom: rects[0].bottom });
       }
     }
     for (let i = 1; i < chars.length; i++) {
       const a = chars[i - 1], b = chars[i];
-      if (b.top >= a.bottom - 1 && !/[\s\/.\-_:?&=@,·]/.test(a.ch) && !/\s/.test(b.ch)) {
+      if (b.top >= a.bottom - 1 && a.node === b.node && !/[\s\/.\-_:?&=@,·]/.test(a.ch) && !/\s/.test(b.ch)) {
         breaks.push(el.textContent.slice(0, 80) + ' | broken between "' +
           chars.slice(Math.max(0, i - 8), i).map(c => c.ch).join('') + '" and "' +
           chars.slice(i, i + 8).map(c => c.ch).join('') + '"');
