@@ -18,5 +18,5 @@ mod rescue;
 mod resume;
 mod routing;
 mod sdk;
-mod streaming;
 mod status_browser;
+mod streaming;

@@ -194,7 +194,14 @@ impl Browser {
 
     /// Opens `url` in a new tab of `width`×`height` CSS px (a touch phone when `mobile`), in the
     /// dark colour scheme when `dark`; returns the tab's session.
-    async fn open(&mut self, url: &str, width: u32, height: u32, mobile: bool, dark: bool) -> String {
+    async fn open(
+        &mut self,
+        url: &str,
+        width: u32,
+        height: u32,
+        mobile: bool,
+        dark: bool,
+    ) -> String {
         let target = self
             .call(None, "Target.createTarget", json!({"url": "about:blank"}))
             .await;
@@ -214,8 +221,12 @@ impl Browser {
         )
         .await;
         if mobile {
-            self.call(s, "Emulation.setTouchEmulationEnabled", json!({"enabled": true}))
-                .await;
+            self.call(
+                s,
+                "Emulation.setTouchEmulationEnabled",
+                json!({"enabled": true}),
+            )
+            .await;
         }
         let scheme = if dark { "dark" } else { "light" };
         self.call(
@@ -335,7 +346,10 @@ async fn status_page_fits_1280_and_390_px_with_every_chart_visible() {
     };
     let (gw, _mocks) = busy_gateway().await;
     let html = send("GET", &gw.url("/"), &[], b"").await.text();
-    assert!(!html.contains("<script"), "the page works without JavaScript");
+    assert!(
+        !html.contains("<script"),
+        "the page works without JavaScript"
+    );
     let shots = std::env::var("OPENAI_API_ROUTE_SCREENSHOTS").ok();
     let mut browser = Browser::launch(&chromium).await;
     let sizes = [
@@ -365,14 +379,27 @@ async fn status_page_fits_1280_and_390_px_with_every_chart_visible() {
         let charts = m["charts"].as_array().unwrap();
         assert_eq!(charts.len(), 6, "two charts per upstream: {why}");
         for c in charts {
-            assert!(c["left"].as_f64().unwrap() >= 0.0, "chart off the left: {why}");
+            assert!(
+                c["left"].as_f64().unwrap() >= 0.0,
+                "chart off the left: {why}"
+            );
             assert!(
                 c["right"].as_f64().unwrap() <= viewport,
                 "chart off the right: {why}"
             );
-            assert!(c["width"].as_f64().unwrap() >= 120.0, "chart too narrow: {why}");
-            assert!(c["height"].as_f64().unwrap() >= 16.0, "chart too flat: {why}");
-            assert_eq!(c["clippedBy"], Value::Null, "chart scrolled out of sight: {why}");
+            assert!(
+                c["width"].as_f64().unwrap() >= 120.0,
+                "chart too narrow: {why}"
+            );
+            assert!(
+                c["height"].as_f64().unwrap() >= 16.0,
+                "chart too flat: {why}"
+            );
+            assert_eq!(
+                c["clippedBy"],
+                Value::Null,
+                "chart scrolled out of sight: {why}"
+            );
             assert_eq!(c["hidden"], json!(false), "{why}");
         }
         let breaks = m["breaks"].as_array().unwrap();

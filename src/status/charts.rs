@@ -167,7 +167,10 @@ mod tests {
             &mut s,
             &hour(|i| if i == 59 { (1, 1, None) } else { (0, 0, None) }),
         );
-        assert!(s.contains(">1 attempt <span class=\"key fail\"></span>1 failed"), "{s}");
+        assert!(
+            s.contains(">1 attempt <span class=\"key fail\"></span>1 failed"),
+            "{s}"
+        );
         assert!(s.contains("last 60 minutes: 1 attempt, 1 failed"), "{s}");
         assert!(!s.contains("1 attempts"), "{s}");
     }

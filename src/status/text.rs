@@ -66,8 +66,7 @@ fn wrap_runs(s: &str, long_run: usize) -> String {
         let mut chars = run.chars().peekable();
         while let Some(c) = chars.next() {
             out.push_str(&esc(c.encode_utf8(&mut buf)));
-            if BREAK_AFTER.contains(&c) && chars.peek().is_some_and(|n| !BREAK_AFTER.contains(n))
-            {
+            if BREAK_AFTER.contains(&c) && chars.peek().is_some_and(|n| !BREAK_AFTER.contains(n)) {
                 out.push_str("<wbr>");
             }
         }
@@ -150,14 +149,20 @@ mod tests {
         );
         // Short runs stay as written; spaces are break points already.
         assert_eq!(breakable("bad-one"), "bad-one");
-        assert_eq!(breakable("http://127.0.0.1:12345/v1"), "http://127.0.0.1:12345/v1");
+        assert_eq!(
+            breakable("http://127.0.0.1:12345/v1"),
+            "http://127.0.0.1:12345/v1"
+        );
         assert_eq!(
             breakable("a.b a_very_long_name_with_many_parts.x"),
             "a.b a_<wbr>very_<wbr>long_<wbr>name_<wbr>with_<wbr>many_<wbr>parts.<wbr>x"
         );
         // Escaped still; nothing inserted inside an entity or after the last character.
         assert_eq!(breakable("a<b>&c"), "a&lt;b&gt;&amp;c");
-        assert_eq!(path("/tmp/x/db.sqlite"), "/<wbr>tmp/<wbr>x/<wbr>db.<wbr>sqlite");
+        assert_eq!(
+            path("/tmp/x/db.sqlite"),
+            "/<wbr>tmp/<wbr>x/<wbr>db.<wbr>sqlite"
+        );
         assert_eq!(path("a&b <i>"), "a&amp;<wbr>b &lt;i&gt;");
         assert_eq!(
             breakable("\"><img/src=x-onerror=alert(1)>&&&&&&"),

@@ -168,7 +168,10 @@ pub fn failures_table(out: &mut String, failures: &[FailedAttempt]) {
              <td data-label=\"Reason\" class=\"err\">{}</td></tr>",
             timestamp(&rfc3339(f.at)),
             breakable(&f.upstream),
-            f.model.as_deref().map(breakable).unwrap_or_else(|| "—".into()),
+            f.model
+                .as_deref()
+                .map(breakable)
+                .unwrap_or_else(|| "—".into()),
             esc(f.outcome),
             esc(&f.reason),
         );
