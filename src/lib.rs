@@ -13,7 +13,6 @@
 
 pub mod attempt;
 pub mod capture;
-pub mod charts;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -19,4 +19,5 @@ mod rescue;
 mod resume;
 mod routing;
 mod sdk;
+mod status_browser;
 mod streaming;

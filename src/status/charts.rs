@@ -1,5 +1,8 @@
 //! Small inline-SVG charts of an upstream's last hour for the status page (SPEC §8, version 0.2).
 //!
+//! A chart is as wide as its box (`preserveAspectRatio="none"`): the stylesheet sizes it, so the
+//! same markup fills a card's chart column at 1280 px and the whole card on a phone.
+//!
 //! Inline SVG needs no JavaScript and no external asset, and takes its colours from the page's
 //! CSS classes, so the dark scheme applies to the charts too. Each series is one `<path>` (not one
 //! element per minute), which keeps the page small with 20 upstreams: about 2 KB per chart.
@@ -8,6 +11,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use super::text::counted;
 use crate::history::{MinutePoint, MINUTES};
 
 /// Chart height in SVG units; bars are scaled into `HEIGHT - 1` so a full bar keeps a top margin.
@@ -78,15 +82,14 @@ pub fn last_hour(out: &mut String, hour: &[MinutePoint]) {
     let peak = hour.iter().filter_map(|p| p.median_first_byte).max();
 
     out.push_str("<div class=\"hour\"><figure>");
-    let label = format!(
-        "attempts per minute, last 60 minutes: {total_req} attempts, {total_failed} failed"
-    );
+    let attempts = counted(total_req, "attempt", "attempts");
+    let label = format!("attempts per minute, last 60 minutes: {attempts}, {total_failed} failed");
     open(out, &label);
     bars(out, "req", &requests, max_count);
     bars(out, "fail", &failed, max_count);
     let _ = write!(
         out,
-        "</svg><figcaption><span class=\"key req\"></span>{total_req} attempts \
+        "</svg><figcaption><span class=\"key req\"></span>{attempts} \
          <span class=\"key fail\"></span>{total_failed} failed \
          <small>(peak {max_count:.0}/min)</small></figcaption></figure><figure>"
     );
@@ -155,5 +158,20 @@ mod tests {
         assert!(s.contains("15 attempts"));
         assert!(s.contains("2 failed"));
         assert!(s.contains("peak 1.5 s"));
+    }
+
+    #[test]
+    fn one_attempt_is_one_attempt() {
+        let mut s = String::new();
+        last_hour(
+            &mut s,
+            &hour(|i| if i == 59 { (1, 1, None) } else { (0, 0, None) }),
+        );
+        assert!(
+            s.contains(">1 attempt <span class=\"key fail\"></span>1 failed"),
+            "{s}"
+        );
+        assert!(s.contains("last 60 minutes: 1 attempt, 1 failed"), "{s}");
+        assert!(!s.contains("1 attempts"), "{s}");
     }
 }
