@@ -2,6 +2,7 @@
 
 mod support;
 
+mod admission;
 mod cli;
 mod failover;
 mod faults;
