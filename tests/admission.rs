@@ -105,8 +105,7 @@ async fn a_websocket_self_loop_stops_at_five_hops_and_a_looping_via_is_refused()
     let t = Instant::now();
     let err = connect(&gw, "/v1/realtime?model=m", &[])
         .await
-        .err()
-        .expect("a self-loop must not open");
+        .expect_err("a self-loop must not open");
     assert_eq!(status_of(err), 508);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // The client's handshake and the five nested ones it caused, the last refused with 508.
@@ -125,8 +124,7 @@ async fn a_websocket_self_loop_stops_at_five_hops_and_a_looping_via_is_refused()
     let via = ["1.1 openai-api-route"; 5].join(", ");
     let err = connect(&gw, "/v1/realtime?model=m", &[("via", &via)])
         .await
-        .err()
-        .expect("a looping Via must not open");
+        .expect_err("a looping Via must not open");
     assert_eq!(status_of(err), 508);
     assert!(up.handshakes().is_empty());
     let (_ws, resp) = connect(
