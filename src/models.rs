@@ -427,10 +427,7 @@ fn percent_decode(s: &str) -> String {
 pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let ledger = match admission::admit(&req, &state) {
         Ok(admitted) => admitted.ledger,
-        Err(refused) => {
-            let (ledger, err) = *refused;
-            return ledger.finish_local(err);
-        }
+        Err(refused) => return refused.answer(),
     };
     let snap = state.models.snapshot();
     let id = percent_decode(req.match_info().get("id").unwrap_or(""));

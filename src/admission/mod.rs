@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::{self, Bytes};
-use actix_web::HttpRequest;
+use actix_web::{HttpRequest, HttpResponse};
 
 use crate::config::{token_label, Config};
 use crate::error::GatewayError;
@@ -38,9 +38,29 @@ pub struct Admitted {
     pub config: Arc<Config>,
 }
 
-/// A request refused by admission: its ledger (which records and counts the refusal when the
-/// route finishes it) and why.
-pub type Refusal = (Ledger, GatewayError);
+/// A request refused by admission: its ledger and why. Boxed where returned (a ledger is large
+/// and refusals are the rare path).
+pub struct Refusal {
+    ledger: Ledger,
+    error: GatewayError,
+}
+
+impl Refusal {
+    fn new(ledger: Ledger, error: GatewayError) -> Box<Refusal> {
+        Box::new(Refusal { ledger, error })
+    }
+
+    /// Answers the client; the ledger counts the refusal and records it (within the
+    /// rejected-records bound).
+    pub fn answer(self) -> HttpResponse {
+        self.ledger.finish_local(self.error)
+    }
+
+    /// The ledger and the error, for a route that finishes refusals of its own the same way.
+    pub fn into_parts(self) -> (Ledger, GatewayError) {
+        (self.ledger, self.error)
+    }
+}
 
 /// The common admission of every `/v1/*` route, in order: auth (401), the path rules (400), the
 /// `Via` loop guard (508). Nothing has gone upstream when it returns.
@@ -49,14 +69,14 @@ pub fn admit(req: &HttpRequest, state: &web::Data<AppState>) -> Result<Admitted,
     let mut ledger = Ledger::open(state.clone().into_inner(), request_info(req, &config));
     match authorize(req, &config) {
         Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return Err(Box::new((ledger, e))),
+        Err(e) => return Err(Refusal::new(ledger, e)),
     }
     if let Some(why) = path_problem(req.uri().path()) {
-        return Err(Box::new((ledger, GatewayError::BadRequest(why.into()))));
+        return Err(Refusal::new(ledger, GatewayError::BadRequest(why.into())));
     }
     let hops = via_hops(req.headers());
     if hops >= MAX_VIA_HOPS {
-        return Err(Box::new((ledger, GatewayError::LoopDetected(hops))));
+        return Err(Refusal::new(ledger, GatewayError::LoopDetected(hops)));
     }
     Ok(Admitted { ledger, config })
 }

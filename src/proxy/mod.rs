@@ -57,7 +57,7 @@ async fn admit_request(
     let Admitted {
         mut ledger,
         config: cfg,
-    } = crate::admission::admit(req, state).map_err(|refused| *refused)?;
+    } = crate::admission::admit(req, state).map_err(|refused| refused.into_parts())?;
     let body = actix_rt::time::timeout(
         cfg.body_timeout,
         admit::read_body(req, payload, cfg.max_body_bytes),

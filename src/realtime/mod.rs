@@ -213,10 +213,7 @@ pub async fn session(
 ) -> HttpResponse {
     let mut ledger = match crate::admission::admit(&req, &state) {
         Ok(admitted) => admitted.ledger,
-        Err(refused) => {
-            let (ledger, err) = *refused;
-            return ledger.finish_local(err);
-        }
+        Err(refused) => return refused.answer(),
     };
     match query_model(req.uri().query().unwrap_or("")) {
         Ok(m) => ledger.info_mut().model = m.map(Into::into),
