@@ -27,6 +27,67 @@ const BAD_PATHS: &[&str] = &[
     "/v1/%25c0%25ae/admin",
 ];
 
+/// The routes of `/v1/*` that reach an upstream or answer from the gateway's own data: a raw
+/// request for `path` by each (HTTP proxy, model list, WebSocket upgrade).
+fn route_request(route: &str, path: &str, headers: &str) -> String {
+    match route {
+        "http" => format!(
+            "POST /v1/chat/completions{path} HTTP/1.1\r\nhost: x\r\n{headers}content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ),
+        "models" => format!(
+            "GET /v1/models{path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"
+        ),
+        _ => format!(
+            "GET /v1/realtime{path}?model=m HTTP/1.1\r\nhost: x\r\n{headers}connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    }
+}
+
+/// One admission for every route: each rule of the common step, on each route, answers the same
+/// status and sends nothing upstream. A rule added to `admission::admit` gets a row here.
+#[actix_rt::test]
+async fn every_route_takes_every_admission_rule() {
+    let m = Mock::always(Reply::chat("x"));
+    let gw = one(&m, "");
+    let token = format!("authorization: Bearer {TOKEN}\r\n");
+    let looped = format!("{token}via: {}\r\n", ["1.1 openai-api-route"; 5].join(", "));
+    // (rule, path suffix, headers, status)
+    let rules: &[(&str, &str, &str, u16)] = &[
+        ("no token", "", "", 401),
+        ("wrong token", "", "authorization: Bearer sk-wrong\r\n", 401),
+        ("dot segment", "/%2e%2e", &token, 400),
+        ("dot with ;", "/..;", &token, 400),
+        ("control character", "/x%00", &token, 400),
+        ("overlong UTF-8", "/%c0%ae", &token, 400),
+        ("%u escape", "/%u002e", &token, 400),
+        ("Via loop", "", &looped, 508),
+    ];
+    for route in ["http", "models", "websocket"] {
+        for (rule, path, headers, want) in rules {
+            let (code, _, out) = raw_status(&gw, &route_request(route, path, headers));
+            assert_eq!(
+                code,
+                *want,
+                "{route}, {rule}: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        assert_eq!(
+            m.hits(),
+            0,
+            "{route}: a refused request reached the upstream"
+        );
+    }
+    // The same requests without the fault: the HTTP proxy and the WebSocket upgrade reach the
+    // upstream (which does not speak WebSocket), the model list is answered locally.
+    for (route, hits) in [("http", 1), ("models", 1), ("websocket", 2)] {
+        let (code, _, out) = raw_status(&gw, &route_request(route, "", &token));
+        assert_ne!(code, 0, "{route}: {}", String::from_utf8_lossy(&out));
+        assert!(code < 400 || route == "websocket", "{route}: {code}");
+        assert_eq!(m.hits(), hits, "{route}");
+    }
+}
+
 #[actix_rt::test]
 async fn websocket_upgrades_take_the_path_rules_and_refuse_a_model_with_a_semicolon() {
     let up = WsMock::start();
