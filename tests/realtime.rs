@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::*;
 
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What the echo upstream saw: each handshake's target and headers, and every event in order.
 #[derive(Default)]
@@ -31,20 +31,20 @@ struct Seen {
 /// - `close:CODE:REASON` closes with that code and reason,
 /// - `flood:N:SIZE` sends N binary messages of SIZE bytes,
 /// - `fragments` sends one text message as three frames ("frag", "ment", "ed").
-struct WsMock {
+pub(crate) struct WsMock {
     addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
 }
 
 impl WsMock {
-    fn start() -> WsMock {
+    pub(crate) fn start() -> WsMock {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let seen2 = seen.clone();
         let addr = spawn_server(move |sock| serve_ws(sock, seen2.clone()));
         WsMock { addr, seen }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
 
@@ -52,11 +52,11 @@ impl WsMock {
         self.seen.lock().unwrap().events.clone()
     }
 
-    fn handshakes(&self) -> Vec<(String, Vec<(String, String)>)> {
+    pub(crate) fn handshakes(&self) -> Vec<(String, Vec<(String, String)>)> {
         self.seen.lock().unwrap().handshakes.clone()
     }
 
-    fn header(&self, i: usize, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, i: usize, name: &str) -> Option<String> {
         self.handshakes()
             .get(i)?
             .1
@@ -182,7 +182,7 @@ fn ws_url(gw: &Gateway, path: &str) -> String {
 }
 
 /// Opens a session through the gateway with the client token and `extra` headers.
-async fn connect(
+pub(crate) async fn connect(
     gw: &Gateway,
     path: &str,
     extra: &[(&str, &str)],
@@ -214,7 +214,7 @@ async fn recv(ws: &mut Client) -> Message {
         .expect("read error")
 }
 
-fn status_of(err: WsError) -> u16 {
+pub(crate) fn status_of(err: WsError) -> u16 {
     match err {
         WsError::Http(resp) => resp.status().as_u16(),
         other => panic!("expected an HTTP answer, got {other}"),

@@ -64,6 +64,9 @@ pub(super) const UPSTREAM_KEYS: &[&str] = &[
     "prefill",
 ];
 
+/// The most `retries` a config may give (global or per upstream).
+pub const MAX_RETRIES: u32 = 5;
+
 impl Parser<'_> {
     pub(super) fn err(&mut self, key: &str, problem: impl Into<String>) {
         self.errors.push(ConfigError {
@@ -171,6 +174,17 @@ impl Parser<'_> {
     }
 
     /// `true`/`false` (also as strings, so `${ENV}` works).
+    /// `retries` (global or per upstream): at most [`MAX_RETRIES`]; more only multiplies the
+    /// load a client's one request puts on a failing upstream (SPEC 4d).
+    pub(super) fn retries(&mut self, key: &str, v: Option<&Value>, default: u32) -> u32 {
+        let n = self.integer(key, v, default.into());
+        // An inherited default was reported where it was written.
+        if v.is_some() && n > u64::from(MAX_RETRIES) {
+            self.err(key, format!("must be at most {MAX_RETRIES} (got {n})"));
+        }
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     pub(super) fn boolean(&mut self, key: &str, v: Option<&Value>, default: bool) -> bool {
         let b = match v {
             None | Some(Value::Null) => return default,
@@ -355,7 +369,7 @@ impl Parser<'_> {
         );
         let route_by_models = self.boolean("route_by_models", get("route_by_models"), false);
         let force_usage = self.boolean("force_usage", get("force_usage"), true);
-        let retries = self.integer("retries", get("retries"), 0);
+        let retries = self.retries("retries", get("retries"), 0);
         let retry_after_max = get("retry_after_max")
             .and_then(|v| self.number("retry_after_max", v))
             .map_or(Duration::from_secs(5), Duration::from_secs_f64);
@@ -374,7 +388,7 @@ impl Parser<'_> {
             timeout,
             stream_timeout,
             force_usage,
-            retries: u32::try_from(retries).unwrap_or(u32::MAX),
+            retries,
             prefill,
         };
         let upstreams = self.upstreams(get("upstreams"), defaults);

@@ -274,7 +274,7 @@ impl Parser<'_> {
                 m.get("force_usage"),
                 defaults.force_usage,
             );
-            let retries = self.integer(&key("retries"), m.get("retries"), defaults.retries.into());
+            let retries = self.retries(&key("retries"), m.get("retries"), defaults.retries);
             let prefill = self.prefill(&key("prefill"), m.get("prefill"), defaults.prefill);
             out.push((
                 name.clone(),
@@ -291,7 +291,7 @@ impl Parser<'_> {
                     model_map,
                     models,
                     force_usage,
-                    retries: u32::try_from(retries).unwrap_or(u32::MAX),
+                    retries,
                     prefill,
                 },
             ));

@@ -15,10 +15,12 @@ pub mod resume;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::CONTENT_TYPE;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use tokio::time::error::Elapsed;
 
+use crate::admission::Admitted;
 use crate::attempt::FailKind;
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
@@ -51,30 +53,17 @@ pub async fn proxy(
     forward(&req, ledger, &state, &client.0).await
 }
 
-/// Admission: who is asking, what they send, and whether it may go anywhere (SPEC §4, 4d).
+/// Admission: the common step of every route (auth, paths, loop guard), then what this route
+/// reads: the body, bounded in size and time, and what it says (SPEC §4, 4d).
 async fn admit_request(
     req: &HttpRequest,
     payload: web::Payload,
     state: &web::Data<AppState>,
 ) -> Result<Ledger, (Ledger, GatewayError)> {
-    let cfg = state.config.get();
-    let info = admit::request_info(req, &cfg);
-    let mut ledger = Ledger::open(state.clone().into_inner(), info);
-    match admit::authorize(req, &cfg) {
-        Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return Err((ledger, e)),
-    }
-    let hops = admit::via_hops(req.headers());
-    if hops >= admit::MAX_VIA_HOPS {
-        return Err((ledger, GatewayError::LoopDetected(hops)));
-    }
-    if admit::has_dot_segment(req.uri().path()) {
-        let err = GatewayError::BadRequest(
-            "the path has a `.` or `..` segment (after percent-decoding); it is not forwarded"
-                .into(),
-        );
-        return Err((ledger, err));
-    }
+    let Admitted {
+        mut ledger,
+        config: cfg,
+    } = crate::admission::admit(req, state).map_err(|refused| refused.into_parts())?;
     let body = actix_rt::time::timeout(
         cfg.body_timeout,
         admit::read_body(req, payload, cfg.max_body_bytes),
@@ -95,6 +84,9 @@ async fn admit_request(
             ));
             return Err((ledger, err));
         }
+    }
+    if let Some(refused) = admit::not_utf8_json(req.headers().get(CONTENT_TYPE), &body) {
+        return Err((ledger, GatewayError::BadRequest(refused.0)));
     }
     let meta = match admit::body_meta(&body) {
         Ok(meta) => meta,

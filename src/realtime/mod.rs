@@ -39,7 +39,7 @@ use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::headers;
 use crate::ledger::{AttemptFailure, BodyEnd, Ledger};
-use crate::proxy::{self, admit, UpstreamClient};
+use crate::proxy::{self, UpstreamClient};
 use crate::state::AppState;
 
 /// Largest frame accepted from either side (both codecs; their default is 64 KiB). Realtime
@@ -211,12 +211,10 @@ pub async fn session(
     state: web::Data<AppState>,
     client: web::Data<UpstreamClient>,
 ) -> HttpResponse {
-    let cfg = state.config.get();
-    let mut ledger = Ledger::open(state.clone().into_inner(), admit::request_info(&req, &cfg));
-    match admit::authorize(&req, &cfg) {
-        Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return ledger.finish_local(e),
-    }
+    let mut ledger = match crate::admission::admit(&req, &state) {
+        Ok(admitted) => admitted.ledger,
+        Err(refused) => return refused.answer(),
+    };
     match query_model(req.uri().query().unwrap_or("")) {
         Ok(m) => ledger.info_mut().model = m.map(Into::into),
         Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
