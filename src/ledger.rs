@@ -126,6 +126,9 @@ pub struct Ledger {
     committed: Option<Committed>,
     /// Continuations of a broken stream (SPEC 4a resume).
     resumed: u32,
+    /// Cooldowns this request's failures announced (`Retry-After`): upstream name and end, for
+    /// the `Retry-After` of a relayed 429 (SPEC 4e).
+    cooling: Vec<(String, Instant)>,
 }
 
 impl Ledger {
@@ -138,6 +141,7 @@ impl Ledger {
             attempts: 0,
             committed: None,
             resumed: 0,
+            cooling: Vec::new(),
         }
     }
 
@@ -185,6 +189,9 @@ impl Ledger {
         );
         if f.moving_on {
             self.state.metrics.failover(name);
+        }
+        if let Some(d) = f.cooldown {
+            self.cooling.push((name.to_string(), Instant::now() + d));
         }
         if !f.quiet {
             self.state.metrics.attempt(name, f.kind.label());
@@ -331,6 +338,31 @@ impl Ledger {
         self.resumed
     }
 
+    /// How long until the first upstream that may serve this request leaves its cooldown, when
+    /// every one of them is cooling down (else None: one may be tried now, or it is not known).
+    /// Cooldowns come from the registry's latest view and from this request's own failures
+    /// (whose report the registry may not have published yet).
+    pub fn first_cooldown_end(&self) -> Option<Duration> {
+        let view = self.state.registry.view();
+        let model = self.info.model.as_deref();
+        let now = Instant::now();
+        let mut first: Option<Instant> = None;
+        for (idx, up) in view.config.upstreams.iter().enumerate() {
+            if !up.admits(model) {
+                continue;
+            }
+            let own = self
+                .cooling
+                .iter()
+                .filter(|(name, _)| *name == *up.name)
+                .map(|(_, until)| *until)
+                .max();
+            let until = own.max(view.cooling_until(idx)).filter(|u| *u > now)?;
+            first = Some(first.map_or(until, |f| f.min(until)));
+        }
+        first.map(|f| f - now)
+    }
+
     /// The kind of the last failure, if any.
     pub fn last_failure(&self) -> Option<FailKind> {
         self.failures.last().map(|f| f.kind)
@@ -340,6 +372,13 @@ impl Ledger {
     /// recorded within the rejected-records bound) or an all-failed answer (alerted).
     pub fn finish_local(self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
+        if matches!(err, GatewayError::AllFailed { .. }) {
+            // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
+            resp.headers_mut().insert(
+                header::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
+        }
         if self.attempts > 0 {
             resp.headers_mut().insert(
                 header::HeaderName::from_static("x-upstream-attempts"),

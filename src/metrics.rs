@@ -255,14 +255,15 @@ impl Metrics {
     }
 
     /// A continuation of a broken stream on `upstream`: `ok`, `rejected` (prefill refused, so
-    /// regenerated), `diverged` (the regeneration did not begin with the text sent) or `failed`.
+    /// regenerated), `diverged` (the regeneration did not begin with the text sent), `failed`,
+    /// or `restarted` (it ignored the prefill and answered from the start, SPEC 4e).
     pub fn resume(&self, upstream: &str, result: &str) {
         self.resumes.with_label_values(&[upstream, result]).inc();
     }
 
     /// Retries and continuations since start, for the status page: the retry total, and the
-    /// resume totals by result (`ok`, `rejected`, `diverged`, `failed`).
-    pub fn rescue_totals(&self) -> (u64, [u64; 4]) {
+    /// resume totals by result (`ok`, `rejected`, `diverged`, `failed`, `restarted`).
+    pub fn rescue_totals(&self) -> (u64, [u64; 5]) {
         use prometheus::core::Collector;
         let sum = |v: &IntCounterVec, label: Option<&str>| -> u64 {
             v.collect()
@@ -278,7 +279,8 @@ impl Metrics {
                 .map(|m| m.get_counter().get_value() as u64)
                 .sum()
         };
-        let results = ["ok", "rejected", "diverged", "failed"].map(|r| sum(&self.resumes, Some(r)));
+        let results = ["ok", "rejected", "diverged", "failed", "restarted"]
+            .map(|r| sum(&self.resumes, Some(r)));
         (sum(&self.retries, None), results)
     }
 

@@ -278,6 +278,11 @@ impl std::ops::DerefMut for Order {
 }
 
 impl RegistryView {
+    /// When upstream `idx`'s cooldown ends, if it has one (it may have run out already).
+    pub fn cooling_until(&self, idx: usize) -> Option<Instant> {
+        self.cooling_until.get(idx).copied().flatten()
+    }
+
     /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
     /// cooldown just ran out), and not when this failure is the one that reaches
     /// `cooldown.failures`.

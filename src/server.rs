@@ -227,6 +227,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .unwrap_or_else(|| "none".into()),
             reject_gate: Default::default(),
             realtime: sessions.clone(),
+            prefill_ignored: Default::default(),
         });
 
         let factory_tls = tls.clone();

@@ -37,4 +37,7 @@ pub struct AppState {
     pub reject_gate: crate::error::RejectGate,
     /// Open WebSocket sessions' shutdown signal (SPEC §4c).
     pub realtime: crate::realtime::Sessions,
+    /// Upstreams seen ignoring a prefill (SPEC 4e): asked as with `prefill: none` until the next
+    /// reload.
+    pub prefill_ignored: crate::usage::Refusals,
 }

@@ -18,7 +18,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::capture::{find_key, key_values};
+use crate::capture::{find_key, has_usage_object, key_values};
 use crate::config::Config;
 
 /// What is added when the client did not ask for usage itself.
@@ -217,9 +217,30 @@ impl Default for UsageFilter {
 #[derive(Deserialize)]
 struct Probe {
     #[serde(default)]
-    choices: Option<Vec<IgnoredAny>>,
+    choices: Option<Vec<ChoiceProbe>>,
     #[serde(default)]
     usage: Option<IgnoredAny>,
+}
+
+/// One choice of a chunk, as far as telling an empty one (SPEC 4e) matters.
+#[derive(Deserialize)]
+struct ChoiceProbe {
+    #[serde(default)]
+    delta: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+}
+
+impl ChoiceProbe {
+    /// A choice that says nothing: its `delta` is empty (no member, or only `null` ones) and its
+    /// `finish_reason` is null. LiteLLM puts its usage on a chunk of such choices.
+    fn is_empty(&self) -> bool {
+        self.finish_reason.is_none()
+            && self
+                .delta
+                .as_ref()
+                .is_some_and(|d| d.values().all(serde_json::Value::is_null))
+    }
 }
 
 /// Whether `"usage"` occurs at all (the usage filter's first, cheapest check).
@@ -236,9 +257,11 @@ fn has_empty_choices(data: &[u8]) -> bool {
     })
 }
 
-/// Whether one whole SSE event is a usage-only chunk. Every chunk of a stream that asked for usage
-/// names `usage` (as `null` until the last), so the one-line events that cannot be usage-only
-/// (no empty `choices`) are told apart without parsing them.
+/// Whether one whole SSE event is a usage-only chunk: it carries a `usage` object and its
+/// `choices` are empty — `"choices": []`, or choices whose `delta` is empty and whose
+/// `finish_reason` is null (LiteLLM's shape, SPEC 4e). Every chunk of a stream that asked for
+/// usage names `usage` (as `null` until the last), so the one-line events that cannot be
+/// usage-only (no empty `choices`, no `usage` object) are told apart without parsing them.
 pub fn is_usage_only(event: &[u8]) -> bool {
     if !has_usage_key(event) {
         return false;
@@ -251,7 +274,7 @@ pub fn is_usage_only(event: &[u8]) -> bool {
         return false;
     };
     let data: std::borrow::Cow<'_, [u8]> = match lines.next() {
-        None if !has_empty_choices(first) => return false,
+        None if !has_empty_choices(first) && !has_usage_object(first) => return false,
         None => std::borrow::Cow::Borrowed(first),
         Some(second) => {
             let mut joined = first.to_vec();
@@ -262,8 +285,17 @@ pub fn is_usage_only(event: &[u8]) -> bool {
             std::borrow::Cow::Owned(joined)
         }
     };
-    match serde_json::from_slice::<Probe>(&data) {
-        Ok(p) => p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()),
+    usage_only_json(&data)
+}
+
+/// [`is_usage_only`] for the JSON payload of one `data:` line.
+pub fn usage_only_json(data: &[u8]) -> bool {
+    match serde_json::from_slice::<Probe>(data) {
+        Ok(p) => {
+            p.usage.is_some()
+                && p.choices
+                    .is_some_and(|c| c.iter().all(ChoiceProbe::is_empty))
+        }
         Err(_) => false,
     }
 }
@@ -519,7 +551,7 @@ mod tests {
     fn whole_chunks_pass_without_copy_and_usage_with_choices_stays() {
         let mut f = UsageFilter::default();
         let c = Bytes::from_static(
-            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"total_tokens\":1}}\n\n",
         );
         let out = f.push(&c);
         assert_eq!(out, c);
@@ -537,8 +569,22 @@ mod tests {
         assert!(!is_usage_only(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"choices\\\":[]\"}}],\"usage\":null}\n\n"
         ));
+        // LiteLLM's shape: one choice with an empty delta and a null finish_reason (SPEC 4e).
+        assert!(is_usage_only(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":null}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"content\":null,\"role\":null}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        // A choice that says something keeps the chunk.
         assert!(!is_usage_only(
-            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n"
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"text\":\"x\",\"finish_reason\":null}],\"usage\":{\"total_tokens\":1}}\n\n"
         ));
     }
 

@@ -5,6 +5,7 @@ mod support;
 mod admission;
 mod cli;
 mod docs;
+mod ends;
 mod failover;
 mod faults;
 mod fuzz;

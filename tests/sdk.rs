@@ -51,3 +51,35 @@ fn openai_python_sdk_through_a_failing_first_upstream() {
         "both requests tried the failing upstream first"
     );
 }
+
+const ALL_FAIL: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
+try:
+    client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    print("UNEXPECTED SUCCESS")
+except openai.APIStatusError as e:
+    print("STATUS:%d" % e.status_code)
+"#;
+
+/// SPEC 4e: when every upstream failed, the SDK (which retries a 5xx twice by default) does not
+/// start a second round: one call costs at most 1 + `retries` requests per upstream.
+#[test]
+fn the_python_sdk_does_not_retry_an_answer_after_every_upstream_failed() {
+    let Some(python) = sdk_python("openai SDK no-second-round test") else {
+        return;
+    };
+    let a = Mock::always(Reply::status(500));
+    let b = Mock::always(Reply::status(500));
+    let gw = Gateway::start(&config(
+        "retries: 1\ncooldown: {failures: 100, seconds: 30}",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let stdout = run_python(&python, ALL_FAIL, &[&gw.url("/v1"), TOKEN]);
+    assert!(stdout.contains("STATUS:500"), "{stdout}");
+    assert_eq!(a.hits(), 2, "1 + retries requests to a");
+    assert_eq!(b.hits(), 2, "1 + retries requests to b");
+}

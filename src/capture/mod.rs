@@ -15,8 +15,8 @@ use actix_web::web::Bytes;
 mod openai;
 
 /// The quoted-key scanner of the reply readers, for the usage filter's cheap checks.
-pub(crate) use self::openai::{find_key, key_values};
-use self::openai::{has_usage_object, tail_finish_reason, tail_usage, Event, Whole};
+pub(crate) use self::openai::{find_key, has_usage_object, key_values};
+use self::openai::{tail_finish_reason, tail_usage, Event, Whole};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";

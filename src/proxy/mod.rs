@@ -7,6 +7,8 @@
 
 pub mod admit;
 pub mod attempt;
+pub mod ends;
+pub mod prefill;
 pub mod relay;
 pub mod rescue;
 pub mod respond;
