@@ -559,6 +559,8 @@ async fn retry_after_puts_the_upstream_in_cooldown_for_that_long() {
         let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
         assert_eq!(got.header("x-upstream"), Some("second"), "{status}");
         assert_eq!(got.header("x-upstream-attempts"), Some("2"), "{status}");
+        // The registry actor publishes the cooldown a moment after the failure is reported.
+        std::thread::sleep(Duration::from_millis(200));
         let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
         assert_eq!(got.header("x-upstream"), Some("second"), "{status}");
         assert_eq!(
