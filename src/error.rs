@@ -5,7 +5,6 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -195,52 +194,5 @@ impl Rejection {
             Rejection::Headers => "headers",
             Rejection::Loop => "loop",
         }
-    }
-}
-
-/// Records of rejected requests allowed per second, in total (SPEC 4d).
-pub const REJECTED_RECORDS_PER_SECOND: u32 = 10;
-
-/// Lets at most [`REJECTED_RECORDS_PER_SECOND`] rejected requests a second be recorded, so an
-/// unauthenticated flood cannot fill the disk or crowd real clients' records out of the queue.
-/// One atomic word: the second in the high bits, the count in the low 32.
-#[derive(Debug, Default)]
-pub struct RejectGate(AtomicU64);
-
-impl RejectGate {
-    /// Whether one more rejected request may be recorded in second `now_sec`.
-    pub fn admit(&self, now_sec: u64) -> bool {
-        let mut cur = self.0.load(Ordering::Relaxed);
-        loop {
-            let (sec, n) = (cur >> 32, (cur & 0xffff_ffff) as u32);
-            let next = if sec == now_sec & 0xffff_ffff {
-                if n >= REJECTED_RECORDS_PER_SECOND {
-                    return false;
-                }
-                cur + 1
-            } else {
-                ((now_sec & 0xffff_ffff) << 32) | 1
-            };
-            match self
-                .0
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reject_gate_allows_ten_a_second() {
-        let g = RejectGate::default();
-        assert_eq!((0..100).filter(|_| g.admit(7)).count(), 10);
-        assert_eq!((0..100).filter(|_| g.admit(8)).count(), 10);
-        assert!(!g.admit(8));
     }
 }

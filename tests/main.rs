@@ -8,6 +8,7 @@ mod failover;
 mod faults;
 mod fuzz;
 mod hardening;
+mod limits;
 mod models;
 mod observability;
 mod operator;
