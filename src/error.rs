@@ -43,6 +43,10 @@ pub enum GatewayError {
         /// `name: reason; name: reason`.
         summary: String,
     },
+    /// A WebSocket handshake beyond `realtime_max_sessions` or `realtime_max_sessions_per_token`
+    /// (SPEC 4d); the text names which.
+    #[error("{0}")]
+    TooManySessions(&'static str),
     /// Something inside the gateway broke (an actor went away).
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
@@ -79,6 +83,7 @@ impl GatewayError {
             GatewayError::AllFailed {
                 timed_out: false, ..
             } => StatusCode::BAD_GATEWAY,
+            GatewayError::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,6 +106,7 @@ impl GatewayError {
             GatewayError::AllFailed {
                 timed_out: false, ..
             } => ("upstream_error", "upstream_unavailable"),
+            GatewayError::TooManySessions(_) => ("rate_limit_error", "too_many_sessions"),
             GatewayError::Internal(_) => ("server_error", "internal_error"),
         }
     }
@@ -117,7 +123,9 @@ impl GatewayError {
             GatewayError::NoUpstreamForModel(_) => Rejection::NotFound,
             GatewayError::BodyTimeout(_) => Rejection::Timeout,
             GatewayError::LoopDetected(_) => Rejection::Loop,
-            GatewayError::AllFailed { .. } | GatewayError::Internal(_) => return None,
+            GatewayError::AllFailed { .. }
+            | GatewayError::TooManySessions(_)
+            | GatewayError::Internal(_) => return None,
         })
     }
 

@@ -349,7 +349,13 @@ impl Ledger {
         }
         let (error, reply) = match err.rejection() {
             Some(reason) => {
-                if !self.refused(reason) {
+                if !self.refused(Some(reason)) {
+                    return resp;
+                }
+                (err.to_string(), Reply::default())
+            }
+            None if matches!(err, GatewayError::TooManySessions(_)) => {
+                if !self.refused(None) {
                     return resp;
                 }
                 (err.to_string(), Reply::default())
@@ -377,7 +383,7 @@ impl Ledger {
     /// costs no upstream and is not recorded (only the HTTP metrics count it); a 404 is a refusal
     /// like any other (counted; recorded without a body within the per-reason bound).
     pub fn finish_answered(mut self, status: StatusCode) {
-        if status != StatusCode::NOT_FOUND || !self.refused(Rejection::NotFound) {
+        if status != StatusCode::NOT_FOUND || !self.refused(Some(Rejection::NotFound)) {
             return;
         }
         if let Some(rec) = self.state.recorder.clone() {
@@ -392,10 +398,10 @@ impl Ledger {
         }
     }
 
-    /// Counts a refusal for `reason` and says whether its record may be written (SPEC 4d: per
-    /// reason, at most 10 a second and 1,000 an hour). A refused request's body is never kept.
-    fn refused(&mut self, reason: Rejection) -> bool {
-        self.state.metrics.rejected(reason);
+    /// Counts a refusal for `reason` (None: a handshake beyond the WebSocket session limits,
+    /// which has no `rejected_total` reason) and says whether its record may be written (SPEC 4d:
+    /// per reason, at most 10 a second and 1,000 an hour). A refused request's body is never kept.
+    fn refused(&mut self, reason: Option<Rejection>) -> bool {
         // The second the record will show (its `created_at`), so that no second of records
         // holds more than the bound.
         let at = self
@@ -404,7 +410,13 @@ impl Ledger {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.info.body = Bytes::new();
-        self.state.reject_gate.admit(reason, at)
+        match reason {
+            Some(reason) => {
+                self.state.metrics.rejected(reason);
+                self.state.reject_gate.admit(reason, at)
+            }
+            None => self.state.reject_gate.admit_sessions_full(at),
+        }
     }
 
     /// Ends a relayed response when its body ends, breaks, or the client goes away, with what

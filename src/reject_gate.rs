@@ -29,10 +29,11 @@ struct Window {
     in_hour: u32,
 }
 
-/// See the module docs. One small lock per reason: a flood of one reason never waits for
-/// another's.
+/// See the module docs. One small lock per reason (and one for handshakes refused because too
+/// many WebSocket sessions are open, bounded the same way): a flood of one reason never waits
+/// for another's.
 #[derive(Debug, Default)]
-pub struct RejectGate([Mutex<Window>; Rejection::ALL.len()]);
+pub struct RejectGate([Mutex<Window>; Rejection::ALL.len() + 1]);
 
 impl RejectGate {
     /// Whether one more request refused for `reason` may be recorded at `now_sec` (Unix seconds).
@@ -41,7 +42,16 @@ impl RejectGate {
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0);
-        let Ok(mut w) = self.0[slot].lock() else {
+        self.admit_slot(slot, now_sec)
+    }
+
+    /// Whether one more WebSocket handshake refused with 429 (session limits) may be recorded.
+    pub fn admit_sessions_full(&self, now_sec: u64) -> bool {
+        self.admit_slot(Rejection::ALL.len(), now_sec)
+    }
+
+    fn admit_slot(&self, slot: usize, now_sec: u64) -> bool {
+        let Some(Ok(mut w)) = self.0.get(slot).map(Mutex::lock) else {
             return false;
         };
         let hour = now_sec / 3600;

@@ -9,6 +9,7 @@ mod faults;
 mod fuzz;
 mod hardening;
 mod limits;
+mod limits_ws;
 mod models;
 mod observability;
 mod operator;

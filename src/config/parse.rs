@@ -242,7 +242,12 @@ impl Parser<'_> {
                 &empty
             }
         };
-        self.warn_unknown(map, ROOT_KEYS, "");
+        let known: Vec<&str> = ROOT_KEYS
+            .iter()
+            .chain(super::limits::KEYS)
+            .copied()
+            .collect();
+        self.warn_unknown(map, &known, "");
         let get = |k: &str| map.get(k);
 
         let tokens = self.list("authorization", get("authorization"));
@@ -378,6 +383,7 @@ impl Parser<'_> {
             prefill,
         };
         let upstreams = self.upstreams(get("upstreams"), defaults);
+        let limits = self.limits(map);
 
         Config {
             file: self.file.clone(),
@@ -410,6 +416,7 @@ impl Parser<'_> {
             deadline,
             failover_codes,
             resume,
+            limits,
         }
     }
 }
