@@ -40,7 +40,6 @@ async fn successful_local_answers_are_counted_not_recorded() {
                 "/v1/models/model-a".to_string()
             };
             let url = gw.url(&path);
-            let h = h;
             async move { send("GET", &url, &h, b"").await }
         }))
         .await;
