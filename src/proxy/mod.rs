@@ -419,10 +419,12 @@ fn resume_plan(
     {
         return None;
     }
+    // Not beyond the capture (SPEC 4d), nor beyond `resume_max_bytes` (4d, 0.3).
     let text_limit = match cfg.record_body_bytes {
         0 => crate::capture::UNLIMITED_CAPTURE - crate::capture::SLACK,
         n => n,
-    };
+    }
+    .min(cfg.limits.resume_max_bytes);
     Some(resume::ResumePlan {
         client: client.clone(),
         req: req.clone(),
