@@ -324,15 +324,13 @@ async fn try_upstream(
     if let (true, Ok(Ok((resp, first)))) = (usage_added, &mut result) {
         // 4b: a 400 naming the added `stream_options` is repeated once without it.
         if usage::refuses_stream_options(resp, first, plan.wait).await {
-            log::info!(
-                "upstream {} refused stream_options; not adding it there until the next reload",
-                up.name
-            );
-            state.stream_options_refused.refuse(cfg, &up.name);
             usage_added = false;
             let body = upstream_body(ledger.info(), up, &ledger.info().body);
             ledger.sent();
             result = send(body).await;
+            // SPEC 4d (0.3): learnt only when the repeat without it succeeded.
+            let ok = matches!(&result, Ok(Ok((r, _))) if r.status().is_success());
+            state.stream_options_refused.learn(cfg, &up.name, ok);
         }
     }
     classify(result, &plan, cfg, t0, usage_added).await
