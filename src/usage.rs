@@ -118,7 +118,10 @@ pub const REFUSAL_TTL: Duration = Duration::from_secs(600);
 /// therefore learnt only when the same request, sent again without the option, succeeded; and
 /// it expires, so even a real one is tried again.
 #[derive(Default)]
-pub struct Refusals(Mutex<(Option<Arc<Config>>, HashMap<String, Instant>)>);
+pub struct Refusals(Mutex<(Option<Arc<Config>>, Until)>);
+
+/// Upstream name → the end of its refusal.
+type Until = HashMap<String, Instant>;
 
 impl Refusals {
     /// Whether `name` refused the option under `config`, and the refusal has not expired.
