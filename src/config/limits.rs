@@ -12,15 +12,6 @@ use serde_yaml::Mapping;
 
 use super::parse::Parser;
 
-/// The top-level keys read here.
-pub(super) const KEYS: &[&str] = &[
-    "realtime_max_sessions",
-    "realtime_max_sessions_per_token",
-    "realtime_idle_timeout",
-    "realtime_buffer_bytes",
-    "resume_max_bytes",
-];
-
 /// See the module docs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -50,7 +41,7 @@ impl Default for Limits {
 }
 
 impl Parser<'_> {
-    /// Reads [`KEYS`] from the top-level mapping.
+    /// Reads the limits' top-level keys (listed in `parse::ROOT_KEYS`).
     pub(super) fn limits(&mut self, map: &Mapping) -> Limits {
         let d = Limits::default();
         let at_least_one = |p: &mut Self, key: &str, default: usize| {

@@ -40,7 +40,6 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("notify", notify::NOTIFY_KEYS),
     ("notify.feishu", notify::FEISHU_KEYS),
     ("notify.matrix", notify::MATRIX_KEYS),
-    ("", limits::KEYS),
 ];
 
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.

@@ -47,6 +47,12 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "failover_codes",
     "resume",
     "prefill",
+    // SPEC 4d (0.3) limits, read in `limits.rs`.
+    "realtime_max_sessions",
+    "realtime_max_sessions_per_token",
+    "realtime_idle_timeout",
+    "realtime_buffer_bytes",
+    "resume_max_bytes",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -242,12 +248,7 @@ impl Parser<'_> {
                 &empty
             }
         };
-        let known: Vec<&str> = ROOT_KEYS
-            .iter()
-            .chain(super::limits::KEYS)
-            .copied()
-            .collect();
-        self.warn_unknown(map, &known, "");
+        self.warn_unknown(map, ROOT_KEYS, "");
         let get = |k: &str| map.get(k);
 
         let tokens = self.list("authorization", get("authorization"));
