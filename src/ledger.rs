@@ -369,8 +369,9 @@ impl Ledger {
     }
 
     /// Ends a request the gateway answers itself: a refusal before any upstream (counted, and
-    /// recorded within the rejected-records bound) or an all-failed answer (alerted).
-    pub fn finish_local(self, err: GatewayError) -> HttpResponse {
+    /// recorded without its body within the per-reason bound, SPEC 4d) or an all-failed answer
+    /// (alerted).
+    pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
         if matches!(err, GatewayError::AllFailed { .. }) {
             // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
@@ -385,68 +386,76 @@ impl Ledger {
                 HeaderValue::from(self.attempts),
             );
         }
-        let error = match err.rejection() {
+        let (error, reply) = match err.rejection() {
             Some(reason) => {
-                self.state.metrics.rejected(reason);
-                if !self.admit_rejected_record() {
+                if !self.refused(Some(reason)) {
                     return resp;
                 }
-                err.to_string()
+                (err.to_string(), Reply::default())
+            }
+            None if matches!(err, GatewayError::TooManySessions(_)) => {
+                if !self.refused(None) {
+                    return resp;
+                }
+                (err.to_string(), Reply::default())
             }
             None => {
                 if matches!(err, GatewayError::AllFailed { .. }) {
                     self.alert(resp.status().as_u16());
                 }
-                if self.failures.is_empty() {
+                let error = if self.failures.is_empty() {
                     err.to_string()
                 } else {
                     summary(&self.failures)
-                }
+                };
+                (error, Reply::with_text(Some(err.body())))
             }
         };
         if let Some(rec) = self.state.recorder.clone() {
             let status = resp.status().as_u16();
-            rec.submit(self.into_record(
-                status,
-                None,
-                Some(error),
-                Reply::with_text(Some(err.body())),
-                None,
-                status < 400,
-            ));
+            rec.submit(self.into_record(status, None, Some(error), reply, None, status < 400));
         }
         resp
     }
 
-    /// Ends a request the gateway answered with content of its own (`/v1/models`). A 404 is a
-    /// refusal like any other (counted; recorded within the rejected-records bound).
-    pub fn finish_answered(self, status: StatusCode, body: &[u8]) {
-        if status == StatusCode::NOT_FOUND {
-            self.state.metrics.rejected(Rejection::NotFound);
-            if !self.admit_rejected_record() {
-                return;
-            }
+    /// Ends a request the gateway answered with content of its own (`/v1/models`). A success
+    /// costs no upstream and is not recorded (only the HTTP metrics count it); a 404 is a refusal
+    /// like any other (counted; recorded without a body within the per-reason bound).
+    pub fn finish_answered(mut self, status: StatusCode) {
+        if status != StatusCode::NOT_FOUND || !self.refused(Some(Rejection::NotFound)) {
+            return;
         }
         if let Some(rec) = self.state.recorder.clone() {
-            let ttfb = self.info.started.elapsed();
-            let text = String::from_utf8_lossy(body).into_owned();
             rec.submit(self.into_record(
                 status.as_u16(),
                 None,
+                Some("model not found".to_string()),
+                Reply::default(),
                 None,
-                Reply::with_text(Some(text)),
-                Some(ttfb),
-                status.as_u16() < 400,
+                false,
             ));
         }
     }
 
-    /// Whether one more refused request may be recorded this second (SPEC 4d).
-    fn admit_rejected_record(&self) -> bool {
-        let now = SystemTime::now()
+    /// Counts a refusal for `reason` (None: a handshake beyond the WebSocket session limits,
+    /// which has no `rejected_total` reason) and says whether its record may be written (SPEC 4d:
+    /// per reason, at most 10 a second and 1,000 an hour). A refused request's body is never kept.
+    fn refused(&mut self, reason: Option<Rejection>) -> bool {
+        // The second the record will show (its `created_at`), so that no second of records
+        // holds more than the bound.
+        let at = self
+            .info
+            .created_at
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.state.reject_gate.admit(now)
+        self.info.body = Bytes::new();
+        match reason {
+            Some(reason) => {
+                self.state.metrics.rejected(reason);
+                self.state.reject_gate.admit(reason, at)
+            }
+            None => self.state.reject_gate.admit_sessions_full(at),
+        }
     }
 
     /// Ends a relayed response when its body ends, breaks, or the client goes away, with what

@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod realtime;
 pub mod records;
 pub mod registry;
+pub mod reject_gate;
 pub mod series;
 pub mod server;
 pub mod sse;

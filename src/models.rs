@@ -450,7 +450,7 @@ pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             }
         }
     };
-    ledger.finish_answered(status, &body);
+    ledger.finish_answered(status);
     json_response(status, body)
 }
 

@@ -33,8 +33,8 @@ pub struct AppState {
     pub stream_options_refused: crate::usage::Refusals,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
-    /// Bounds the records of rejected requests (SPEC 4d).
-    pub reject_gate: crate::error::RejectGate,
+    /// Bounds the records of rejected requests, per reason (SPEC 4d).
+    pub reject_gate: crate::reject_gate::RejectGate,
     /// Open WebSocket sessions' shutdown signal (SPEC §4c).
     pub realtime: crate::realtime::Sessions,
     /// Upstreams seen ignoring a prefill (SPEC 4e): asked as with `prefill: none` until the next

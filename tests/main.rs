@@ -10,6 +10,8 @@ mod failover;
 mod faults;
 mod fuzz;
 mod hardening;
+mod limits;
+mod limits_ws;
 mod models;
 mod observability;
 mod operator;

@@ -48,7 +48,7 @@ impl WsMock {
         format!("http://{}/v1", self.addr)
     }
 
-    fn events(&self) -> Vec<String> {
+    pub(crate) fn events(&self) -> Vec<String> {
         self.seen.lock().unwrap().events.clone()
     }
 
@@ -177,7 +177,7 @@ async fn serve_ws(sock: TcpStream, seen: Arc<Mutex<Seen>>) {
     event("end".into());
 }
 
-fn ws_url(gw: &Gateway, path: &str) -> String {
+pub(crate) fn ws_url(gw: &Gateway, path: &str) -> String {
     format!("ws://{}{}", gw.addr, path)
 }
 
@@ -206,7 +206,7 @@ pub(crate) async fn connect(
 }
 
 /// The next data or close message, skipping nothing; panics after 10 s.
-async fn recv(ws: &mut Client) -> Message {
+pub(crate) async fn recv(ws: &mut Client) -> Message {
     tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("no message within 10 s")
@@ -221,7 +221,7 @@ pub(crate) fn status_of(err: WsError) -> u16 {
     }
 }
 
-async fn metrics(gw: &Gateway) -> String {
+pub(crate) async fn metrics(gw: &Gateway) -> String {
     send("GET", &gw.url("/v1/metrics"), &[], b"").await.text()
 }
 
@@ -233,7 +233,7 @@ fn gauge(text: &str, upstream: &str) -> Option<i64> {
 }
 
 /// Waits until the metrics page shows `want` for the upstream's session gauge.
-async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
+pub(crate) async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = metrics(gw).await;
@@ -253,7 +253,7 @@ async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
 }
 
 /// Waits (without blocking the test's runtime) until the upstream saw an event matching `pred`.
-async fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
+pub(crate) async fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let events = mock.events();
@@ -723,7 +723,11 @@ async fn oversized_frame_closes_with_1009_without_being_buffered() {
 #[actix_rt::test]
 async fn many_concurrent_sessions_leave_memory_flat() {
     let good = WsMock::start();
-    let gw = Gateway::start(&config("", &[upstream("good", &good.endpoint(), "")]));
+    // 200 sessions with one token: above the default per-token limit of 100.
+    let gw = Gateway::start(&config(
+        "realtime_max_sessions_per_token: 1000",
+        &[upstream("good", &good.endpoint(), "")],
+    ));
     /// Opens `n` sessions, echoes 4 KiB on each while all are open, closes them; returns the
     /// gateway's RSS while they were open.
     async fn round(gw: &Gateway, n: usize) -> u64 {

@@ -1578,6 +1578,44 @@ async fn a_stream_whose_text_outgrew_the_capture_is_not_resumed() {
     assert_eq!(rows[0]["complete"], 0, "{:?}", rows[0]["error"]);
 }
 
+#[actix_rt::test]
+async fn a_stream_longer_than_resume_max_bytes_is_not_resumed() {
+    // 70,000 bytes of text sent, then the first upstream drops: the capture (1 MiB) could hold
+    // it, but a continuation would hand the next upstream a 70 kB prefill chosen by the first.
+    let long = "y".repeat(10_000);
+    let pieces = [long.as_str(); 7];
+    let first = Mock::always(broken_stream("a", &pieces, Ending::Drop));
+    let second = Mock::always(chat_stream("b", &["UNEXPECTED REQUEST"]));
+    let gw = start(
+        &format!("{QUIET}{FAST}"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    let text = got.text();
+    assert_eq!(content(&text).len(), 70_000);
+    assert!(
+        ends_with_error_event(&text),
+        "{}",
+        &text[text.len() - 200..]
+    );
+    assert_eq!(
+        second.hits(),
+        0,
+        "the default resume_max_bytes (65536) let it resume"
+    );
+    assert_eq!(gw.records(1)[0]["complete"], 0);
+    drop(gw);
+    // With the limit raised, the same break is continued on the second upstream.
+    let gw = start(
+        &format!("{QUIET}{FAST}resume_max_bytes: 100000"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    assert_eq!(second.hits(), 1);
+    assert!(got.text().contains("UNEXPECTED REQUEST"));
+    assert!(last_message(&second.seen()[0]).to_string().len() > 70_000);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The official Python SDK as the client.
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+mod limits;
 mod net;
 mod notify;
 mod parse;
@@ -21,6 +22,7 @@ mod parse;
 mod tests;
 mod upstream;
 
+pub use limits::Limits;
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
 pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
@@ -165,6 +167,8 @@ pub struct Config {
     pub failover_codes: Vec<String>,
     /// Continue a broken chat stream on the next candidate (SPEC 4a).
     pub resume: bool,
+    /// WebSocket and continuation limits (SPEC 4d, version 0.3).
+    pub limits: Limits,
 }
 
 impl Config {

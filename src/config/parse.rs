@@ -47,6 +47,12 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "failover_codes",
     "resume",
     "prefill",
+    // SPEC 4d (0.3) limits, read in `limits.rs`.
+    "realtime_max_sessions",
+    "realtime_max_sessions_per_token",
+    "realtime_idle_timeout",
+    "realtime_buffer_bytes",
+    "resume_max_bytes",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -392,6 +398,7 @@ impl Parser<'_> {
             prefill,
         };
         let upstreams = self.upstreams(get("upstreams"), defaults);
+        let limits = self.limits(map);
 
         Config {
             file: self.file.clone(),
@@ -424,6 +431,7 @@ impl Parser<'_> {
             deadline,
             failover_codes,
             resume,
+            limits,
         }
     }
 }

@@ -318,15 +318,13 @@ async fn try_upstream(
     if let (true, Ok(Ok((resp, first)))) = (usage_added, &mut result) {
         // 4b: a 400 naming the added `stream_options` is repeated once without it.
         if usage::refuses_stream_options(resp, first, plan.wait).await {
-            log::info!(
-                "upstream {} refused stream_options; not adding it there until the next reload",
-                up.name
-            );
-            state.stream_options_refused.refuse(cfg, &up.name);
             usage_added = false;
             let body = upstream_body(ledger.info(), up, &ledger.info().body);
             ledger.sent();
             result = send(body).await;
+            // SPEC 4d (0.3): learnt only when the repeat without it succeeded.
+            let ok = matches!(&result, Ok(Ok((r, _))) if r.status().is_success());
+            state.stream_options_refused.learn(cfg, &up.name, ok);
         }
     }
     classify(result, &plan, cfg, t0, usage_added).await
@@ -413,10 +411,12 @@ fn resume_plan(
     {
         return None;
     }
+    // Not beyond the capture (SPEC 4d), nor beyond `resume_max_bytes` (4d, 0.3).
     let text_limit = match cfg.record_body_bytes {
         0 => crate::capture::UNLIMITED_CAPTURE - crate::capture::SLACK,
         n => n,
-    };
+    }
+    .min(cfg.limits.resume_max_bytes);
     Some(resume::ResumePlan {
         client: client.clone(),
         req: req.clone(),

@@ -44,7 +44,8 @@ pub struct ResumePlan {
     pub remaining: VecDeque<usize>,
     /// The original body with `stream_options.include_usage` added (4b), when it applies.
     pub usage_body: Option<Bytes>,
-    /// Text beyond this is not resumed (it outgrew the capture, SPEC 4d).
+    /// Text beyond this is not resumed: it outgrew the capture, or `resume_max_bytes` (SPEC 4d),
+    /// so that a first upstream cannot make the next one read an unbounded prefill.
     pub text_limit: usize,
 }
 
