@@ -129,6 +129,8 @@ pub struct Ledger {
     /// Cooldowns this request's failures announced (`Retry-After`): upstream name and end, for
     /// the `Retry-After` of a relayed 429 (SPEC 4e).
     cooling: Vec<(String, Instant)>,
+    /// Sent as a rebuilt Responses chain (SPEC 4f).
+    rebuilt: bool,
 }
 
 impl Ledger {
@@ -142,6 +144,7 @@ impl Ledger {
             committed: None,
             resumed: 0,
             cooling: Vec::new(),
+            rebuilt: false,
         }
     }
 
@@ -153,6 +156,11 @@ impl Ledger {
     /// The request, while admission fills it in.
     pub fn info_mut(&mut self) -> &mut RequestInfo {
         &mut self.info
+    }
+
+    /// The request goes out as a rebuilt Responses chain (SPEC 4f).
+    pub fn set_rebuilt(&mut self) {
+        self.rebuilt = true;
     }
 
     /// One more request went upstream.
@@ -523,13 +531,39 @@ impl Ledger {
         state
             .registry
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
+        // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
+        let (object_id, items) = match reply.object.as_ref() {
+            Some(seen) if (200..300).contains(&c.status) => {
+                let whole = matches!(end, BodyEnd::Complete) && !reply.error_event;
+                let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
+                match (seen.id.as_deref(), upstream) {
+                    (Some(id), Some(up)) => {
+                        let items = crate::affinity::rebuild::keep_link(
+                            &state.owners,
+                            id,
+                            &up,
+                            &self.info.body,
+                            self.info.body_limit,
+                            seen.output.as_deref().filter(|_| whole),
+                        );
+                        (Some(Arc::from(id)), items)
+                    }
+                    _ => (None, None),
+                }
+            }
+            _ => (None, None),
+        };
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
             // The whole answer reached the client: a non-error status, its body to the end, and
             // no in-band error event inside it.
             let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
-            rec.submit(self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete));
+            let mut record =
+                self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
+            record.object_id = object_id;
+            record.response_items = items;
+            rec.submit(record);
         }
     }
 
@@ -583,6 +617,9 @@ impl Ledger {
             finish_reason: reply.finish_reason,
             resumed: self.resumed,
             complete,
+            object_id: None,
+            rebuilt: self.rebuilt,
+            response_items: None,
         }
     }
 }

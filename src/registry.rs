@@ -303,6 +303,17 @@ impl RegistryView {
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
     pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Order {
+        self.candidates_keyed(model, rr, None)
+    }
+
+    /// [`Self::candidates`] with the request's affinity key, which `sticky` orders by (SPEC 4f;
+    /// without a key `sticky` keeps the file's order).
+    pub fn candidates_keyed(
+        &self,
+        model: Option<&str>,
+        rr: &AtomicUsize,
+        key: Option<&[u8]>,
+    ) -> Order {
         let ups = &self.config.upstreams;
         let mut order = Order::default();
         for i in (0..ups.len()).filter(|&i| ups[i].admits(model)) {
@@ -317,9 +328,13 @@ impl RegistryView {
                 }
             }
             LbPolicy::Random => {
-                for i in (1..order.len()).rev() {
-                    let j = (next_random() % (i as u64 + 1)) as usize;
-                    order.swap(i, j);
+                let weight = |i: usize| ups[i].weight;
+                crate::affinity::sticky::weighted_shuffle(&mut order, next_random, weight);
+            }
+            LbPolicy::Sticky => {
+                if let Some(key) = key {
+                    let (name, weight) = (|i: usize| &*ups[i].name, |i: usize| ups[i].weight);
+                    crate::affinity::sticky::rendezvous(&mut order, key, name, weight);
                 }
             }
         }
@@ -362,8 +377,17 @@ impl RegistryHandle {
 
     /// The view and the ordered candidates for a request's model.
     pub fn candidates(&self, model: Option<&str>) -> (Arc<RegistryView>, Order) {
+        self.candidates_keyed(model, None)
+    }
+
+    /// [`Self::candidates`] with the request's affinity key (`sticky`, SPEC 4f).
+    pub fn candidates_keyed(
+        &self,
+        model: Option<&str>,
+        key: Option<&[u8]>,
+    ) -> (Arc<RegistryView>, Order) {
         let view = self.view();
-        let order = view.candidates(model, &self.rr);
+        let order = view.candidates_keyed(model, &self.rr, key);
         (view, order)
     }
 

@@ -6,6 +6,7 @@
 //! into the request's [`Ledger`], which alone writes metrics, health, alerts and the record.
 
 pub mod admit;
+pub mod affine;
 pub mod attempt;
 pub mod ends;
 pub mod prefill;
