@@ -408,7 +408,10 @@ impl Ledger {
                 (err.to_string(), Reply::default())
             }
             None => {
-                if matches!(err, GatewayError::AllFailed { .. }) {
+                if matches!(
+                    err,
+                    GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
+                ) {
                     self.alert(resp.status().as_u16());
                 }
                 let error = if self.failures.is_empty() {

@@ -3,6 +3,7 @@
 mod support;
 
 mod admission;
+mod affinity;
 mod cli;
 mod docs;
 mod ends;
