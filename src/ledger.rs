@@ -131,6 +131,9 @@ pub struct Ledger {
     cooling: Vec<(String, Instant)>,
     /// Sent as a rebuilt Responses chain (SPEC 4f).
     rebuilt: bool,
+    /// The answer about to be committed is "not here" (SPEC 4f): neither a success nor a
+    /// failure of its upstream.
+    not_here: bool,
 }
 
 impl Ledger {
@@ -145,6 +148,7 @@ impl Ledger {
             resumed: 0,
             cooling: Vec::new(),
             rebuilt: false,
+            not_here: false,
         }
     }
 
@@ -161,6 +165,12 @@ impl Ledger {
     /// The request goes out as a rebuilt Responses chain (SPEC 4f).
     pub fn set_rebuilt(&mut self) {
         self.rebuilt = true;
+    }
+
+    /// The answer about to be committed says the object is not there (SPEC 4f): relayed without
+    /// counting for or against its upstream.
+    pub fn set_not_here(&mut self) {
+        self.not_here = true;
     }
 
     /// One more request went upstream.
@@ -240,10 +250,10 @@ impl Ledger {
         first_byte: Duration,
         cooldown: Option<Duration>,
     ) {
-        let ok = !is_failover_status(status);
+        let ok = !is_failover_status(status) && !self.not_here;
         if ok {
             self.answered(view, idx, first_byte);
-        } else {
+        } else if !self.not_here {
             let failure = AttemptFailure {
                 cooldown,
                 ..AttemptFailure::new(

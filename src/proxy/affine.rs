@@ -13,6 +13,7 @@ use crate::config::{Config, LbPolicy};
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::ledger::{Ledger, RequestInfo};
+use crate::policy::Pin;
 use crate::registry::{Order, RegistryView};
 use crate::state::AppState;
 
@@ -54,7 +55,7 @@ pub enum Route {
 
 /// The request's route, and how its candidates were shaped for it.
 #[derive(Debug, Default)]
-pub struct Plan {
+pub struct Pinning {
     /// See [`Route`].
     pub route: Route,
     /// The stateless body of a rebuilt chain (SPEC 4f `rebuild`), sent from candidate position
@@ -64,16 +65,21 @@ pub struct Plan {
     pub rebuild_from: usize,
 }
 
-impl Plan {
-    /// Whether a 404 or a `*_not_found` 400 from a candidate means "not here" (SPEC 4f).
-    pub fn not_here_applies(&self) -> bool {
-        matches!(self.route, Route::Unknown(_))
+impl Pinning {
+    /// What the policy is told about a candidate (SPEC 4f).
+    pub fn pin(&self) -> Pin {
+        match self.route {
+            Route::Free => Pin::Free,
+            Route::Unknown(_) => Pin::Unknown,
+            // Nothing follows the owner unless a rebuilt chain does.
+            Route::Owner { .. } if self.rebuilt.is_none() => Pin::OwnerOnly,
+            Route::Owner { .. } => Pin::Free,
+        }
     }
 
-    /// Whether the candidate at `pos` is the owner and its failure is the answer.
-    pub fn owner_only_at(&self, pos: usize) -> bool {
-        matches!(self.route, Route::Owner { .. })
-            && (self.rebuilt.is_none() || pos < self.rebuild_from)
+    /// The rebuilt body, when the candidate at `pos` is the first to get it.
+    pub fn rebuild_at(&self, pos: usize) -> Option<&Bytes> {
+        self.rebuilt.as_ref().filter(|_| pos == self.rebuild_from)
     }
 }
 
@@ -141,14 +147,14 @@ pub fn plan(
     order: &mut Order,
     info: &RequestInfo,
     route: Route,
-) -> Result<Plan, GatewayError> {
+) -> Result<Pinning, GatewayError> {
     let Route::Owner {
         upstream, object, ..
     } = &route
     else {
-        return Ok(Plan {
+        return Ok(Pinning {
             route,
-            ..Plan::default()
+            ..Pinning::default()
         });
     };
     let cfg = &view.config;
@@ -165,7 +171,8 @@ pub fn plan(
         )));
     };
     state.metrics.affinity("owner");
-    let rebuilt = rebuildable(state, cfg, info, upstream);
+    // A rebuilt chain needs another candidate to go to.
+    let rebuilt = rebuildable(state, cfg, info, upstream).filter(|_| order.len() > 1);
     let mut shaped = Order::default();
     let rebuild_from = match &rebuilt {
         Some(_) if cooling(view, owner) => 0,
@@ -184,7 +191,7 @@ pub fn plan(
         }
     }
     *order = shaped;
-    Ok(Plan {
+    Ok(Pinning {
         route,
         rebuilt,
         rebuild_from,
@@ -237,7 +244,7 @@ pub fn is_not_here(status: u16, head: Option<&[u8]>) -> bool {
 
 /// A 2xx answer from `upstream`: it owns the ids the request named that no one was known to own
 /// (SPEC 4f "learned").
-pub fn answered(state: &AppState, plan: &Plan, upstream: &Arc<str>) {
+pub fn answered(state: &AppState, plan: &Pinning, upstream: &Arc<str>) {
     let ids = match &plan.route {
         Route::Unknown(ids) => ids,
         Route::Owner { unknown, .. } if plan.rebuilt.is_none() => unknown,
@@ -253,14 +260,14 @@ pub fn answered(state: &AppState, plan: &Plan, upstream: &Arc<str>) {
 /// message naming the object and its owner.
 pub fn owner_failed(
     state: &AppState,
-    plan: &Plan,
+    plan: &Pinning,
     failures: &[crate::attempt::Failure],
-) -> Option<GatewayError> {
-    let Route::Owner {
-        upstream, object, ..
-    } = &plan.route
-    else {
-        return None;
+) -> GatewayError {
+    let (upstream, object) = match &plan.route {
+        Route::Owner {
+            upstream, object, ..
+        } => (&**upstream, object.as_str()),
+        _ => ("?", "?"),
     };
     state.metrics.affinity("owner_failed");
     let status = match failures.last() {
@@ -268,13 +275,13 @@ pub fn owner_failed(
         Some(f) if f.kind == FailKind::Timeout => 504,
         _ => 502,
     };
-    Some(GatewayError::OwnerFailed {
+    GatewayError::OwnerFailed {
         status,
         message: format!(
             "{object:?} lives on upstream {upstream}, which failed ({}); no other upstream has it",
             crate::attempt::summary(failures)
         ),
-    })
+    }
 }
 
 /// Whether upstream `idx` of `view` is in cooldown now (its chain is then rebuilt at once).
