@@ -25,4 +25,5 @@ mod resume;
 mod routing;
 mod sdk;
 mod status_browser;
+mod sticky;
 mod streaming;
