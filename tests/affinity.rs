@@ -343,3 +343,180 @@ async fn without_rebuild_the_owners_failure_is_the_answer() {
     assert_eq!(t3.status, 503, "{}", t3.text());
     assert!(b.seen_on("/v1/responses").is_empty());
 }
+
+#[actix_rt::test]
+async fn a_streamed_chain_is_pinned_by_its_first_event() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = two("lb_policy: round_robin", &a, &b, "");
+    let mut prev: Option<String> = None;
+    let mut owner = None;
+    for i in 0..4 {
+        let mut body = json!({"model": "gpt-test", "stream": true, "input": format!("turn {i}")});
+        if let Some(p) = &prev {
+            body["previous_response_id"] = json!(p);
+        }
+        let got = post(&gw, "/v1/responses", body).await;
+        assert_eq!(got.status, 200, "turn {i}: {}", got.text());
+        let text = got.text();
+        assert!(text.contains("response.completed"), "{text}");
+        let up = got.header("x-upstream").unwrap().to_string();
+        owner.get_or_insert(up.clone());
+        assert_eq!(Some(&up), owner.as_ref(), "turn {i}");
+        let id = text
+            .split("\"id\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_string();
+        assert!(id.starts_with("resp_"), "{id}");
+        prev = Some(id);
+    }
+}
+
+#[actix_rt::test]
+async fn without_a_database_owners_live_in_memory() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = Gateway::start_with(
+        &config(
+            "lb_policy: round_robin\nrebuild: true",
+            &[
+                upstream("a", &a.endpoint(), ""),
+                upstream("b", &b.endpoint(), ""),
+            ],
+        ),
+        &["-database", "none"],
+    );
+    let mut prev: Option<String> = None;
+    for i in 0..4 {
+        let got = turn(&gw, prev.as_deref(), json!(format!("turn {i}"))).await;
+        assert_eq!(got.status, 200, "turn {i}: {}", got.text());
+        assert_eq!(got.header("x-upstream-attempts"), Some("1"));
+        prev = Some(got.json()["id"].as_str().unwrap().to_string());
+    }
+    // Rebuilding works from memory too.
+    let owner = if prev.as_deref().unwrap().contains("_a_") {
+        &a
+    } else {
+        &b
+    };
+    owner.set_down(true);
+    let got = turn(&gw, prev.as_deref(), json!("after the owner went down")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_ne!(got.header("x-upstream"), Some(owner.name.as_str()));
+}
+
+#[actix_rt::test]
+async fn owners_are_read_back_from_the_records_after_a_restart() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite").display().to_string();
+    let cfg = config(
+        "lb_policy: round_robin",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    );
+    let mut files = Vec::new();
+    {
+        let mut gw = Gateway::start_with(&cfg, &["-database", &db]);
+        for i in 0..2 {
+            let got = upload(&gw, &format!("line {i}")).await;
+            files.push((
+                got.json()["id"].as_str().unwrap().to_string(),
+                got.header("x-upstream").unwrap().to_string(),
+            ));
+        }
+        gw.signal("TERM");
+        assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+    assert_ne!(files[0].1, files[1].1);
+    // In file order now: without the owners read back, `b`'s file would be asked of `a` first.
+    let cfg = cfg.replace("lb_policy: round_robin", "");
+    let gw = Gateway::start_with(&cfg, &["-database", &db]);
+    for (id, owner) in &files {
+        let got = get(&gw, &format!("/v1/files/{id}")).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("x-upstream"), Some(owner.as_str()));
+        assert_eq!(got.header("x-upstream-attempts"), Some("1"));
+    }
+}
+
+#[actix_rt::test]
+async fn an_owner_removed_by_a_reload_is_forgotten() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = two("lb_policy: round_robin", &a, &b, "");
+    let f1 = upload(&gw, "x").await;
+    let f2 = upload(&gw, "y").await;
+    let on_b = [f1, f2]
+        .into_iter()
+        .find(|g| g.header("x-upstream") == Some("b"))
+        .unwrap();
+    let id = on_b.json()["id"].as_str().unwrap().to_string();
+    std::fs::write(
+        &gw.config_path,
+        config("", &[upstream("a", &a.endpoint(), "")]),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    assert!(eventually(Duration::from_secs(5), || gw
+        .log()
+        .contains("SIGHUP: reloaded")));
+    // Not pinned to a `b` that is gone: asked like any unseen object, and `a` says not here.
+    let got = get(&gw, &format!("/v1/files/{id}")).await;
+    assert_eq!(got.status, 404, "{}", got.text());
+    assert_eq!(got.header("x-upstream"), Some("a"));
+    assert!(!got.text().contains("lives on upstream"), "{}", got.text());
+}
+
+#[actix_rt::test]
+async fn a_database_of_version_0_2_gains_object_id_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE records (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, ip TEXT,
+                method TEXT NOT NULL, path TEXT NOT NULL, model TEXT, stream INTEGER NOT NULL DEFAULT 0,
+                upstream TEXT, status INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+                request_body TEXT, response TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+                total_tokens INTEGER, ttfb_ms INTEGER, duration_ms INTEGER, user_agent TEXT,
+                client_key TEXT, finish_reason TEXT, resumed INTEGER NOT NULL DEFAULT 0,
+                complete INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX records_created_at ON records(created_at);
+             CREATE TABLE records_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO records (created_at, method, path, status) VALUES ('2026-01-01T00:00:00.000Z', 'GET', '/v1/old', 200);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    let p = Provider::new("a");
+    let db_arg = db.display().to_string();
+    let gw = Gateway::start_with(
+        &config("", &[upstream("a", &p.endpoint(), "")]),
+        &["-database", &db_arg],
+    );
+    let id = upload(&gw, "x").await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(eventually(Duration::from_secs(5), || read_rows(&db).len() == 2));
+    let rows = read_rows(&db);
+    assert_eq!(
+        (&rows[0]["object_id"], &rows[0]["rebuilt"]),
+        (&Value::Null, &json!(0))
+    );
+    assert_eq!(
+        (&rows[1]["object_id"], &rows[1]["rebuilt"]),
+        (&json!(id), &json!(0))
+    );
+    let index: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'records_object_id'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(index, 1, "object_id is indexed");
+}
