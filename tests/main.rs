@@ -20,6 +20,7 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod replicas;
 mod rescue;
 mod resume;
 mod routing;
