@@ -23,6 +23,17 @@ pub const BODY_KEYS: [&[u8]; 12] = [
     b"container_id",
 ];
 
+/// How every key of [`BODY_KEYS`] ends: a body with none of these (SIMD substring searches) has
+/// no referring key, and its quotes need not be walked.
+static KEY_ENDINGS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 3]> =
+    std::sync::LazyLock::new(|| {
+        [
+            memchr::memmem::Finder::new(b"_id"),
+            memchr::memmem::Finder::new(b"_file\""),
+            memchr::memmem::Finder::new(b"conversation\""),
+        ]
+    });
+
 /// Ids looked at per request.
 pub const MAX_IDS: usize = 32;
 /// Longest id looked at (OpenAI's are under 64 bytes).
@@ -130,7 +141,10 @@ pub fn path_ids(path: &str) -> impl Iterator<Item = &str> {
 /// `id` included). Empty, without parsing, when no referring key is quoted in it.
 pub fn body_ids(body: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
-    if !body.trim_ascii_start().starts_with(b"{") || !super::names_a_key(body, &BODY_KEYS) {
+    if !body.trim_ascii_start().starts_with(b"{")
+        || !KEY_ENDINGS.iter().any(|f| f.find(body).is_some())
+        || !super::names_a_key(body, &BODY_KEYS)
+    {
         return out;
     }
     let Ok(v) = serde_json::from_slice::<Value>(body) else {

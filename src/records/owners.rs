@@ -95,7 +95,7 @@ pub fn newest_owners(
 /// One owner looked up by the index, as the request path would if it asked the store (the
 /// bench's "store hit"; the request path does not call it).
 pub fn owner_by_index(store: &Store, object_id: &str) -> Result<Option<String>, StoreError> {
-    const Q: &str = "SELECT upstream FROM records WHERE object_id = {p} ORDER BY id DESC LIMIT 1";
+    const Q: &str = "SELECT upstream FROM records WHERE object_id = {p} LIMIT 1";
     match store {
         Store::Sqlite(p) => {
             let conn = p.get().map_err(StoreError::unreachable)?;
