@@ -73,6 +73,16 @@ fn the_python_sdk_does_not_retry_an_answer_after_every_upstream_failed() {
     let b = Mock::always(Reply::status(500));
     let gw = Gateway::start(&config(
         "retries: 1\ncooldown: {failures: 100, seconds: 30}",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let stdout = run_python(&python, ALL_FAIL, &[&gw.url("/v1"), TOKEN]);
+    assert!(stdout.contains("STATUS:500"), "{stdout}");
+    assert_eq!(a.hits(), 2, "1 + retries requests to a");
+    assert_eq!(b.hits(), 2, "1 + retries requests to b");
+}
 
 const AFFINITY_SCRIPT: &str = r#"
 import sys, openai
@@ -110,11 +120,6 @@ fn openai_python_sdk_continues_chains_and_reads_files_under_round_robin() {
             upstream("b", &b.endpoint(), ""),
         ],
     ));
-    let stdout = run_python(&python, ALL_FAIL, &[&gw.url("/v1"), TOKEN]);
-    assert!(stdout.contains("STATUS:500"), "{stdout}");
-    assert_eq!(a.hits(), 2, "1 + retries requests to a");
-    assert_eq!(b.hits(), 2, "1 + retries requests to b");
-
     let stdout = run_python(&python, AFFINITY_SCRIPT, &[&gw.url("/v1"), TOKEN]);
     let turns = stdout
         .lines()
