@@ -149,6 +149,15 @@ impl GatewayError {
         })
     }
 
+    /// An answer given after every candidate the request may go to was tried (SPEC 4e: the
+    /// client must not try them all again).
+    pub fn after_every_candidate(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
+        )
+    }
+
     /// The JSON body text (also what the record keeps as the reply).
     pub fn body(&self) -> String {
         let (kind, code) = self.kind_and_code();

@@ -16,6 +16,7 @@ use actix_web::http::{Method, StatusCode, Uri};
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
+use crate::affinity::rebuild;
 use crate::attempt::{is_failover_status, summary, FailKind, Failure};
 use crate::capture::Reply;
 use crate::error::{GatewayError, Rejection};
@@ -129,11 +130,8 @@ pub struct Ledger {
     /// Cooldowns this request's failures announced (`Retry-After`): upstream name and end, for
     /// the `Retry-After` of a relayed 429 (SPEC 4e).
     cooling: Vec<(String, Instant)>,
-    /// Sent as a rebuilt Responses chain (SPEC 4f).
-    rebuilt: bool,
-    /// The answer about to be committed is "not here" (SPEC 4f): neither a success nor a
-    /// failure of its upstream.
-    not_here: bool,
+    /// What SPEC 4f routing noted about the request.
+    marks: crate::affinity::Marks,
 }
 
 impl Ledger {
@@ -147,8 +145,7 @@ impl Ledger {
             committed: None,
             resumed: 0,
             cooling: Vec::new(),
-            rebuilt: false,
-            not_here: false,
+            marks: Default::default(),
         }
     }
 
@@ -162,15 +159,9 @@ impl Ledger {
         &mut self.info
     }
 
-    /// The request goes out as a rebuilt Responses chain (SPEC 4f).
-    pub fn set_rebuilt(&mut self) {
-        self.rebuilt = true;
-    }
-
-    /// The answer about to be committed says the object is not there (SPEC 4f): relayed without
-    /// counting for or against its upstream.
-    pub fn set_not_here(&mut self) {
-        self.not_here = true;
+    /// What SPEC 4f routing notes about the request (rebuilt; a "not here" answer).
+    pub fn marks(&mut self) -> &mut crate::affinity::Marks {
+        &mut self.marks
     }
 
     /// One more request went upstream.
@@ -250,10 +241,10 @@ impl Ledger {
         first_byte: Duration,
         cooldown: Option<Duration>,
     ) {
-        let ok = !is_failover_status(status) && !self.not_here;
+        let ok = !is_failover_status(status) && !self.marks.not_here;
         if ok {
             self.answered(view, idx, first_byte);
-        } else if !self.not_here {
+        } else if !self.marks.not_here {
             let failure = AttemptFailure {
                 cooldown,
                 ..AttemptFailure::new(
@@ -391,7 +382,7 @@ impl Ledger {
     /// (alerted).
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
-        if matches!(err, GatewayError::AllFailed { .. }) {
+        if err.after_every_candidate() {
             // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
             resp.headers_mut().insert(
                 header::HeaderName::from_static("x-should-retry"),
@@ -418,10 +409,7 @@ impl Ledger {
                 (err.to_string(), Reply::default())
             }
             None => {
-                if matches!(
-                    err,
-                    GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
-                ) {
+                if err.after_every_candidate() {
                     self.alert(resp.status().as_u16());
                 }
                 let error = if self.failures.is_empty() {
@@ -545,38 +533,19 @@ impl Ledger {
             .registry
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
         // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
-        let (object_id, items) = match reply.object.as_ref() {
-            Some(seen) if (200..300).contains(&c.status) => {
-                let whole = matches!(end, BodyEnd::Complete) && !reply.error_event;
-                let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
-                match (seen.id.as_deref(), upstream) {
-                    (Some(id), Some(up)) => {
-                        let items = crate::affinity::rebuild::keep_link(
-                            &state.owners,
-                            id,
-                            &up,
-                            &self.info.body,
-                            self.info.body_limit,
-                            seen.output.as_deref().filter(|_| whole),
-                        );
-                        (Some(Arc::from(id)), items)
-                    }
-                    _ => (None, None),
-                }
-            }
-            _ => (None, None),
-        };
+        let seen = (reply.object.as_ref(), c.status);
+        let whole = matches!(end, BodyEnd::Complete) && !reply.error_event;
+        let up = c.view.config.upstreams.get(c.idx).map(|u| &u.name);
+        let request = (&self.info.body[..], self.info.body_limit);
+        let (object_id, items) = rebuild::object_of(&state.owners, seen, whole, up, request);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
             // The whole answer reached the client: a non-error status, its body to the end, and
             // no in-band error event inside it.
             let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
-            let mut record =
-                self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
-            record.object_id = object_id;
-            record.response_items = items;
-            rec.submit(record);
+            let record = self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
+            rec.submit(record.with_object(object_id, items));
         }
     }
 
@@ -631,7 +600,7 @@ impl Ledger {
             resumed: self.resumed,
             complete,
             object_id: None,
-            rebuilt: self.rebuilt,
+            rebuilt: self.marks.rebuilt,
             response_items: None,
         }
     }

@@ -302,18 +302,8 @@ impl RegistryView {
 
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
-    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Order {
-        self.candidates_keyed(model, rr, None)
-    }
-
-    /// [`Self::candidates`] with the request's affinity key, which `sticky` orders by (SPEC 4f;
-    /// without a key `sticky` keeps the file's order).
-    pub fn candidates_keyed(
-        &self,
-        model: Option<&str>,
-        rr: &AtomicUsize,
-        key: Option<&[u8]>,
-    ) -> Order {
+    /// `sticky` orders by the request's affinity `key` (SPEC 4f; without one, the file's order).
+    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize, key: Option<&[u8]>) -> Order {
         let ups = &self.config.upstreams;
         let mut order = Order::default();
         for i in (0..ups.len()).filter(|&i| ups[i].admits(model)) {
@@ -376,18 +366,14 @@ impl RegistryHandle {
     }
 
     /// The view and the ordered candidates for a request's model.
-    pub fn candidates(&self, model: Option<&str>) -> (Arc<RegistryView>, Order) {
-        self.candidates_keyed(model, None)
-    }
-
-    /// [`Self::candidates`] with the request's affinity key (`sticky`, SPEC 4f).
-    pub fn candidates_keyed(
+    /// `key` is the request's affinity key, for `sticky` (SPEC 4f).
+    pub fn candidates(
         &self,
         model: Option<&str>,
         key: Option<&[u8]>,
     ) -> (Arc<RegistryView>, Order) {
         let view = self.view();
-        let order = view.candidates_keyed(model, &self.rr, key);
+        let order = view.candidates(model, &self.rr, key);
         (view, order)
     }
 

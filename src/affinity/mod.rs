@@ -11,6 +11,16 @@ pub mod sticky;
 
 pub use self::owners::Owners;
 
+/// What SPEC 4f routing notes about one request, kept in its ledger.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Marks {
+    /// It went out as a rebuilt Responses chain (the record's `rebuilt`).
+    pub rebuilt: bool,
+    /// The answer about to be committed says the object is not there: relayed without counting
+    /// for or against its upstream.
+    pub not_here: bool,
+}
+
 /// Whether `body` holds one of `keys` as a quoted JSON key (`"key"`): one pass that jumps from
 /// quote to quote, so a body naming none of them costs a byte scan and no parse.
 pub fn names_a_key(body: &[u8], keys: &[&[u8]]) -> bool {

@@ -105,6 +105,27 @@ pub fn keep_link(
     Some(items)
 }
 
+/// The record's `object_id` and `response_items` for an answer (`status`) of upstream `from` that
+/// created `seen` (a 2xx), and the chain link kept for it: its output only when the answer reached its end
+/// `whole`; `(body, limit)` are the request body and `record_body_bytes`.
+pub fn object_of(
+    owners: &super::Owners,
+    (seen, status): (Option<&crate::capture::objects::ObjectSeen>, u16),
+    whole: bool,
+    from: Option<&std::sync::Arc<str>>,
+    (body, limit): (&[u8], usize),
+) -> (Option<std::sync::Arc<str>>, Option<String>) {
+    let (Some(seen), Some(up), true) = (seen, from, (200..300).contains(&status)) else {
+        return (None, None);
+    };
+    let Some(id) = seen.id.as_deref() else {
+        return (None, None);
+    };
+    let output = seen.output.as_deref().filter(|_| whole);
+    let items = keep_link(owners, id, up, body, limit, output);
+    (Some(id.into()), items)
+}
+
 /// `input` as a list of items: a string is one user message.
 fn input_items(input: &str) -> Option<Vec<Value>> {
     match serde_json::from_str::<Value>(input).ok()? {

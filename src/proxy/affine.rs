@@ -133,10 +133,10 @@ pub fn route(state: &AppState, cfg: &Config, info: &RequestInfo) -> Result<Route
 pub fn candidates(state: &AppState, info: &RequestInfo) -> (Arc<RegistryView>, Order) {
     let model = info.model.as_deref();
     if state.config.get().lb_policy != LbPolicy::Sticky {
-        return state.registry.candidates(model);
+        return state.registry.candidates(model, None);
     }
     let key = sticky::affinity_key(&info.body, info.client_key.as_deref(), info.ip);
-    state.registry.candidates_keyed(model, Some(&key))
+    state.registry.candidates(model, Some(&key))
 }
 
 /// Shapes `order` for `route` (SPEC 4f): the owner only, followed by the other candidates with a

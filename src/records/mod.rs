@@ -134,6 +134,20 @@ impl IpText {
 }
 
 impl Record {
+    /// The record with the object its answer created and the output items kept for its chain
+    /// (SPEC 4f).
+    pub fn with_object(
+        self,
+        object_id: Option<Arc<str>>,
+        response_items: Option<String>,
+    ) -> Record {
+        Record {
+            object_id,
+            response_items,
+            ..self
+        }
+    }
+
     /// The `ip` column, formatted on the stack.
     fn ip_text(&self) -> IpText {
         let mut t = IpText {
