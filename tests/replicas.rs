@@ -93,3 +93,50 @@ async fn sticky_orders_every_key_the_same_way_in_both_replicas() {
     }
     assert_eq!(spread.len(), 3);
 }
+
+#[actix_rt::test]
+async fn a_chain_relayed_by_one_replica_is_rebuilt_by_the_other() {
+    let Some(admin) = admin_url() else {
+        return;
+    };
+    let _guard = lock();
+    let db = TestDb::new(&admin);
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let one = replica(&db.url, "rebuild: true", &[("a", &a), ("b", &b)]);
+    let two = replica(&db.url, "rebuild: true", &[("a", &a), ("b", &b)]);
+    let t1 = post(
+        &one,
+        "/v1/responses",
+        json!({"model": "gpt-test", "input": "hello"}),
+    )
+    .await;
+    let id1 = t1.json()["id"].as_str().unwrap().to_string();
+    let t2 = post(
+        &one,
+        "/v1/responses",
+        json!({"model": "gpt-test", "input": "more", "previous_response_id": id1}),
+    )
+    .await;
+    let id2 = t2.json()["id"].as_str().unwrap().to_string();
+    actix_rt::time::sleep(Duration::from_millis(1000)).await;
+    a.set_down(true);
+    let t3 = post(
+        &two,
+        "/v1/responses",
+        json!({"model": "gpt-test", "input": "and now?", "previous_response_id": id2}),
+    )
+    .await;
+    assert_eq!(t3.status, 200, "{}", t3.text());
+    assert_eq!(t3.header("x-upstream"), Some("b"));
+    let sent = b.seen_on("/v1/responses").pop().unwrap().json();
+    let texts: Vec<String> = sent["input"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["content"].to_string())
+        .collect();
+    assert_eq!(texts.len(), 5, "{sent}");
+    assert!(
+        texts[0].contains("hello") && texts[2].contains("more") && texts[4].contains("and now?")
+    );
+}

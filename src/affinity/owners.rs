@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::records::owners::{newest_owners, owners_after, OwnerRow};
+use crate::records::owners::{fill_chains, newest_owners, owners_after, OwnerRow};
 use crate::records::Store;
 
 use super::rebuild::Link;
@@ -29,6 +29,9 @@ pub const POLL: Duration = Duration::from_millis(400);
 /// The poll re-reads this many ids before the last one it saw: a transaction that took an
 /// earlier id may commit after a later one.
 const POLL_OVERLAP: i64 = 2_000;
+/// Chain parts read at start (the newest): reading every stored request body would make a
+/// large database slow to start.
+const START_CHAINS: usize = 10_000;
 /// The longest chain followed back (a loop or an absurd chain is not rebuilt).
 pub const MAX_CHAIN: usize = 1_000;
 
@@ -196,16 +199,46 @@ impl Owners {
         Some(out)
     }
 
+    /// Whether `row` adds nothing: its owner is known, with its chain part when it has one.
+    fn knows(&self, row: &OwnerRow) -> bool {
+        let g = self.lock();
+        g.map
+            .get(row.object_id.as_str())
+            .is_some_and(|e| *e.upstream == *row.upstream && (e.link.is_some() || !row.has_chain))
+    }
+
     /// Owners read from the record store (start-up load and poll).
     pub fn load(&self, rows: Vec<OwnerRow>) {
         for r in rows {
             let upstream: Arc<str> = r.upstream.as_str().into();
-            let link = match (&r.chain, r.complete) {
-                (Some((body, items)), true) => Link::from_record(body, items).map(Arc::new),
-                _ => None,
-            };
+            let link = r
+                .chain
+                .as_ref()
+                .and_then(|(body, items)| Link::from_record(body, items))
+                .map(Arc::new);
             self.put(&r.object_id, &upstream, r.created_at, link);
         }
+    }
+
+    /// The rows of a read that add something, with their chain parts read (at most `chains`
+    /// of them, the newest).
+    fn take_new(
+        &self,
+        store: &Store,
+        mut rows: Vec<OwnerRow>,
+        chains: usize,
+    ) -> Result<Vec<OwnerRow>, crate::records::StoreError> {
+        rows.retain(|r| !self.knows(r));
+        let with_chain = rows.iter().filter(|r| r.has_chain).count();
+        for r in rows
+            .iter_mut()
+            .filter(|r| r.has_chain)
+            .take(with_chain.saturating_sub(chains))
+        {
+            r.has_chain = false;
+        }
+        fill_chains(store, &mut rows)?;
+        Ok(rows)
     }
 }
 
@@ -220,7 +253,9 @@ fn since(cfg: &Config) -> SystemTime {
 /// Loads the newest owners from `store` (at start, before listening; bounded by [`CAPACITY`]).
 /// Returns the highest record id read, where the poll goes on from.
 pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> i64 {
-    match newest_owners(store, since(cfg), CAPACITY as i64) {
+    let read = newest_owners(store, since(cfg), CAPACITY as i64)
+        .and_then(|rows| owners.take_new(store, rows, START_CHAINS));
+    match read {
         Ok(rows) => {
             let last = rows.iter().map(|r| r.row).max().unwrap_or(0);
             let n = rows.len();
@@ -254,12 +289,14 @@ pub fn spawn_poll(
                 std::thread::sleep(POLL);
                 let cfg = config.get();
                 let from = last.saturating_sub(POLL_OVERLAP).max(0);
-                match owners_after(&store, from, since(&cfg), 10_000) {
-                    Ok(rows) => {
+                let read = owners_after(&store, from, since(&cfg), 10_000).and_then(|rows| {
+                    let top = rows.iter().map(|r| r.row).max();
+                    Ok((top, owners.take_new(&store, rows, usize::MAX)?))
+                });
+                match read {
+                    Ok((top, rows)) => {
                         failing = false;
-                        if let Some(top) = rows.iter().map(|r| r.row).max() {
-                            last = last.max(top);
-                        }
+                        last = last.max(top.unwrap_or(0));
                         owners.load(rows);
                     }
                     Err(e) if !failing => {
@@ -272,5 +309,102 @@ pub fn spawn_poll(
         });
     if let Err(e) = spawned {
         log::error!("affinity: cannot start the owners poll: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(retention_days: u32, names: &[&str]) -> Config {
+        let mut text = format!("authorization: x\nretention_days: {retention_days}\nupstreams:\n");
+        for n in names {
+            text.push_str(&format!(
+                "  - name: {n}\n    endpoint: http://127.0.0.1:9/v1\n"
+            ));
+        }
+        crate::config::parse(std::path::Path::new("t.yaml"), &text, false, &|_| None)
+            .unwrap()
+            .0
+    }
+
+    fn row(id: &str, up: &str, days_ago: u64) -> OwnerRow {
+        OwnerRow {
+            row: 1,
+            object_id: id.into(),
+            upstream: up.into(),
+            created_at: SystemTime::now() - Duration::from_secs(days_ago * 86_400),
+            has_chain: false,
+            chain: None,
+        }
+    }
+
+    #[test]
+    fn owners_expire_with_retention_and_leave_with_their_upstream() {
+        let o = Owners::default();
+        o.load(vec![
+            row("old", "a", 3),
+            row("new", "a", 0),
+            row("gone", "b", 0),
+        ]);
+        assert_eq!(o.owner_of("new", &cfg(2, &["a"])).as_deref(), Some("a"));
+        assert_eq!(
+            o.owner_of("old", &cfg(0, &["a"])).as_deref(),
+            Some("a"),
+            "0 keeps all"
+        );
+        assert_eq!(o.owner_of("old", &cfg(2, &["a"])), None, "expired");
+        assert_eq!(
+            o.owner_of("gone", &cfg(0, &["a"])),
+            None,
+            "its upstream was removed"
+        );
+        assert_eq!(
+            o.owner_of("gone", &cfg(0, &["a", "b"])),
+            None,
+            "and it is forgotten"
+        );
+        assert_eq!(o.len(), 1);
+    }
+
+    #[test]
+    fn a_chain_with_a_missing_or_cut_link_is_none() {
+        let o = Owners::default();
+        let c = cfg(0, &["a"]);
+        let a: Arc<str> = "a".into();
+        let link = |body: &str| Link::from_request(body.as_bytes(), "[]".into()).unwrap();
+        o.learn_link("r1", &a, link(r#"{"input":"one"}"#));
+        o.learn_link(
+            "r2",
+            &a,
+            link(r#"{"input":"two","previous_response_id":"r1"}"#),
+        );
+        o.learn_link(
+            "r4",
+            &a,
+            link(r#"{"input":"four","previous_response_id":"r3"}"#),
+        );
+        o.learn("r3b", &a);
+        o.learn_link(
+            "r5",
+            &a,
+            link(r#"{"input":"five","previous_response_id":"r3b"}"#),
+        );
+        assert_eq!(o.chain("r2", &c).map(|v| v.len()), Some(2));
+        assert!(o.chain("r4", &c).is_none(), "r3 was never seen");
+        assert!(o.chain("r5", &c).is_none(), "r3b has no whole link");
+    }
+
+    #[test]
+    fn the_map_keeps_the_newest_owners() {
+        let o = Owners::default();
+        let a: Arc<str> = "a".into();
+        for i in 0..CAPACITY + 10 {
+            o.learn(&format!("id{i}"), &a);
+        }
+        assert_eq!(o.len(), CAPACITY);
+        let c = cfg(0, &["a"]);
+        assert_eq!(o.owner_of("id0", &c), None);
+        assert!(o.owner_of(&format!("id{}", CAPACITY + 9), &c).is_some());
     }
 }

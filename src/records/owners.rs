@@ -18,10 +18,10 @@ pub struct OwnerRow {
     pub upstream: String,
     /// When its request started.
     pub created_at: SystemTime,
-    /// `POST /v1/responses` only: the request body as stored, and the kept output items.
+    /// A whole Responses answer whose chain part (request body, kept output items) is stored.
+    pub has_chain: bool,
+    /// That part, once read by [`fill_chains`].
     pub chain: Option<(String, String)>,
-    /// The client got the whole answer.
-    pub complete: bool,
 }
 
 /// Adds the version-0.3 columns and their index to a SQLite table that lacks them (the check
@@ -62,9 +62,47 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
     )
 }
 
-/// The columns every owner read selects, in [`OwnerRow`] order.
+/// The columns every owner read selects, in [`OwnerRow`] order: no bodies (a poll re-reads a
+/// window of rows; [`fill_chains`] reads the bodies of the new ones only).
 const SELECT: &str = "SELECT id, object_id, upstream, created_epoch, \
-     CASE WHEN path = '/v1/responses' THEN request_body END, response_items, complete";
+     CASE WHEN path = '/v1/responses' AND complete = 1 AND response_items IS NOT NULL \
+     THEN 1 ELSE 0 END";
+
+/// Reads the chain parts of the `rows` that have one (by record id, 500 per query).
+pub fn fill_chains(store: &Store, rows: &mut [OwnerRow]) -> Result<(), StoreError> {
+    let wanted: Vec<i64> = rows.iter().filter(|r| r.has_chain).map(|r| r.row).collect();
+    let mut found = std::collections::HashMap::new();
+    for ids in wanted.chunks(500) {
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let sql =
+            format!("SELECT id, request_body, response_items FROM records WHERE id IN ({list})");
+        match store {
+            Store::Sqlite(p) => {
+                let conn = p.get().map_err(StoreError::unreachable)?;
+                let mut stmt = conn.prepare(&sql).map_err(StoreError::failed)?;
+                let got = stmt
+                    .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(StoreError::failed)?;
+                for g in got {
+                    let (id, body, items): (i64, Option<String>, Option<String>) =
+                        g.map_err(StoreError::failed)?;
+                    found.insert(id, body.zip(items));
+                }
+            }
+            Store::Postgres(p) => {
+                let mut conn = p.get().map_err(StoreError::unreachable)?;
+                for r in conn.query(&sql, &[]).map_err(StoreError::from_pg)? {
+                    let (body, items): (Option<String>, Option<String>) = (r.get(1), r.get(2));
+                    found.insert(r.get::<_, i64>(0), body.zip(items));
+                }
+            }
+        }
+    }
+    for r in rows.iter_mut().filter(|r| r.has_chain) {
+        r.chain = found.remove(&r.row).flatten();
+    }
+    Ok(())
+}
 
 /// Owners written after record `after` (the poll), oldest first, at most `limit`, created at or
 /// after `since`.
@@ -141,19 +179,13 @@ fn read(
                 .replace("{limit}", &limit.to_string())
         )
     };
-    let row = |id: i64,
-               o: String,
-               u: String,
-               at: i64,
-               body: Option<String>,
-               items: Option<String>,
-               c: bool| OwnerRow {
+    let row = |id: i64, o: String, u: String, at: i64, has_chain: bool| OwnerRow {
         row: id,
         object_id: o,
         upstream: u,
         created_at: UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0)),
-        chain: body.zip(items),
-        complete: c,
+        has_chain,
+        chain: None,
     };
     match store {
         Store::Sqlite(p) => {
@@ -168,9 +200,7 @@ fn read(
                         r.get(1)?,
                         r.get(2)?,
                         r.get::<_, Option<i64>>(3)?.unwrap_or(0),
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get::<_, i64>(6)? != 0,
+                        r.get::<_, i64>(4)? != 0,
                     ))
                 })
                 .map_err(StoreError::failed)?;
@@ -189,9 +219,7 @@ fn read(
                         r.get(1),
                         r.get(2),
                         r.get(3),
-                        r.get(4),
-                        r.get(5),
-                        r.get::<_, i16>(6) != 0,
+                        r.get::<_, i32>(4) != 0,
                     )
                 })
                 .collect())
