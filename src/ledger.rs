@@ -537,7 +537,8 @@ impl Ledger {
         let whole = matches!(end, BodyEnd::Complete) && !reply.error_event;
         let up = c.view.config.upstreams.get(c.idx).map(|u| &u.name);
         let request = (&self.info.body[..], self.info.body_limit);
-        let (object_id, items) = rebuild::object_of(&state.owners, seen, whole, up, request);
+        let keep = c.view.config.rebuild.then_some(&*state.owners);
+        let (object_id, items) = rebuild::object_of(keep, seen, whole, up, request);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());

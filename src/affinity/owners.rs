@@ -23,7 +23,7 @@ use super::rebuild::Link;
 /// Owners kept in memory (SPEC 4f: "the last 100,000").
 pub const CAPACITY: usize = 100_000;
 /// Bytes of chain links (request inputs and output items) kept in memory in all.
-pub const CHAIN_BUDGET: usize = 256 << 20;
+pub const CHAIN_BUDGET: usize = 64 << 20;
 /// How often the PostgreSQL poll reads owners written by other replicas.
 pub const POLL: Duration = Duration::from_millis(400);
 /// The poll re-reads this many ids before the last one it saw: a transaction that took an
@@ -228,6 +228,9 @@ impl Owners {
         mut rows: Vec<OwnerRow>,
         chains: usize,
     ) -> Result<Vec<OwnerRow>, crate::records::StoreError> {
+        if chains == 0 {
+            rows.iter_mut().for_each(|r| r.has_chain = false);
+        }
         rows.retain(|r| !self.knows(r));
         let with_chain = rows.iter().filter(|r| r.has_chain).count();
         for r in rows
@@ -239,6 +242,15 @@ impl Owners {
         }
         fill_chains(store, &mut rows)?;
         Ok(rows)
+    }
+}
+
+/// How many chain parts to read: none unless `rebuild` is on (memory holds no links then).
+fn chains_wanted(cfg: &Config, n: usize) -> usize {
+    if cfg.rebuild {
+        n
+    } else {
+        0
     }
 }
 
@@ -254,7 +266,7 @@ fn since(cfg: &Config) -> SystemTime {
 /// Returns the highest record id read, where the poll goes on from.
 pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> i64 {
     let read = newest_owners(store, since(cfg), CAPACITY as i64)
-        .and_then(|rows| owners.take_new(store, rows, START_CHAINS));
+        .and_then(|rows| owners.take_new(store, rows, chains_wanted(cfg, START_CHAINS)));
     match read {
         Ok(rows) => {
             let last = rows.iter().map(|r| r.row).max().unwrap_or(0);
@@ -291,7 +303,8 @@ pub fn spawn_poll(
                 let from = last.saturating_sub(POLL_OVERLAP).max(0);
                 let read = owners_after(&store, from, since(&cfg), 10_000).and_then(|rows| {
                     let top = rows.iter().map(|r| r.row).max();
-                    Ok((top, owners.take_new(&store, rows, usize::MAX)?))
+                    let chains = chains_wanted(&cfg, usize::MAX);
+                    Ok((top, owners.take_new(&store, rows, chains)?))
                 });
                 match read {
                     Ok((top, rows)) => {

@@ -86,9 +86,10 @@ pub fn kept_items(output: &str) -> Option<String> {
 /// (received whole, and within `limit` = `record_body_bytes`, 0 = no limit) and its answer's
 /// `output` (None when it was not read whole). Returns the kept items for the record's
 /// `response_items`; nothing is kept when either part is not whole, so such a chain is never
-/// rebuilt. Only a `POST /v1/responses` body has the shape this reads; others keep nothing.
+/// rebuilt. Only a `POST /v1/responses` body has the shape this reads; others keep nothing. The
+/// link goes into `owners` only when given (`rebuild: true`): otherwise memory holds no links.
 pub fn keep_link(
-    owners: &super::Owners,
+    owners: Option<&super::Owners>,
     id: &str,
     upstream: &std::sync::Arc<str>,
     body: &[u8],
@@ -101,7 +102,9 @@ pub fn keep_link(
     }
     let items = kept_items(output)?;
     let link = Link::from_request(body, items.clone())?;
-    owners.learn_link(id, upstream, link);
+    if let Some(owners) = owners {
+        owners.learn_link(id, upstream, link);
+    }
     Some(items)
 }
 
@@ -109,7 +112,7 @@ pub fn keep_link(
 /// created `seen` (a 2xx), and the chain link kept for it: its output only when the answer reached its end
 /// `whole`; `(body, limit)` are the request body and `record_body_bytes`.
 pub fn object_of(
-    owners: &super::Owners,
+    owners: Option<&super::Owners>,
     (seen, status): (Option<&crate::capture::objects::ObjectSeen>, u16),
     whole: bool,
     from: Option<&std::sync::Arc<str>>,
