@@ -131,7 +131,7 @@ pub struct Ledger {
     /// the `Retry-After` of a relayed 429 (SPEC 4e).
     cooling: Vec<(String, Instant)>,
     /// What SPEC 4f routing noted about the request.
-    marks: crate::affinity::Marks,
+    pub marks: crate::affinity::Marks,
 }
 
 impl Ledger {
@@ -157,11 +157,6 @@ impl Ledger {
     /// The request, while admission fills it in.
     pub fn info_mut(&mut self) -> &mut RequestInfo {
         &mut self.info
-    }
-
-    /// What SPEC 4f routing notes about the request (rebuilt; a "not here" answer).
-    pub fn marks(&mut self) -> &mut crate::affinity::Marks {
-        &mut self.marks
     }
 
     /// One more request went upstream.
@@ -532,19 +527,16 @@ impl Ledger {
         state
             .registry
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
+        // The whole answer reached the client: a non-error status, its body to the end, and no
+        // in-band error event inside it.
+        let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
         // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
-        let seen = (reply.object.as_ref(), c.status);
-        let whole = matches!(end, BodyEnd::Complete) && !reply.error_event;
-        let up = c.view.config.upstreams.get(c.idx).map(|u| &u.name);
         let request = (&self.info.body[..], self.info.body_limit);
-        let keep = c.view.config.rebuild.then_some(&*state.owners);
-        let (object_id, items) = rebuild::object_of(keep, seen, whole, up, request);
+        let at = (&*state.owners, &*c.view.config, c.idx, c.status);
+        let (object_id, items) = rebuild::object_of(at, reply.object.as_ref(), complete, request);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
-            // The whole answer reached the client: a non-error status, its body to the end, and
-            // no in-band error event inside it.
-            let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
             let record = self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
             rec.submit(record.with_object(object_id, items));
         }

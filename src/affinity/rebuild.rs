@@ -108,24 +108,25 @@ pub fn keep_link(
     Some(items)
 }
 
-/// The record's `object_id` and `response_items` for an answer (`status`) of upstream `from` that
-/// created `seen` (a 2xx), and the chain link kept for it: its output only when the answer reached its end
-/// `whole`; `(body, limit)` are the request body and `record_body_bytes`.
+/// The record's `object_id` and `response_items` for the answer (`status`) of upstream `idx` of
+/// `cfg` that created `seen` (a 2xx), and the chain link `owners` keep for it (with `rebuild: true`
+/// only): its output only when the answer reached the client `whole`; `(body, limit)` are the
+/// request body and `record_body_bytes`.
 pub fn object_of(
-    owners: Option<&super::Owners>,
-    (seen, status): (Option<&crate::capture::objects::ObjectSeen>, u16),
+    (owners, cfg, idx, status): (&super::Owners, &crate::config::Config, usize, u16),
+    seen: Option<&crate::capture::objects::ObjectSeen>,
     whole: bool,
-    from: Option<&std::sync::Arc<str>>,
     (body, limit): (&[u8], usize),
 ) -> (Option<std::sync::Arc<str>>, Option<String>) {
-    let (Some(seen), Some(up), true) = (seen, from, (200..300).contains(&status)) else {
+    let up = cfg.upstreams.get(idx).map(|u| &u.name);
+    let (Some(seen), Some(up), true) = (seen, up, (200..300).contains(&status)) else {
         return (None, None);
     };
     let Some(id) = seen.id.as_deref() else {
         return (None, None);
     };
     let output = seen.output.as_deref().filter(|_| whole);
-    let items = keep_link(owners, id, up, body, limit, output);
+    let items = keep_link(cfg.rebuild.then_some(owners), id, up, body, limit, output);
     (Some(id.into()), items)
 }
 

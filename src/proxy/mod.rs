@@ -154,7 +154,7 @@ async fn forward(
         if let Some(rebuilt) = pinning.rebuild_at(pos) {
             // 4f: the owner cannot answer; the chain goes on here as one stateless request.
             ledger.info_mut().body = rebuilt.clone();
-            ledger.marks().rebuilt = true;
+            ledger.marks.rebuilt = true;
             state.metrics.affinity("rebuilt");
         }
         loop {
@@ -210,7 +210,7 @@ async fn forward(
                     }
                     Next::RelayNotHere => {
                         state.metrics.affinity("not_here");
-                        ledger.marks().not_here = true;
+                        ledger.marks.not_here = true;
                         return tried.relay(ledger, &view, idx, None, None);
                     }
                     Next::OwnerFailed { cooldown } => {
