@@ -520,3 +520,55 @@ async fn a_database_of_version_0_2_gains_object_id_and_rebuilt() {
         .unwrap();
     assert_eq!(index, 1, "object_id is indexed");
 }
+
+#[actix_rt::test]
+async fn a_chain_whose_owner_is_cooling_is_rebuilt_without_asking_it() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = two(
+        "rebuild: true\ncooldown: {failures: 1, seconds: 60}",
+        &a,
+        &b,
+        "",
+    );
+    let t1 = turn(&gw, None, json!("hello")).await;
+    let id1 = t1.json()["id"].as_str().unwrap().to_string();
+    a.set_down(true);
+    // A request without references fails over from `a`, which goes into cooldown.
+    let chat = post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    assert_eq!(chat.header("x-upstream"), Some("b"));
+    let a_hits = a.mock.hits();
+    let t2 = turn(&gw, Some(&id1), json!("go on")).await;
+    assert_eq!(t2.status, 200, "{}", t2.text());
+    assert_eq!(t2.header("x-upstream"), Some("b"));
+    assert_eq!(t2.header("x-upstream-attempts"), Some("1"));
+    assert_eq!(a.mock.hits(), a_hits, "the cooling owner was not asked");
+    assert_eq!(affinity(&gw, "rebuilt").await, 1.0);
+}
+
+#[actix_rt::test]
+async fn an_owner_that_does_not_serve_the_model_is_a_clear_400() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = Gateway::start(&config(
+        "",
+        &[
+            upstream("a", &a.endpoint(), "deny: [gpt-other]"),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let t1 = turn(&gw, None, json!("hello")).await;
+    assert_eq!(t1.header("x-upstream"), Some("a"));
+    let id1 = t1.json()["id"].as_str().unwrap().to_string();
+    let got = post(
+        &gw,
+        "/v1/responses",
+        json!({"model": "gpt-other", "input": "x", "previous_response_id": id1}),
+    )
+    .await;
+    assert_eq!(got.status, 400, "{}", got.text());
+    let msg = got.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains(&id1) && msg.contains("upstream a") && msg.contains("gpt-other"),
+        "{msg}"
+    );
+    assert!(b.seen_on("/v1/responses").is_empty());
+}
