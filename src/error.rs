@@ -50,6 +50,18 @@ pub enum GatewayError {
     /// Something inside the gateway broke (an actor went away).
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
+    /// The request refers to objects that live on two different upstreams (SPEC 4f).
+    #[error("{0}")]
+    ObjectConflict(String),
+    /// The only upstream holding the object the request refers to failed (SPEC 4f); `status`
+    /// is its failure's HTTP status, else 502 (or 504 after a timeout).
+    #[error("{message}")]
+    OwnerFailed {
+        /// Status sent to the client.
+        status: u16,
+        /// Names the object, its owner and what the owner's attempt came to.
+        message: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -85,6 +97,10 @@ impl GatewayError {
             } => StatusCode::BAD_GATEWAY,
             GatewayError::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::ObjectConflict(_) => StatusCode::CONFLICT,
+            GatewayError::OwnerFailed { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 
@@ -108,6 +124,8 @@ impl GatewayError {
             } => ("upstream_error", "upstream_unavailable"),
             GatewayError::TooManySessions(_) => ("rate_limit_error", "too_many_sessions"),
             GatewayError::Internal(_) => ("server_error", "internal_error"),
+            GatewayError::ObjectConflict(_) => ("invalid_request_error", "object_conflict"),
+            GatewayError::OwnerFailed { .. } => ("upstream_error", "owner_failed"),
         }
     }
 
@@ -125,8 +143,19 @@ impl GatewayError {
             GatewayError::LoopDetected(_) => Rejection::Loop,
             GatewayError::AllFailed { .. }
             | GatewayError::TooManySessions(_)
-            | GatewayError::Internal(_) => return None,
+            | GatewayError::Internal(_)
+            | GatewayError::ObjectConflict(_)
+            | GatewayError::OwnerFailed { .. } => return None,
         })
+    }
+
+    /// An answer given after every candidate the request may go to was tried (SPEC 4e: the
+    /// client must not try them all again).
+    pub fn after_every_candidate(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
+        )
     }
 
     /// The JSON body text (also what the record keeps as the reply).

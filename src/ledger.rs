@@ -16,6 +16,7 @@ use actix_web::http::{Method, StatusCode, Uri};
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
+use crate::affinity::rebuild;
 use crate::attempt::{is_failover_status, summary, FailKind, Failure};
 use crate::capture::Reply;
 use crate::error::{GatewayError, Rejection};
@@ -129,6 +130,8 @@ pub struct Ledger {
     /// Cooldowns this request's failures announced (`Retry-After`): upstream name and end, for
     /// the `Retry-After` of a relayed 429 (SPEC 4e).
     cooling: Vec<(String, Instant)>,
+    /// What SPEC 4f routing noted about the request.
+    pub marks: crate::affinity::Marks,
 }
 
 impl Ledger {
@@ -142,6 +145,7 @@ impl Ledger {
             committed: None,
             resumed: 0,
             cooling: Vec::new(),
+            marks: Default::default(),
         }
     }
 
@@ -232,10 +236,10 @@ impl Ledger {
         first_byte: Duration,
         cooldown: Option<Duration>,
     ) {
-        let ok = !is_failover_status(status);
+        let ok = !is_failover_status(status) && !self.marks.not_here;
         if ok {
             self.answered(view, idx, first_byte);
-        } else {
+        } else if !self.marks.not_here {
             let failure = AttemptFailure {
                 cooldown,
                 ..AttemptFailure::new(
@@ -373,7 +377,7 @@ impl Ledger {
     /// (alerted).
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
-        if matches!(err, GatewayError::AllFailed { .. }) {
+        if err.after_every_candidate() {
             // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
             resp.headers_mut().insert(
                 header::HeaderName::from_static("x-should-retry"),
@@ -400,7 +404,7 @@ impl Ledger {
                 (err.to_string(), Reply::default())
             }
             None => {
-                if matches!(err, GatewayError::AllFailed { .. }) {
+                if err.after_every_candidate() {
                     self.alert(resp.status().as_u16());
                 }
                 let error = if self.failures.is_empty() {
@@ -523,13 +527,18 @@ impl Ledger {
         state
             .registry
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
+        // The whole answer reached the client: a non-error status, its body to the end, and no
+        // in-band error event inside it.
+        let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+        // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
+        let request = (&self.info.body[..], self.info.body_limit);
+        let at = (&*state.owners, &*c.view.config, c.idx, c.status);
+        let (object_id, items) = rebuild::object_of(at, reply.object.as_ref(), complete, request);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
-            // The whole answer reached the client: a non-error status, its body to the end, and
-            // no in-band error event inside it.
-            let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
-            rec.submit(self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete));
+            let record = self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
+            rec.submit(record.with_object(object_id, items));
         }
     }
 
@@ -583,6 +592,9 @@ impl Ledger {
             finish_reason: reply.finish_reason,
             resumed: self.resumed,
             complete,
+            object_id: None,
+            rebuilt: self.marks.rebuilt,
+            response_items: None,
         }
     }
 }

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod affinity;
 pub mod attempt;
 pub mod capture;
 pub mod cli;

@@ -30,6 +30,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     resumes: IntCounterVec,
     websocket_sessions: IntGaugeVec,
+    affinity: IntCounterVec,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
 }
@@ -135,6 +136,14 @@ impl Metrics {
             &["upstream"],
         )?;
         registry.register(Box::new(websocket_sessions.clone()))?;
+        let affinity = IntCounterVec::new(
+            opts(
+                "affinity_total",
+                "Requests routed by the object they refer to (SPEC 4f), by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(affinity.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -163,6 +172,7 @@ impl Metrics {
             retries,
             resumes,
             websocket_sessions,
+            affinity,
         })
     }
 
@@ -259,6 +269,12 @@ impl Metrics {
     /// or `restarted` (it ignored the prefill and answered from the start, SPEC 4e).
     pub fn resume(&self, upstream: &str, result: &str) {
         self.resumes.with_label_values(&[upstream, result]).inc();
+    }
+
+    /// One routing decision of SPEC 4f: `owner`, `not_here`, `learned`, `owner_failed`,
+    /// `rebuilt` or `conflict` (a fixed set: never a value from a request).
+    pub fn affinity(&self, result: &'static str) {
+        self.affinity.with_label_values(&[result]).inc();
     }
 
     /// Retries and continuations since start, for the status page: the retry total, and the

@@ -40,4 +40,6 @@ pub struct AppState {
     /// Upstreams seen ignoring a prefill (SPEC 4e): asked as with `prefill: none` until the next
     /// reload.
     pub prefill_ignored: crate::usage::Refusals,
+    /// Which upstream owns which object (SPEC 4f).
+    pub owners: std::sync::Arc<crate::affinity::Owners>,
 }

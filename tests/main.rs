@@ -3,6 +3,7 @@
 mod support;
 
 mod admission;
+mod affinity;
 mod cli;
 mod docs;
 mod ends;
@@ -19,9 +20,11 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod replicas;
 mod rescue;
 mod resume;
 mod routing;
 mod sdk;
 mod status_browser;
+mod sticky;
 mod streaming;

@@ -95,6 +95,8 @@ pub enum LbPolicy {
     Random,
     /// The start rotates by one per request.
     RoundRobin,
+    /// Weighted rendezvous hashing of the request's affinity key (SPEC 4f).
+    Sticky,
 }
 
 impl LbPolicy {
@@ -104,6 +106,7 @@ impl LbPolicy {
             LbPolicy::Order => "order",
             LbPolicy::Random => "random",
             LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::Sticky => "sticky",
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct Config {
     pub resume: bool,
     /// WebSocket and continuation limits (SPEC 4d, version 0.3).
     pub limits: Limits,
+    /// Rebuild a Responses chain whose owner cannot answer as a stateless request (SPEC 4f).
+    pub rebuild: bool,
 }
 
 impl Config {

@@ -53,6 +53,8 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "realtime_idle_timeout",
     "realtime_buffer_bytes",
     "resume_max_bytes",
+    // SPEC 4f.
+    "rebuild",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -68,6 +70,7 @@ pub(super) const UPSTREAM_KEYS: &[&str] = &[
     "force_usage",
     "retries",
     "prefill",
+    "weight",
 ];
 
 /// The most `retries` a config may give (global or per upstream).
@@ -291,10 +294,13 @@ impl Parser<'_> {
                 "order" | "" => LbPolicy::Order,
                 "random" => LbPolicy::Random,
                 "round_robin" | "round-robin" => LbPolicy::RoundRobin,
+                "sticky" => LbPolicy::Sticky,
                 other => {
                     self.err(
                         "lb_policy",
-                        format!("unknown policy {other:?}: use order, random or round_robin"),
+                        format!(
+                            "unknown policy {other:?}: use order, random, round_robin or sticky"
+                        ),
                     );
                     LbPolicy::Order
                 }
@@ -388,6 +394,7 @@ impl Parser<'_> {
             v => self.list("failover_codes", v),
         };
         let resume = self.boolean("resume", get("resume"), false);
+        let rebuild = self.boolean("rebuild", get("rebuild"), false);
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
 
         let defaults = UpstreamDefaults {
@@ -432,6 +439,7 @@ impl Parser<'_> {
             failover_codes,
             resume,
             limits,
+            rebuild,
         }
     }
 }

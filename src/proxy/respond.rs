@@ -115,11 +115,17 @@ pub fn respond(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok());
     // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
-    let capture = if ledger.recording() {
+    let mut capture = if ledger.recording() {
         Capture::new(content_type, encoding, cfg.record_body_bytes)
     } else {
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
+    // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
+    if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
+        if let Some(w) = super::affine::object_watch(&ledger, &up.name, cfg.record_body_bytes) {
+            capture.watch_objects(w);
+        }
+    }
     // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
     let head_request = ledger.info().method == actix_web::http::Method::HEAD;
     let no_body = head_request

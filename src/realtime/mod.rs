@@ -262,7 +262,7 @@ pub async fn session(
     let idle = lim.realtime_idle_timeout;
 
     let model = ledger.info().model.clone();
-    let (view, mut order) = state.registry.candidates(model.as_deref());
+    let (view, mut order) = state.registry.candidates(model.as_deref(), None);
     crate::models::route_filter(&state, &view.config, &mut order, model.as_deref());
     let cfg = view.config.clone();
     if order.is_empty() {
