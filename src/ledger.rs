@@ -24,6 +24,9 @@ use crate::notify::RequestFailed;
 use crate::records::Record;
 use crate::registry::{AttemptResult, RegistryView};
 use crate::state::AppState;
+use crate::trace::{End, Trace};
+
+mod traced;
 
 /// What is known about a request before any upstream is tried; becomes its record.
 pub struct RequestInfo {
@@ -51,6 +54,12 @@ pub struct RequestInfo {
     pub client_key: Option<Arc<str>>,
     /// `record_body_bytes`.
     pub body_limit: usize,
+    /// A WebSocket session (SPEC 4c).
+    pub websocket: bool,
+    /// The client's valid W3C `traceparent`, if any (SPEC 6a).
+    pub trace_parent: Option<crate::trace::context::Parent>,
+    /// Its `tracestate`, passed on with it.
+    pub tracestate: Option<HeaderValue>,
 }
 
 impl RequestInfo {
@@ -126,12 +135,20 @@ pub struct Ledger {
     committed: Option<Committed>,
     /// Continuations of a broken stream (SPEC 4a resume).
     resumed: u32,
+    /// Its spans (SPEC 6a), None when tracing is off.
+    trace: Trace,
 }
 
 impl Ledger {
     /// Opens the ledger of one request.
     pub fn open(state: Arc<AppState>, info: RequestInfo) -> Ledger {
         Ledger {
+            trace: Trace::begin(
+                state.tracer.as_ref(),
+                info.trace_parent,
+                &info.tracestate,
+                info.created_at,
+            ),
             state,
             info,
             failures: Vec::new(),
@@ -151,9 +168,10 @@ impl Ledger {
         &mut self.info
     }
 
-    /// One more request went upstream.
-    pub fn sent(&mut self) {
+    /// One more request went upstream; returns what it sends of the trace (tracing on).
+    pub fn sent(&mut self) -> Option<crate::trace::Propagation> {
         self.attempts += 1;
+        self.trace.sent()
     }
 
     /// Whether records are written (else the capture reads only the usage, for the metrics).
@@ -176,7 +194,9 @@ impl Ledger {
     /// `failover_codes`, a prefill the upstream rejected), which only the record's `error` keeps
     /// (SPEC 4a).
     pub fn failed(&mut self, view: &RegistryView, idx: usize, f: AttemptFailure) {
-        let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
+        let up = view.config.upstreams.get(idx);
+        self.trace.failed(up, f.status, f.kind.label(), &f.reason);
+        let name = up.map_or("", |u| &*u.name);
         log::warn!(
             "{} {}: upstream {name} failed: {}",
             self.info.method,
@@ -226,6 +246,8 @@ impl Ledger {
         cooldown: Option<Duration>,
     ) {
         let ok = !is_failover_status(status);
+        let up = view.config.upstreams.get(idx);
+        self.trace.committed(up, status.as_u16(), first_byte, ok);
         if ok {
             self.answered(view, idx, first_byte);
         } else {
@@ -289,6 +311,8 @@ impl Ledger {
 
     /// A continuation on `view`'s upstream `idx` took over the stream (SPEC 4a resume).
     pub fn resumed_on(&mut self, view: &Arc<RegistryView>, idx: usize, first_byte: Duration) {
+        let up = view.config.upstreams.get(idx);
+        self.trace.committed(up, 200, first_byte, true);
         self.answered(view, idx, first_byte);
         self.resumed += 1;
         if let Some(c) = self.committed.as_mut() {
@@ -317,6 +341,7 @@ impl Ledger {
         if let Some(c) = self.committed.as_mut() {
             c.broken = true;
         }
+        self.trace.unfinished(&reason);
         let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
         self.failures.push(Failure {
             upstream: name.to_string(),
@@ -338,8 +363,14 @@ impl Ledger {
 
     /// Ends a request the gateway answers itself: a refusal before any upstream (counted, and
     /// recorded within the rejected-records bound) or an all-failed answer (alerted).
-    pub fn finish_local(self, err: GatewayError) -> HttpResponse {
+    pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
+        let status = resp.status().as_u16();
+        self.end_trace(|| End {
+            status,
+            error: (status >= 500).then(|| err.to_string()),
+            ..Default::default()
+        });
         if self.attempts > 0 {
             resp.headers_mut().insert(
                 header::HeaderName::from_static("x-upstream-attempts"),
@@ -381,7 +412,12 @@ impl Ledger {
 
     /// Ends a request the gateway answered with content of its own (`/v1/models`). A 404 is a
     /// refusal like any other (counted; recorded within the rejected-records bound).
-    pub fn finish_answered(self, status: StatusCode, body: &[u8]) {
+    pub fn finish_answered(mut self, status: StatusCode, body: &[u8]) {
+        self.end_trace(|| End {
+            status: status.as_u16(),
+            complete: status.as_u16() < 400,
+            ..Default::default()
+        });
         if status == StatusCode::NOT_FOUND {
             self.state.metrics.rejected(Rejection::NotFound);
             if !self.admit_rejected_record() {
@@ -469,6 +505,8 @@ impl Ledger {
             state.metrics.attempt(upstream, outcome);
         }
         let usage = reply.usage;
+        let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+        self.end_body_trace(c.status, complete, &reply, &end, c.broken);
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
@@ -479,8 +517,7 @@ impl Ledger {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
             // The whole answer reached the client: a non-error status, its body to the end, and
-            // no in-band error event inside it.
-            let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+            // no in-band error event inside it (`complete`, above).
             rec.submit(self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete));
         }
     }

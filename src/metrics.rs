@@ -30,6 +30,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     resumes: IntCounterVec,
     websocket_sessions: IntGaugeVec,
+    spans_dropped: IntCounter,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
 }
@@ -135,6 +136,11 @@ impl Metrics {
             &["upstream"],
         )?;
         registry.register(Box::new(websocket_sessions.clone()))?;
+        let spans_dropped = IntCounter::with_opts(opts(
+            "spans_dropped_total",
+            "Trace spans lost: the exporter queue was full, or the export failed (SPEC 6a)",
+        ))?;
+        registry.register(Box::new(spans_dropped.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -163,6 +169,7 @@ impl Metrics {
             retries,
             resumes,
             websocket_sessions,
+            spans_dropped,
         })
     }
 
@@ -299,5 +306,10 @@ impl Metrics {
         self.notifications
             .with_label_values(&[channel, result])
             .inc();
+    }
+
+    /// `openai_api_route_spans_dropped_total`, for the trace exporter (SPEC 6a).
+    pub fn spans_dropped(&self) -> IntCounter {
+        self.spans_dropped.clone()
     }
 }

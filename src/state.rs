@@ -37,4 +37,6 @@ pub struct AppState {
     pub reject_gate: crate::error::RejectGate,
     /// Open WebSocket sessions' shutdown signal (SPEC §4c).
     pub realtime: crate::realtime::Sessions,
+    /// The trace exporter (SPEC 6a), None when tracing is off.
+    pub tracer: Option<crate::trace::Tracer>,
 }

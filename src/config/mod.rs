@@ -16,6 +16,7 @@ use serde_yaml::Value;
 
 mod net;
 mod notify;
+mod otel;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -23,6 +24,7 @@ mod upstream;
 
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
+pub use otel::OtelConfig;
 pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
 
 use parse::Parser;
@@ -165,6 +167,8 @@ pub struct Config {
     pub failover_codes: Vec<String>,
     /// Continue a broken chat stream on the next candidate (SPEC 4a).
     pub resume: bool,
+    /// `otel:` (SPEC 6a); the `OTEL_*` environment beats it. Read at start only.
+    pub otel: OtelConfig,
 }
 
 impl Config {

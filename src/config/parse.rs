@@ -47,6 +47,7 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "failover_codes",
     "resume",
     "prefill",
+    "otel",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -369,6 +370,7 @@ impl Parser<'_> {
         };
         let resume = self.boolean("resume", get("resume"), false);
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
+        let otel = self.otel(get("otel"));
 
         let defaults = UpstreamDefaults {
             timeout,
@@ -410,6 +412,7 @@ impl Parser<'_> {
             deadline,
             failover_codes,
             resume,
+            otel,
         }
     }
 }

@@ -1,0 +1,296 @@
+//! The exporter: a bounded queue the request path `try_send`s finished span sets into, and one
+//! thread that batches them, encodes OTLP protobuf and POSTs it (HTTP/1.1 over `std::net`, or
+//! rustls for `https`) with a deadline.
+//!
+//! Why a thread of its own and not awc: awc's client is `!Send` and lives on the workers, whose
+//! event loops must never wait for a trace backend; a plain thread with blocking I/O and a
+//! deadline is the simplest thing that cannot slow a request. A full queue drops the span set at
+//! once (no waiting), a failed or timed-out export drops its batch; both are counted in
+//! `openai_api_route_spans_dropped_total`, and the log says so once per outage.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+
+use super::context::Sampler;
+use super::settings::Settings;
+use super::{proto, Finished};
+
+/// What the queue carries.
+enum Msg {
+    /// One request's spans.
+    Spans(Finished),
+    /// Export what is queued now, then answer (at shutdown).
+    Flush(mpsc::Sender<()>),
+}
+
+/// The process's trace pipeline (in [`crate::state::AppState`] when tracing is on). Cheap to
+/// share: the sender is `Sync`.
+pub struct Tracer {
+    tx: SyncSender<Msg>,
+    sampler: Sampler,
+    dropped: IntCounter,
+}
+
+impl Tracer {
+    /// Starts the exporter thread; `dropped` is `openai_api_route_spans_dropped_total`, `tls` the
+    /// process's TLS settings (for an `https` endpoint).
+    pub fn start(
+        settings: Settings,
+        dropped: IntCounter,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> io::Result<Tracer> {
+        let (tx, rx) = mpsc::sync_channel(settings.queue);
+        let sampler = settings.sampler;
+        let counter = dropped.clone();
+        log::info!(
+            "tracing on: OTLP/HTTP to {} (service {:?})",
+            settings.url.display(),
+            settings.service_name
+        );
+        std::thread::Builder::new()
+            .name("otlp-exporter".into())
+            .spawn(move || Exporter::new(settings, counter, tls).run(rx))?;
+        Ok(Tracer {
+            tx,
+            sampler,
+            dropped,
+        })
+    }
+
+    /// Which traces are kept.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// Queues one request's spans; never waits (a full queue drops and counts them).
+    pub fn submit(&self, f: Finished) {
+        match self.tx.try_send(Msg::Spans(f)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(Msg::Spans(f)) | TrySendError::Disconnected(Msg::Spans(f))) => {
+                self.dropped.inc_by(f.len() as u64);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Exports what is queued, waiting at most `wait` (shutdown).
+    pub fn flush(&self, wait: Duration) {
+        let (ack, done) = mpsc::channel();
+        let deadline = Instant::now() + wait;
+        let mut msg = Msg::Flush(ack);
+        // The queue may be full for a moment: try until the deadline, never block on it.
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// The exporter thread's state.
+struct Exporter {
+    settings: Settings,
+    dropped: IntCounter,
+    tls: Arc<rustls::ClientConfig>,
+    batch: Vec<Finished>,
+    spans: usize,
+    due: Option<Instant>,
+    failing: bool,
+}
+
+impl Exporter {
+    fn new(settings: Settings, dropped: IntCounter, tls: Arc<rustls::ClientConfig>) -> Exporter {
+        Exporter {
+            settings,
+            dropped,
+            tls,
+            batch: Vec::new(),
+            spans: 0,
+            due: None,
+            failing: false,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let msg = match self.due {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(due) => rx.recv_timeout(due.saturating_duration_since(Instant::now())),
+            };
+            match msg {
+                Ok(Msg::Spans(f)) => {
+                    self.spans += f.len();
+                    self.batch.push(f);
+                    if self.due.is_none() {
+                        self.due = Some(Instant::now() + self.settings.delay);
+                    }
+                    if self.spans >= self.settings.batch {
+                        self.export();
+                    }
+                }
+                Ok(Msg::Flush(ack)) => {
+                    self.export();
+                    let _ = ack.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => self.export(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.export();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends the batch; a failure drops (and counts) its spans.
+    fn export(&mut self) {
+        self.due = None;
+        if self.batch.is_empty() {
+            return;
+        }
+        let body = proto::encode(&self.settings.service_name, &self.batch);
+        let n = self.spans;
+        self.batch.clear();
+        self.spans = 0;
+        match post(&self.settings, &self.tls, &body) {
+            Ok(()) => {
+                if self.failing {
+                    log::info!(
+                        "trace export to {} works again",
+                        self.settings.url.display()
+                    );
+                    self.failing = false;
+                }
+            }
+            Err(why) => {
+                self.dropped.inc_by(n as u64);
+                if !self.failing {
+                    log::warn!(
+                        "trace export to {} failed, spans are dropped until it works: {why}",
+                        self.settings.url.display()
+                    );
+                    self.failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// One POST of `body` within the settings' timeout.
+fn post(s: &Settings, tls: &Arc<rustls::ClientConfig>, body: &[u8]) -> Result<(), String> {
+    let deadline = Instant::now() + s.timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| "timed out".to_string())
+    };
+    let url = &s.url;
+    let addrs = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve the endpoint's host: {e}"))?;
+    let mut last = String::from("the endpoint's host has no address");
+    let mut tcp = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, left()?) {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) => last = format!("connect failed: {e}"),
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_write_timeout(Some(left()?));
+    let default_port = if url.tls { 443 } else { 80 };
+    let host = match (url.host.contains(':'), url.port == default_port) {
+        (true, true) => format!("[{}]", url.host),
+        (true, false) => format!("[{}]:{}", url.host, url.port),
+        (false, true) => url.host.clone(),
+        (false, false) => format!("{}:{}", url.host, url.port),
+    };
+    let mut head = format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: openai-api-route/{}\r\n",
+        url.path,
+        body.len(),
+        env!("CARGO_PKG_VERSION")
+    );
+    for (k, v) in &s.headers {
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    if url.tls {
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|_| "the endpoint's host is not a valid TLS server name".to_string())?;
+        let conn =
+            rustls::ClientConnection::new(tls.clone(), name).map_err(|e| format!("TLS: {e}"))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        exchange(
+            &mut stream,
+            |s, d| s.sock.set_read_timeout(Some(d)),
+            &head,
+            body,
+            &left,
+        )
+    } else {
+        let mut stream = tcp;
+        exchange(
+            &mut stream,
+            |s, d| s.set_read_timeout(Some(d)),
+            &head,
+            body,
+            &left,
+        )
+    }
+}
+
+/// Writes the request and reads the status line; 2xx is success.
+fn exchange<S: Read + Write>(
+    stream: &mut S,
+    timeout: impl Fn(&S, Duration) -> io::Result<()>,
+    head: &str,
+    body: &[u8],
+    left: &dyn Fn() -> Result<Duration, String>,
+) -> Result<(), String> {
+    let io = |e: io::Error| format!("{e}");
+    timeout(stream, left()?).map_err(io)?;
+    stream.write_all(head.as_bytes()).map_err(io)?;
+    stream.write_all(body).map_err(io)?;
+    stream.flush().map_err(io)?;
+    let mut buf = [0u8; 256];
+    let mut n = 0;
+    while !buf[..n].windows(2).any(|w| w == b"\r\n") && n < buf.len() {
+        timeout(stream, left()?).map_err(io)?;
+        match stream.read(&mut buf[n..]) {
+            Ok(0) => return Err("the endpoint closed the connection without an answer".into()),
+            Ok(k) => n += k,
+            Err(e) => return Err(io(e)),
+        }
+    }
+    // `HTTP/1.1 200 OK`
+    let code = buf[..n]
+        .split(|&c| c == b' ')
+        .nth(1)
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.trim().parse::<u16>().ok())
+        .ok_or("the endpoint's answer is not HTTP")?;
+    if (200..300).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("the endpoint answered HTTP {code}"))
+    }
+}
