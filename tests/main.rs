@@ -21,3 +21,4 @@ mod routing;
 mod sdk;
 mod status_browser;
 mod streaming;
+mod tracing;

@@ -20,7 +20,9 @@ use super::context::Sampler;
 use super::settings::Settings;
 use super::{proto, Finished};
 
-/// What the queue carries.
+/// What the queue carries. Spans travel by value (no allocation per request to box them); the
+/// channel's buffer is allocated once: queue size × ~360 bytes (720 KiB at the default 2048).
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     /// One request's spans.
     Spans(Finished),
