@@ -5,8 +5,8 @@
 //! create a new series. Counters are atomics: updating them on the request path costs nanoseconds
 //! and needs no actor.
 
-use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use crate::series::{LATENCY_BUCKETS, NAMESPACE};
+use actix_web_prom::{ActixMetricsConfiguration, PrometheusMetrics, PrometheusMetricsBuilder};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };

@@ -120,19 +120,9 @@ pub fn body_of(resp: &mut Upstreamed) -> UpstreamBody {
     resp.take_payload()
 }
 
-/// One attempt: send, wait for the head, and for streams the first chunk too.
+/// One attempt: send, wait for the head, and for streams the first chunk too. A traced request
+/// (`trace`) sends the attempt's own `traceparent` (SPEC 6a).
 pub async fn attempt(
-    client: &awc::Client,
-    up: &Upstream,
-    req: &HttpRequest,
-    body: Bytes,
-    stream: bool,
-) -> Result<(Upstreamed, Option<Bytes>), AttemptError> {
-    attempt_traced(client, up, req, body, stream, None).await
-}
-
-/// [`attempt`], carrying the attempt's own `traceparent` when the request is traced (SPEC 6a).
-pub async fn attempt_traced(
     client: &awc::Client,
     up: &Upstream,
     req: &HttpRequest,

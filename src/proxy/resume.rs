@@ -352,7 +352,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
         let (started, trace) = traced(&ctx.trace);
         ops.push(Op::Sent(started));
         let t0 = Instant::now();
-        let send = one::attempt_traced(&ctx.client, up, &ctx.req, body, true, trace);
+        let send = one::attempt(&ctx.client, up, &ctx.req, body, true, trace);
         let got = actix_rt::time::timeout(wait, send);
         let failure = match got.await {
             Ok(Ok((resp, first))) if resp.status().is_success() => {
@@ -382,8 +382,7 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
                 let (started, trace) = traced(&ctx.trace);
                 ops.push(Op::Sent(started));
                 let t0 = Instant::now();
-                let send =
-                    one::attempt_traced(&ctx.client, up, &ctx.req, base.clone(), true, trace);
+                let send = one::attempt(&ctx.client, up, &ctx.req, base.clone(), true, trace);
                 let again = actix_rt::time::timeout(wait, send);
                 match again.await {
                     Ok(Ok((resp, first))) if resp.status().is_success() => {

@@ -180,16 +180,32 @@ mod tests {
         let tid = rx.recv().ok().flatten().expect("writer tid");
         const SCHED_OTHER: u64 = 0;
         const SCHED_IDLE: u64 = 5;
-        assert_eq!(policy_of(tid), Some(SCHED_IDLE), "idle while the queue is empty");
+        assert_eq!(
+            policy_of(tid),
+            Some(SCHED_IDLE),
+            "idle while the queue is empty"
+        );
         class.adjust(2_000, 10_000);
-        assert_eq!(policy_of(tid), Some(SCHED_IDLE), "a fifth of the queue: still idle");
+        assert_eq!(
+            policy_of(tid),
+            Some(SCHED_IDLE),
+            "a fifth of the queue: still idle"
+        );
         class.adjust(2_500, 10_000);
         assert_eq!(policy_of(tid), Some(SCHED_OTHER), "a quarter: normal");
         assert!(!class.is_idle());
         class.adjust(1_000, 10_000);
-        assert_eq!(policy_of(tid), Some(SCHED_OTHER), "hysteresis: stays normal");
+        assert_eq!(
+            policy_of(tid),
+            Some(SCHED_OTHER),
+            "hysteresis: stays normal"
+        );
         class.adjust(600, 10_000);
-        assert_eq!(policy_of(tid), Some(SCHED_IDLE), "below a sixteenth: idle again");
+        assert_eq!(
+            policy_of(tid),
+            Some(SCHED_IDLE),
+            "below a sixteenth: idle again"
+        );
         stop_tx.send(()).ok();
         writer.join().ok();
     }
