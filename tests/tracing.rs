@@ -169,26 +169,27 @@ fn render(spans: &[Span]) -> String {
     };
     let t0 = root.start_time_unix_nano;
     let ms = |t: u64| (t.saturating_sub(t0)) as f64 / 1e6;
-    let line = |s: &Span, indent: &str| {
-        let mut keys: Vec<String> = s
-            .attributes
-            .iter()
-            .map(|kv| format!("{}={}", kv.key, attr(s, &kv.key).unwrap_or_default()))
-            .collect();
-        keys.sort();
-        let status = s
-            .status
-            .as_ref()
-            .filter(|st| st.code == StatusCode::Error as i32)
-            .map(|st| format!("  ERROR {:?}", st.message))
-            .unwrap_or_default();
-        let events: Vec<String> = s
-            .events
-            .iter()
-            .map(|e| format!("{} @{:.1}ms", e.name, ms(e.time_unix_nano)))
-            .collect();
-        format!(
-            "{indent}{} [{} span {}] {:.1}–{:.1} ms{status}\n{indent}    {}\n{indent}    events: {}\n",
+    let line =
+        |s: &Span, indent: &str, rest: &str| {
+            let mut keys: Vec<String> = s
+                .attributes
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, attr(s, &kv.key).unwrap_or_default()))
+                .collect();
+            keys.sort();
+            let status = s
+                .status
+                .as_ref()
+                .filter(|st| st.code == StatusCode::Error as i32)
+                .map(|st| format!("  ERROR {:?}", st.message))
+                .unwrap_or_default();
+            let events: Vec<String> = s
+                .events
+                .iter()
+                .map(|e| format!("{} @{:.1}ms", e.name, ms(e.time_unix_nano)))
+                .collect();
+            format!(
+            "{indent}{} [{} span {}] {:.1}–{:.1} ms{status}\n{rest}    {}\n{rest}    events: {}\n",
             s.name,
             if s.kind == SpanKind::Server as i32 { "server" } else { "client" },
             hex(&s.span_id),
@@ -197,15 +198,15 @@ fn render(spans: &[Span]) -> String {
             keys.join(" "),
             if events.is_empty() { "-".into() } else { events.join(", ") },
         )
-    };
+        };
     out.push_str(&format!(
         "trace {} (parent {})\n",
         hex(&root.trace_id),
         hex(&root.parent_span_id)
     ));
-    out.push_str(&line(root, ""));
+    out.push_str(&line(root, "", ""));
     for s in spans.iter().filter(|s| s.parent_span_id == root.span_id) {
-        out.push_str(&line(s, "  └─ "));
+        out.push_str(&line(s, "  └─ ", "     "));
     }
     out
 }
@@ -646,4 +647,164 @@ async fn a_receiver_that_hangs_never_slows_a_request_and_a_full_queue_drops() {
         .unwrap_or(0.0);
     // At most the batch in flight and the queue's 4 requests are held; the rest was dropped.
     assert!(dropped >= 40.0, "dropped {dropped}");
+}
+
+#[actix_rt::test]
+async fn a_continuation_is_an_attempt_span_with_its_own_traceparent() {
+    let r = Receiver::start(Duration::ZERO);
+    let event = |text: &str| {
+        let ev =
+            serde_json::json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": text}}]});
+        format!("data: {ev}\n\n").into_bytes()
+    };
+    let a = Mock::always(Reply::Chunks {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        chunks: vec![
+            (Duration::ZERO, event("Hel")),
+            (Duration::from_millis(20), event("lo")),
+        ],
+        ending: Ending::Drop,
+    });
+    let b = Mock::always(Reply::sse_chat(&[" world"], Duration::from_millis(5)));
+    let gw = traced(
+        &config(
+            "resume: true\nstream_timeout: 2\nidle_timeout: 2",
+            &[
+                upstream("a", &a.endpoint(), ""),
+                upstream("b", &b.endpoint(), ""),
+            ],
+        ),
+        &r,
+        &[],
+    );
+    let got = chat(&gw, &[], chat_body(true)).await;
+    assert_eq!(got.status, 200);
+    assert!(got.text().contains(" world"), "{}", got.text());
+    let spans = r.wait_spans(3);
+    println!("{}", render(&spans));
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    assert_eq!(
+        attr(server, "openai_api_route.resumed").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        attr(server, "openai_api_route.attempts").as_deref(),
+        Some("2")
+    );
+    let by_up = |name: &str| {
+        spans
+            .iter()
+            .find(|s| attr(s, "openai_api_route.upstream").as_deref() == Some(name))
+            .unwrap()
+    };
+    let (sa, sb) = (by_up("a"), by_up("b"));
+    assert_eq!(
+        attr(sa, "openai_api_route.outcome").as_deref(),
+        Some("stream_error")
+    );
+    assert_eq!(sa.status.as_ref().unwrap().code, StatusCode::Error as i32);
+    assert_eq!(
+        attr(sb, "openai_api_route.continuation").as_deref(),
+        Some("true")
+    );
+    assert_eq!(attr(sb, "openai_api_route.outcome").as_deref(), Some("ok"));
+    for (mock, span) in [(&a, sa), (&b, sb)] {
+        assert_eq!(span.parent_span_id, server.span_id);
+        let want = format!("00-{}-{}-01", hex(&server.trace_id), hex(&span.span_id));
+        assert_eq!(mock.seen()[0].header("traceparent"), Some(want.as_str()));
+    }
+}
+
+// tungstenite fixes the callback's error type (a whole HTTP response).
+#[allow(clippy::result_large_err)]
+#[actix_rt::test]
+async fn a_websocket_session_is_a_server_span_with_its_handshake_attempt() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let r = Receiver::start(Duration::ZERO);
+    let headers: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let h2 = headers.clone();
+    let upstream_addr = spawn_server(move |sock| {
+        let h = h2.clone();
+        async move {
+            let cb = move |req: &Request, resp: Response| {
+                *h.lock().unwrap() = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                Ok(resp)
+            };
+            if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, cb).await {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() || ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let gw = traced(
+        &config(
+            "",
+            &[upstream("rt", &format!("http://{upstream_addr}/v1"), "")],
+        ),
+        &r,
+        &[],
+    );
+    let url = format!("ws://{}/v1/realtime?model=gpt-rt", gw.addr);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", auth().parse().unwrap());
+    let tp = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    req.headers_mut().insert("traceparent", tp.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(WsMessage::Text("hello".into())).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "hello");
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let spans = r.wait_spans(2);
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    assert_eq!(server.name, "realtime gpt-rt");
+    assert_eq!(hex(&server.trace_id), TRACE);
+    assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);
+    assert_eq!(
+        attr(server, "gen_ai.operation.name").as_deref(),
+        Some("realtime")
+    );
+    assert_eq!(
+        attr(server, "http.response.status_code").as_deref(),
+        Some("101")
+    );
+    let attempt = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32)
+        .unwrap();
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(
+        attr(attempt, "openai_api_route.upstream").as_deref(),
+        Some("rt")
+    );
+    let sent = headers
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        sent,
+        Some(format!("00-{TRACE}-{}-01", hex(&attempt.span_id)))
+    );
 }

@@ -40,6 +40,7 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("notify", notify::NOTIFY_KEYS),
     ("notify.feishu", notify::FEISHU_KEYS),
     ("notify.matrix", notify::MATRIX_KEYS),
+    ("otel", otel::OTEL_KEYS),
 ];
 
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.

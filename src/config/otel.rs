@@ -6,6 +6,15 @@ use serde_yaml::{Mapping, Value};
 
 use super::parse::Parser;
 
+/// The keys of `otel:`; any other is warned about and ignored.
+pub(super) const OTEL_KEYS: &[&str] = &[
+    "endpoint",
+    "headers",
+    "service_name",
+    "sampler",
+    "sampler_arg",
+];
+
 /// `otel:` as written (each value may use `${ENV}`); empty when the section is absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OtelConfig {
