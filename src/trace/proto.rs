@@ -60,8 +60,36 @@ enum Value<'a> {
     StrList(&'a [&'a str]),
 }
 
+/// Bytes of `v` as a varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 /// `KeyValue { key = 1; AnyValue value = 2 }`, `AnyValue { string = 1; bool = 2; int = 3; array = 5 }`.
+/// Scalars are written straight into `buf` (their lengths are computed, not built): the
+/// attributes are most of a span, and this keeps encoding free of a buffer per attribute.
 fn attr(buf: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
+    let any_len = match &value {
+        Value::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
+        Value::Bool(_) => 2,
+        Value::Int(i) => 1 + varint_len(*i as u64),
+        Value::StrList(_) => 0,
+    };
+    if any_len > 0 {
+        let kv_len = 1 + varint_len(key.len() as u64) + key.len() + 1 + varint_len(any_len as u64);
+        tag(buf, field, LEN);
+        varint(buf, (kv_len + any_len) as u64);
+        bytes(buf, 1, key.as_bytes());
+        tag(buf, 2, LEN);
+        varint(buf, any_len as u64);
+        match value {
+            Value::Str(s) => bytes(buf, 1, s.as_bytes()),
+            Value::Bool(b) => uint(buf, 2, u64::from(b)),
+            Value::Int(i) => uint(buf, 3, i as u64),
+            Value::StrList(_) => {}
+        }
+        return;
+    }
     message(buf, field, |kv| {
         bytes(kv, 1, key.as_bytes());
         message(kv, 2, |any| match value {
@@ -95,10 +123,16 @@ pub fn encode(service_name: &str, batch: &[Finished]) -> Vec<u8> {
                 bytes(scope, 1, b"openai-api-route");
                 bytes(scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
             });
+            // One buffer for every span's body, reused.
+            let mut span = Vec::with_capacity(1024);
             for f in batch {
-                server_span(ss, &f.server);
+                span.clear();
+                server_span(&mut span, &f.server);
+                bytes(ss, 2, &span);
                 for a in &f.attempts {
-                    attempt_span(ss, &f.server, a);
+                    span.clear();
+                    attempt_span(&mut span, &f.server, a);
+                    bytes(ss, 2, &span);
                 }
             }
         });
@@ -140,7 +174,8 @@ fn error_status(span: &mut Vec<u8>, why: &str) {
     });
 }
 
-fn server_span(ss: &mut Vec<u8>, s: &ServerSpan) {
+/// The body of a server `Span` message.
+fn server_span(span: &mut Vec<u8>, s: &ServerSpan) {
     let path = crate::records::cut_path(s.uri.path());
     let op = super::operation(&s.method, s.uri.path(), s.websocket);
     let method = crate::http_metrics::method_label(&s.method);
@@ -149,77 +184,76 @@ fn server_span(ss: &mut Vec<u8>, s: &ServerSpan) {
         (Some(op), None) => op.to_string(),
         (None, _) => format!("{method} {}", crate::http_metrics::family(s.uri.path())),
     };
-    message(ss, 2, |span| {
-        head(
-            span,
-            s,
-            &s.span_id,
-            s.parent.as_ref().map(|p| &p[..]),
-            &name,
-            KIND_SERVER,
-            s.start,
-            s.end,
-        );
-        if let Some(op) = op {
-            attr(span, 9, "gen_ai.operation.name", Value::Str(op));
-            attr(span, 9, "gen_ai.provider.name", Value::Str("openai"));
-        }
-        if let Some(m) = &s.model {
-            attr(span, 9, "gen_ai.request.model", Value::Str(cut(m, 256)));
-        }
-        if let Some(n) = s.input_tokens {
-            attr(span, 9, "gen_ai.usage.input_tokens", Value::Int(n));
-        }
-        if let Some(n) = s.output_tokens {
-            attr(span, 9, "gen_ai.usage.output_tokens", Value::Int(n));
-        }
-        if let Some(r) = &s.finish_reason {
-            let list = [cut(r, 64)];
-            attr(
-                span,
-                9,
-                "gen_ai.response.finish_reasons",
-                Value::StrList(&list),
-            );
-        }
-        attr(span, 9, "http.request.method", Value::Str(method));
-        attr(span, 9, "url.path", Value::Str(path));
+    head(
+        span,
+        s,
+        &s.span_id,
+        s.parent.as_ref().map(|p| &p[..]),
+        &name,
+        KIND_SERVER,
+        s.start,
+        s.end,
+    );
+    if let Some(op) = op {
+        attr(span, 9, "gen_ai.operation.name", Value::Str(op));
+        attr(span, 9, "gen_ai.provider.name", Value::Str("openai"));
+    }
+    if let Some(m) = &s.model {
+        attr(span, 9, "gen_ai.request.model", Value::Str(cut(m, 256)));
+    }
+    if let Some(n) = s.input_tokens {
+        attr(span, 9, "gen_ai.usage.input_tokens", Value::Int(n));
+    }
+    if let Some(n) = s.output_tokens {
+        attr(span, 9, "gen_ai.usage.output_tokens", Value::Int(n));
+    }
+    if let Some(r) = &s.finish_reason {
+        let list = [cut(r, 64)];
         attr(
             span,
             9,
-            "http.response.status_code",
-            Value::Int(i64::from(s.status)),
+            "gen_ai.response.finish_reasons",
+            Value::StrList(&list),
         );
-        attr(
-            span,
-            9,
-            "openai_api_route.attempts",
-            Value::Int(i64::from(s.attempts)),
-        );
-        attr(
-            span,
-            9,
-            "openai_api_route.resumed",
-            Value::Int(i64::from(s.resumed)),
-        );
-        attr(span, 9, "openai_api_route.rebuilt", Value::Bool(s.rebuilt));
-        attr(
-            span,
-            9,
-            "openai_api_route.complete",
-            Value::Bool(s.complete),
-        );
-        if let Some(k) = &s.client_key {
-            attr(span, 9, "openai_api_route.client_key", Value::Str(k));
-        }
-        if s.status >= 500 {
-            attr(span, 9, "error.type", Value::Str(status_text(s.status)));
-            error_status(span, s.error.as_deref().unwrap_or(""));
-        }
-    });
+    }
+    attr(span, 9, "http.request.method", Value::Str(method));
+    attr(span, 9, "url.path", Value::Str(path));
+    attr(
+        span,
+        9,
+        "http.response.status_code",
+        Value::Int(i64::from(s.status)),
+    );
+    attr(
+        span,
+        9,
+        "openai_api_route.attempts",
+        Value::Int(i64::from(s.attempts)),
+    );
+    attr(
+        span,
+        9,
+        "openai_api_route.resumed",
+        Value::Int(i64::from(s.resumed)),
+    );
+    attr(span, 9, "openai_api_route.rebuilt", Value::Bool(s.rebuilt));
+    attr(
+        span,
+        9,
+        "openai_api_route.complete",
+        Value::Bool(s.complete),
+    );
+    if let Some(k) = &s.client_key {
+        attr(span, 9, "openai_api_route.client_key", Value::Str(k));
+    }
+    if s.status >= 500 {
+        attr(span, 9, "error.type", Value::Str(status_text(s.status)));
+        error_status(span, s.error.as_deref().unwrap_or(""));
+    }
 }
 
-fn attempt_span(ss: &mut Vec<u8>, s: &ServerSpan, a: &AttemptSpan) {
+/// The body of an attempt's client `Span` message.
+fn attempt_span(span: &mut Vec<u8>, s: &ServerSpan, a: &AttemptSpan) {
     let upstream = a.upstream.as_deref().unwrap_or("");
     let method = crate::http_metrics::method_label(&s.method);
     let name = if upstream.is_empty() {
@@ -227,52 +261,50 @@ fn attempt_span(ss: &mut Vec<u8>, s: &ServerSpan, a: &AttemptSpan) {
     } else {
         format!("{method} {upstream}")
     };
-    message(ss, 2, |span| {
-        head(
+    head(
+        span,
+        s,
+        &a.span_id,
+        Some(&s.span_id),
+        &name,
+        KIND_CLIENT,
+        a.start,
+        a.end,
+    );
+    attr(span, 9, "http.request.method", Value::Str(method));
+    if !upstream.is_empty() {
+        attr(span, 9, "openai_api_route.upstream", Value::Str(upstream));
+    }
+    if let Some(host) = a.address.as_ref().and_then(|h| h.to_str().ok()) {
+        let (addr, port) = split_host(host);
+        attr(span, 9, "server.address", Value::Str(addr));
+        if let Some(p) = port {
+            attr(span, 9, "server.port", Value::Int(i64::from(p)));
+        }
+    }
+    if let Some(st) = a.status {
+        attr(
             span,
-            s,
-            &a.span_id,
-            Some(&s.span_id),
-            &name,
-            KIND_CLIENT,
-            a.start,
-            a.end,
+            9,
+            "http.response.status_code",
+            Value::Int(i64::from(st)),
         );
-        attr(span, 9, "http.request.method", Value::Str(method));
-        if !upstream.is_empty() {
-            attr(span, 9, "openai_api_route.upstream", Value::Str(upstream));
-        }
-        if let Some(host) = a.address.as_ref().and_then(|h| h.to_str().ok()) {
-            let (addr, port) = split_host(host);
-            attr(span, 9, "server.address", Value::Str(addr));
-            if let Some(p) = port {
-                attr(span, 9, "server.port", Value::Int(i64::from(p)));
-            }
-        }
-        if let Some(st) = a.status {
-            attr(
-                span,
-                9,
-                "http.response.status_code",
-                Value::Int(i64::from(st)),
-            );
-        }
-        attr(span, 9, "openai_api_route.outcome", Value::Str(a.outcome));
-        if a.continuation {
-            attr(span, 9, "openai_api_route.continuation", Value::Bool(true));
-        }
-        if let Some(t) = a.first_byte {
-            // Event { time_unix_nano = 1; name = 2 }
-            message(span, 11, |ev| {
-                fixed64(ev, 1, t);
-                bytes(ev, 2, b"first_byte");
-            });
-        }
-        if let Some(why) = &a.error {
-            attr(span, 9, "error.type", Value::Str(a.outcome));
-            error_status(span, why);
-        }
-    });
+    }
+    attr(span, 9, "openai_api_route.outcome", Value::Str(a.outcome));
+    if a.continuation {
+        attr(span, 9, "openai_api_route.continuation", Value::Bool(true));
+    }
+    if let Some(t) = a.first_byte {
+        // Event { time_unix_nano = 1; name = 2 }
+        message(span, 11, |ev| {
+            fixed64(ev, 1, t);
+            bytes(ev, 2, b"first_byte");
+        });
+    }
+    if let Some(why) = &a.error {
+        attr(span, 9, "error.type", Value::Str(a.outcome));
+        error_status(span, why);
+    }
 }
 
 /// `host:port` (or `[v6]:port`) apart; the port only when it is written.
@@ -321,5 +353,10 @@ mod tests {
         assert_eq!(split_host("[::1]:9"), ("::1", Some(9)));
         assert_eq!(split_host("[::1]"), ("::1", None));
         assert_eq!(cut("héllo", 2), "h");
+        for v in [0u64, 1, 127, 128, 16383, 16384, u64::MAX] {
+            let mut b = Vec::new();
+            varint(&mut b, v);
+            assert_eq!(varint_len(v), b.len(), "{v}");
+        }
     }
 }
