@@ -56,8 +56,8 @@ impl Ledger {
             output_tokens: reply.usage.completion,
             finish_reason: reply.finish_reason.clone(),
             body_error: match end {
-                BodyEnd::Broken(why) if !broken => Some(("stream_error", why.clone())),
-                BodyEnd::ClientGone => Some(("client_gone", "the client went away".into())),
+                BodyEnd::Broken(why) if !broken => Some(("stream_error", Some(why.clone()))),
+                BodyEnd::ClientGone => Some(("client_gone", None)),
                 _ => None,
             },
             ..End::default()

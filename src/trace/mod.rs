@@ -246,8 +246,9 @@ pub struct End {
     pub finish_reason: Option<FinishReason>,
     /// The failure of a 5xx answer.
     pub error: Option<String>,
-    /// The committed attempt's body ended with this failure.
-    pub body_error: Option<(&'static str, String)>,
+    /// How the committed attempt's body ended, when not properly: its outcome, and the failure
+    /// (None when it is not the upstream's: the client went away).
+    pub body_error: Option<(&'static str, Option<String>)>,
 }
 
 /// One request's trace state, held by its ledger (see the module docs).
@@ -418,7 +419,7 @@ impl RequestTrace {
                 Phase::Committed => match &end.body_error {
                     Some((outcome, why)) => {
                         a.outcome = outcome;
-                        a.error = Some(bounded(why));
+                        a.error = why.as_deref().map(bounded);
                     }
                     None if a.outcome.is_empty() => a.outcome = "ok",
                     None => {}
