@@ -111,6 +111,9 @@ struct Exporter {
     tls: Arc<rustls::ClientConfig>,
     batch: Vec<Finished>,
     spans: usize,
+    /// The encoded request's framing and spans, reused from one export to the next.
+    head: Vec<u8>,
+    body: Vec<u8>,
     due: Option<Instant>,
     failing: bool,
 }
@@ -123,6 +126,8 @@ impl Exporter {
             tls,
             batch: Vec::new(),
             spans: 0,
+            head: Vec::new(),
+            body: Vec::new(),
             due: None,
             failing: false,
         }
@@ -170,11 +175,16 @@ impl Exporter {
         if self.batch.is_empty() {
             return;
         }
-        let body = proto::encode(&self.settings.service_name, &self.batch);
+        proto::encode(
+            &self.settings.service_name,
+            &self.batch,
+            &mut self.head,
+            &mut self.body,
+        );
         let n = self.spans;
         self.batch.clear();
         self.spans = 0;
-        match post(&self.settings, &self.tls, &body) {
+        match post(&self.settings, &self.tls, [&self.head, &self.body]) {
             Ok(()) => {
                 if self.failing {
                     log::info!(
@@ -199,7 +209,7 @@ impl Exporter {
 }
 
 /// One POST of `body` within the settings' timeout.
-fn post(s: &Settings, tls: &Arc<rustls::ClientConfig>, body: &[u8]) -> Result<(), String> {
+fn post(s: &Settings, tls: &Arc<rustls::ClientConfig>, body: [&[u8]; 2]) -> Result<(), String> {
     let deadline = Instant::now() + s.timeout;
     let left = || {
         deadline
@@ -235,7 +245,7 @@ fn post(s: &Settings, tls: &Arc<rustls::ClientConfig>, body: &[u8]) -> Result<()
     let mut head = format!(
         "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: openai-api-route/{}\r\n",
         url.path,
-        body.len(),
+        body[0].len() + body[1].len(),
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in &s.headers {
@@ -275,13 +285,14 @@ fn exchange<S: Read + Write>(
     stream: &mut S,
     timeout: impl Fn(&S, Duration) -> io::Result<()>,
     head: &str,
-    body: &[u8],
+    body: [&[u8]; 2],
     left: &dyn Fn() -> Result<Duration, String>,
 ) -> Result<(), String> {
     let io = |e: io::Error| format!("{e}");
     timeout(stream, left()?).map_err(io)?;
     stream.write_all(head.as_bytes()).map_err(io)?;
-    stream.write_all(body).map_err(io)?;
+    stream.write_all(body[0]).map_err(io)?;
+    stream.write_all(body[1]).map_err(io)?;
     stream.flush().map_err(io)?;
     let mut buf = [0u8; 256];
     let mut n = 0;

@@ -105,39 +105,47 @@ fn attr(buf: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
     });
 }
 
-/// `ExportTraceServiceRequest` with one `ResourceSpans` (the service) and one `ScopeSpans`.
-pub fn encode(service_name: &str, batch: &[Finished]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + batch.len() * 600);
-    message(&mut out, 1, |rs| {
-        message(rs, 1, |res| {
-            attr(res, 1, "service.name", Value::Str(service_name));
-            attr(
-                res,
-                1,
-                "service.version",
-                Value::Str(env!("CARGO_PKG_VERSION")),
-            );
-        });
-        message(rs, 2, |ss| {
-            message(ss, 1, |scope| {
-                bytes(scope, 1, b"openai-api-route");
-                bytes(scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
-            });
-            // One buffer for every span's body, reused.
-            let mut span = Vec::with_capacity(1024);
-            for f in batch {
-                span.clear();
-                server_span(&mut span, &f.server);
-                bytes(ss, 2, &span);
-                for a in &f.attempts {
-                    span.clear();
-                    attempt_span(&mut span, &f.server, a);
-                    bytes(ss, 2, &span);
-                }
-            }
-        });
+/// `ExportTraceServiceRequest` with one `ResourceSpans` (the service) and one `ScopeSpans`, as
+/// two parts sent one after the other: `head` (the request's, the resource's and the scope's
+/// framing) and `spans` (the `ScopeSpans` body). Both buffers are the caller's and reused, and the
+/// spans are written once: the framing's lengths are computed after them instead of copying
+/// every span into each enclosing message.
+pub fn encode(service_name: &str, batch: &[Finished], head: &mut Vec<u8>, spans: &mut Vec<u8>) {
+    head.clear();
+    spans.clear();
+    message(spans, 1, |scope| {
+        bytes(scope, 1, b"openai-api-route");
+        bytes(scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
     });
-    out
+    // One buffer for every span's body, reused.
+    let mut span = Vec::with_capacity(1024);
+    for f in batch {
+        span.clear();
+        server_span(&mut span, &f.server);
+        bytes(spans, 2, &span);
+        for a in &f.attempts {
+            span.clear();
+            attempt_span(&mut span, &f.server, a);
+            bytes(spans, 2, &span);
+        }
+    }
+    let mut resource = Vec::with_capacity(128);
+    message(&mut resource, 1, |res| {
+        attr(res, 1, "service.name", Value::Str(service_name));
+        attr(
+            res,
+            1,
+            "service.version",
+            Value::Str(env!("CARGO_PKG_VERSION")),
+        );
+    });
+    let ss_len = spans.len() as u64;
+    let rs_len = resource.len() as u64 + 1 + varint_len(ss_len) as u64 + ss_len;
+    tag(head, 1, LEN);
+    varint(head, rs_len);
+    head.extend_from_slice(&resource);
+    tag(head, 2, LEN);
+    varint(head, ss_len);
 }
 
 /// Fields shared by both kinds: ids, trace state, name, kind, times.
