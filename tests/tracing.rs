@@ -15,63 +15,72 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-/// An OTLP/HTTP receiver on 127.0.0.1:0: keeps every POSTed body, answers 200 after `delay`.
+/// An OTLP/HTTP receiver on 127.0.0.1:0: keeps every POSTed body, answers 200 after `delay`,
+/// keeps connections alive (and counts them).
 struct Receiver {
     addr: std::net::SocketAddr,
     bodies: Arc<Mutex<Vec<Vec<u8>>>>,
     paths: Arc<Mutex<Vec<String>>>,
+    connections: Arc<Mutex<usize>>,
 }
 
 impl Receiver {
     fn start(delay: Duration) -> Receiver {
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let paths = Arc::new(Mutex::new(Vec::new()));
-        let (b2, p2) = (bodies.clone(), paths.clone());
+        let connections = Arc::new(Mutex::new(0));
+        let (b2, p2, c2) = (bodies.clone(), paths.clone(), connections.clone());
         let addr = spawn_server(move |mut sock| {
             let (bodies, paths) = (b2.clone(), p2.clone());
+            *c2.lock().unwrap() += 1;
             async move {
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 8192];
-                let head_end = loop {
-                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break p + 4;
+                loop {
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match sock.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match sock.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
                     }
-                    match sock.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + len {
-                    match sock.read(&mut tmp).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    tokio::time::sleep(delay).await;
+                    paths.lock().unwrap().push(path);
+                    bodies
+                        .lock()
+                        .unwrap()
+                        .push(buf[head_end..head_end + len].to_vec());
+                    buf.drain(..head_end + len);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if sock.write_all(ok).await.is_err() {
+                        return;
                     }
                 }
-                let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                tokio::time::sleep(delay).await;
-                paths.lock().unwrap().push(path);
-                bodies
-                    .lock()
-                    .unwrap()
-                    .push(buf[head_end..head_end + len].to_vec());
-                let _ = sock
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
             }
         });
         Receiver {
             addr,
             bodies,
             paths,
+            connections,
         }
     }
 
@@ -807,4 +816,21 @@ async fn a_websocket_session_is_a_server_span_with_its_handshake_attempt() {
         sent,
         Some(format!("00-{TRACE}-{}-01", hex(&attempt.span_id)))
     );
+}
+
+#[actix_rt::test]
+async fn exports_keep_one_connection_to_the_receiver() {
+    let r = Receiver::start(Duration::ZERO);
+    let m = Mock::always(Reply::chat("hello"));
+    let gw = traced(&config("", &[upstream("up", &m.endpoint(), "")]), &r, &[]);
+    for i in 1..=3 {
+        assert_eq!(chat(&gw, &[], chat_body(false)).await.status, 200);
+        r.wait_spans(2 * i);
+    }
+    assert_eq!(
+        r.bodies.lock().unwrap().len(),
+        3,
+        "one export per request here"
+    );
+    assert_eq!(*r.connections.lock().unwrap(), 1);
 }

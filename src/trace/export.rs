@@ -1,6 +1,6 @@
 //! The exporter: a bounded queue the request path `try_send`s finished span sets into, and one
-//! thread that batches them, encodes OTLP protobuf and POSTs it (HTTP/1.1 over `std::net`, or
-//! rustls for `https`) with a deadline.
+//! thread that batches them, encodes OTLP protobuf and POSTs it ([`super::http`]: HTTP/1.1 over
+//! `std::net`, or rustls for `https`, on a kept-alive connection) with a deadline.
 //!
 //! Why a thread of its own and not awc: awc's client is `!Send` and lives on the workers, whose
 //! event loops must never wait for a trace backend; a plain thread with blocking I/O and a
@@ -8,8 +8,7 @@
 //! once (no waiting), a failed or timed-out export drops its batch; both are counted in
 //! `openai_api_route_spans_dropped_total`, and the log says so once per outage.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 
 use super::context::Sampler;
+use super::http::Client;
 use super::settings::Settings;
 use super::{proto, Finished};
 
@@ -114,6 +114,8 @@ struct Exporter {
     /// The encoded request's framing and spans, reused from one export to the next.
     head: Vec<u8>,
     body: Vec<u8>,
+    /// Keeps the connection to the receiver between exports.
+    client: Client,
     due: Option<Instant>,
     failing: bool,
 }
@@ -128,6 +130,7 @@ impl Exporter {
             spans: 0,
             head: Vec::new(),
             body: Vec::new(),
+            client: Client::default(),
             due: None,
             failing: false,
         }
@@ -184,7 +187,10 @@ impl Exporter {
         let n = self.spans;
         self.batch.clear();
         self.spans = 0;
-        match post(&self.settings, &self.tls, [&self.head, &self.body]) {
+        match self
+            .client
+            .post(&self.settings, &self.tls, [&self.head, &self.body])
+        {
             Ok(()) => {
                 if self.failing {
                     log::info!(
@@ -205,115 +211,5 @@ impl Exporter {
                 }
             }
         }
-    }
-}
-
-/// One POST of `body` within the settings' timeout.
-fn post(s: &Settings, tls: &Arc<rustls::ClientConfig>, body: [&[u8]; 2]) -> Result<(), String> {
-    let deadline = Instant::now() + s.timeout;
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| "timed out".to_string())
-    };
-    let url = &s.url;
-    let addrs = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve the endpoint's host: {e}"))?;
-    let mut last = String::from("the endpoint's host has no address");
-    let mut tcp = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, left()?) {
-            Ok(t) => {
-                tcp = Some(t);
-                break;
-            }
-            Err(e) => last = format!("connect failed: {e}"),
-        }
-    }
-    let tcp = tcp.ok_or(last)?;
-    let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_write_timeout(Some(left()?));
-    let default_port = if url.tls { 443 } else { 80 };
-    let host = match (url.host.contains(':'), url.port == default_port) {
-        (true, true) => format!("[{}]", url.host),
-        (true, false) => format!("[{}]:{}", url.host, url.port),
-        (false, true) => url.host.clone(),
-        (false, false) => format!("{}:{}", url.host, url.port),
-    };
-    let mut head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: openai-api-route/{}\r\n",
-        url.path,
-        body[0].len() + body[1].len(),
-        env!("CARGO_PKG_VERSION")
-    );
-    for (k, v) in &s.headers {
-        head.push_str(k);
-        head.push_str(": ");
-        head.push_str(v);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    if url.tls {
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|_| "the endpoint's host is not a valid TLS server name".to_string())?;
-        let conn =
-            rustls::ClientConnection::new(tls.clone(), name).map_err(|e| format!("TLS: {e}"))?;
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
-        exchange(
-            &mut stream,
-            |s, d| s.sock.set_read_timeout(Some(d)),
-            &head,
-            body,
-            &left,
-        )
-    } else {
-        let mut stream = tcp;
-        exchange(
-            &mut stream,
-            |s, d| s.set_read_timeout(Some(d)),
-            &head,
-            body,
-            &left,
-        )
-    }
-}
-
-/// Writes the request and reads the status line; 2xx is success.
-fn exchange<S: Read + Write>(
-    stream: &mut S,
-    timeout: impl Fn(&S, Duration) -> io::Result<()>,
-    head: &str,
-    body: [&[u8]; 2],
-    left: &dyn Fn() -> Result<Duration, String>,
-) -> Result<(), String> {
-    let io = |e: io::Error| format!("{e}");
-    timeout(stream, left()?).map_err(io)?;
-    stream.write_all(head.as_bytes()).map_err(io)?;
-    stream.write_all(body[0]).map_err(io)?;
-    stream.write_all(body[1]).map_err(io)?;
-    stream.flush().map_err(io)?;
-    let mut buf = [0u8; 256];
-    let mut n = 0;
-    while !buf[..n].windows(2).any(|w| w == b"\r\n") && n < buf.len() {
-        timeout(stream, left()?).map_err(io)?;
-        match stream.read(&mut buf[n..]) {
-            Ok(0) => return Err("the endpoint closed the connection without an answer".into()),
-            Ok(k) => n += k,
-            Err(e) => return Err(io(e)),
-        }
-    }
-    // `HTTP/1.1 200 OK`
-    let code = buf[..n]
-        .split(|&c| c == b' ')
-        .nth(1)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.trim().parse::<u16>().ok())
-        .ok_or("the endpoint's answer is not HTTP")?;
-    if (200..300).contains(&code) {
-        Ok(())
-    } else {
-        Err(format!("the endpoint answered HTTP {code}"))
     }
 }

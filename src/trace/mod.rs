@@ -19,6 +19,7 @@ use actix_web::http::{Method, Uri};
 
 pub mod context;
 pub mod export;
+mod http;
 mod proto;
 pub mod settings;
 
