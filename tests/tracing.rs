@@ -26,6 +26,12 @@ struct Receiver {
 
 impl Receiver {
     fn start(delay: Duration) -> Receiver {
+        Receiver::start_closing(delay, false)
+    }
+
+    /// With `close`, each connection is closed after its first answer, which does not say so
+    /// (as a receiver whose idle timeout closes a kept connection).
+    fn start_closing(delay: Duration, close: bool) -> Receiver {
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let paths = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(Mutex::new(0));
@@ -70,7 +76,7 @@ impl Receiver {
                         .push(buf[head_end..head_end + len].to_vec());
                     buf.drain(..head_end + len);
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-                    if sock.write_all(ok).await.is_err() {
+                    if sock.write_all(ok).await.is_err() || close {
                         return;
                     }
                 }
@@ -833,4 +839,22 @@ async fn exports_keep_one_connection_to_the_receiver() {
         "one export per request here"
     );
     assert_eq!(*r.connections.lock().unwrap(), 1);
+}
+
+#[actix_rt::test]
+async fn a_kept_connection_the_receiver_closed_is_replaced_without_losing_spans() {
+    let r = Receiver::start_closing(Duration::ZERO, true);
+    let m = Mock::always(Reply::chat("hello"));
+    let gw = traced(&config("", &[upstream("up", &m.endpoint(), "")]), &r, &[]);
+    for i in 1..=3 {
+        assert_eq!(chat(&gw, &[], chat_body(false)).await.status, 200);
+        r.wait_spans(2 * i);
+    }
+    assert_eq!(r.bodies.lock().unwrap().len(), 3);
+    assert_eq!(*r.connections.lock().unwrap(), 3);
+    let got = scrape(&gw).await;
+    assert_eq!(
+        got.metric("openai_api_route_spans_dropped_total").value(),
+        Some(0.0)
+    );
 }
