@@ -75,6 +75,9 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         finish_reason: Some("stop".into()),
         resumed: 0,
         complete: true,
+        object_id: None,
+        rebuilt: false,
+        response_items: None,
     }
 }
 

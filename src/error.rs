@@ -5,7 +5,6 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -44,9 +43,25 @@ pub enum GatewayError {
         /// `name: reason; name: reason`.
         summary: String,
     },
+    /// A WebSocket handshake beyond `realtime_max_sessions` or `realtime_max_sessions_per_token`
+    /// (SPEC 4d); the text names which.
+    #[error("{0}")]
+    TooManySessions(&'static str),
     /// Something inside the gateway broke (an actor went away).
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
+    /// The request refers to objects that live on two different upstreams (SPEC 4f).
+    #[error("{0}")]
+    ObjectConflict(String),
+    /// The only upstream holding the object the request refers to failed (SPEC 4f); `status`
+    /// is its failure's HTTP status, else 502 (or 504 after a timeout).
+    #[error("{message}")]
+    OwnerFailed {
+        /// Status sent to the client.
+        status: u16,
+        /// Names the object, its owner and what the owner's attempt came to.
+        message: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -80,7 +95,12 @@ impl GatewayError {
             GatewayError::AllFailed {
                 timed_out: false, ..
             } => StatusCode::BAD_GATEWAY,
+            GatewayError::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::ObjectConflict(_) => StatusCode::CONFLICT,
+            GatewayError::OwnerFailed { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 
@@ -102,7 +122,10 @@ impl GatewayError {
             GatewayError::AllFailed {
                 timed_out: false, ..
             } => ("upstream_error", "upstream_unavailable"),
+            GatewayError::TooManySessions(_) => ("rate_limit_error", "too_many_sessions"),
             GatewayError::Internal(_) => ("server_error", "internal_error"),
+            GatewayError::ObjectConflict(_) => ("invalid_request_error", "object_conflict"),
+            GatewayError::OwnerFailed { .. } => ("upstream_error", "owner_failed"),
         }
     }
 
@@ -118,8 +141,21 @@ impl GatewayError {
             GatewayError::NoUpstreamForModel(_) => Rejection::NotFound,
             GatewayError::BodyTimeout(_) => Rejection::Timeout,
             GatewayError::LoopDetected(_) => Rejection::Loop,
-            GatewayError::AllFailed { .. } | GatewayError::Internal(_) => return None,
+            GatewayError::AllFailed { .. }
+            | GatewayError::TooManySessions(_)
+            | GatewayError::Internal(_)
+            | GatewayError::ObjectConflict(_)
+            | GatewayError::OwnerFailed { .. } => return None,
         })
+    }
+
+    /// An answer given after every candidate the request may go to was tried (SPEC 4e: the
+    /// client must not try them all again).
+    pub fn after_every_candidate(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
+        )
     }
 
     /// The JSON body text (also what the record keeps as the reply).
@@ -195,52 +231,5 @@ impl Rejection {
             Rejection::Headers => "headers",
             Rejection::Loop => "loop",
         }
-    }
-}
-
-/// Records of rejected requests allowed per second, in total (SPEC 4d).
-pub const REJECTED_RECORDS_PER_SECOND: u32 = 10;
-
-/// Lets at most [`REJECTED_RECORDS_PER_SECOND`] rejected requests a second be recorded, so an
-/// unauthenticated flood cannot fill the disk or crowd real clients' records out of the queue.
-/// One atomic word: the second in the high bits, the count in the low 32.
-#[derive(Debug, Default)]
-pub struct RejectGate(AtomicU64);
-
-impl RejectGate {
-    /// Whether one more rejected request may be recorded in second `now_sec`.
-    pub fn admit(&self, now_sec: u64) -> bool {
-        let mut cur = self.0.load(Ordering::Relaxed);
-        loop {
-            let (sec, n) = (cur >> 32, (cur & 0xffff_ffff) as u32);
-            let next = if sec == now_sec & 0xffff_ffff {
-                if n >= REJECTED_RECORDS_PER_SECOND {
-                    return false;
-                }
-                cur + 1
-            } else {
-                ((now_sec & 0xffff_ffff) << 32) | 1
-            };
-            match self
-                .0
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return true,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reject_gate_allows_ten_a_second() {
-        let g = RejectGate::default();
-        assert_eq!((0..100).filter(|_| g.admit(7)).count(), 10);
-        assert_eq!((0..100).filter(|_| g.admit(8)).count(), 10);
-        assert!(!g.admit(8));
     }
 }

@@ -3,12 +3,32 @@
 //! A model name with a newline could forge a line in an alert; an alert sink's answer with ANSI
 //! escapes could forge or hide log lines. Everything foreign goes through [`untrusted`] first:
 //! control characters become visible escapes and the text is cut at [`MAX_CHARS`] characters.
+//! The Unicode line and paragraph separators break lines in many viewers and chat clients, and
+//! the bidirectional controls reorder what a reader sees (a reason that reads "ok" but is not):
+//! they are escaped the same way ([`needs_escape`]).
 
 use std::borrow::Cow;
 use std::fmt::Write;
 
 /// The most characters of a foreign value that reach a log line or an alert.
 pub const MAX_CHARS: usize = 200;
+
+/// Whether `c` is shown as a visible escape: a control character (C0, DEL, C1), the line and
+/// paragraph separators U+2028/U+2029, or a bidirectional control (U+061C, U+200E, U+200F,
+/// U+202A–U+202E, U+2066–U+2069) (SPEC 4d).
+pub fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
 
 /// `s` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}` …) and cut at [`MAX_CHARS`]
 /// characters (with `…`). Borrows when there is nothing to change.
@@ -18,7 +38,7 @@ pub fn untrusted(s: &str) -> Cow<'_, str> {
 
 /// [`untrusted`] with another length limit, in characters.
 pub fn untrusted_cut(s: &str, max: usize) -> Cow<'_, str> {
-    let clean = s.chars().all(|c| !c.is_control());
+    let clean = !s.chars().any(needs_escape);
     if clean && s.len() <= max {
         return Cow::Borrowed(s);
     }
@@ -32,7 +52,7 @@ pub fn untrusted_cut(s: &str, max: usize) -> Cow<'_, str> {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_control() => {
+            c if needs_escape(c) => {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
@@ -69,6 +89,14 @@ mod tests {
         assert_eq!(cut.chars().count(), MAX_CHARS + 1);
         assert!(cut.ends_with('…'));
         assert!(!untrusted("\u{85}next").contains('\u{85}'));
+        assert_eq!(
+            untrusted("a\u{2028}b\u{2029}c\u{202e}d\u{2066}e\u{200f}"),
+            "a\\u{2028}b\\u{2029}c\\u{202e}d\\u{2066}e\\u{200f}"
+        );
+        for c in ['\u{200e}', '\u{202a}', '\u{202d}', '\u{2069}', '\u{61c}'] {
+            assert!(!untrusted(&format!("x{c}y")).contains(c), "{c:?}");
+        }
+        assert!(matches!(untrusted("café ✓ 日本"), Cow::Borrowed(_)));
     }
 
     #[test]

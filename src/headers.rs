@@ -67,6 +67,14 @@ const CLIENT_IDENTITY_AND_OVERRIDES: &[&str] = &[
     "x-original-url",
     "x-rewrite-url",
     "x-http-method-override",
+    // 0.3 (second probe): more spellings of the same overrides and client addresses.
+    "x-http-method",
+    "x-method-override",
+    "x-original-host",
+    "x-host",
+    "x-envoy-original-path",
+    "client-ip",
+    "x-original-forwarded-for",
 ];
 
 /// Builds the headers of one upstream attempt into `out` (which starts empty).

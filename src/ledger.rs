@@ -6,16 +6,15 @@
 //! relayed body, it goes through one of the `finish` methods here, exactly once. (pingora's
 //! per-request context with a single logging phase is the model.)
 
-use std::net::IpAddr;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::{Method, StatusCode, Uri};
+use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
+use crate::affinity::rebuild;
 use crate::attempt::{is_failover_status, summary, FailKind, Failure};
 use crate::capture::Reply;
 use crate::error::{GatewayError, Rejection};
@@ -27,92 +26,9 @@ use crate::state::AppState;
 use crate::trace::{End, Trace};
 
 mod traced;
+mod types;
 
-/// What is known about a request before any upstream is tried; becomes its record.
-pub struct RequestInfo {
-    /// Wall-clock start.
-    pub created_at: SystemTime,
-    /// Monotonic start.
-    pub started: Instant,
-    /// Client address (None when the peer is unknown).
-    pub ip: Option<IpAddr>,
-    /// Method.
-    pub method: Method,
-    /// The request's URI, shared with the request (its path is cut where it is shown).
-    pub uri: Uri,
-    /// `model` from the body (shared among a worker's requests for the same model).
-    pub model: Option<Arc<str>>,
-    /// `"stream": true`.
-    pub stream: bool,
-    /// Where the top-level `stream_options` value sits in `body`, if the body has one.
-    pub stream_options: Option<Range<usize>>,
-    /// The body as received.
-    pub body: Bytes,
-    /// Client User-Agent, shared with the request (cut where it is stored).
-    pub user_agent: Option<HeaderValue>,
-    /// Non-secret token label, shared with the config.
-    pub client_key: Option<Arc<str>>,
-    /// `record_body_bytes`.
-    pub body_limit: usize,
-    /// A WebSocket session (SPEC 4c).
-    pub websocket: bool,
-    /// The client's valid W3C `traceparent`, if any (SPEC 6a).
-    pub trace_parent: Option<crate::trace::context::Parent>,
-    /// Its `tracestate`, passed on with it.
-    pub tracestate: Option<HeaderValue>,
-}
-
-impl RequestInfo {
-    /// The path without query, cut as the record keeps it (SPEC 4d).
-    pub fn path(&self) -> &str {
-        crate::records::cut_path(self.uri.path())
-    }
-}
-
-/// One failed attempt as the request path reports it to the ledger.
-#[derive(Debug, Clone)]
-pub struct AttemptFailure {
-    /// Failure class.
-    pub kind: FailKind,
-    /// The upstream's status, when it answered with one.
-    pub status: Option<u16>,
-    /// Human summary (may hold upstream text; escaped where logged).
-    pub reason: String,
-    /// Another candidate follows (counted in `failovers_total`).
-    pub moving_on: bool,
-    /// The `Retry-After` the upstream announced, as a cooldown.
-    pub cooldown: Option<Duration>,
-    /// Kept in the record only: not a health event, not an `upstream_requests_total` outcome.
-    pub quiet: bool,
-}
-
-impl AttemptFailure {
-    /// A failure that counts, not moving on, without cooldown.
-    pub fn new(kind: FailKind, status: Option<u16>, reason: String) -> AttemptFailure {
-        AttemptFailure {
-            kind,
-            status,
-            reason,
-            moving_on: false,
-            cooldown: None,
-            quiet: false,
-        }
-    }
-}
-
-/// How a relayed body ended.
-#[derive(Debug)]
-pub enum BodyEnd {
-    /// To its proper end.
-    Complete,
-    /// The upstream broke or stalled; the reason.
-    Broken(String),
-    /// The client went away first.
-    ClientGone,
-    /// Ended without fault of the upstream's health, with a note for the record's `error`
-    /// (a WebSocket session whose upstream left without a close frame).
-    Noted(String),
-}
+pub use self::types::{AttemptFailure, BodyEnd, RequestInfo};
 
 /// The upstream whose answer went to the client.
 struct Committed {
@@ -135,6 +51,11 @@ pub struct Ledger {
     committed: Option<Committed>,
     /// Continuations of a broken stream (SPEC 4a resume).
     resumed: u32,
+    /// Cooldowns this request's failures announced (`Retry-After`): upstream name and end, for
+    /// the `Retry-After` of a relayed 429 (SPEC 4e).
+    cooling: Vec<(String, Instant)>,
+    /// What SPEC 4f routing noted about the request.
+    pub marks: crate::affinity::Marks,
     /// Its spans (SPEC 6a), None when tracing is off.
     trace: Trace,
 }
@@ -142,19 +63,17 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger of one request.
     pub fn open(state: Arc<AppState>, info: RequestInfo) -> Ledger {
+        let tracer = state.tracer.as_ref();
         Ledger {
-            trace: Trace::begin(
-                state.tracer.as_ref(),
-                info.trace_parent,
-                &info.tracestate,
-                info.created_at,
-            ),
+            trace: Trace::begin(tracer, info.trace_parent, &info.tracestate, info.created_at),
             state,
             info,
             failures: Vec::new(),
             attempts: 0,
             committed: None,
             resumed: 0,
+            cooling: Vec::new(),
+            marks: Default::default(),
         }
     }
 
@@ -206,6 +125,9 @@ impl Ledger {
         if f.moving_on {
             self.state.metrics.failover(name);
         }
+        if let Some(d) = f.cooldown {
+            self.cooling.push((name.to_string(), Instant::now() + d));
+        }
         if !f.quiet {
             self.state.metrics.attempt(name, f.kind.label());
             self.state.registry.report_for(
@@ -245,12 +167,12 @@ impl Ledger {
         first_byte: Duration,
         cooldown: Option<Duration>,
     ) {
-        let ok = !is_failover_status(status);
+        let ok = !is_failover_status(status) && !self.marks.not_here;
         let up = view.config.upstreams.get(idx);
         self.trace.committed(up, status.as_u16(), first_byte, ok);
         if ok {
             self.answered(view, idx, first_byte);
-        } else {
+        } else if !self.marks.not_here {
             let failure = AttemptFailure {
                 cooldown,
                 ..AttemptFailure::new(
@@ -356,13 +278,39 @@ impl Ledger {
         self.resumed
     }
 
+    /// How long until the first upstream that may serve this request leaves its cooldown, when
+    /// every one of them is cooling down (else None: one may be tried now, or it is not known).
+    /// Cooldowns come from the registry's latest view and from this request's own failures
+    /// (whose report the registry may not have published yet).
+    pub fn first_cooldown_end(&self) -> Option<Duration> {
+        let view = self.state.registry.view();
+        let model = self.info.model.as_deref();
+        let now = Instant::now();
+        let mut first: Option<Instant> = None;
+        for (idx, up) in view.config.upstreams.iter().enumerate() {
+            if !up.admits(model) {
+                continue;
+            }
+            let own = self
+                .cooling
+                .iter()
+                .filter(|(name, _)| *name == *up.name)
+                .map(|(_, until)| *until)
+                .max();
+            let until = own.max(view.cooling_until(idx)).filter(|u| *u > now)?;
+            first = Some(first.map_or(until, |f| f.min(until)));
+        }
+        first.map(|f| f - now)
+    }
+
     /// The kind of the last failure, if any.
     pub fn last_failure(&self) -> Option<FailKind> {
         self.failures.last().map(|f| f.kind)
     }
 
     /// Ends a request the gateway answers itself: a refusal before any upstream (counted, and
-    /// recorded within the rejected-records bound) or an all-failed answer (alerted).
+    /// recorded without its body within the per-reason bound, SPEC 4d) or an all-failed answer
+    /// (alerted).
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
         let status = resp.status().as_u16();
@@ -371,79 +319,95 @@ impl Ledger {
             error: (status >= 500).then(|| err.to_string()),
             ..Default::default()
         });
+        if err.after_every_candidate() {
+            // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
+            resp.headers_mut().insert(
+                header::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
+        }
         if self.attempts > 0 {
             resp.headers_mut().insert(
                 header::HeaderName::from_static("x-upstream-attempts"),
                 HeaderValue::from(self.attempts),
             );
         }
-        let error = match err.rejection() {
+        let (error, reply) = match err.rejection() {
             Some(reason) => {
-                self.state.metrics.rejected(reason);
-                if !self.admit_rejected_record() {
+                if !self.refused(Some(reason)) {
                     return resp;
                 }
-                err.to_string()
+                (err.to_string(), Reply::default())
+            }
+            None if matches!(err, GatewayError::TooManySessions(_)) => {
+                if !self.refused(None) {
+                    return resp;
+                }
+                (err.to_string(), Reply::default())
             }
             None => {
-                if matches!(err, GatewayError::AllFailed { .. }) {
+                if err.after_every_candidate() {
                     self.alert(resp.status().as_u16());
                 }
-                if self.failures.is_empty() {
+                let error = if self.failures.is_empty() {
                     err.to_string()
                 } else {
                     summary(&self.failures)
-                }
+                };
+                (error, Reply::with_text(Some(err.body())))
             }
         };
         if let Some(rec) = self.state.recorder.clone() {
             let status = resp.status().as_u16();
-            rec.submit(self.into_record(
-                status,
-                None,
-                Some(error),
-                Reply::with_text(Some(err.body())),
-                None,
-                status < 400,
-            ));
+            rec.submit(self.into_record(status, None, Some(error), reply, None, status < 400));
         }
         resp
     }
 
-    /// Ends a request the gateway answered with content of its own (`/v1/models`). A 404 is a
-    /// refusal like any other (counted; recorded within the rejected-records bound).
-    pub fn finish_answered(mut self, status: StatusCode, body: &[u8]) {
+    /// Ends a request the gateway answered with content of its own (`/v1/models`). A success
+    /// costs no upstream and is not recorded (only the HTTP metrics count it); a 404 is a refusal
+    /// like any other (counted; recorded without a body within the per-reason bound).
+    pub fn finish_answered(mut self, status: StatusCode) {
+        let (status_code, complete) = (status.as_u16(), status.as_u16() < 400);
         self.end_trace(|| End {
-            status: status.as_u16(),
-            complete: status.as_u16() < 400,
+            status: status_code,
+            complete,
             ..Default::default()
         });
-        if status == StatusCode::NOT_FOUND {
-            self.state.metrics.rejected(Rejection::NotFound);
-            if !self.admit_rejected_record() {
-                return;
-            }
+        if status != StatusCode::NOT_FOUND || !self.refused(Some(Rejection::NotFound)) {
+            return;
         }
         if let Some(rec) = self.state.recorder.clone() {
-            let ttfb = self.info.started.elapsed();
-            let text = String::from_utf8_lossy(body).into_owned();
             rec.submit(self.into_record(
                 status.as_u16(),
                 None,
+                Some("model not found".to_string()),
+                Reply::default(),
                 None,
-                Reply::with_text(Some(text)),
-                Some(ttfb),
-                status.as_u16() < 400,
+                false,
             ));
         }
     }
 
-    /// Whether one more refused request may be recorded this second (SPEC 4d).
-    fn admit_rejected_record(&self) -> bool {
-        let now = SystemTime::now()
+    /// Counts a refusal for `reason` (None: a handshake beyond the WebSocket session limits,
+    /// which has no `rejected_total` reason) and says whether its record may be written (SPEC 4d:
+    /// per reason, at most 10 a second and 1,000 an hour). A refused request's body is never kept.
+    fn refused(&mut self, reason: Option<Rejection>) -> bool {
+        // The second the record will show (its `created_at`), so that no second of records
+        // holds more than the bound.
+        let at = self
+            .info
+            .created_at
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.state.reject_gate.admit(now)
+        self.info.body = Bytes::new();
+        match reason {
+            Some(reason) => {
+                self.state.metrics.rejected(reason);
+                self.state.reject_gate.admit(reason, at)
+            }
+            None => self.state.reject_gate.admit_sessions_full(at),
+        }
     }
 
     /// Ends a relayed response when its body ends, breaks, or the client goes away, with what
@@ -505,20 +469,25 @@ impl Ledger {
             state.metrics.attempt(upstream, outcome);
         }
         let usage = reply.usage;
-        let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
-        self.end_body_trace(c.status, complete, &reply, &end, c.broken);
         state
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);
         state
             .registry
             .add_tokens(&c.view, c.idx, usage.prompt, usage.completion);
+        // The whole answer reached the client: a non-error status, its body to the end, and no
+        // in-band error event inside it.
+        let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+        self.end_body_trace(c.status, complete, &reply, &end, c.broken);
+        // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
+        let request = (&self.info.body[..], self.info.body_limit);
+        let at = (&*state.owners, &*c.view.config, c.idx, c.status);
+        let (object_id, items) = rebuild::object_of(at, reply.object.as_ref(), complete, request);
         if let Some(rec) = &state.recorder {
             let error = (!self.failures.is_empty()).then(|| summary(&self.failures));
             let upstream = c.view.config.upstreams.get(c.idx).map(|u| u.name.clone());
-            // The whole answer reached the client: a non-error status, its body to the end, and
-            // no in-band error event inside it (`complete`, above).
-            rec.submit(self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete));
+            let record = self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
+            rec.submit(record.with_object(object_id, items));
         }
     }
 
@@ -572,6 +541,9 @@ impl Ledger {
             finish_reason: reply.finish_reason,
             resumed: self.resumed,
             complete,
+            object_id: None,
+            rebuilt: self.marks.rebuilt,
+            response_items: None,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! openai-api-route: an OpenAI API gateway that tries an ordered list of OpenAI-compatible
 //! upstreams until one answers, streaming the answer through and recording every request.
 //!
-//! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`proxy`] (admit → attempt →
-//! respond → relay) and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
+//! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`admission`] the first step of every
+//! `/v1/*` route (auth, paths, loop guard; 4d), [`proxy`] (admit → attempt → respond → relay)
+//! and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
 //! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
 //! [`models`]/[`usage`] §4b, [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8,
@@ -11,6 +12,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
+pub mod affinity;
 pub mod attempt;
 pub mod capture;
 pub mod cli;
@@ -29,6 +32,7 @@ pub mod proxy;
 pub mod realtime;
 pub mod records;
 pub mod registry;
+pub mod reject_gate;
 pub mod series;
 pub mod server;
 pub mod sse;

@@ -31,6 +31,7 @@ pub struct Metrics {
     resumes: IntCounterVec,
     websocket_sessions: IntGaugeVec,
     spans_dropped: IntCounter,
+    affinity: IntCounterVec,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
 }
@@ -141,6 +142,14 @@ impl Metrics {
             "Trace spans lost: the exporter queue was full, or the export failed (SPEC 6a)",
         ))?;
         registry.register(Box::new(spans_dropped.clone()))?;
+        let affinity = IntCounterVec::new(
+            opts(
+                "affinity_total",
+                "Requests routed by the object they refer to (SPEC 4f), by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(affinity.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -170,6 +179,7 @@ impl Metrics {
             resumes,
             websocket_sessions,
             spans_dropped,
+            affinity,
         })
     }
 
@@ -262,14 +272,21 @@ impl Metrics {
     }
 
     /// A continuation of a broken stream on `upstream`: `ok`, `rejected` (prefill refused, so
-    /// regenerated), `diverged` (the regeneration did not begin with the text sent) or `failed`.
+    /// regenerated), `diverged` (the regeneration did not begin with the text sent), `failed`,
+    /// or `restarted` (it ignored the prefill and answered from the start, SPEC 4e).
     pub fn resume(&self, upstream: &str, result: &str) {
         self.resumes.with_label_values(&[upstream, result]).inc();
     }
 
+    /// One routing decision of SPEC 4f: `owner`, `not_here`, `learned`, `owner_failed`,
+    /// `rebuilt` or `conflict` (a fixed set: never a value from a request).
+    pub fn affinity(&self, result: &'static str) {
+        self.affinity.with_label_values(&[result]).inc();
+    }
+
     /// Retries and continuations since start, for the status page: the retry total, and the
-    /// resume totals by result (`ok`, `rejected`, `diverged`, `failed`).
-    pub fn rescue_totals(&self) -> (u64, [u64; 4]) {
+    /// resume totals by result (`ok`, `rejected`, `diverged`, `failed`, `restarted`).
+    pub fn rescue_totals(&self) -> (u64, [u64; 5]) {
         use prometheus::core::Collector;
         let sum = |v: &IntCounterVec, label: Option<&str>| -> u64 {
             v.collect()
@@ -285,7 +302,8 @@ impl Metrics {
                 .map(|m| m.get_counter().get_value() as u64)
                 .sum()
         };
-        let results = ["ok", "rejected", "diverged", "failed"].map(|r| sum(&self.resumes, Some(r)));
+        let results = ["ok", "rejected", "diverged", "failed", "restarted"]
+            .map(|r| sum(&self.resumes, Some(r)));
         (sum(&self.retries, None), results)
     }
 

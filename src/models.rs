@@ -19,9 +19,8 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
+use crate::admission;
 use crate::config::{Config, Upstream, UpstreamAuth};
-use crate::ledger::Ledger;
-use crate::proxy::admit;
 use crate::state::AppState;
 
 /// One fetch may take this long before it counts as failed.
@@ -418,7 +417,7 @@ fn json_response(status: actix_web::http::StatusCode, body: Bytes) -> HttpRespon
 
 /// Percent-decodes a path segment (ids such as `meta-llama/Llama-3` may arrive as `%2F`).
 fn percent_decode(s: &str) -> String {
-    match admit::percent_decode(s.as_bytes()) {
+    match admission::percent_decode(s.as_bytes()) {
         Some(b) => String::from_utf8_lossy(&b).into_owned(),
         None => s.to_string(),
     }
@@ -426,12 +425,10 @@ fn percent_decode(s: &str) -> String {
 
 /// `GET /v1/models` and `GET /v1/models/{id}` (an empty id is the list).
 pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let cfg = state.config.get();
-    let mut ledger = Ledger::open(state.clone().into_inner(), admit::request_info(&req, &cfg));
-    match admit::authorize(&req, &cfg) {
-        Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return ledger.finish_local(e),
-    }
+    let ledger = match admission::admit(&req, &state) {
+        Ok(admitted) => admitted.ledger,
+        Err(refused) => return refused.answer(),
+    };
     let snap = state.models.snapshot();
     let id = percent_decode(req.match_info().get("id").unwrap_or(""));
     let (status, body) = if id.is_empty() {
@@ -453,7 +450,7 @@ pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             }
         }
     };
-    ledger.finish_answered(status, &body);
+    ledger.finish_answered(status);
     json_response(status, body)
 }
 

@@ -27,6 +27,9 @@ pub enum Outcome {
         failover_code: bool,
         /// A usable `Retry-After` of a 429 or 503.
         retry_after: Option<Duration>,
+        /// The answer says the object is not there (4f): a 404, or a 400 whose `error.code`
+        /// ends in `_not_found`.
+        not_found: bool,
     },
     /// No usable head: connection or TLS error, a connection closed before the head, an
     /// ambiguous head, a stream broken or in-band error before its first event.
@@ -55,6 +58,22 @@ pub struct Budget {
     pub time_left: Option<Duration>,
     /// `retry_after_max`: a longer `Retry-After` moves on instead of waiting.
     pub retry_after_max: Duration,
+    /// What the request's references make of this candidate (4f).
+    pub pin: Pin,
+}
+
+/// What the objects a request refers to make of one candidate (SPEC 4f).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pin {
+    /// No object, or a candidate after the owner (a rebuilt chain): the rules of §4 and 4a.
+    #[default]
+    Free,
+    /// This candidate owns the request's objects and nothing may follow it: its failure is the
+    /// answer, named as the owner's.
+    OwnerOnly,
+    /// The request names only objects the gateway has not seen answered: "not found" means
+    /// "not here", and the next candidate is tried without a health penalty.
+    Unknown,
 }
 
 /// What the attempt loop does next.
@@ -73,6 +92,18 @@ pub enum Next {
         /// How long to wait first.
         pause: Duration,
         /// Cooldown to start from the announced `Retry-After` (it is waited out here).
+        cooldown: Option<Duration>,
+    },
+    /// 4f: the candidate does not have the object. Kept in the record only (no health event, no
+    /// `upstream_requests_total` outcome), and the next candidate is tried.
+    NotHere,
+    /// 4f: the last candidate does not have the object either: its answer is relayed, without a
+    /// health penalty.
+    RelayNotHere,
+    /// 4f: the owner of the request's objects failed and nothing else has them: count the failure
+    /// and answer with it, naming the object and its owner.
+    OwnerFailed {
+        /// Cooldown to start from the announced `Retry-After`.
         cooldown: Option<Duration>,
     },
     /// Count the failure and go on with the next candidate (or, after the last one, give the
@@ -103,6 +134,12 @@ pub fn wants_400_body(status: u16, last: bool, has_codes: bool) -> bool {
     status == 400 && !last && has_codes
 }
 
+/// Whether an attempt's 400 must be read under `pin`: for `failover_codes` (above), or for a
+/// `*_not_found` code when "not here" applies (4f).
+pub fn wants_400_body_pinned(status: u16, last: bool, has_codes: bool, pin: Pin) -> bool {
+    wants_400_body(status, last, has_codes || pin == Pin::Unknown)
+}
+
 /// How long the next attempt may wait for its first byte: its own wait cut to what is left of
 /// the deadline; `None` when nothing is left (the all-failed answer is due, SPEC 4a `deadline`).
 pub fn attempt_wait(wait: Duration, time_left: Option<Duration>) -> Option<Duration> {
@@ -117,6 +154,33 @@ pub fn attempt_wait(wait: Duration, time_left: Option<Duration>) -> Option<Durat
 /// pause a retry without a usable `Retry-After` takes (250 ms × 2ⁿ ± 20 %, computed by the
 /// caller so that this function stays pure).
 pub fn decide(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next {
+    match (budget.pin, outcome) {
+        // 4f: "not here" moves on quietly; from the last candidate it is the answer.
+        (
+            Pin::Unknown,
+            Outcome::Answered {
+                not_found: true, ..
+            },
+        ) => {
+            if budget.last {
+                Next::RelayNotHere
+            } else {
+                Next::NotHere
+            }
+        }
+        // 4f: the owner's failure is the answer (a retry on the owner is still a retry).
+        (Pin::OwnerOnly, _) => match decide_free(outcome, budget, backoff) {
+            Next::RelayFailure { cooldown } | Next::MoveOn { cooldown, .. } => {
+                Next::OwnerFailed { cooldown }
+            }
+            next => next,
+        },
+        _ => decide_free(outcome, budget, backoff),
+    }
+}
+
+/// The rules of §4 and 4a, for a request whose objects do not pin it.
+fn decide_free(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next {
     // A pause is taken only when a retry is allowed and the deadline leaves time after it.
     let retry_in = |pause: Duration, retryable: bool| {
         let fits = budget.time_left.is_none_or(|left| left > pause);
@@ -187,6 +251,7 @@ mod tests {
             last: false,
             time_left: None,
             retry_after_max: secs(5),
+            pin: Pin::Free,
         }
     }
 
@@ -195,7 +260,22 @@ mod tests {
             status,
             failover_code: false,
             retry_after: None,
+            not_found: status == 404,
         }
+    }
+
+    /// A 400 whose `error.code` ends in `_not_found`.
+    fn not_found_400() -> Outcome {
+        Outcome::Answered {
+            status: 400,
+            failover_code: false,
+            retry_after: None,
+            not_found: true,
+        }
+    }
+
+    fn pinned(pin: Pin, b: Budget) -> Budget {
+        Budget { pin, ..b }
     }
 
     fn status_after(status: u16, after: u64) -> Outcome {
@@ -203,6 +283,7 @@ mod tests {
             status,
             failover_code: false,
             retry_after: Some(secs(after)),
+            not_found: false,
         }
     }
 
@@ -211,6 +292,7 @@ mod tests {
             status: 400,
             failover_code: true,
             retry_after: None,
+            not_found: false,
         }
     }
 
@@ -314,6 +396,24 @@ mod tests {
             ("backoff within deadline retried", status(500), Budget { time_left: Some(secs(1)), ..b }, retry(B)),
             ("Retry-After past deadline moves on", status_after(429, 2), Budget { time_left: Some(secs(1)), ..b }, Next::MoveOn { quiet: false, cooldown: Some(secs(2)) }),
             ("Retry-After past deadline on last relayed", status_after(429, 2), last(Budget { time_left: Some(secs(1)), ..b }), Next::RelayFailure { cooldown: Some(secs(2)) }),
+            // 4f: a request naming only unseen objects: "not found" is "not here".
+            ("404 is not here", status(404), pinned(Pin::Unknown, b), Next::NotHere),
+            ("400 *_not_found is not here", not_found_400(), pinned(Pin::Unknown, b), Next::NotHere),
+            ("not here on last is the answer", status(404), last(pinned(Pin::Unknown, b)), Next::RelayNotHere),
+            ("400 *_not_found on last is the answer", not_found_400(), last(pinned(Pin::Unknown, b)), Next::RelayNotHere),
+            ("unseen objects: other failures as before", status(503), pinned(Pin::Unknown, no_retries(b)), move_on()),
+            ("unseen objects: 2xx relayed", status(200), pinned(Pin::Unknown, b), Next::Relay),
+            ("without objects 404 is a failure", status(404), no_retries(b), move_on()),
+            ("without objects a 400 *_not_found is the answer", not_found_400(), b, Next::Relay),
+            // 4f: the owner only: its failure is the answer; retries still apply.
+            ("owner 503 is the owner's failure", status(503), last(pinned(Pin::OwnerOnly, no_retries(b))), Next::OwnerFailed { cooldown: None }),
+            ("owner 404 is the owner's failure", status(404), last(pinned(Pin::OwnerOnly, b)), Next::OwnerFailed { cooldown: None }),
+            ("owner timeout is the owner's failure", Outcome::TimedOut, last(pinned(Pin::OwnerOnly, b)), Next::OwnerFailed { cooldown: None }),
+            ("owner refused is the owner's failure", failed(false), last(pinned(Pin::OwnerOnly, b)), Next::OwnerFailed { cooldown: None }),
+            ("owner 500 retried", status(500), last(pinned(Pin::OwnerOnly, b)), retry(B)),
+            ("owner Retry-After kept", status_after(429, 9), last(pinned(Pin::OwnerOnly, b)), Next::OwnerFailed { cooldown: Some(secs(9)) }),
+            ("owner 2xx relayed", status(200), last(pinned(Pin::OwnerOnly, b)), Next::Relay),
+            ("owner 400 relayed", status(400), last(pinned(Pin::OwnerOnly, b)), Next::Relay),
         ];
         for (name, outcome, budget, want) in rows {
             assert_eq!(decide(&outcome, &budget, B), want, "row: {name}");
@@ -350,5 +450,7 @@ mod tests {
         );
         assert!(!wants_400_body(400, false, false), "no failover_codes");
         assert!(!wants_400_body(422, false, true));
+        assert!(wants_400_body_pinned(400, false, false, Pin::Unknown));
+        assert!(!wants_400_body_pinned(400, false, false, Pin::Free));
     }
 }

@@ -278,6 +278,11 @@ impl std::ops::DerefMut for Order {
 }
 
 impl RegistryView {
+    /// When upstream `idx`'s cooldown ends, if it has one (it may have run out already).
+    pub fn cooling_until(&self, idx: usize) -> Option<Instant> {
+        self.cooling_until.get(idx).copied().flatten()
+    }
+
     /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
     /// cooldown just ran out), and not when this failure is the one that reaches
     /// `cooldown.failures`.
@@ -297,7 +302,8 @@ impl RegistryView {
 
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
-    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize) -> Order {
+    /// `sticky` orders by the request's affinity `key` (SPEC 4f; without one, the file's order).
+    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize, key: Option<&[u8]>) -> Order {
         let ups = &self.config.upstreams;
         let mut order = Order::default();
         for i in (0..ups.len()).filter(|&i| ups[i].admits(model)) {
@@ -312,9 +318,13 @@ impl RegistryView {
                 }
             }
             LbPolicy::Random => {
-                for i in (1..order.len()).rev() {
-                    let j = (next_random() % (i as u64 + 1)) as usize;
-                    order.swap(i, j);
+                let weight = |i: usize| ups[i].weight;
+                crate::affinity::sticky::weighted_shuffle(&mut order, next_random, weight);
+            }
+            LbPolicy::Sticky => {
+                if let Some(key) = key {
+                    let (name, weight) = (|i: usize| &*ups[i].name, |i: usize| ups[i].weight);
+                    crate::affinity::sticky::rendezvous(&mut order, key, name, weight);
                 }
             }
         }
@@ -356,9 +366,14 @@ impl RegistryHandle {
     }
 
     /// The view and the ordered candidates for a request's model.
-    pub fn candidates(&self, model: Option<&str>) -> (Arc<RegistryView>, Order) {
+    /// `key` is the request's affinity key, for `sticky` (SPEC 4f).
+    pub fn candidates(
+        &self,
+        model: Option<&str>,
+        key: Option<&[u8]>,
+    ) -> (Arc<RegistryView>, Order) {
         let view = self.view();
-        let order = view.candidates(model, &self.rr);
+        let order = view.candidates(model, &self.rr, key);
         (view, order)
     }
 

@@ -180,6 +180,15 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         }
         None => None,
     };
+    // Owners known from the records, loaded before listening (bounded: SPEC 4f).
+    let owners = Arc::new(crate::affinity::Owners::default());
+    let owners_from = store
+        .as_ref()
+        .map(|(s, _)| crate::affinity::owners::load_at_start(&owners, s, &cfg));
+    let poll_store = store
+        .as_ref()
+        .filter(|(s, _)| s.kind() == "PostgreSQL")
+        .map(|(s, _)| s.clone());
     let tls = tls_config();
 
     let system = actix_rt::System::new();
@@ -203,6 +212,11 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
         let shared = SharedConfig::new(Arc::new(cfg));
+        if let Some(store) = poll_store {
+            // Other replicas write owners too: read them off every request's path.
+            let from = owners_from.unwrap_or(0);
+            crate::affinity::owners::spawn_poll(owners.clone(), store, shared.clone(), from);
+        }
         let registry = UpstreamRegistry::start_with(
             shared.clone(),
             metrics.clone(),
@@ -229,6 +243,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             reject_gate: Default::default(),
             realtime: sessions.clone(),
             tracer,
+            prefill_ignored: Default::default(),
+            owners: owners.clone(),
         });
         let traces = state.clone();
 

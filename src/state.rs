@@ -33,10 +33,15 @@ pub struct AppState {
     pub stream_options_refused: crate::usage::Refusals,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
-    /// Bounds the records of rejected requests (SPEC 4d).
-    pub reject_gate: crate::error::RejectGate,
+    /// Bounds the records of rejected requests, per reason (SPEC 4d).
+    pub reject_gate: crate::reject_gate::RejectGate,
     /// Open WebSocket sessions' shutdown signal (SPEC §4c).
     pub realtime: crate::realtime::Sessions,
     /// The trace exporter (SPEC 6a), None when tracing is off.
     pub tracer: Option<crate::trace::Tracer>,
+    /// Upstreams seen ignoring a prefill (SPEC 4e): asked as with `prefill: none` until the next
+    /// reload.
+    pub prefill_ignored: crate::usage::Refusals,
+    /// Which upstream owns which object (SPEC 4f).
+    pub owners: std::sync::Arc<crate::affinity::Owners>,
 }

@@ -5,12 +5,12 @@
 //! counted without tokens. The gateway therefore adds the option on the way up ([`usage_body`]),
 //! reads the extra usage-only chunk like any other, and keeps that chunk from a client that did not
 //! ask for it ([`UsageFilter`]): such a client may read `choices[0]` of every chunk and would break
-//! on `"choices": []`. Upstreams that reject the option are remembered until the next reload
-//! ([`Refusals`]).
+//! on `"choices": []`. An upstream that rejects the option — its 400 names `stream_options` and the
+//! same request without it succeeds — is not sent it for [`REFUSAL_TTL`] ([`Refusals`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::web::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::capture::{find_key, key_values};
+use crate::capture::{find_key, has_usage_object, key_values};
 use crate::config::Config;
 
 /// What is added when the client did not ask for usage itself.
@@ -106,34 +106,79 @@ pub fn usage_body(
     Some(Bytes::from(out))
 }
 
-/// Upstreams that answered 400 to an added `stream_options`: not sent it again until the config is
-/// replaced (a reload). Tied to the config it was learnt under, so a reload clears it by itself.
+/// How long an upstream that refused the added `stream_options` is not sent it (SPEC 4d 0.3).
+pub const REFUSAL_TTL: Duration = Duration::from_secs(600);
+
+/// Upstreams that refused an added `stream_options`, each until its refusal expires
+/// ([`REFUSAL_TTL`]) or the config is replaced (a reload), whichever comes first. The same store
+/// keeps the upstreams that ignored a prefill (SPEC 4e), which last until the next reload.
+///
+/// Why proof is needed: a 400 that names `stream_options` can be provoked by the client (a body
+/// the upstream refuses for another reason, with `stream_options` in its error text). Were that
+/// enough, one crafted request would turn token accounting off for every client. A refusal is
+/// therefore learnt only when the same request, sent again without the option, succeeded; and
+/// it expires, so even a real one is tried again.
 #[derive(Default)]
-pub struct Refusals(Mutex<(Option<Arc<Config>>, HashSet<String>)>);
+pub struct Refusals(Mutex<(Option<Arc<Config>>, Until)>);
+
+/// Upstream name → the end of its refusal (`None`: until the next reload).
+type Until = HashMap<String, Option<Instant>>;
 
 impl Refusals {
-    /// Whether `name` refused the option under `config`.
+    /// Whether `name` refused the option under `config`, and the refusal has not expired.
     pub fn refused(&self, config: &Arc<Config>, name: &str) -> bool {
+        self.refused_at(config, name, Instant::now())
+    }
+
+    fn refused_at(&self, config: &Arc<Config>, name: &str, now: Instant) -> bool {
         let g = match self.0.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         match &g.0 {
-            Some(c) if Arc::ptr_eq(c, config) => g.1.contains(name),
+            Some(c) if Arc::ptr_eq(c, config) => {
+                g.1.get(name)
+                    .is_some_and(|until| until.is_none_or(|t| now < t))
+            }
             _ => false,
         }
     }
 
-    /// Remembers that `name` refused the option under `config`.
+    /// `name` answered 400 naming the added option, and the request was repeated without it:
+    /// remembers the refusal (and logs it) only when that repeat succeeded (`repeat_ok`).
+    pub fn learn(&self, config: &Arc<Config>, name: &str, repeat_ok: bool) {
+        if !repeat_ok {
+            log::info!(
+                "upstream {name} answered 400 naming stream_options, but not only because of it: \
+                 still adding it there"
+            );
+            return;
+        }
+        log::warn!(
+            "upstream {name} refuses stream_options: not adding it there for {}s",
+            REFUSAL_TTL.as_secs()
+        );
+        self.learn_at(config, name, Instant::now());
+    }
+
+    fn learn_at(&self, config: &Arc<Config>, name: &str, now: Instant) {
+        self.insert(config, name, Some(now + REFUSAL_TTL));
+    }
+
+    /// Remembers `name` until the next reload (an upstream that ignored a prefill, SPEC 4e).
     pub fn refuse(&self, config: &Arc<Config>, name: &str) {
+        self.insert(config, name, None);
+    }
+
+    fn insert(&self, config: &Arc<Config>, name: &str, until: Option<Instant>) {
         let mut g = match self.0.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         if !g.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
-            *g = (Some(config.clone()), HashSet::new());
+            *g = (Some(config.clone()), HashMap::new());
         }
-        g.1.insert(name.to_string());
+        g.1.insert(name.to_string(), until);
     }
 }
 
@@ -217,9 +262,30 @@ impl Default for UsageFilter {
 #[derive(Deserialize)]
 struct Probe {
     #[serde(default)]
-    choices: Option<Vec<IgnoredAny>>,
+    choices: Option<Vec<ChoiceProbe>>,
     #[serde(default)]
     usage: Option<IgnoredAny>,
+}
+
+/// One choice of a chunk, as far as telling an empty one (SPEC 4e) matters.
+#[derive(Deserialize)]
+struct ChoiceProbe {
+    #[serde(default)]
+    delta: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+}
+
+impl ChoiceProbe {
+    /// A choice that says nothing: its `delta` is empty (no member, or only `null` ones) and its
+    /// `finish_reason` is null. LiteLLM puts its usage on a chunk of such choices.
+    fn is_empty(&self) -> bool {
+        self.finish_reason.is_none()
+            && self
+                .delta
+                .as_ref()
+                .is_some_and(|d| d.values().all(serde_json::Value::is_null))
+    }
 }
 
 /// Whether `"usage"` occurs at all (the usage filter's first, cheapest check).
@@ -236,9 +302,11 @@ fn has_empty_choices(data: &[u8]) -> bool {
     })
 }
 
-/// Whether one whole SSE event is a usage-only chunk. Every chunk of a stream that asked for usage
-/// names `usage` (as `null` until the last), so the one-line events that cannot be usage-only
-/// (no empty `choices`) are told apart without parsing them.
+/// Whether one whole SSE event is a usage-only chunk: it carries a `usage` object and its
+/// `choices` are empty — `"choices": []`, or choices whose `delta` is empty and whose
+/// `finish_reason` is null (LiteLLM's shape, SPEC 4e). Every chunk of a stream that asked for
+/// usage names `usage` (as `null` until the last), so the one-line events that cannot be
+/// usage-only (no empty `choices`, no `usage` object) are told apart without parsing them.
 pub fn is_usage_only(event: &[u8]) -> bool {
     if !has_usage_key(event) {
         return false;
@@ -251,7 +319,7 @@ pub fn is_usage_only(event: &[u8]) -> bool {
         return false;
     };
     let data: std::borrow::Cow<'_, [u8]> = match lines.next() {
-        None if !has_empty_choices(first) => return false,
+        None if !has_empty_choices(first) && !has_usage_object(first) => return false,
         None => std::borrow::Cow::Borrowed(first),
         Some(second) => {
             let mut joined = first.to_vec();
@@ -262,8 +330,17 @@ pub fn is_usage_only(event: &[u8]) -> bool {
             std::borrow::Cow::Owned(joined)
         }
     };
-    match serde_json::from_slice::<Probe>(&data) {
-        Ok(p) => p.usage.is_some() && p.choices.is_some_and(|c| c.is_empty()),
+    usage_only_json(&data)
+}
+
+/// [`is_usage_only`] for the JSON payload of one `data:` line.
+pub fn usage_only_json(data: &[u8]) -> bool {
+    match serde_json::from_slice::<Probe>(data) {
+        Ok(p) => {
+            p.usage.is_some()
+                && p.choices
+                    .is_some_and(|c| c.iter().all(ChoiceProbe::is_empty))
+        }
         Err(_) => false,
     }
 }
@@ -519,7 +596,7 @@ mod tests {
     fn whole_chunks_pass_without_copy_and_usage_with_choices_stays() {
         let mut f = UsageFilter::default();
         let c = Bytes::from_static(
-            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"total_tokens\":1}}\n\n",
         );
         let out = f.push(&c);
         assert_eq!(out, c);
@@ -537,8 +614,22 @@ mod tests {
         assert!(!is_usage_only(
             b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"choices\\\":[]\"}}],\"usage\":null}\n\n"
         ));
+        // LiteLLM's shape: one choice with an empty delta and a null finish_reason (SPEC 4e).
+        assert!(is_usage_only(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":null}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"content\":null,\"role\":null}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        // A choice that says something keeps the chunk.
         assert!(!is_usage_only(
-            b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":1}}\n\n"
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"text\":\"x\",\"finish_reason\":null}],\"usage\":{\"total_tokens\":1}}\n\n"
         ));
     }
 
@@ -564,8 +655,16 @@ mod tests {
         let c2 = Arc::new((*c1).clone());
         let r = Refusals::default();
         assert!(!r.refused(&c1, "h"));
-        r.refuse(&c1, "h");
+        // Not learnt without a successful repeat.
+        r.learn(&c1, "h", false);
+        assert!(!r.refused(&c1, "h"));
+        r.learn(&c1, "h", true);
         assert!(r.refused(&c1, "h"));
         assert!(!r.refused(&c2, "h"));
+        // Ten minutes, not longer.
+        let t = Instant::now();
+        r.learn_at(&c1, "g", t);
+        assert!(r.refused_at(&c1, "g", t + REFUSAL_TTL - Duration::from_secs(1)));
+        assert!(!r.refused_at(&c1, "g", t + REFUSAL_TTL));
     }
 }

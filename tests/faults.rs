@@ -67,7 +67,7 @@ async fn rate_limits_relay_retry_after_when_nothing_is_left() {
 }
 
 #[actix_rt::test]
-async fn malformed_sse_chunk_and_missing_done_pass_through() {
+async fn malformed_sse_chunks_pass_through_and_a_missing_done_is_a_break() {
     let body: Vec<(Duration, Vec<u8>)> = vec![
         (
             Duration::ZERO,
@@ -95,17 +95,20 @@ async fn malformed_sse_chunk_and_missing_done_pass_through() {
     });
     let gw = one(&m, "");
     let got = post(&gw, "/v1/chat/completions", chat_body(true)).await;
-    assert_eq!(
-        got.body, expected,
-        "malformed chunks must be relayed verbatim, no [DONE] added"
+    assert!(
+        got.body.starts_with(&expected),
+        "malformed chunks must be relayed verbatim"
+    );
+    // SPEC 4e: a chat stream that ends cleanly without [DONE] or a finish_reason is cut.
+    let tail = String::from_utf8_lossy(&got.body[expected.len()..]).into_owned();
+    assert!(
+        tail.starts_with("data: {\"error\"") && tail.contains("ended before [DONE]"),
+        "{tail}"
     );
     let rows = gw.records(1);
     assert_eq!(rows[0]["response"], "ok still");
-    assert_eq!(
-        rows[0]["error"],
-        serde_json::Value::Null,
-        "a stream without [DONE] that ended cleanly is complete"
-    );
+    assert_eq!(rows[0]["error"], "up: ended before [DONE]");
+    assert_eq!(rows[0]["complete"], 0);
     still_healthy(&gw).await;
 }
 

@@ -147,7 +147,7 @@ async fn bodies_the_gateway_cannot_read_are_refused_not_forwarded() {
 }
 
 /// Raw bytes to the gateway; the status line's code.
-fn raw_status(gw: &Gateway, request: &str) -> (u16, Duration, Vec<u8>) {
+pub(crate) fn raw_status(gw: &Gateway, request: &str) -> (u16, Duration, Vec<u8>) {
     let t = Instant::now();
     let out = raw_exchange(&gw.addr, request.as_bytes(), Duration::from_secs(10));
     let code = String::from_utf8_lossy(&out)

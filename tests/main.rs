@@ -2,12 +2,17 @@
 
 mod support;
 
+mod admission;
+mod affinity;
 mod cli;
 mod docs;
+mod ends;
 mod failover;
 mod faults;
 mod fuzz;
 mod hardening;
+mod limits;
+mod limits_ws;
 mod models;
 mod observability;
 mod operator;
@@ -15,10 +20,12 @@ mod postgres;
 mod realtime;
 mod records;
 mod reload;
+mod replicas;
 mod rescue;
 mod resume;
 mod routing;
 mod sdk;
 mod status_browser;
+mod sticky;
 mod streaming;
 mod tracing;

@@ -522,6 +522,40 @@ async fn a_400_naming_stream_options_is_repeated_once_without_it_until_reload() 
 }
 
 #[actix_rt::test]
+async fn a_crafted_400_cannot_turn_forced_usage_off_for_others() {
+    // The upstream refuses this client's body for its own reasons, with `stream_options` in the
+    // error text, whether or not the option is there.
+    let up = Mock::script(|req, _| {
+        if String::from_utf8_lossy(&req.body).contains("poison") {
+            Reply::json(
+                400,
+                serde_json::json!({"error": {"message": "poison is not allowed next to stream_options", "type": "invalid_request_error", "param": "stream_options"}}),
+            )
+        } else {
+            usage_stream(req.json().get("stream_options").is_some())
+        }
+    });
+    let gw = Gateway::start(&config("", &[upstream("u", &up.endpoint(), "")]));
+    let crafted = stream_body(serde_json::json!({"user": "poison"}));
+    let got = post_raw(&gw, "/v1/chat/completions", &crafted).await;
+    assert_eq!(got.status, 400);
+    assert!(got.text().contains("stream_options"));
+    assert_eq!(up.hits(), 2, "repeated once without the option");
+    assert!(up.seen()[1].json().get("stream_options").is_none());
+    // The next normal client still gets stream_options added, and its tokens counted.
+    let body = stream_body(serde_json::json!({}));
+    let got = post_raw(&gw, "/v1/chat/completions", &body).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), format!("{E1}{E2}{E3}{E4}{DONE}"));
+    let seen = up.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].json()["stream_options"]["include_usage"], true);
+    assert!(gw.log().contains("not only because of it"), "{}", gw.log());
+    let recs = gw.records(2);
+    assert_eq!(recs[1]["total_tokens"], 13);
+}
+
+#[actix_rt::test]
 async fn another_400_is_relayed_intact_and_not_repeated() {
     let err = serde_json::json!({"error": {"message": "messages must not be empty", "type": "invalid_request_error", "param": "messages"}});
     let e2 = err.clone();
@@ -579,7 +613,8 @@ fn openai_python_sdk_models_and_streams_with_forced_usage() {
     assert!(stdout.contains("MISSING:model_not_found"), "{stdout}");
     assert!(stdout.contains("STREAM:Hello world EMPTY:0"), "{stdout}");
     assert!(stdout.contains("USAGE:13"), "{stdout}");
-    let recs = gw.records(5);
+    // The model list answers are not recorded (SPEC 4d 0.3); the 404 and the two streams are.
+    let recs = gw.records(3);
     let streams: Vec<_> = recs.iter().filter(|r| r["stream"] == 1).collect();
     assert_eq!(streams.len(), 2);
     assert!(

@@ -13,23 +13,23 @@ use crate::support::*;
 static PG_LOCK: Mutex<()> = Mutex::new(());
 
 /// The sync `postgres` client runs its own runtime: keep it off the test's actix thread.
-fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| s.spawn(f).join().unwrap())
 }
 
-fn admin_url() -> Option<String> {
+pub(crate) fn admin_url() -> Option<String> {
     required_env("OPENAI_API_ROUTE_TEST_POSTGRES", "PostgreSQL test")
 }
 
 /// A database created for one test and dropped after it.
-struct TestDb {
+pub(crate) struct TestDb {
     admin: String,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl TestDb {
-    fn new(admin: &str) -> TestDb {
+    pub(crate) fn new(admin: &str) -> TestDb {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let name = format!(
             "oar_test_{}_{}",
@@ -52,7 +52,7 @@ impl TestDb {
     }
 
     /// Runs `f` with a client of this database, off the async thread.
-    fn with<T: Send>(&self, f: impl FnOnce(&mut postgres::Client) -> T + Send) -> T {
+    pub(crate) fn with<T: Send>(&self, f: impl FnOnce(&mut postgres::Client) -> T + Send) -> T {
         blocking(|| {
             let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
             f(&mut c)
@@ -92,7 +92,7 @@ impl Drop for TestDb {
     }
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn lock() -> std::sync::MutexGuard<'static, ()> {
     PG_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 

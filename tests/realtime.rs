@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::*;
 
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What the echo upstream saw: each handshake's target and headers, and every event in order.
 #[derive(Default)]
@@ -31,32 +31,32 @@ struct Seen {
 /// - `close:CODE:REASON` closes with that code and reason,
 /// - `flood:N:SIZE` sends N binary messages of SIZE bytes,
 /// - `fragments` sends one text message as three frames ("frag", "ment", "ed").
-struct WsMock {
+pub(crate) struct WsMock {
     addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
 }
 
 impl WsMock {
-    fn start() -> WsMock {
+    pub(crate) fn start() -> WsMock {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let seen2 = seen.clone();
         let addr = spawn_server(move |sock| serve_ws(sock, seen2.clone()));
         WsMock { addr, seen }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
 
-    fn events(&self) -> Vec<String> {
+    pub(crate) fn events(&self) -> Vec<String> {
         self.seen.lock().unwrap().events.clone()
     }
 
-    fn handshakes(&self) -> Vec<(String, Vec<(String, String)>)> {
+    pub(crate) fn handshakes(&self) -> Vec<(String, Vec<(String, String)>)> {
         self.seen.lock().unwrap().handshakes.clone()
     }
 
-    fn header(&self, i: usize, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, i: usize, name: &str) -> Option<String> {
         self.handshakes()
             .get(i)?
             .1
@@ -177,12 +177,12 @@ async fn serve_ws(sock: TcpStream, seen: Arc<Mutex<Seen>>) {
     event("end".into());
 }
 
-fn ws_url(gw: &Gateway, path: &str) -> String {
+pub(crate) fn ws_url(gw: &Gateway, path: &str) -> String {
     format!("ws://{}{}", gw.addr, path)
 }
 
 /// Opens a session through the gateway with the client token and `extra` headers.
-async fn connect(
+pub(crate) async fn connect(
     gw: &Gateway,
     path: &str,
     extra: &[(&str, &str)],
@@ -206,7 +206,7 @@ async fn connect(
 }
 
 /// The next data or close message, skipping nothing; panics after 10 s.
-async fn recv(ws: &mut Client) -> Message {
+pub(crate) async fn recv(ws: &mut Client) -> Message {
     tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("no message within 10 s")
@@ -214,14 +214,14 @@ async fn recv(ws: &mut Client) -> Message {
         .expect("read error")
 }
 
-fn status_of(err: WsError) -> u16 {
+pub(crate) fn status_of(err: WsError) -> u16 {
     match err {
         WsError::Http(resp) => resp.status().as_u16(),
         other => panic!("expected an HTTP answer, got {other}"),
     }
 }
 
-async fn metrics(gw: &Gateway) -> String {
+pub(crate) async fn metrics(gw: &Gateway) -> String {
     send("GET", &gw.url("/v1/metrics"), &[], b"").await.text()
 }
 
@@ -233,7 +233,7 @@ fn gauge(text: &str, upstream: &str) -> Option<i64> {
 }
 
 /// Waits until the metrics page shows `want` for the upstream's session gauge.
-async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
+pub(crate) async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = metrics(gw).await;
@@ -253,7 +253,7 @@ async fn wait_gauge(gw: &Gateway, upstream: &str, want: i64) {
 }
 
 /// Waits (without blocking the test's runtime) until the upstream saw an event matching `pred`.
-async fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
+pub(crate) async fn wait_event(mock: &WsMock, pred: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let events = mock.events();
@@ -723,7 +723,11 @@ async fn oversized_frame_closes_with_1009_without_being_buffered() {
 #[actix_rt::test]
 async fn many_concurrent_sessions_leave_memory_flat() {
     let good = WsMock::start();
-    let gw = Gateway::start(&config("", &[upstream("good", &good.endpoint(), "")]));
+    // 200 sessions with one token: above the default per-token limit of 100.
+    let gw = Gateway::start(&config(
+        "realtime_max_sessions_per_token: 1000",
+        &[upstream("good", &good.endpoint(), "")],
+    ));
     /// Opens `n` sessions, echoes 4 KiB on each while all are open, closes them; returns the
     /// gateway's RSS while they were open.
     async fn round(gw: &Gateway, n: usize) -> u64 {

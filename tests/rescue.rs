@@ -14,24 +14,24 @@ use crate::support::*;
 
 /// Keys every gateway here starts with: no health-based reordering (so only the rule under test
 /// moves an upstream), no added `stream_options` (so bodies are exactly what 4a adds).
-const QUIET: &str = "cooldown: {failures: 100, seconds: 30}\nforce_usage: false\n";
+pub(crate) const QUIET: &str = "cooldown: {failures: 100, seconds: 30}\nforce_usage: false\n";
 
 /// Short timers for the resume tests.
-const FAST: &str = "stream_timeout: 1\nidle_timeout: 1\nresume: true\n";
+pub(crate) const FAST: &str = "stream_timeout: 1\nidle_timeout: 1\nresume: true\n";
 
 /// Time between two chunks of a mock stream.
-const GAP: Duration = Duration::from_millis(40);
+pub(crate) const GAP: Duration = Duration::from_millis(40);
 
-fn start(global: &str, upstreams: &[String]) -> Gateway {
+pub(crate) fn start(global: &str, upstreams: &[String]) -> Gateway {
     Gateway::start(&config(global, upstreams))
 }
 
-fn up(name: &str, m: &Mock, extra: &str) -> String {
+pub(crate) fn up(name: &str, m: &Mock, extra: &str) -> String {
     upstream(name, &m.endpoint(), extra)
 }
 
 /// A failover status whose answer carries `Retry-After`.
-fn status_after(status: u16, retry_after: &str) -> Reply {
+pub(crate) fn status_after(status: u16, retry_after: &str) -> Reply {
     Reply::Full {
         status,
         headers: vec![
@@ -53,7 +53,7 @@ fn bad_request(code: &str) -> Reply {
 }
 
 /// One chat completion chunk of upstream `id` (its own `id` and `model`), shaped like OpenAI's.
-fn chunk(id: &str, delta: Value) -> Vec<u8> {
+pub(crate) fn chunk(id: &str, delta: Value) -> Vec<u8> {
     let ev = json!({
         "id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": 1700000000,
         "model": format!("model-{id}"),
@@ -62,15 +62,15 @@ fn chunk(id: &str, delta: Value) -> Vec<u8> {
     format!("data: {ev}\n\n").into_bytes()
 }
 
-fn role(id: &str) -> Vec<u8> {
+pub(crate) fn role(id: &str) -> Vec<u8> {
     chunk(id, json!({"role": "assistant", "content": ""}))
 }
 
-fn text(id: &str, t: &str) -> Vec<u8> {
+pub(crate) fn text(id: &str, t: &str) -> Vec<u8> {
     chunk(id, json!({"content": t}))
 }
 
-fn finish(id: &str) -> Vec<Vec<u8>> {
+pub(crate) fn finish(id: &str) -> Vec<Vec<u8>> {
     let ev = json!({
         "id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": 1700000000,
         "model": format!("model-{id}"),
@@ -83,7 +83,7 @@ fn finish(id: &str) -> Vec<Vec<u8>> {
 }
 
 /// An SSE response of these events, `GAP` apart.
-fn sse(parts: Vec<Vec<u8>>, ending: Ending) -> Reply {
+pub(crate) fn sse(parts: Vec<Vec<u8>>, ending: Ending) -> Reply {
     Reply::Chunks {
         status: 200,
         headers: vec![("content-type".into(), "text/event-stream".into())],
@@ -97,7 +97,7 @@ fn sse(parts: Vec<Vec<u8>>, ending: Ending) -> Reply {
 }
 
 /// Role chunk and text chunks; with `Ending::Finish` also the finish chunk and `[DONE]`.
-fn chat_parts(id: &str, pieces: &[&str], done: bool) -> Vec<Vec<u8>> {
+pub(crate) fn chat_parts(id: &str, pieces: &[&str], done: bool) -> Vec<Vec<u8>> {
     let mut parts = vec![role(id)];
     parts.extend(pieces.iter().map(|p| text(id, p)));
     if done {
@@ -107,22 +107,22 @@ fn chat_parts(id: &str, pieces: &[&str], done: bool) -> Vec<Vec<u8>> {
 }
 
 /// A whole chat stream from upstream `id`.
-fn chat_stream(id: &str, pieces: &[&str]) -> Reply {
+pub(crate) fn chat_stream(id: &str, pieces: &[&str]) -> Reply {
     sse(chat_parts(id, pieces, true), Ending::Finish)
 }
 
 /// A chat stream that breaks after `pieces` with `ending` (`Drop` or `Stall`).
-fn broken_stream(id: &str, pieces: &[&str], ending: Ending) -> Reply {
+pub(crate) fn broken_stream(id: &str, pieces: &[&str], ending: Ending) -> Reply {
     sse(chat_parts(id, pieces, false), ending)
 }
 
 /// An in-band error event as a `data:` line.
-fn inband_error() -> Vec<u8> {
+pub(crate) fn inband_error() -> Vec<u8> {
     b"data: {\"error\":{\"message\":\"mock in-band overload\",\"type\":\"server_error\",\"code\":null}}\n\n".to_vec()
 }
 
 /// The `data:` payloads of an SSE body, in order.
-fn data_lines(body: &str) -> Vec<String> {
+pub(crate) fn data_lines(body: &str) -> Vec<String> {
     body.lines()
         .filter_map(|l| l.strip_prefix("data:"))
         .map(|d| d.trim_start().to_string())
@@ -130,7 +130,7 @@ fn data_lines(body: &str) -> Vec<String> {
 }
 
 /// The concatenated `choices[0].delta.content`: the text a client shows.
-fn content(body: &str) -> String {
+pub(crate) fn content(body: &str) -> String {
     data_lines(body)
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
@@ -143,19 +143,19 @@ fn content(body: &str) -> String {
 }
 
 /// Whether the stream's last event is the gateway's SSE error event (SPEC §4).
-fn ends_with_error_event(body: &str) -> bool {
+pub(crate) fn ends_with_error_event(body: &str) -> bool {
     data_lines(body)
         .last()
         .and_then(|d| serde_json::from_str::<Value>(d).ok())
         .is_some_and(|v| v["error"]["type"] == "upstream_error")
 }
 
-fn ends_with_done(body: &str) -> bool {
+pub(crate) fn ends_with_done(body: &str) -> bool {
     body.ends_with("data: [DONE]\n\n")
 }
 
 /// The request body the mock saw, parsed.
-fn last_message(seen: &Seen) -> Value {
+pub(crate) fn last_message(seen: &Seen) -> Value {
     seen.json()["messages"]
         .as_array()
         .and_then(|m| m.last().cloned())
@@ -163,17 +163,17 @@ fn last_message(seen: &Seen) -> Value {
 }
 
 /// Whether this request is a continuation: its last message is the assistant's partial answer.
-fn is_prefill(seen: &Seen) -> bool {
+pub(crate) fn is_prefill(seen: &Seen) -> bool {
     last_message(seen)["role"] == "assistant"
 }
 
 /// A chat stream request with one more field than `chat_body`, to check it is kept.
-fn stream_body() -> Value {
+pub(crate) fn stream_body() -> Value {
     json!({"model": "gpt-test", "stream": true, "temperature": 0.3, "messages": [{"role": "user", "content": "hi"}]})
 }
 
 /// The sum over every series of `name` that has `key="value"` (whatever its other labels).
-fn sum(m: &Metrics, name: &str, key: &str, value: &str) -> f64 {
+pub(crate) fn sum(m: &Metrics, name: &str, key: &str, value: &str) -> f64 {
     m.samples
         .iter()
         .filter(|s| s.name == name && s.labels.iter().any(|(k, v)| k == key && v == value))
@@ -181,12 +181,12 @@ fn sum(m: &Metrics, name: &str, key: &str, value: &str) -> f64 {
         .sum()
 }
 
-const RETRIES: &str = "openai_api_route_retries_total";
-const RESUMES: &str = "openai_api_route_resumes_total";
-const REQUESTS: &str = "openai_api_route_upstream_requests_total";
+pub(crate) const RETRIES: &str = "openai_api_route_retries_total";
+pub(crate) const RESUMES: &str = "openai_api_route_resumes_total";
+pub(crate) const REQUESTS: &str = "openai_api_route_upstream_requests_total";
 
 /// Every outcome counted for `upstream` in `upstream_requests_total`.
-fn counted(m: &Metrics, upstream: &str) -> f64 {
+pub(crate) fn counted(m: &Metrics, upstream: &str) -> f64 {
     sum(m, REQUESTS, "upstream", upstream)
 }
 
@@ -559,6 +559,8 @@ async fn retry_after_puts_the_upstream_in_cooldown_for_that_long() {
         let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
         assert_eq!(got.header("x-upstream"), Some("second"), "{status}");
         assert_eq!(got.header("x-upstream-attempts"), Some("2"), "{status}");
+        // The registry actor publishes the cooldown a moment after the failure is reported.
+        std::thread::sleep(Duration::from_millis(200));
         let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
         assert_eq!(got.header("x-upstream"), Some("second"), "{status}");
         assert_eq!(
@@ -689,10 +691,11 @@ async fn deadline_cuts_attempt_waits_and_skips_the_rest() {
         .lock()
         .unwrap()
         == 1));
-    // Backoffs too: a 500 forever with many retries still ends within the deadline.
+    // Backoffs too: a 500 forever with many retries (5 = 7.75 s of backoff, the most a config
+    // may give) still ends within the deadline.
     let flaky = Mock::always(Reply::status(500));
     let gw = start(
-        &format!("{QUIET}retries: 10\ndeadline: 1"),
+        &format!("{QUIET}retries: 5\ndeadline: 1"),
         &[up("flaky", &flaky, "")],
     );
     let t = Instant::now();
@@ -1573,6 +1576,44 @@ async fn a_stream_whose_text_outgrew_the_capture_is_not_resumed() {
     assert_eq!(second.hits(), 0, "resumed without knowing the whole text");
     let rows = gw.records(1);
     assert_eq!(rows[0]["complete"], 0, "{:?}", rows[0]["error"]);
+}
+
+#[actix_rt::test]
+async fn a_stream_longer_than_resume_max_bytes_is_not_resumed() {
+    // 70,000 bytes of text sent, then the first upstream drops: the capture (1 MiB) could hold
+    // it, but a continuation would hand the next upstream a 70 kB prefill chosen by the first.
+    let long = "y".repeat(10_000);
+    let pieces = [long.as_str(); 7];
+    let first = Mock::always(broken_stream("a", &pieces, Ending::Drop));
+    let second = Mock::always(chat_stream("b", &["UNEXPECTED REQUEST"]));
+    let gw = start(
+        &format!("{QUIET}{FAST}"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    let text = got.text();
+    assert_eq!(content(&text).len(), 70_000);
+    assert!(
+        ends_with_error_event(&text),
+        "{}",
+        &text[text.len() - 200..]
+    );
+    assert_eq!(
+        second.hits(),
+        0,
+        "the default resume_max_bytes (65536) let it resume"
+    );
+    assert_eq!(gw.records(1)[0]["complete"], 0);
+    drop(gw);
+    // With the limit raised, the same break is continued on the second upstream.
+    let gw = start(
+        &format!("{QUIET}{FAST}resume_max_bytes: 100000"),
+        &[up("first", &first, ""), up("second", &second, "")],
+    );
+    let got = post(&gw, "/v1/chat/completions", stream_body()).await;
+    assert_eq!(second.hits(), 1);
+    assert!(got.text().contains("UNEXPECTED REQUEST"));
+    assert!(last_message(&second.seen()[0]).to_string().len() > 70_000);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,3 +51,92 @@ fn openai_python_sdk_through_a_failing_first_upstream() {
         "both requests tried the failing upstream first"
     );
 }
+
+const ALL_FAIL: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
+try:
+    client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+    print("UNEXPECTED SUCCESS")
+except openai.APIStatusError as e:
+    print("STATUS:%d" % e.status_code)
+"#;
+
+/// SPEC 4e: when every upstream failed, the SDK (which retries a 5xx twice by default) does not
+/// start a second round: one call costs at most 1 + `retries` requests per upstream.
+#[test]
+fn the_python_sdk_does_not_retry_an_answer_after_every_upstream_failed() {
+    let Some(python) = sdk_python("openai SDK no-second-round test") else {
+        return;
+    };
+    let a = Mock::always(Reply::status(500));
+    let b = Mock::always(Reply::status(500));
+    let gw = Gateway::start(&config(
+        "retries: 1\ncooldown: {failures: 100, seconds: 30}",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let stdout = run_python(&python, ALL_FAIL, &[&gw.url("/v1"), TOKEN]);
+    assert!(stdout.contains("STATUS:500"), "{stdout}");
+    assert_eq!(a.hits(), 2, "1 + retries requests to a");
+    assert_eq!(b.hits(), 2, "1 + retries requests to b");
+}
+
+const AFFINITY_SCRIPT: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
+prev, ups = None, []
+for i in range(5):
+    extra = {"previous_response_id": prev} if prev else {}
+    raw = client.responses.with_raw_response.create(model="gpt-test", input="turn %d" % i, **extra)
+    ups.append(raw.headers.get("x-upstream") + "/" + raw.headers.get("x-upstream-attempts"))
+    r = raw.parse()
+    assert r.output_text.endswith(r.id), r.output_text
+    prev = r.id
+print("TURNS:" + ",".join(ups))
+for i in range(2):
+    f = client.files.create(file=("notes.jsonl", b'{"n": %d}\n' % i), purpose="batch")
+    for _ in range(2):
+        got = client.files.retrieve(f.id)
+        assert got.id == f.id
+        body = client.files.content(f.id).read().decode()
+        print("FILE:%s:%s" % (f.id, body.strip()))
+"#;
+
+/// SPEC 4f with the official SDK: a Responses chain over several turns and files written then
+/// read, under `round_robin` across two upstreams that each know only their own objects.
+#[test]
+fn openai_python_sdk_continues_chains_and_reads_files_under_round_robin() {
+    let Some(python) = sdk_python("openai SDK affinity test") else {
+        return;
+    };
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let gw = Gateway::start(&config(
+        "lb_policy: round_robin",
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    ));
+    let stdout = run_python(&python, AFFINITY_SCRIPT, &[&gw.url("/v1"), TOKEN]);
+    let turns = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("TURNS:"))
+        .unwrap_or_default();
+    let turns: Vec<&str> = turns.split(',').collect();
+    assert_eq!(turns.len(), 5, "{stdout}");
+    assert!(
+        turns.iter().all(|t| *t == turns[0] && t.ends_with("/1")),
+        "every turn on the chain's owner at the first attempt: {stdout}"
+    );
+    let files: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FILE:")).collect();
+    assert_eq!(files.len(), 4, "{stdout}");
+    for line in files {
+        // `FILE:file-a-3:a:{"n": 0}`: the content came from the upstream that holds the file.
+        let mut parts = line.splitn(4, ':');
+        let (id, owner) = (parts.nth(1).unwrap(), parts.next().unwrap());
+        assert!(id.starts_with(&format!("file-{owner}-")), "{line}");
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::support::*;
 
 fn sse_chunks(n: usize, gap: Duration, ending: Ending) -> (Reply, Vec<u8>) {
-    let chunks: Vec<(Duration, Vec<u8>)> = (0..n)
+    let mut chunks: Vec<(Duration, Vec<u8>)> = (0..n)
         .map(|i| {
             let ev = serde_json::json!({"choices": [{"delta": {"content": format!("w{i} ")}}]});
             (
@@ -15,6 +15,10 @@ fn sse_chunks(n: usize, gap: Duration, ending: Ending) -> (Reply, Vec<u8>) {
             )
         })
         .collect();
+    if matches!(ending, Ending::Finish) {
+        // A whole chat stream ends with `[DONE]` (SPEC 4e); without it, it is broken.
+        chunks.push((Duration::ZERO, b"data: [DONE]\n\n".to_vec()));
+    }
     let all = chunks.iter().flat_map(|(_, c)| c.clone()).collect();
     (
         Reply::Chunks {

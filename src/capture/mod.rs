@@ -12,11 +12,12 @@ use crate::escape::cut_bytes;
 
 use actix_web::web::Bytes;
 
+pub mod objects;
 mod openai;
 
 /// The quoted-key scanner of the reply readers, for the usage filter's cheap checks.
-pub(crate) use self::openai::{find_key, key_values};
-use self::openai::{has_usage_object, tail_finish_reason, tail_usage, Event, Whole};
+pub(crate) use self::openai::{find_key, has_usage_object, key_values};
+use self::openai::{tail_finish_reason, tail_usage, Event, Whole};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
@@ -70,6 +71,8 @@ pub struct Reply {
     /// An SSE error event (a top-level `error`, or a Responses API `error`/`response.failed`)
     /// came through: the client did not get the whole answer. Read only when the text is kept.
     pub error_event: bool,
+    /// The object the answer created, when it was watched for (SPEC 4f).
+    pub object: Option<objects::ObjectSeen>,
 }
 
 impl Reply {
@@ -117,6 +120,8 @@ pub struct Capture {
     finish_reason: Option<FinishReason>,
     /// SSE: an error event was seen.
     error_event: bool,
+    /// The answer's object id (and Responses output), when this answer creates one (SPEC 4f).
+    objects: Option<objects::ObjectWatch>,
 }
 
 impl Capture {
@@ -167,6 +172,14 @@ impl Capture {
             earlier: Usage::default(),
             finish_reason: None,
             error_event: false,
+            objects: None,
+        }
+    }
+
+    /// Watch this answer for the id of the object it creates (SPEC 4f).
+    pub fn watch_objects(&mut self, watch: objects::ObjectWatch) {
+        if matches!(self.kind, Kind::Sse | Kind::Json) {
+            self.objects = Some(watch);
         }
     }
 
@@ -200,6 +213,9 @@ impl Capture {
             && !self.truncated
             && chunk.len() <= self.limit.min(8192);
         if kept {
+            if let Some(w) = self.objects.as_mut() {
+                w.json(chunk);
+            }
             self.whole = Some(chunk.clone());
         } else {
             self.feed(chunk);
@@ -209,7 +225,13 @@ impl Capture {
     /// Feeds one relayed chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
         if let Some(whole) = self.whole.take() {
+            // Already shown to the object watch when it came.
+            let watch = self.objects.take();
             self.feed(&whole);
+            self.objects = watch;
+        }
+        if let (Kind::Json, Some(w)) = (self.kind, self.objects.as_mut()) {
+            w.json(chunk);
         }
         match self.kind {
             Kind::Binary => {}
@@ -293,6 +315,9 @@ impl Capture {
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
+        if let Some(w) = self.objects.as_mut() {
+            w.sse_data(data);
+        }
         if !self.keep_text && !has_usage_object(data) {
             return;
         }
@@ -334,6 +359,9 @@ impl Capture {
 
     /// The end of an SSE line too long to keep: still read for `usage` and `finish_reason`.
     fn overflowed_line(&mut self, tail: &[u8]) {
+        if let Some(w) = self.objects.as_mut() {
+            w.overflowed();
+        }
         if let Some(u) = tail_usage(tail) {
             self.usage = u;
         }
@@ -353,9 +381,22 @@ impl Capture {
 
     /// What the record keeps of the reply: its text (None for binary bodies), the usage found,
     /// the last `finish_reason`, and whether an SSE error event came through.
-    pub fn finish(self) -> Reply {
+    pub fn finish(mut self) -> Reply {
         let earlier = self.earlier;
+        if self.kind == Kind::Sse && !self.line.is_empty() {
+            // The stream ended without a final newline: the last line still counts (read here,
+            // so that the object watch sees it too).
+            let line = std::mem::take(&mut self.line);
+            if self.line_overflow {
+                self.overflowed_line(&line);
+            } else {
+                self.sse_line(&line);
+            }
+        }
+        let json = self.kind == Kind::Json;
+        let seen = self.objects.take().map(|w| w.finish(json));
         let mut reply = self.finish_segment();
+        reply.object = seen;
         reply.usage = earlier.plus(reply.usage);
         reply
     }
@@ -434,6 +475,7 @@ impl Capture {
             usage,
             finish_reason,
             error_event: self.error_event,
+            object: None,
         }
     }
 }

@@ -165,7 +165,7 @@ pub(crate) fn key_values<'a>(json: &'a [u8], key: &'static [u8]) -> impl Iterato
 
 /// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
 /// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
-pub(super) fn has_usage_object(data: &[u8]) -> bool {
+pub(crate) fn has_usage_object(data: &[u8]) -> bool {
     usage_values(data).any(|v| !v.starts_with(b"null"))
 }
 

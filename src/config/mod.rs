@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 
+mod limits;
 mod net;
 mod notify;
 mod otel;
@@ -22,6 +23,7 @@ mod parse;
 mod tests;
 mod upstream;
 
+pub use limits::Limits;
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
 pub use otel::OtelConfig;
@@ -96,6 +98,8 @@ pub enum LbPolicy {
     Random,
     /// The start rotates by one per request.
     RoundRobin,
+    /// Weighted rendezvous hashing of the request's affinity key (SPEC 4f).
+    Sticky,
 }
 
 impl LbPolicy {
@@ -105,6 +109,7 @@ impl LbPolicy {
             LbPolicy::Order => "order",
             LbPolicy::Random => "random",
             LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::Sticky => "sticky",
         }
     }
 }
@@ -170,6 +175,10 @@ pub struct Config {
     pub resume: bool,
     /// `otel:` (SPEC 6a); the `OTEL_*` environment beats it. Read at start only.
     pub otel: OtelConfig,
+    /// WebSocket and continuation limits (SPEC 4d, version 0.3).
+    pub limits: Limits,
+    /// Rebuild a Responses chain whose owner cannot answer as a stateless request (SPEC 4f).
+    pub rebuild: bool,
 }
 
 impl Config {

@@ -48,6 +48,14 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "resume",
     "prefill",
     "otel",
+    // SPEC 4d (0.3) limits, read in `limits.rs`.
+    "realtime_max_sessions",
+    "realtime_max_sessions_per_token",
+    "realtime_idle_timeout",
+    "realtime_buffer_bytes",
+    "resume_max_bytes",
+    // SPEC 4f.
+    "rebuild",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -63,7 +71,11 @@ pub(super) const UPSTREAM_KEYS: &[&str] = &[
     "force_usage",
     "retries",
     "prefill",
+    "weight",
 ];
+
+/// The most `retries` a config may give (global or per upstream).
+pub const MAX_RETRIES: u32 = 5;
 
 impl Parser<'_> {
     pub(super) fn err(&mut self, key: &str, problem: impl Into<String>) {
@@ -172,6 +184,17 @@ impl Parser<'_> {
     }
 
     /// `true`/`false` (also as strings, so `${ENV}` works).
+    /// `retries` (global or per upstream): at most [`MAX_RETRIES`]; more only multiplies the
+    /// load a client's one request puts on a failing upstream (SPEC 4d).
+    pub(super) fn retries(&mut self, key: &str, v: Option<&Value>, default: u32) -> u32 {
+        let n = self.integer(key, v, default.into());
+        // An inherited default was reported where it was written.
+        if v.is_some() && n > u64::from(MAX_RETRIES) {
+            self.err(key, format!("must be at most {MAX_RETRIES} (got {n})"));
+        }
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     pub(super) fn boolean(&mut self, key: &str, v: Option<&Value>, default: bool) -> bool {
         let b = match v {
             None | Some(Value::Null) => return default,
@@ -272,10 +295,13 @@ impl Parser<'_> {
                 "order" | "" => LbPolicy::Order,
                 "random" => LbPolicy::Random,
                 "round_robin" | "round-robin" => LbPolicy::RoundRobin,
+                "sticky" => LbPolicy::Sticky,
                 other => {
                     self.err(
                         "lb_policy",
-                        format!("unknown policy {other:?}: use order, random or round_robin"),
+                        format!(
+                            "unknown policy {other:?}: use order, random, round_robin or sticky"
+                        ),
                     );
                     LbPolicy::Order
                 }
@@ -356,7 +382,7 @@ impl Parser<'_> {
         );
         let route_by_models = self.boolean("route_by_models", get("route_by_models"), false);
         let force_usage = self.boolean("force_usage", get("force_usage"), true);
-        let retries = self.integer("retries", get("retries"), 0);
+        let retries = self.retries("retries", get("retries"), 0);
         let retry_after_max = get("retry_after_max")
             .and_then(|v| self.number("retry_after_max", v))
             .map_or(Duration::from_secs(5), Duration::from_secs_f64);
@@ -369,6 +395,7 @@ impl Parser<'_> {
             v => self.list("failover_codes", v),
         };
         let resume = self.boolean("resume", get("resume"), false);
+        let rebuild = self.boolean("rebuild", get("rebuild"), false);
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
         let otel = self.otel(get("otel"));
 
@@ -376,10 +403,11 @@ impl Parser<'_> {
             timeout,
             stream_timeout,
             force_usage,
-            retries: u32::try_from(retries).unwrap_or(u32::MAX),
+            retries,
             prefill,
         };
         let upstreams = self.upstreams(get("upstreams"), defaults);
+        let limits = self.limits(map);
 
         Config {
             file: self.file.clone(),
@@ -413,6 +441,8 @@ impl Parser<'_> {
             failover_codes,
             resume,
             otel,
+            limits,
+            rebuild,
         }
     }
 }

@@ -225,3 +225,24 @@ fn key_sections_name_the_mappings_the_parser_warns_in() {
         assert!(!keys.is_empty() && !keys.contains(&"zz"), "{path}");
     }
 }
+
+#[test]
+fn retries_above_five_are_an_error_where_written() {
+    let e = parse_str(
+        "authorization: x\nretries: 6\nupstreams:\n  - endpoint: http://h\n  - endpoint: http://h2\n    retries: 100\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("t.yaml: retries: must be at most 5 (got 6)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("t.yaml: upstreams[1].retries: must be at most 5 (got 100)"),
+        "{e}"
+    );
+    assert!(!e.contains("upstreams[0]"), "{e}");
+    let c =
+        parse_str("authorization: x\nretries: 5\nupstreams:\n  - endpoint: http://h\n").unwrap();
+    assert_eq!(c.upstreams[0].retries, 5);
+}

@@ -102,6 +102,8 @@ pub struct Upstream {
     pub retries: u32,
     /// `prefill`: how this upstream continues a partial answer (SPEC 4a resume).
     pub prefill: Prefill,
+    /// `weight`: this upstream's share under `random` and `sticky` (SPEC §3, 4f); positive.
+    pub weight: f64,
 }
 
 /// How an upstream continues a partial answer (SPEC 4a `prefill`).
@@ -274,8 +276,16 @@ impl Parser<'_> {
                 m.get("force_usage"),
                 defaults.force_usage,
             );
-            let retries = self.integer(&key("retries"), m.get("retries"), defaults.retries.into());
+            let retries = self.retries(&key("retries"), m.get("retries"), defaults.retries);
             let prefill = self.prefill(&key("prefill"), m.get("prefill"), defaults.prefill);
+            let weight = match m.get("weight").and_then(|v| self.number(&key("weight"), v)) {
+                Some(w) if w > 0.0 => w,
+                Some(_) => {
+                    self.err(&key("weight"), "must be a positive number");
+                    1.0
+                }
+                None => 1.0,
+            };
             out.push((
                 name.clone(),
                 Upstream {
@@ -291,8 +301,9 @@ impl Parser<'_> {
                     model_map,
                     models,
                     force_usage,
-                    retries: u32::try_from(retries).unwrap_or(u32::MAX),
+                    retries,
                     prefill,
+                    weight,
                 },
             ));
         }

@@ -1,31 +1,27 @@
-//! Admission: what a request must be before anything is sent upstream. The client's token
-//! (SPEC §4 auth), its address, one bounded read of the body, and (SPEC 4d) a JSON body the
-//! gateway can read, a path without dot segments, not a loop through chained gateways; plus the
-//! local CORS preflight, which needs none of that.
+//! The HTTP proxy's own admission steps, after the common ones every route takes
+//! ([`crate::admission::admit`]: auth, paths, loop guard): one bounded read of the body, and
+//! (SPEC 4d) a JSON body the gateway can read; plus the local CORS preflight, which needs none
+//! of that.
 //!
 //! Each rule exists because the looser one let a client past a filter: a duplicate `"model"` key
 //! made the meta reader give up, so `allow`/`deny` and `model_map` never saw the model that a
-//! last-key-wins upstream then served; `/v1/%2e%2e/x` reached the upstream with the operator's key.
+//! last-key-wins upstream then served; a UTF-16 body passed `deny` and a Python upstream decoded
+//! it anyway.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
-use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
-use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 
 pub use crate::config::token_label;
-use crate::config::Config;
 use crate::error::GatewayError;
-use crate::headers::VIA;
-use crate::ledger::RequestInfo;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 /// What the gateway reads from a JSON body.
@@ -53,6 +49,34 @@ impl fmt::Display for Refused {
 }
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Whether a `Content-Type` names JSON (`application/json`, `text/json`, `…+json`), or is absent.
+fn json_or_absent(content_type: Option<&HeaderValue>) -> bool {
+    let Some(v) = content_type else {
+        return true;
+    };
+    let Ok(text) = v.to_str() else {
+        return false;
+    };
+    let essence = text.split(';').next().unwrap_or("").trim();
+    let subtype = essence.rsplit('/').next().unwrap_or("");
+    subtype.eq_ignore_ascii_case("json")
+        || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json")
+}
+
+/// JSON between systems is UTF-8 (RFC 8259 §8.1). A body that is JSON by its `Content-Type`
+/// (or has none) and whose first four bytes hold a NUL or a UTF-16/UTF-32 byte order mark is
+/// JSON in another encoding: the meta reader cannot see its `model`, while a Python upstream
+/// (`json.loads` detects the encoding) reads it — a way past `deny` and `model_map` (SPEC 4d).
+pub fn not_utf8_json(content_type: Option<&HeaderValue>, body: &[u8]) -> Option<Refused> {
+    let head = &body[..body.len().min(4)];
+    let wide = head.contains(&0) || head.starts_with(b"\xFF\xFE") || head.starts_with(b"\xFE\xFF");
+    (wide && json_or_absent(content_type)).then(|| {
+        Refused(
+            "the JSON body is not UTF-8 (UTF-16 or UTF-32, or a NUL byte); send UTF-8 JSON".into(),
+        )
+    })
+}
 
 /// Reads the meta of a request body. A body whose first non-whitespace bytes are a UTF-8 BOM or
 /// `{` is JSON whatever its content type, and must be one JSON object without a BOM and without
@@ -247,173 +271,6 @@ impl<'de> Visitor<'de> for TopLevel {
     }
 }
 
-/// Whether a request path (as received, percent-encoded) has a `.` or `..` segment once decoded,
-/// with `/` and `\` both counted as separators. Decoding is repeated (a few rounds) so that a
-/// double-encoded `%252e%252e` cannot become `..` at a server that decodes again.
-pub fn has_dot_segment(path: &str) -> bool {
-    let mut current: Cow<'_, [u8]> = Cow::Borrowed(path.as_bytes());
-    for _ in 0..4 {
-        if current
-            .split(|b| *b == b'/' || *b == b'\\')
-            .any(|seg| seg == b"." || seg == b"..")
-        {
-            return true;
-        }
-        match percent_decode(&current) {
-            Some(next) => current = Cow::Owned(next),
-            None => return false,
-        }
-    }
-    false
-}
-
-/// One round of percent-decoding, or None when there is nothing to decode.
-pub(crate) fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
-    if !s.contains(&b'%') {
-        return None;
-    }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    let mut changed = false;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                changed = true;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    changed.then_some(out)
-}
-
-/// A request that already passed through this many gateways is a loop (answered 508).
-pub const MAX_VIA_HOPS: usize = 5;
-
-/// How many times [`VIA`] appears in the request's `Via` headers.
-pub fn via_hops(headers: &HeaderMap) -> usize {
-    headers
-        .get_all("via")
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter(|hop| hop.trim().eq_ignore_ascii_case(VIA))
-        .count()
-}
-
-/// What is known about a request before its body is read: its record's first columns. Every
-/// field shares what the request already holds (the URI's and the header's bytes, the method);
-/// nothing is copied or formatted here: the record's writer does that, off the request path.
-pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
-    // A header lookup when the client sends none; parsed strictly when it does (SPEC 6a).
-    let (trace_parent, tracestate) = crate::trace::context::incoming(req.headers());
-    RequestInfo {
-        created_at: SystemTime::now(),
-        started: Instant::now(),
-        ip: client_ip(req, cfg),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        model: None,
-        stream: false,
-        stream_options: None,
-        body: Bytes::new(),
-        user_agent: req.headers().get(header::USER_AGENT).cloned(),
-        client_key: None,
-        body_limit: cfg.record_body_bytes,
-        websocket: false,
-        trace_parent,
-        tracestate,
-    }
-}
-
-/// Constant-time comparison; only the lengths leak, which tokens do not keep secret anyway.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
-/// The bearer token of a request, trimmed.
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .trim();
-    let token = if v.len() >= 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-        &v[7..]
-    } else {
-        v
-    };
-    Some(token.trim())
-}
-
-/// Checks the client token; returns its label (the config's own, shared, for a configured token).
-pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<Arc<str>>, GatewayError> {
-    let token = bearer(req).filter(|t| !t.is_empty());
-    if cfg.noauth {
-        return Ok(token.map(|t| token_label(t).into()));
-    }
-    let Some(token) = token else {
-        return Err(GatewayError::Unauthorized(
-            "missing API key: send `Authorization: Bearer <token>`",
-        ));
-    };
-    // Every configured token is compared, whichever matches.
-    let mut found = None;
-    for (i, t) in cfg.tokens.iter().enumerate() {
-        if ct_eq(t.as_bytes(), token.as_bytes()) {
-            found = Some(i);
-        }
-    }
-    match found {
-        Some(i) => Ok(Some(match cfg.token_labels.get(i) {
-            Some(label) => label.clone(),
-            None => token_label(token).into(),
-        })),
-        None => Err(GatewayError::Unauthorized("incorrect API key provided")),
-    }
-}
-
-/// The client address: the peer, unless the peer is a trusted proxy that says otherwise.
-pub fn client_ip(req: &HttpRequest, cfg: &Config) -> Option<IpAddr> {
-    let peer = req.peer_addr()?.ip();
-    if !cfg.is_trusted_proxy(peer) {
-        return Some(peer);
-    }
-    // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is the client.
-    let xff: Vec<IpAddr> = req
-        .headers()
-        .get_all("x-forwarded-for")
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    if let Some(ip) = xff
-        .iter()
-        .rev()
-        .find(|ip| !cfg.is_trusted_proxy(**ip))
-        .or(xff.first())
-    {
-        return Some(*ip);
-    }
-    Some(
-        req.headers()
-            .get("x-real-ip")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<IpAddr>().ok())
-            .unwrap_or(peer),
-    )
-}
-
 /// Reads the whole body, up to `limit` bytes.
 pub async fn read_body(
     req: &HttpRequest,
@@ -526,6 +383,37 @@ mod tests {
     }
 
     #[test]
+    fn json_in_another_encoding_is_refused() {
+        let json = HeaderValue::from_static("application/json; charset=utf-16");
+        let problem = HeaderValue::from_static("application/problem+json");
+        let text = HeaderValue::from_static("text/plain");
+        let utf16le: Vec<u8> = "{\"model\":\"m\"}"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let utf16be: Vec<u8> = "{}".encode_utf16().flat_map(u16::to_be_bytes).collect();
+        for body in [
+            &utf16le[..],
+            &utf16be[..],
+            b"\xFF\xFE{\x00}\x00",
+            b"\xFE\xFF\x00{\x00}",
+            b"\xFF\xFE\x00\x00{\x00\x00\x00",
+            b"\x00\x00\xFE\xFF\x00\x00\x00{",
+            b"{\x00",
+        ] {
+            assert!(not_utf8_json(None, body).is_some(), "{body:?}");
+            assert!(not_utf8_json(Some(&json), body).is_some(), "{body:?}");
+            assert!(not_utf8_json(Some(&problem), body).is_some(), "{body:?}");
+            assert!(not_utf8_json(Some(&text), body).is_none(), "{body:?}");
+        }
+        assert!(not_utf8_json(None, b"{\"model\":\"m\\u0000\"}").is_none());
+        assert!(not_utf8_json(None, b"").is_none());
+        assert!(not_utf8_json(None, b"{}").is_none());
+        let multipart = HeaderValue::from_static("multipart/form-data; boundary=x");
+        assert!(not_utf8_json(Some(&multipart), b"\x00\x00").is_none());
+    }
+
+    #[test]
     fn json_bodies_are_read_or_refused() {
         let m = meta(r#" {"model":"gpt-4o","stream":true,"messages":[]}"#).unwrap();
         assert_eq!(m.model.as_deref(), Some("gpt-4o"));
@@ -570,50 +458,6 @@ mod tests {
         assert_eq!(meta("hello").unwrap(), BodyMeta::default());
         assert_eq!(meta("").unwrap(), BodyMeta::default());
         assert_eq!(meta("[1]").unwrap(), BodyMeta::default());
-    }
-
-    #[test]
-    fn dot_segments() {
-        for bad in [
-            "/v1/../admin",
-            "/v1/./x",
-            "/v1/%2e%2e/x",
-            "/v1/%2E%2e/x",
-            "/v1/.%2e/x",
-            "/v1/x%2f..%2fy",
-            "/v1/x%5c..%5cy",
-            "/v1/x\\..\\y",
-            "/v1/%252e%252e/x",
-            "/v1/..",
-        ] {
-            assert!(has_dot_segment(bad), "{bad}");
-        }
-        for ok in [
-            "/v1/chat/completions",
-            "/v1/files/file-abc.jsonl",
-            "/v1/models/meta-llama/Llama-3.1-8B",
-            "/v1/x/...",
-            "/v1/%2",
-            "/v1/a%",
-        ] {
-            assert!(!has_dot_segment(ok), "{ok}");
-        }
-    }
-
-    #[test]
-    fn via_counting() {
-        let mut h = HeaderMap::new();
-        h.append(
-            actix_web::http::header::VIA,
-            actix_web::http::header::HeaderValue::from_static(
-                "1.1 openai-api-route, 1.1 other, 1.1 openai-api-route",
-            ),
-        );
-        h.append(
-            actix_web::http::header::VIA,
-            actix_web::http::header::HeaderValue::from_static("1.1 openai-api-route"),
-        );
-        assert_eq!(via_hops(&h), 3);
     }
 }
 

@@ -6,7 +6,10 @@
 //! into the request's [`Ledger`], which alone writes metrics, health, alerts and the record.
 
 pub mod admit;
+pub mod affine;
 pub mod attempt;
+pub mod ends;
+pub mod prefill;
 pub mod relay;
 pub mod rescue;
 pub mod respond;
@@ -15,10 +18,12 @@ pub mod resume;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::CONTENT_TYPE;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use tokio::time::error::Elapsed;
 
+use crate::admission::Admitted;
 use crate::attempt::FailKind;
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
@@ -51,30 +56,17 @@ pub async fn proxy(
     forward(&req, ledger, &state, &client.0).await
 }
 
-/// Admission: who is asking, what they send, and whether it may go anywhere (SPEC §4, 4d).
+/// Admission: the common step of every route (auth, paths, loop guard), then what this route
+/// reads: the body, bounded in size and time, and what it says (SPEC §4, 4d).
 async fn admit_request(
     req: &HttpRequest,
     payload: web::Payload,
     state: &web::Data<AppState>,
 ) -> Result<Ledger, (Ledger, GatewayError)> {
-    let cfg = state.config.get();
-    let info = admit::request_info(req, &cfg);
-    let mut ledger = Ledger::open(state.clone().into_inner(), info);
-    match admit::authorize(req, &cfg) {
-        Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return Err((ledger, e)),
-    }
-    let hops = admit::via_hops(req.headers());
-    if hops >= admit::MAX_VIA_HOPS {
-        return Err((ledger, GatewayError::LoopDetected(hops)));
-    }
-    if admit::has_dot_segment(req.uri().path()) {
-        let err = GatewayError::BadRequest(
-            "the path has a `.` or `..` segment (after percent-decoding); it is not forwarded"
-                .into(),
-        );
-        return Err((ledger, err));
-    }
+    let Admitted {
+        mut ledger,
+        config: cfg,
+    } = crate::admission::admit(req, state).map_err(|refused| refused.into_parts())?;
     let body = actix_rt::time::timeout(
         cfg.body_timeout,
         admit::read_body(req, payload, cfg.max_body_bytes),
@@ -95,6 +87,9 @@ async fn admit_request(
             ));
             return Err((ledger, err));
         }
+    }
+    if let Some(refused) = admit::not_utf8_json(req.headers().get(CONTENT_TYPE), &body) {
+        return Err((ledger, GatewayError::BadRequest(refused.0)));
     }
     let meta = match admit::body_meta(&body) {
         Ok(meta) => meta,
@@ -129,8 +124,15 @@ async fn forward(
     state: &AppState,
     client: &awc::Client,
 ) -> HttpResponse {
-    let (view, order) = match candidates(&ledger, state) {
+    let (view, mut order) = match candidates(&ledger, state) {
         Ok(found) => found,
+        Err(err) => return ledger.finish_local(err),
+    };
+    // 4f: the objects the request refers to pin it to their owner, or make "not here" apply.
+    let pinning = match affine::route(state, &view.config, ledger.info())
+        .and_then(|route| affine::plan(state, &view, &mut order, ledger.info(), route))
+    {
+        Ok(p) => p,
         Err(err) => return ledger.finish_local(err),
     };
     let cfg = view.config.clone();
@@ -149,6 +151,12 @@ async fn forward(
             && up.force_usage
             && !state.stream_options_refused.refused(&cfg, &up.name);
         let mut tries = 0u32;
+        if let Some(rebuilt) = pinning.rebuild_at(pos) {
+            // 4f: the owner cannot answer; the chain goes on here as one stateless request.
+            ledger.info_mut().body = rebuilt.clone();
+            ledger.marks.rebuilt = true;
+            state.metrics.affinity("rebuilt");
+        }
         loop {
             let info = ledger.info();
             let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
@@ -162,6 +170,7 @@ async fn forward(
                 up,
                 last,
                 stream: ledger.info().stream,
+                pin: pinning.pin(),
                 wait,
                 usage_body: usage_body.as_ref().filter(|_| add_usage),
             };
@@ -174,10 +183,14 @@ async fn forward(
                 last,
                 time_left: time_left(deadline),
                 retry_after_max: cfg.retry_after_max,
+                pin: pinning.pin(),
             };
             let (pause, failure) =
                 match policy::decide(&tried.outcome, &budget, rescue::backoff(tries)) {
                     Next::Relay => {
+                        if tried.status.is_some_and(|s| (200..300).contains(&s)) {
+                            affine::answered(state, &pinning, &up.name);
+                        }
                         let rest = &order[pos + 1..];
                         let resume = resume_plan(&ledger, req, client, rest, &usage_body);
                         return tried.relay(ledger, &view, idx, None, resume);
@@ -190,6 +203,20 @@ async fn forward(
                     }
                     Next::MoveOn { quiet, cooldown } => {
                         (None, tried.failure(!last, quiet, cooldown))
+                    }
+                    Next::NotHere => {
+                        state.metrics.affinity("not_here");
+                        (None, tried.failure(false, true, None))
+                    }
+                    Next::RelayNotHere => {
+                        state.metrics.affinity("not_here");
+                        ledger.marks.not_here = true;
+                        return tried.relay(ledger, &view, idx, None, None);
+                    }
+                    Next::OwnerFailed { cooldown } => {
+                        ledger.failed(&view, idx, tried.failure(false, false, cooldown));
+                        let err = affine::owner_failed(state, &pinning, ledger.failures());
+                        return ledger.finish_local(err);
                     }
                 };
             ledger.failed(&view, idx, failure);
@@ -217,7 +244,7 @@ fn candidates(
     state: &AppState,
 ) -> Result<(Arc<RegistryView>, Order), GatewayError> {
     let model = ledger.info().model.as_deref();
-    let (view, mut order) = state.registry.candidates(model);
+    let (view, mut order) = affine::candidates(state, ledger.info());
     crate::models::route_filter(state, &view.config, &mut order, model);
     if order.is_empty() {
         let model = model.unwrap_or_default().to_string();
@@ -235,6 +262,8 @@ struct Plan<'a> {
     last: bool,
     /// A stream request: its first chunk is waited for too.
     stream: bool,
+    /// What the request's objects make of this candidate (4f).
+    pin: policy::Pin,
     /// How long the attempt may wait for its first byte (deadline applied).
     wait: Duration,
     /// The body with `stream_options` added (4b), when this attempt should carry it.
@@ -324,15 +353,13 @@ async fn try_upstream(
     if let (true, Ok(Ok((resp, first)))) = (usage_added, &mut result) {
         // 4b: a 400 naming the added `stream_options` is repeated once without it.
         if usage::refuses_stream_options(resp, first, plan.wait).await {
-            log::info!(
-                "upstream {} refused stream_options; not adding it there until the next reload",
-                up.name
-            );
-            state.stream_options_refused.refuse(cfg, &up.name);
             usage_added = false;
             let body = upstream_body(ledger.info(), up, &ledger.info().body);
             let trace = ledger.sent();
             result = send(body, trace).await;
+            // SPEC 4d (0.3): learnt only when the repeat without it succeeded.
+            let ok = matches!(&result, Ok(Ok((r, _))) if r.status().is_success());
+            state.stream_options_refused.learn(cfg, &up.name, ok);
         }
     }
     classify(result, &plan, cfg, t0, usage_added).await
@@ -352,12 +379,15 @@ async fn classify(
         Ok(Ok((mut resp, mut first))) => {
             let status = resp.status();
             let mut failover_code = None;
-            if policy::wants_400_body(status.as_u16(), plan.last, !cfg.failover_codes.is_empty()) {
+            let mut not_found = status.as_u16() == 404;
+            let has_codes = !cfg.failover_codes.is_empty();
+            if policy::wants_400_body_pinned(status.as_u16(), plan.last, has_codes, plan.pin) {
                 let left = wait.saturating_sub(t0.elapsed());
                 let (body, whole) = rescue::read_head_of_body(&mut resp, first.take(), left).await;
                 failover_code = whole
                     .then(|| rescue::failover_code(&body, &cfg.failover_codes))
                     .flatten();
+                not_found = whole && affine::is_not_here(400, Some(&body));
                 first = (!body.is_empty()).then_some(body);
             }
             let reason = match &failover_code {
@@ -369,6 +399,7 @@ async fn classify(
                 status: status.as_u16(),
                 failover_code: failover_code.is_some(),
                 retry_after: rescue::retry_after(&resp, status),
+                not_found,
             };
             (outcome, Some((resp, first)), FailKind::Http, reason)
         }
@@ -419,10 +450,12 @@ fn resume_plan(
     {
         return None;
     }
+    // Not beyond the capture (SPEC 4d), nor beyond `resume_max_bytes` (4d, 0.3).
     let text_limit = match cfg.record_body_bytes {
         0 => crate::capture::UNLIMITED_CAPTURE - crate::capture::SLACK,
         n => n,
-    };
+    }
+    .min(cfg.limits.resume_max_bytes);
     Some(resume::ResumePlan {
         client: client.clone(),
         req: req.clone(),

@@ -25,6 +25,7 @@ use crate::transport;
 use crate::usage::UsageFilter;
 
 use super::attempt::{body_of, UpstreamBody, Upstreamed};
+use super::ends::{EndWatch, Protocol};
 use crate::sse;
 
 /// The longest SSE event held back to be judged (resume); past it the stream is relayed as is.
@@ -70,6 +71,8 @@ pub struct RelayBody {
     resumer: Option<Box<Resumer>>,
     /// A break seen in-band while events before it were still to be sent.
     break_after: Option<String>,
+    /// Judges whether the stream reached its protocol's end (SPEC 4e); None for other paths.
+    ends: Option<EndWatch>,
 }
 
 impl RelayBody {
@@ -101,7 +104,23 @@ impl RelayBody {
             usage_filter: None,
             resumer: None,
             break_after: None,
+            ends: None,
         }
+    }
+
+    /// A clean end of the upstream's body counts only at the end `protocol` defines (SPEC 4e):
+    /// short of it, the stream is broken like a reset.
+    pub fn with_end_watch(mut self, protocol: Protocol) -> Self {
+        self.ends = Some(EndWatch::new(protocol));
+        self
+    }
+
+    /// Why a stream whose body ended cleanly is broken all the same (SPEC 4e), if it is.
+    fn broken_at_end(&mut self) -> Option<String> {
+        self.ends
+            .as_mut()
+            .and_then(EndWatch::broken_at_end)
+            .map(str::to_string)
     }
 
     /// Relays event by event so that a break can be continued (SPEC 4a `resume`).
@@ -132,6 +151,9 @@ impl RelayBody {
 
     fn on_chunk(&mut self, b: &Bytes) {
         self.received += b.len() as u64;
+        if let Some(w) = self.ends.as_mut() {
+            w.feed(b);
+        }
         self.feed(b);
         self.sent(b);
     }
@@ -205,6 +227,9 @@ impl RelayBody {
                         self.chunked = framing.1;
                         self.received = 0;
                         self.last_data = Instant::now();
+                        if let Some(w) = self.ends.as_mut() {
+                            w.restart();
+                        }
                     }
                     Err(reason) => return self.fail(reason),
                 }
@@ -221,31 +246,57 @@ impl RelayBody {
                 Poll::Ready(Some(Ok(b))) => {
                     self.last_data = Instant::now();
                     self.received += b.len() as u64;
+                    if let Some(w) = self.ends.as_mut() {
+                        w.feed(&b);
+                    }
                     if let Some(out) = self.judge_events(&b) {
                         self.sent(&out);
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(None) => {
-                    if self.ended_short() {
-                        let reason = "connection closed before the response was complete".into();
+                    let short = self
+                        .ended_short()
+                        .then(|| "connection closed before the response was complete".to_string());
+                    if let Some(reason) = short.or_else(|| self.broken_at_end()) {
                         if let Some(p) = self.on_break(reason) {
                             return p;
                         }
                         continue;
                     }
-                    // A proper end; an event without its final blank line still goes out.
-                    let rest = self
-                        .resumer
-                        .as_mut()
-                        .map(|r| r.splitter.take_rest())
-                        .filter(|b| !b.is_empty());
-                    if let Some(rest) = &rest {
-                        self.feed(rest);
+                    // A proper end; an event without its final blank line is still judged and
+                    // goes out, and so does what a continuation still held back.
+                    let mut out = BytesMut::new();
+                    if let Some(r) = self.resumer.as_mut() {
+                        let pending = r.splitter.peek();
+                        if !pending.is_empty() {
+                            let close: &[u8] = if pending.ends_with(b"\n") {
+                                b"\n"
+                            } else {
+                                b"\n\n"
+                            };
+                            if let Some(b) = self.judge_events(&Bytes::from_static(close)) {
+                                out.extend_from_slice(&b);
+                            }
+                        }
                     }
+                    if self.break_after.is_some() {
+                        // The last event broke it: what came before goes out first.
+                        if out.is_empty() {
+                            continue;
+                        }
+                        self.sent(&out);
+                        return Poll::Ready(Some(Ok(out.freeze())));
+                    }
+                    let rest = self.resumer.as_mut().and_then(|r| r.release_held());
+                    if let Some(rest) = rest {
+                        self.feed(&rest);
+                        out.extend_from_slice(&rest);
+                    }
+                    self.sent(&out);
                     self.resume_result_of_current("ok");
                     self.end(BodyEnd::Complete);
-                    return Poll::Ready(rest.map(Ok));
+                    return Poll::Ready((!out.is_empty()).then(|| Ok(out.freeze())));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(p) = self.on_break(format!("connection broke mid-response: {e}")) {
@@ -291,14 +342,37 @@ impl RelayBody {
             // No event ends within a sane size: relay the bytes as they are; this stream can no
             // longer be judged, so it will not be resumed.
             r.give_up();
-            let raw = r.splitter.take_rest();
+            // What a continuation held back goes first, in order.
+            let raw = match r.release_held() {
+                Some(held) => [held, r.splitter.take_rest()].concat().into(),
+                None => r.splitter.take_rest(),
+            };
             if let Some(c) = self.capture.as_mut() {
                 c.feed_shared(&raw);
             }
             return Some(raw);
         }
         while let Some(ev) = r.splitter.next_event() {
-            match r.judge(ev.clone()) {
+            let judged = r.judge(ev.clone());
+            if r.take_restart() {
+                // SPEC 4e: it answered from the start; read as a regeneration, and not sent a
+                // prefill again until the next reload.
+                let (view, idx) = (r.view().clone(), r.current);
+                if let Some(ledger) = self.ledger.as_ref() {
+                    ledger.resume_result(&view, idx, "restarted");
+                    if let Some(up) = view.config.upstreams.get(idx) {
+                        log::warn!(
+                            "upstream {} ignored a prefill and answered from the start; it is asked to regenerate instead until the next reload",
+                            up.name
+                        );
+                        ledger
+                            .state()
+                            .prefill_ignored
+                            .refuse(&view.config, &up.name);
+                    }
+                }
+            }
+            match judged {
                 Judged::Emit(bytes) => {
                     if let Some(c) = self.capture.as_mut() {
                         c.feed_shared(&bytes);
@@ -442,6 +516,9 @@ impl Stream for RelayBody {
                     if this.ended_short() {
                         return this
                             .fail("connection closed before the response was complete".into());
+                    }
+                    if let Some(reason) = this.broken_at_end() {
+                        return this.fail(reason);
                     }
                     this.end(BodyEnd::Complete);
                     let rest = this.usage_filter.as_mut().and_then(UsageFilter::finish);

@@ -14,7 +14,10 @@ use crate::headers;
 use crate::ledger::Ledger;
 use crate::registry::RegistryView;
 
+use crate::attempt::is_failover_status;
+
 use super::attempt::{is_sse, Upstreamed};
+use super::ends::Protocol;
 use super::relay::RelayBody;
 use super::resume::{ResumePlan, Resumer};
 
@@ -53,6 +56,9 @@ pub fn respond(
     let cfg = &view.config;
     let status = resp.status();
     ledger.commit(view, idx, status, first_byte, cooldown);
+    // The request path commits to a failover status only when no candidate is left (SPEC §4):
+    // it is the last candidate's failure, relayed after every candidate was tried.
+    let all_tried = is_failover_status(status);
 
     // Borrowed from the upstream's head until the capture is built (no copies, no lower-cased
     // strings: each was one allocation per request).
@@ -90,17 +96,36 @@ pub fn respond(
             HeaderValue::from_static("no"),
         ));
     }
+    if all_tried {
+        // SPEC 4e: the client's SDK must not start a second round over every candidate.
+        builder.insert_header(should_not_retry());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(wait) = ledger.first_cooldown_end() {
+                builder.insert_header((header::RETRY_AFTER, headers::count_value(ceil_secs(wait))));
+            }
+        }
+    }
+    // SPEC 4e: a chat, completions or Responses stream is whole only at its protocol's end.
+    let protocol = (sse && status.is_success())
+        .then(|| Protocol::of_path(ledger.info().path()))
+        .flatten();
 
     let encoding = resp
         .headers()
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok());
     // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
-    let capture = if ledger.recording() {
+    let mut capture = if ledger.recording() {
         Capture::new(content_type, encoding, cfg.record_body_bytes)
     } else {
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
+    // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
+    if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
+        if let Some(w) = super::affine::object_watch(&ledger, &up.name, cfg.record_body_bytes) {
+            capture.watch_objects(w);
+        }
+    }
     // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
     let head_request = ledger.info().method == actix_web::http::Method::HEAD;
     let no_body = head_request
@@ -124,6 +149,10 @@ pub fn respond(
         ledger,
         capture,
     );
+    let body = match protocol {
+        Some(p) => body.with_end_watch(p),
+        None => body,
+    };
     let body = match resume {
         Some(plan) if sse && status.is_success() => {
             body.with_resume(Resumer::new(plan, view.clone(), idx, usage_added))
@@ -142,4 +171,19 @@ pub fn respond(
         Some(len) if !sse => builder.body(actix_web::body::SizedStream::new(len, body)),
         _ => builder.streaming(body),
     }
+}
+
+/// `x-should-retry: false`: the answer comes after every candidate was tried (SPEC 4e); the
+/// official SDKs obey it instead of retrying on their own.
+pub fn should_not_retry() -> (HeaderName, HeaderValue) {
+    (
+        HeaderName::from_static("x-should-retry"),
+        HeaderValue::from_static("false"),
+    )
+}
+
+/// Whole seconds, rounded up (a `Retry-After` of 0 would invite the client back too early).
+fn ceil_secs(d: Duration) -> u32 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
 }

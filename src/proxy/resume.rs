@@ -7,6 +7,12 @@
 //! `prefill` dialect) or, where it cannot, to answer again; the relay then carries on from that
 //! upstream in the same client stream. A regeneration is relayed only from where the text
 //! already sent ends, and only if it begins with exactly that text.
+//!
+//! An upstream asked to continue may ignore the prefill and answer from the start (SPEC 4e). So
+//! the first characters of a continuation are held back while they repeat the start of the text
+//! already sent: as soon as one differs, they go out; when the first [`RESTART_CHARS`] (or all
+//! of the text sent, when shorter) repeat it, the continuation is read as a regeneration
+//! instead, and that upstream is not sent a prefill again until the next reload.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -14,12 +20,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::web::Bytes;
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::HttpRequest;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::attempt::{is_failover_status, FailKind};
-use crate::config::{Prefill, Upstream};
+use crate::config::Prefill;
 use crate::ledger::{AttemptFailure, Ledger};
 use crate::registry::RegistryView;
 use crate::sse::{self, ChatChunk, EventSplitter};
@@ -27,6 +33,7 @@ use crate::state::AppState;
 use crate::trace::{Link, Propagation, Started};
 
 use super::attempt::{self as one, Upstreamed};
+use super::prefill::{mapped, prefill_body};
 
 /// What the request path hands the relay so that a broken stream can be continued.
 pub struct ResumePlan {
@@ -38,7 +45,8 @@ pub struct ResumePlan {
     pub remaining: VecDeque<usize>,
     /// The original body with `stream_options.include_usage` added (4b), when it applies.
     pub usage_body: Option<Bytes>,
-    /// Text beyond this is not resumed (it outgrew the capture, SPEC 4d).
+    /// Text beyond this is not resumed: it outgrew the capture, or `resume_max_bytes` (SPEC 4d),
+    /// so that a first upstream cannot make the next one read an unbounded prefill.
     pub text_limit: usize,
 }
 
@@ -59,13 +67,24 @@ pub fn resumable_request(path: &str, stream: bool, body: &[u8]) -> bool {
     }
 }
 
+/// How many characters of a continuation decide whether it starts over (SPEC 4e).
+pub const RESTART_CHARS: usize = 16;
+
 /// How the current upstream's events are treated.
 enum Segment {
-    /// Relayed as they come (the first upstream, or a continuation of the text); a first
-    /// chunk that carries only the role is dropped when the client already has one.
-    Relay { skip_role: bool },
-    /// A regeneration: swallowed until its text passes the text already sent.
-    Regenerate { seen: String },
+    /// Relayed as they come (the first upstream, or a continuation of the text).
+    Relay,
+    /// A continuation by prefill whose text so far repeats the start of the text already sent:
+    /// held back until it shows whether it continues the text or starts over.
+    Probe {
+        /// The events held, each with what it says.
+        held: Vec<(Bytes, ChatChunk)>,
+        /// Their text.
+        seen: String,
+    },
+    /// A regeneration: swallowed until its text passes the text already sent (`matched`
+    /// bytes of it so far).
+    Regenerate { matched: usize },
 }
 
 /// What the relay does with one event.
@@ -148,6 +167,10 @@ pub struct Resumer {
     /// Why it can no longer be resumed, once something was sent that cannot be continued.
     blocked: bool,
     segment: Segment,
+    /// A first chunk that carries only the role is dropped: the client already has one.
+    skip_role: bool,
+    /// The continuation just turned out to start over (taken by the relay for its accounts).
+    restarted: bool,
     usage_added: bool,
     /// The current upstream's stream, split into events.
     pub splitter: EventSplitter,
@@ -167,7 +190,9 @@ impl Resumer {
             text: String::new(),
             role_sent: false,
             blocked: false,
-            segment: Segment::Relay { skip_role: false },
+            segment: Segment::Relay,
+            skip_role: false,
+            restarted: false,
             usage_added,
             splitter: EventSplitter::default(),
             pending: None,
@@ -189,52 +214,161 @@ impl Resumer {
             return Judged::Drop { feed: true };
         }
         let chunk = sse::chat_chunk(&ev);
-        match &mut self.segment {
-            Segment::Relay { skip_role } => {
-                if *skip_role && !chunk.unknown && !chunk.done {
-                    *skip_role = false;
-                    if chunk.role
-                        && chunk.content.as_deref().unwrap_or("").is_empty()
-                        && !chunk.tools
-                        && chunk.finish_reason.is_none()
-                    {
-                        return Judged::Drop { feed: false };
-                    }
-                }
+        if self.skip_role && !chunk.unknown && !chunk.done {
+            self.skip_role = false;
+            if chunk.role
+                && chunk.content.as_deref().unwrap_or("").is_empty()
+                && !chunk.tools
+                && chunk.finish_reason.is_none()
+            {
+                return Judged::Drop { feed: false };
+            }
+        }
+        match self.segment {
+            Segment::Relay => {
                 self.note(&chunk);
                 Judged::Emit(ev)
             }
-            Segment::Regenerate { seen } => {
-                if chunk.done || chunk.finish_reason.is_some() || chunk.tools {
-                    // It ended (or turned to tools) before reaching the text already sent.
-                    return Judged::Diverged;
+            Segment::Probe { .. } => self.probe(ev, chunk),
+            Segment::Regenerate { .. } => self.regenerate(ev, chunk),
+        }
+    }
+
+    /// The start of the text already sent that a continuation must not repeat: its first
+    /// [`RESTART_CHARS`] characters, or all of it when shorter.
+    fn head(&self) -> &str {
+        let end = self
+            .text
+            .char_indices()
+            .nth(RESTART_CHARS)
+            .map_or(self.text.len(), |(i, _)| i);
+        &self.text[..end]
+    }
+
+    /// A continuation's event while it may still be starting over: held, released, or (it
+    /// repeats the start of the text already sent) judged as a regeneration.
+    fn probe(&mut self, ev: Bytes, chunk: ChatChunk) -> Judged {
+        let ends = chunk.done || chunk.finish_reason.is_some() || chunk.tools;
+        let head_len = self.head().len();
+        let Segment::Probe { held, seen } = &mut self.segment else {
+            return Judged::Drop { feed: false };
+        };
+        if let Some(c) = chunk.content.as_deref() {
+            seen.push_str(c);
+        }
+        held.push((ev, chunk));
+        let head = &self.text[..head_len];
+        let restarted = if seen.len() >= head.len() {
+            seen.starts_with(head)
+        } else if head.starts_with(seen.as_str()) && !ends {
+            // Still repeating the start of the text sent: not decided yet.
+            return Judged::Drop { feed: false };
+        } else {
+            false
+        };
+        let Segment::Probe { held, .. } = std::mem::replace(&mut self.segment, Segment::Relay)
+        else {
+            return Judged::Drop { feed: false };
+        };
+        let mut out = BytesMut::new();
+        if restarted {
+            self.restarted = true;
+            self.segment = Segment::Regenerate { matched: 0 };
+            for (ev, chunk) in held {
+                match self.judge_held(ev, chunk) {
+                    Judged::Emit(b) => out.extend_from_slice(&b),
+                    Judged::Diverged => return Judged::Diverged,
+                    Judged::Drop { .. } | Judged::Break(_) => {}
                 }
-                let Some(c) = chunk.content.as_deref() else {
-                    return Judged::Drop { feed: false };
-                };
-                seen.push_str(c);
-                if seen.len() <= self.text.len() {
-                    return if self.text.starts_with(seen.as_str()) {
-                        Judged::Drop { feed: false }
-                    } else {
-                        Judged::Diverged
-                    };
-                }
-                if !seen.starts_with(self.text.as_str()) {
-                    return Judged::Diverged;
-                }
-                let rest = seen[self.text.len()..].to_string();
-                let Some(out) = sse::with_content(&ev, &rest) else {
-                    return Judged::Diverged;
-                };
-                self.segment = Segment::Relay { skip_role: false };
-                self.note(&ChatChunk {
-                    content: Some(rest),
-                    ..chunk
-                });
-                Judged::Emit(out)
+            }
+        } else {
+            for (ev, chunk) in held {
+                self.note(&chunk);
+                out.extend_from_slice(&ev);
             }
         }
+        if out.is_empty() {
+            Judged::Drop { feed: false }
+        } else {
+            Judged::Emit(out.freeze())
+        }
+    }
+
+    /// A held event, judged by the segment it turned out to belong to.
+    fn judge_held(&mut self, ev: Bytes, chunk: ChatChunk) -> Judged {
+        match self.segment {
+            Segment::Regenerate { .. } => self.regenerate(ev, chunk),
+            _ => {
+                self.note(&chunk);
+                Judged::Emit(ev)
+            }
+        }
+    }
+
+    /// A regeneration's event: dropped while its text repeats the text already sent, the rest
+    /// of the chunk that passes it relayed, any difference a divergence.
+    fn regenerate(&mut self, ev: Bytes, chunk: ChatChunk) -> Judged {
+        let Segment::Regenerate { matched } = &mut self.segment else {
+            return self.judge_held(ev, chunk);
+        };
+        if chunk.tools {
+            // It turned to tools before reaching the text already sent.
+            return Judged::Diverged;
+        }
+        let ends = chunk.done || chunk.finish_reason.is_some();
+        let unmatched = &self.text[*matched..];
+        let c = chunk.content.as_deref().unwrap_or("");
+        let rest = if c.len() <= unmatched.len() {
+            if !unmatched.starts_with(c) {
+                return Judged::Diverged;
+            }
+            *matched += c.len();
+            if !ends {
+                return Judged::Drop { feed: false };
+            }
+            if *matched < self.text.len() {
+                // It ended before reaching the end of the text already sent.
+                return Judged::Diverged;
+            }
+            String::new()
+        } else if let Some(rest) = c.strip_prefix(unmatched) {
+            rest.to_string()
+        } else {
+            return Judged::Diverged;
+        };
+        let out = if chunk.content.is_some() {
+            match sse::with_content(&ev, &rest) {
+                Some(out) => out,
+                None => return Judged::Diverged,
+            }
+        } else {
+            ev
+        };
+        self.segment = Segment::Relay;
+        self.note(&ChatChunk {
+            content: chunk.content.is_some().then_some(rest),
+            ..chunk
+        });
+        Judged::Emit(out)
+    }
+
+    /// Whether the continuation just turned out to start over (once).
+    pub fn take_restart(&mut self) -> bool {
+        std::mem::take(&mut self.restarted)
+    }
+
+    /// The stream ended properly: what a continuation still held goes out (it did not start over).
+    pub fn release_held(&mut self) -> Option<Bytes> {
+        let Segment::Probe { held, .. } = std::mem::replace(&mut self.segment, Segment::Relay)
+        else {
+            return None;
+        };
+        let mut out = BytesMut::new();
+        for (ev, chunk) in held {
+            self.note(&chunk);
+            out.extend_from_slice(&ev);
+        }
+        (!out.is_empty()).then(|| out.freeze())
     }
 
     /// Keeps what was sent of one relayed chunk.
@@ -293,13 +427,16 @@ impl Resumer {
         self.current = s.idx;
         self.usage_added = s.usage_added;
         self.continuing = true;
+        self.skip_role = self.role_sent;
+        self.restarted = false;
         self.segment = if s.regenerate {
-            Segment::Regenerate {
-                seen: String::new(),
-            }
+            Segment::Regenerate { matched: 0 }
+        } else if self.text.is_empty() {
+            Segment::Relay
         } else {
-            Segment::Relay {
-                skip_role: self.role_sent,
+            Segment::Probe {
+                held: Vec::new(),
+                seen: String::new(),
             }
         };
         if let Some(p) = self.plan.as_mut() {
@@ -344,7 +481,13 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
         };
         let base = mapped(&base, up, ctx.model.as_deref());
         let wait = one::first_byte_wait(up, true, last, base.len());
-        let prefill = (!ctx.text.is_empty() && up.prefill != Prefill::None)
+        // An upstream seen ignoring a prefill (SPEC 4e) is asked as if it had `prefill: none`.
+        let takes_prefill = up.prefill != Prefill::None
+            && !ctx
+                .state
+                .prefill_ignored
+                .refused(&ctx.view.config, &up.name);
+        let prefill = (!ctx.text.is_empty() && takes_prefill)
             .then(|| prefill_body(&base, &ctx.text, up.prefill))
             .flatten();
         let regenerate = !ctx.text.is_empty() && prefill.is_none();
@@ -449,55 +592,9 @@ fn failure_of(outcome: AttemptOutcome, wait: Duration) -> AttemptFailure {
     }
 }
 
-/// `body` as `up` gets it: its `model_map` applied.
-fn mapped(body: &Bytes, up: &Upstream, model: Option<&str>) -> Bytes {
-    match model.and_then(|m| up.mapped_model(m)) {
-        Some(to) => one::rewrite_model(body, to).unwrap_or_else(|| body.clone()),
-        None => body.clone(),
-    }
-}
-
-/// The request with the text already sent appended as an assistant message, in `dialect`.
-pub fn prefill_body(body: &[u8], text: &str, dialect: Prefill) -> Option<Bytes> {
-    let mut obj: Map<String, Value> = serde_json::from_slice(body).ok()?;
-    let mut msg = Map::new();
-    msg.insert("role".into(), Value::String("assistant".into()));
-    msg.insert("content".into(), Value::String(text.to_string()));
-    if dialect == Prefill::Deepseek {
-        msg.insert("prefix".into(), Value::Bool(true));
-    }
-    obj.get_mut("messages")?
-        .as_array_mut()?
-        .push(Value::Object(msg));
-    if dialect == Prefill::Vllm {
-        obj.insert("continue_final_message".into(), Value::Bool(true));
-        obj.insert("add_generation_prompt".into(), Value::Bool(false));
-    }
-    serde_json::to_vec(&obj).ok().map(Bytes::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefill_dialects() {
-        let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-        let v: Value =
-            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Message).unwrap()).unwrap();
-        assert_eq!(
-            v["messages"][1],
-            serde_json::json!({"role": "assistant", "content": "Hel"})
-        );
-        assert!(v.get("continue_final_message").is_none());
-        let v: Value =
-            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Vllm).unwrap()).unwrap();
-        assert_eq!(v["continue_final_message"], true);
-        assert_eq!(v["add_generation_prompt"], false);
-        let v: Value =
-            serde_json::from_slice(&prefill_body(body, "Hel", Prefill::Deepseek).unwrap()).unwrap();
-        assert_eq!(v["messages"][1]["prefix"], true);
-    }
 
     #[test]
     fn only_single_choice_chat_streams_are_resumable() {

@@ -4,7 +4,9 @@
 //! The handshake is where failover happens: candidates are tried in order, each within its
 //! `timeout`, until one answers `101 Switching Protocols`. After that the session belongs to that
 //! upstream and frames are relayed both ways unchanged (opcode, FIN bit, payload; close code and
-//! reason) until either side closes; there is no failover and no `idle_timeout`.
+//! reason) until either side closes; there is no failover, and `realtime_idle_timeout` (not
+//! `idle_timeout`) ends a silent session. How many sessions may be open, and how many bytes their
+//! partly received frames may hold, is bounded in `limits` (SPEC 4d, version 0.3).
 //!
 //! Memory per session is bounded whatever the peers do: each direction reads one frame, hands it
 //! to the other side and waits until that side has taken it (the upstream socket accepted the
@@ -26,6 +28,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use awc::error::WsClientError;
 use tokio::sync::{mpsc, watch};
 
+mod limits;
 mod query;
 mod session;
 
@@ -39,7 +42,7 @@ use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::headers;
 use crate::ledger::{AttemptFailure, BodyEnd, Ledger};
-use crate::proxy::{self, admit, UpstreamClient};
+use crate::proxy::{self, UpstreamClient};
 use crate::state::AppState;
 
 /// Largest frame accepted from either side (both codecs; their default is 64 KiB). Realtime
@@ -64,24 +67,38 @@ pub fn is_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
             })
 }
 
-/// Tells every open session to close (SIGTERM/SIGINT). Cheap to clone; lives in [`AppState`].
+/// Every session's shared state: the shutdown signal (SIGTERM/SIGINT), the open-session counts
+/// and the buffer budget (SPEC 4d). Cheap to clone; lives in [`AppState`].
 #[derive(Clone)]
-pub struct Sessions(Arc<watch::Sender<bool>>);
+pub struct Sessions {
+    shutdown: Arc<watch::Sender<bool>>,
+    counts: Arc<limits::SessionCounts>,
+    budget: Arc<limits::BufferBudget>,
+}
 
 impl Default for Sessions {
     fn default() -> Self {
-        Sessions(Arc::new(watch::channel(false).0))
+        Sessions {
+            shutdown: Arc::new(watch::channel(false).0),
+            counts: Arc::default(),
+            budget: Arc::default(),
+        }
     }
 }
 
 impl Sessions {
     /// Sends every open (and any later) session a close frame with code 1001 on both sides.
     pub fn close_all(&self) {
-        self.0.send_replace(true);
+        self.shutdown.send_replace(true);
     }
 
     fn subscribe(&self) -> watch::Receiver<bool> {
-        self.0.subscribe()
+        self.shutdown.subscribe()
+    }
+
+    /// Bytes that partly received frames of all sessions hold now.
+    pub fn buffered(&self) -> usize {
+        self.budget.used()
     }
 }
 
@@ -215,13 +232,11 @@ pub async fn session(
     state: web::Data<AppState>,
     client: web::Data<UpstreamClient>,
 ) -> HttpResponse {
-    let cfg = state.config.get();
-    let mut ledger = Ledger::open(state.clone().into_inner(), admit::request_info(&req, &cfg));
+    let mut ledger = match crate::admission::admit(&req, &state) {
+        Ok(admitted) => admitted.ledger,
+        Err(refused) => return refused.answer(),
+    };
     ledger.info_mut().websocket = true;
-    match admit::authorize(&req, &cfg) {
-        Ok(label) => ledger.info_mut().client_key = label,
-        Err(e) => return ledger.finish_local(e),
-    }
     match query_model(req.uri().query().unwrap_or("")) {
         Ok(m) => ledger.info_mut().model = m.map(Into::into),
         Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
@@ -229,9 +244,30 @@ pub async fn session(
     if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
         return ledger.finish_local(GatewayError::BadHandshake(e.to_string()));
     }
+    // The session's place, taken before any upstream is tried and held until it ends (SPEC 4d).
+    let cfg = state.config.get();
+    let lim = &cfg.limits;
+    let slot = match state.realtime.counts.open(
+        ledger.info().client_key.as_ref(),
+        lim.realtime_max_sessions,
+        lim.realtime_max_sessions_per_token,
+    ) {
+        Ok(slot) => slot,
+        Err(full) => {
+            let why = match full {
+                limits::Full::All => "too many WebSocket sessions are open (realtime_max_sessions)",
+                limits::Full::Token => {
+                    "too many WebSocket sessions are open for this token (realtime_max_sessions_per_token)"
+                }
+            };
+            return ledger.finish_local(GatewayError::TooManySessions(why));
+        }
+    };
+    state.realtime.budget.set_cap(lim.realtime_buffer_bytes);
+    let idle = lim.realtime_idle_timeout;
 
     let model = ledger.info().model.clone();
-    let (view, mut order) = state.registry.candidates(model.as_deref());
+    let (view, mut order) = state.registry.candidates(model.as_deref(), None);
     crate::models::route_filter(&state, &view.config, &mut order, model.as_deref());
     let cfg = view.config.clone();
     if order.is_empty() {
@@ -254,7 +290,7 @@ pub async fn session(
                     t0.elapsed(),
                     None,
                 );
-                return open(&state, &req, payload, ledger, up, opened);
+                return open(&state, &req, payload, (ledger, slot, idle), up, opened);
             }
             Ok(Err(refused)) => refused,
             Err(_) => Refused {
@@ -331,7 +367,7 @@ fn open(
     state: &web::Data<AppState>,
     req: &HttpRequest,
     payload: web::Payload,
-    ledger: Ledger,
+    (ledger, slot, idle): (Ledger, limits::Slot, Duration),
     up: &Upstream,
     opened: Opened,
 ) -> HttpResponse {
@@ -366,6 +402,9 @@ fn open(
     let live = Live {
         ledger,
         upstream: up.name.to_string(),
+        slot,
+        idle,
+        budget: state.realtime.budget.clone(),
     };
     let stop = state.realtime.subscribe();
     actix_rt::spawn(relay(

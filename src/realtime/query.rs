@@ -2,19 +2,32 @@
 //! record, rewritten per upstream by `model_map`.
 
 /// The `model` query parameter (the request's model for allow/deny, `model_map` and the record).
-/// More than one, or one that is not valid percent-encoded UTF-8, is refused: a filter must not be
-/// bypassed by a parameter the upstream may read differently.
+/// More than one, one that is not valid percent-encoded UTF-8, or one holding a `;` (SPEC 4d) is
+/// refused: a filter must not be bypassed by a parameter the upstream may read differently, and
+/// some servers still split a query at `;` as well as `&` (`model=allowed;model=denied`, or
+/// `x=1;model=denied` beside no `model` at all).
 pub fn query_model(query: &str) -> Result<Option<String>, &'static str> {
     let mut found = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let after_semicolon = pair.split(';').skip(1).any(|piece| {
+            let k = piece.split_once('=').map_or(piece, |(k, _)| k);
+            decode_component(k).as_deref() == Some("model")
+        });
+        if after_semicolon {
+            return Err("a `model` query parameter after a `;`");
+        }
         if decode_component(k).as_deref() != Some("model") {
             continue;
         }
         if found.is_some() {
             return Err("more than one `model` query parameter");
         }
-        found = Some(decode_component(v).ok_or("the `model` query parameter is not valid")?);
+        let value = decode_component(v).ok_or("the `model` query parameter is not valid")?;
+        if value.contains(';') {
+            return Err("the `model` query parameter holds a `;`");
+        }
+        found = Some(value);
     }
     Ok(found)
 }
@@ -95,6 +108,11 @@ mod tests {
         assert!(query_model("model=a&%6dodel=b").is_err());
         assert!(query_model("model=%zz").is_err());
         assert!(query_model("model=%ff").is_err());
+        assert!(query_model("model=a;model=b").is_err());
+        assert!(query_model("model=a%3Bb").is_err());
+        assert!(query_model("x=1;model=b").is_err());
+        assert!(query_model("x=1;%6dodel=b").is_err());
+        assert_eq!(query_model("x=a;b&model=m"), Ok(Some("m".into())));
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! A running WebSocket session: frames relayed both ways with one-frame backpressure, closes
 //! handled on both sides, and the session's record and gauge when it ends.
+//!
+//! Bounds (SPEC 4d, version 0.3): a frame being read counts against the shared buffer budget
+//! from its header until the other side has taken it, and a session in which no whole frame
+//! passed either way for `realtime_idle_timeout` is closed with 1001 on both sides (a frame
+//! dribbled byte by byte does not keep it open).
 
+use std::cell::Cell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use actix_codec::Decoder;
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, OpCode, Parser, ProtocolError};
@@ -12,6 +19,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
+use super::limits::{pending_frame_bytes, BufferBudget, Reservation, Slot};
 use super::{Opened, Socket, CLOSE_WAIT, MAX_FRAME_BYTES};
 use crate::capture::Reply;
 use crate::escape::untrusted;
@@ -39,6 +47,12 @@ pub(super) struct Live {
     pub(super) ledger: Ledger,
     /// The upstream that accepted.
     pub(super) upstream: String,
+    /// The session's place in the open-session counts, given back when it ends.
+    pub(super) slot: Slot,
+    /// `realtime_idle_timeout` as it was when the session opened.
+    pub(super) idle: Duration,
+    /// The budget of partly received frames.
+    pub(super) budget: Arc<BufferBudget>,
 }
 
 /// Keeps `openai_api_route_websocket_sessions{upstream}` up while the session is open.
@@ -61,6 +75,17 @@ enum End {
     DestinationGone,
     /// The source broke the protocol (or sent an oversized frame).
     Protocol(String),
+    /// The source's frame would have taken the buffer budget beyond `realtime_buffer_bytes`.
+    OverBudget,
+}
+
+/// Why a source's next frame is refused.
+#[derive(Debug)]
+enum Refusal {
+    /// A protocol error, or a frame over [`MAX_FRAME_BYTES`].
+    Protocol(ProtocolError),
+    /// The frame does not fit in what is left of the buffer budget.
+    OverBudget,
 }
 
 /// Frames from the client: the request payload decoded by a server-side codec.
@@ -68,6 +93,7 @@ struct ClientFrames {
     payload: web::Payload,
     buf: BytesMut,
     codec: Codec,
+    held: Reservation,
 }
 
 /// Frames from the upstream: its socket decoded by a client-side codec.
@@ -75,28 +101,38 @@ struct UpstreamFrames {
     io: ReadHalf<Socket>,
     buf: BytesMut,
     codec: Codec,
+    held: Reservation,
 }
 
-/// The next frame already in `buf`, a protocol error, or an oversized frame announced by its
-/// header (refused before it is buffered); None when more bytes are needed.
-fn decoded(codec: &mut Codec, buf: &mut BytesMut) -> Option<Result<Frame, ProtocolError>> {
+/// The next frame already in `buf`, a protocol error, an oversized frame announced by its
+/// header (refused before it is buffered), or a frame the budget cannot hold; None when more
+/// bytes are needed. The reservation covers a returned frame until the next call (by then the
+/// other side has taken it) and otherwise the incomplete frame `buf` starts with.
+fn decoded(
+    codec: &mut Codec,
+    buf: &mut BytesMut,
+    held: &mut Reservation,
+) -> Option<Result<Frame, Refusal>> {
     match codec.decode(buf) {
         Ok(Some(f)) => return Some(Ok(f)),
         Ok(None) => {}
-        Err(e) => return Some(Err(e)),
+        Err(e) => return Some(Err(Refusal::Protocol(e))),
     }
-    too_large(buf).then_some(Err(ProtocolError::Overflow))
+    if too_large(buf) {
+        return Some(Err(Refusal::Protocol(ProtocolError::Overflow)));
+    }
+    (!held.resize(pending_frame_bytes(buf))).then_some(Err(Refusal::OverBudget))
 }
 
 /// A source of frames; `None` when the connection ended.
 trait Frames {
-    async fn next(&mut self) -> Option<Result<Frame, ProtocolError>>;
+    async fn next(&mut self) -> Option<Result<Frame, Refusal>>;
 }
 
 impl Frames for ClientFrames {
-    async fn next(&mut self) -> Option<Result<Frame, ProtocolError>> {
+    async fn next(&mut self) -> Option<Result<Frame, Refusal>> {
         loop {
-            if let Some(ready) = decoded(&mut self.codec, &mut self.buf) {
+            if let Some(ready) = decoded(&mut self.codec, &mut self.buf, &mut self.held) {
                 return Some(ready);
             }
             match self.payload.next().await {
@@ -110,9 +146,9 @@ impl Frames for ClientFrames {
 }
 
 impl Frames for UpstreamFrames {
-    async fn next(&mut self) -> Option<Result<Frame, ProtocolError>> {
+    async fn next(&mut self) -> Option<Result<Frame, Refusal>> {
         loop {
-            if let Some(ready) = decoded(&mut self.codec, &mut self.buf) {
+            if let Some(ready) = decoded(&mut self.codec, &mut self.buf, &mut self.held) {
                 return Some(ready);
             }
             self.buf.reserve(READ_CHUNK);
@@ -211,6 +247,7 @@ async fn pump<F: Frames, S: Sink>(
     dst: &mut S,
     stop: &watch::Sender<StopReason>,
     mut stopped: watch::Receiver<StopReason>,
+    activity: &Cell<actix_rt::time::Instant>,
 ) -> End {
     let mut dst_closed = false;
     loop {
@@ -235,6 +272,7 @@ async fn pump<F: Frames, S: Sink>(
         };
         match next {
             Some(Ok(frame)) => {
+                activity.set(actix_rt::time::Instant::now());
                 let is_close = matches!(frame, Frame::Close(_));
                 if dst_closed {
                     // Our own close is out: only the peer's close answer matters now.
@@ -251,27 +289,31 @@ async fn pump<F: Frames, S: Sink>(
                 }
             }
             Some(Err(e)) => {
-                let code = if matches!(e, ProtocolError::Overflow) {
-                    CloseCode::Size
-                } else {
-                    CloseCode::Protocol
+                let (code, why) = match &e {
+                    Refusal::Protocol(ProtocolError::Overflow) => {
+                        (CloseCode::Size, "protocol error on the other side")
+                    }
+                    Refusal::Protocol(_) => {
+                        (CloseCode::Protocol, "protocol error on the other side")
+                    }
+                    Refusal::OverBudget => {
+                        (CloseCode::Size, "the gateway's frame buffers are full")
+                    }
                 };
                 stop.send_if_modified(|r| {
                     let first = r.is_none();
                     if first {
-                        *r = Some((code, "protocol error on the other side"));
+                        *r = Some((code, why));
                     }
                     first
                 });
                 if !dst_closed {
-                    let _ = dst
-                        .send(encode(
-                            close_frame(code, "protocol error on the other side"),
-                            S::MASK,
-                        ))
-                        .await;
+                    let _ = dst.send(encode(close_frame(code, why), S::MASK)).await;
                 }
-                return End::Protocol(e.to_string());
+                return match e {
+                    Refusal::Protocol(e) => End::Protocol(e.to_string()),
+                    Refusal::OverBudget => End::OverBudget,
+                };
             }
             None => {
                 if !dst_closed {
@@ -305,26 +347,37 @@ pub(super) async fn relay(
         payload,
         buf: BytesMut::new(),
         codec: Codec::new().max_size(MAX_FRAME_BYTES),
+        held: Reservation::new(live.budget.clone()),
     };
     let mut from_upstream = UpstreamFrames {
         io: read,
         buf: opened.read_buf,
         codec: Codec::new().max_size(MAX_FRAME_BYTES).client_mode(),
+        held: Reservation::new(live.budget.clone()),
     };
+    let activity = Cell::new(actix_rt::time::Instant::now());
+    let idle = live.idle;
     // The body ends when every sender is gone: keep one until both directions are done, so the
     // client's close answer can still come in after the upstream's close went out.
     let mut client_sink = ToClient(to_client.clone());
     let mut upstream_sink = ToUpstream(write);
     let (stop_tx, stop_rx) = watch::channel::<StopReason>(None);
 
-    let (up_end, down_end) = {
+    let (up_end, down_end, idled) = {
         let up = pump(
             &mut from_client,
             &mut upstream_sink,
             &stop_tx,
             stop_rx.clone(),
+            &activity,
         );
-        let down = pump(&mut from_upstream, &mut client_sink, &stop_tx, stop_rx);
+        let down = pump(
+            &mut from_upstream,
+            &mut client_sink,
+            &stop_tx,
+            stop_rx,
+            &activity,
+        );
         let mut up = std::pin::pin!(up);
         let mut down = std::pin::pin!(down);
         let mut shutdown_seen = *shutdown.borrow();
@@ -333,7 +386,9 @@ pub(super) async fn relay(
         }
         let (mut up_end, mut down_end) = (None, None);
         let mut deadline: Option<actix_rt::time::Instant> = None;
+        let mut idled = false;
         while up_end.is_none() || down_end.is_none() {
+            let idle_at = activity.get() + idle;
             let wait_until = async {
                 match deadline {
                     Some(d) => actix_rt::time::sleep_until(d).await,
@@ -362,20 +417,41 @@ pub(super) async fn relay(
                         deadline.get_or_insert_with(|| actix_rt::time::Instant::now() + CLOSE_WAIT);
                     }
                 }
+                () = actix_rt::time::sleep_until(idle_at), if !idled && deadline.is_none() => {
+                    if activity.get() + idle <= actix_rt::time::Instant::now() {
+                        idled = true;
+                        stop_tx.send_if_modified(|r| {
+                            let first = r.is_none();
+                            if first {
+                                *r = Some((CloseCode::Away, "idle timeout"));
+                            }
+                            first
+                        });
+                        deadline.get_or_insert_with(|| actix_rt::time::Instant::now() + CLOSE_WAIT);
+                    }
+                }
                 () = wait_until => break,
             }
         }
-        (up_end, down_end)
+        (up_end, down_end, idled)
     };
     // The upstream connection closes here.
     drop(upstream_sink);
     drop(from_upstream);
 
-    let Live { ledger, upstream } = live;
+    let Live {
+        ledger,
+        upstream,
+        slot,
+        ..
+    } = live;
     let describe = |who: &str, end: &Option<End>| match end {
         Some(End::Closed) | Some(End::DestinationGone) => None,
         Some(End::Dropped) => Some(format!("{who} connection ended without a close frame")),
         Some(End::Protocol(e)) => Some(format!("{who} broke the WebSocket protocol: {e}")),
+        Some(End::OverBudget) => Some(format!(
+            "{who} sent a frame beyond what realtime_buffer_bytes leaves free"
+        )),
         None => Some(format!(
             "{who} did not close within {}s",
             CLOSE_WAIT.as_secs()
@@ -396,7 +472,15 @@ pub(super) async fn relay(
         Some(why) => BodyEnd::Noted(why),
         None => BodyEnd::Complete,
     };
+    let end = match end {
+        BodyEnd::Complete if idled => BodyEnd::Noted(format!(
+            "closed after {}s without a frame (realtime_idle_timeout)",
+            idle.as_secs_f64()
+        )),
+        end => end,
+    };
     ledger.finish_body(end, Reply::default());
+    drop(slot);
     drop(client_sink);
     drop(to_client);
 }

@@ -11,6 +11,7 @@
 //! rest of the program only sees [`Recorder`].
 
 mod columns;
+pub mod owners;
 mod postgres;
 mod priority;
 mod sqlite;
@@ -90,14 +91,22 @@ pub struct Record {
     pub resumed: u32,
     /// Whether the client received the whole answer.
     pub complete: bool,
+    /// The id of the object this answer created, owned by `upstream` (SPEC 4f).
+    pub object_id: Option<Arc<str>>,
+    /// The request was sent as a rebuilt Responses chain (SPEC 4f).
+    pub rebuilt: bool,
+    /// A Responses answer's output items kept for rebuilding its chain (a JSON array of the
+    /// messages and function calls), None when not kept whole within `record_body_bytes`.
+    pub response_items: Option<String>,
 }
 
 /// The insert's column list, in the order both backends bind values.
 const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstream, status, \
      attempts, error, request_body, response, prompt_tokens, completion_tokens, total_tokens, \
-     ttfb_ms, duration_ms, user_agent, client_key, finish_reason, resumed, complete";
+     ttfb_ms, duration_ms, user_agent, client_key, finish_reason, resumed, complete, object_id, \
+     rebuilt, response_items";
 /// Number of columns in [`INSERT_COLUMNS`].
-const COLUMN_COUNT: usize = 22;
+const COLUMN_COUNT: usize = 25;
 
 /// Longest `path` kept in a record (SPEC 4d).
 pub const RECORD_PATH_BYTES: usize = 1024;
@@ -125,6 +134,20 @@ impl IpText {
 }
 
 impl Record {
+    /// The record with the object its answer created and the output items kept for its chain
+    /// (SPEC 4f).
+    pub fn with_object(
+        self,
+        object_id: Option<Arc<str>>,
+        response_items: Option<String>,
+    ) -> Record {
+        Record {
+            object_id,
+            response_items,
+            ..self
+        }
+    }
+
     /// The `ip` column, formatted on the stack.
     fn ip_text(&self) -> IpText {
         let mut t = IpText {

@@ -101,7 +101,7 @@ fn migrate(conn: &mut postgres::Client) -> Result<(), postgres::Error> {
         )?;
         tx.commit()?;
     }
-    Ok(())
+    super::owners::postgres_columns(conn)
 }
 
 /// PostgreSQL text cannot hold NUL: borrowed unless there is one to replace.
@@ -142,6 +142,9 @@ const COLUMN_TYPES: [Type; COLUMNS] = [
     Type::TEXT,
     Type::INT4,
     Type::INT2,
+    Type::TEXT,
+    Type::INT2,
+    Type::TEXT,
 ];
 
 /// Writes a batch in one transaction with a binary `COPY`: no SQL text to build or parse and no
@@ -182,6 +185,9 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &r.finish_reason.as_deref().map(clean),
             &(r.resumed.min(i32::MAX as u32) as i32),
             &i16::from(r.complete),
+            &r.object_id.as_deref().map(clean),
+            &i16::from(r.rebuilt),
+            &r.response_items.as_deref().map(clean),
         ];
         writer.write(&values).map_err(StoreError::from_pg)?;
     }

@@ -105,6 +105,7 @@ pub fn open(path: &str) -> Result<Pool, DbError> {
         ))
         .map_err(write_err)?;
     }
+    super::owners::sqlite_columns(&conn).map_err(write_err)?;
     // A read-only file opens fine; prove we can write before we listen.
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
         .map_err(write_err)?;
@@ -242,6 +243,9 @@ fn bind_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Record) -> rusqlite::R
         &r.finish_reason.as_deref(),
         &r.resumed,
         &r.complete,
+        &r.object_id.as_deref(),
+        &r.rebuilt,
+        &r.response_items.as_deref(),
     ];
     for (i, v) in values.into_iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v)?;

@@ -54,8 +54,8 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
     let uptime = dur(state.started.elapsed());
     let rescue = state.metrics.rescue_totals();
     let resumes = format!(
-        "{}&nbsp;finished · {}&nbsp;prefill&nbsp;refused · {}&nbsp;diverged · {}&nbsp;failed",
-        rescue.1[0], rescue.1[1], rescue.1[2], rescue.1[3]
+        "{}&nbsp;finished · {}&nbsp;prefill&nbsp;refused · {}&nbsp;started&nbsp;over · {}&nbsp;diverged · {}&nbsp;failed",
+        rescue.1[0], rescue.1[1], rescue.1[4], rescue.1[2], rescue.1[3]
     );
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -72,7 +72,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
 <div><span>Policy</span><b>{policy}</b></div>\
 <div class=\"long\"><span>Records</span><b>{recording}</b></div>\
 <div title=\"Extra attempts on the same upstream after a retryable failure (retries)\"><span>Same-upstream retries</span><b>{retries}</b></div>\
-<div class=\"long\" title=\"Broken chat streams continued on the next upstream (resume): finished, prefill refused then regenerated, regeneration diverged, could not continue\"><span>Stream resumes</span><b>{resumes}</b></div>\
+<div class=\"long\" title=\"Broken chat streams continued on the next upstream (resume): finished, prefill refused then regenerated, prefill ignored (the answer started over) then regenerated, regeneration diverged, could not continue\"><span>Stream resumes</span><b>{resumes}</b></div>\
 </section>\
 <h2>Upstreams, in configured order</h2>\
 {cards}\

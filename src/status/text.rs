@@ -7,11 +7,17 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-/// HTML-escapes text for element content and quoted attributes.
+/// HTML-escapes text for element content and quoted attributes. Control characters, the line
+/// and paragraph separators and the bidirectional controls become visible `\u{…}` text (an HTML
+/// character reference would still be the character itself to the browser, and reorder the
+/// text around it) (SPEC 4d).
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
+            c if crate::escape::needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),

@@ -185,7 +185,7 @@ fn parse_headers(s: &str) -> Result<Vec<(String, String)>, String> {
         let (k, v) = pair
             .split_once('=')
             .ok_or("OTEL_EXPORTER_OTLP_HEADERS: expected key=value pairs")?;
-        let v = match crate::proxy::admit::percent_decode(v.trim().as_bytes()) {
+        let v = match crate::admission::path::percent_decode(v.trim().as_bytes()) {
             None => v.trim().to_string(),
             Some(b) => String::from_utf8(b).map_err(|_| {
                 "OTEL_EXPORTER_OTLP_HEADERS: a value is not valid percent-encoded UTF-8"

@@ -11,6 +11,7 @@ mod db;
 mod gateway;
 mod metrics;
 mod mock;
+mod provider;
 mod python;
 
 pub use client::*;
@@ -18,6 +19,7 @@ pub use db::*;
 pub use gateway::*;
 pub use metrics::*;
 pub use mock::*;
+pub use provider::*;
 pub use python::*;
 
 /// A service a test needs, named by the environment variable `var`. On a machine without it the
