@@ -35,6 +35,7 @@ impl Ledger {
             websocket: info.websocket,
             attempts: self.attempts,
             resumed: self.resumed,
+            rebuilt: self.marks.rebuilt,
             ..end()
         });
     }

@@ -235,6 +235,8 @@ pub struct End {
     pub attempts: u32,
     /// Continuations of a broken stream.
     pub resumed: u32,
+    /// Sent as a rebuilt chain (SPEC 4f).
+    pub rebuilt: bool,
     /// Status sent to the client.
     pub status: u16,
     /// The client got the whole answer.
@@ -444,7 +446,7 @@ impl RequestTrace {
             status: end.status,
             attempts: end.attempts,
             resumed: end.resumed,
-            rebuilt: self.rebuilt,
+            rebuilt: self.rebuilt || end.rebuilt,
             complete: end.complete,
             input_tokens: end.input_tokens,
             output_tokens: end.output_tokens,
