@@ -6,13 +6,11 @@
 //! relayed body, it goes through one of the `finish` methods here, exactly once. (pingora's
 //! per-request context with a single logging phase is the model.)
 
-use std::net::IpAddr;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::http::{Method, StatusCode, Uri};
+use actix_web::http::StatusCode;
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
@@ -25,86 +23,12 @@ use crate::notify::RequestFailed;
 use crate::records::Record;
 use crate::registry::{AttemptResult, RegistryView};
 use crate::state::AppState;
+use crate::trace::{End, Trace};
 
-/// What is known about a request before any upstream is tried; becomes its record.
-pub struct RequestInfo {
-    /// Wall-clock start.
-    pub created_at: SystemTime,
-    /// Monotonic start.
-    pub started: Instant,
-    /// Client address (None when the peer is unknown).
-    pub ip: Option<IpAddr>,
-    /// Method.
-    pub method: Method,
-    /// The request's URI, shared with the request (its path is cut where it is shown).
-    pub uri: Uri,
-    /// `model` from the body (shared among a worker's requests for the same model).
-    pub model: Option<Arc<str>>,
-    /// `"stream": true`.
-    pub stream: bool,
-    /// Where the top-level `stream_options` value sits in `body`, if the body has one.
-    pub stream_options: Option<Range<usize>>,
-    /// The body as received.
-    pub body: Bytes,
-    /// Client User-Agent, shared with the request (cut where it is stored).
-    pub user_agent: Option<HeaderValue>,
-    /// Non-secret token label, shared with the config.
-    pub client_key: Option<Arc<str>>,
-    /// `record_body_bytes`.
-    pub body_limit: usize,
-}
+mod traced;
+mod types;
 
-impl RequestInfo {
-    /// The path without query, cut as the record keeps it (SPEC 4d).
-    pub fn path(&self) -> &str {
-        crate::records::cut_path(self.uri.path())
-    }
-}
-
-/// One failed attempt as the request path reports it to the ledger.
-#[derive(Debug, Clone)]
-pub struct AttemptFailure {
-    /// Failure class.
-    pub kind: FailKind,
-    /// The upstream's status, when it answered with one.
-    pub status: Option<u16>,
-    /// Human summary (may hold upstream text; escaped where logged).
-    pub reason: String,
-    /// Another candidate follows (counted in `failovers_total`).
-    pub moving_on: bool,
-    /// The `Retry-After` the upstream announced, as a cooldown.
-    pub cooldown: Option<Duration>,
-    /// Kept in the record only: not a health event, not an `upstream_requests_total` outcome.
-    pub quiet: bool,
-}
-
-impl AttemptFailure {
-    /// A failure that counts, not moving on, without cooldown.
-    pub fn new(kind: FailKind, status: Option<u16>, reason: String) -> AttemptFailure {
-        AttemptFailure {
-            kind,
-            status,
-            reason,
-            moving_on: false,
-            cooldown: None,
-            quiet: false,
-        }
-    }
-}
-
-/// How a relayed body ended.
-#[derive(Debug)]
-pub enum BodyEnd {
-    /// To its proper end.
-    Complete,
-    /// The upstream broke or stalled; the reason.
-    Broken(String),
-    /// The client went away first.
-    ClientGone,
-    /// Ended without fault of the upstream's health, with a note for the record's `error`
-    /// (a WebSocket session whose upstream left without a close frame).
-    Noted(String),
-}
+pub use self::types::{AttemptFailure, BodyEnd, RequestInfo};
 
 /// The upstream whose answer went to the client.
 struct Committed {
@@ -132,12 +56,16 @@ pub struct Ledger {
     cooling: Vec<(String, Instant)>,
     /// What SPEC 4f routing noted about the request.
     pub marks: crate::affinity::Marks,
+    /// Its spans (SPEC 6a), None when tracing is off.
+    trace: Trace,
 }
 
 impl Ledger {
     /// Opens the ledger of one request.
     pub fn open(state: Arc<AppState>, info: RequestInfo) -> Ledger {
+        let tracer = state.tracer.as_ref();
         Ledger {
+            trace: Trace::begin(tracer, info.trace_parent, &info.tracestate, info.created_at),
             state,
             info,
             failures: Vec::new(),
@@ -159,9 +87,10 @@ impl Ledger {
         &mut self.info
     }
 
-    /// One more request went upstream.
-    pub fn sent(&mut self) {
+    /// One more request went upstream; returns what it sends of the trace (tracing on).
+    pub fn sent(&mut self) -> Option<crate::trace::Propagation> {
         self.attempts += 1;
+        self.trace.sent()
     }
 
     /// Whether records are written (else the capture reads only the usage, for the metrics).
@@ -184,7 +113,9 @@ impl Ledger {
     /// `failover_codes`, a prefill the upstream rejected), which only the record's `error` keeps
     /// (SPEC 4a).
     pub fn failed(&mut self, view: &RegistryView, idx: usize, f: AttemptFailure) {
-        let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
+        let up = view.config.upstreams.get(idx);
+        self.trace.failed(up, f.status, f.kind.label(), &f.reason);
+        let name = up.map_or("", |u| &*u.name);
         log::warn!(
             "{} {}: upstream {name} failed: {}",
             self.info.method,
@@ -237,6 +168,8 @@ impl Ledger {
         cooldown: Option<Duration>,
     ) {
         let ok = !is_failover_status(status) && !self.marks.not_here;
+        let up = view.config.upstreams.get(idx);
+        self.trace.committed(up, status.as_u16(), first_byte, ok);
         if ok {
             self.answered(view, idx, first_byte);
         } else if !self.marks.not_here {
@@ -300,6 +233,8 @@ impl Ledger {
 
     /// A continuation on `view`'s upstream `idx` took over the stream (SPEC 4a resume).
     pub fn resumed_on(&mut self, view: &Arc<RegistryView>, idx: usize, first_byte: Duration) {
+        let up = view.config.upstreams.get(idx);
+        self.trace.committed(up, 200, first_byte, true);
         self.answered(view, idx, first_byte);
         self.resumed += 1;
         if let Some(c) = self.committed.as_mut() {
@@ -328,6 +263,7 @@ impl Ledger {
         if let Some(c) = self.committed.as_mut() {
             c.broken = true;
         }
+        self.trace.unfinished(&reason);
         let name = view.config.upstreams.get(idx).map_or("", |u| &*u.name);
         self.failures.push(Failure {
             upstream: name.to_string(),
@@ -377,6 +313,12 @@ impl Ledger {
     /// (alerted).
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
+        let status = resp.status().as_u16();
+        self.end_trace(|| End {
+            status,
+            error: (status >= 500).then(|| err.to_string()),
+            ..Default::default()
+        });
         if err.after_every_candidate() {
             // SPEC 4e: every candidate was tried; the client's SDK must not try them all again.
             resp.headers_mut().insert(
@@ -426,6 +368,12 @@ impl Ledger {
     /// costs no upstream and is not recorded (only the HTTP metrics count it); a 404 is a refusal
     /// like any other (counted; recorded without a body within the per-reason bound).
     pub fn finish_answered(mut self, status: StatusCode) {
+        let (status_code, complete) = (status.as_u16(), status.as_u16() < 400);
+        self.end_trace(|| End {
+            status: status_code,
+            complete,
+            ..Default::default()
+        });
         if status != StatusCode::NOT_FOUND || !self.refused(Some(Rejection::NotFound)) {
             return;
         }
@@ -530,6 +478,7 @@ impl Ledger {
         // The whole answer reached the client: a non-error status, its body to the end, and no
         // in-band error event inside it.
         let complete = matches!(end, BodyEnd::Complete) && c.status < 400 && !reply.error_event;
+        self.end_body_trace(c.status, complete, &reply, &end, c.broken);
         // SPEC 4f: the object this answer created, and for a Responses answer its chain link.
         let request = (&self.info.body[..], self.info.body_limit);
         let at = (&*state.owners, &*c.view.config, c.idx, c.status);

@@ -7,7 +7,7 @@
 //! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
 //! [`models`]/[`usage`] §4b, [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8,
-//! [`server`] start-up, reload and shutdown (§9).
+//! [`server`] start-up, reload and shutdown (§9), [`trace`] OpenTelemetry traces (§6a).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -39,5 +39,6 @@ pub mod sse;
 pub mod state;
 pub mod status;
 pub mod time;
+pub mod trace;
 pub mod transport;
 pub mod usage;

@@ -30,6 +30,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     resumes: IntCounterVec,
     websocket_sessions: IntGaugeVec,
+    spans_dropped: IntCounter,
     affinity: IntCounterVec,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
@@ -136,6 +137,11 @@ impl Metrics {
             &["upstream"],
         )?;
         registry.register(Box::new(websocket_sessions.clone()))?;
+        let spans_dropped = IntCounter::with_opts(opts(
+            "spans_dropped_total",
+            "Trace spans lost: the exporter queue was full, or the export failed (SPEC 6a)",
+        ))?;
+        registry.register(Box::new(spans_dropped.clone()))?;
         let affinity = IntCounterVec::new(
             opts(
                 "affinity_total",
@@ -172,6 +178,7 @@ impl Metrics {
             retries,
             resumes,
             websocket_sessions,
+            spans_dropped,
             affinity,
         })
     }
@@ -317,5 +324,10 @@ impl Metrics {
         self.notifications
             .with_label_values(&[channel, result])
             .inc();
+    }
+
+    /// `openai_api_route_spans_dropped_total`, for the trace exporter (SPEC 6a).
+    pub fn spans_dropped(&self) -> IntCounter {
+        self.spans_dropped.clone()
     }
 }

@@ -207,6 +207,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
         let http_metrics = metrics.http.clone();
+        let tracer = start_tracer(&cfg, &metrics, &tls)?;
         let recorder =
             store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
@@ -241,9 +242,11 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .unwrap_or_else(|| "none".into()),
             reject_gate: Default::default(),
             realtime: sessions.clone(),
+            tracer,
             prefill_ignored: Default::default(),
             owners: owners.clone(),
         });
+        let traces = state.clone();
 
         let factory_tls = tls.clone();
         let server = HttpServer::new(move || {
@@ -357,9 +360,29 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             log::info!("server stopped; writing {} queued records", rec.queued());
             rec.flush().await;
         }
+        if let Some(tracer) = &traces.tracer {
+            tracer.flush(Duration::from_secs(5));
+        }
         log::info!("bye");
         result.map_err(|e| StartError::Other(e.to_string()))
     })
+}
+
+/// The trace exporter (SPEC 6a) when an OTLP endpoint is set in the environment or the config;
+/// a bad setting stops the start like a config error.
+fn start_tracer(
+    cfg: &Config,
+    metrics: &Metrics,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Option<crate::trace::Tracer>, StartError> {
+    let settings = crate::trace::settings::resolve(&cfg.otel, &|k| std::env::var(k).ok())
+        .map_err(|why| StartError::Other(format!("tracing: {why}")))?;
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    crate::trace::Tracer::start(settings, metrics.spans_dropped(), tls.clone())
+        .map(Some)
+        .map_err(|e| StartError::Other(format!("tracing: cannot start the exporter: {e}")))
 }
 
 /// The signal streams, registered before the port opens (tokio installs a handler when its

@@ -37,6 +37,8 @@ pub struct AppState {
     pub reject_gate: crate::reject_gate::RejectGate,
     /// Open WebSocket sessions' shutdown signal (SPEC §4c).
     pub realtime: crate::realtime::Sessions,
+    /// The trace exporter (SPEC 6a), None when tracing is off.
+    pub tracer: Option<crate::trace::Tracer>,
     /// Upstreams seen ignoring a prefill (SPEC 4e): asked as with `prefill: none` until the next
     /// reload.
     pub prefill_ignored: crate::usage::Refusals,

@@ -28,3 +28,4 @@ mod sdk;
 mod status_browser;
 mod sticky;
 mod streaming;
+mod tracing;

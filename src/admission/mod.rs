@@ -98,6 +98,8 @@ pub fn via_hops(headers: &HeaderMap) -> usize {
 /// field shares what the request already holds (the URI's and the header's bytes, the method);
 /// nothing is copied or formatted here: the record's writer does that, off the request path.
 pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
+    // A header lookup when the client sends none; parsed strictly when it does (SPEC 6a).
+    let (trace_parent, tracestate) = crate::trace::context::incoming(req.headers());
     RequestInfo {
         created_at: SystemTime::now(),
         started: Instant::now(),
@@ -111,6 +113,9 @@ pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
         user_agent: req.headers().get(header::USER_AGENT).cloned(),
         client_key: None,
         body_limit: cfg.record_body_bytes,
+        websocket: false,
+        trace_parent,
+        tracestate,
     }
 }
 

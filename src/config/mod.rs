@@ -17,6 +17,7 @@ use serde_yaml::Value;
 mod limits;
 mod net;
 mod notify;
+mod otel;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ mod upstream;
 pub use limits::Limits;
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
+pub use otel::OtelConfig;
 pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
 
 use parse::Parser;
@@ -40,6 +42,7 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("notify", notify::NOTIFY_KEYS),
     ("notify.feishu", notify::FEISHU_KEYS),
     ("notify.matrix", notify::MATRIX_KEYS),
+    ("otel", otel::OTEL_KEYS),
 ];
 
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.
@@ -170,6 +173,8 @@ pub struct Config {
     pub failover_codes: Vec<String>,
     /// Continue a broken chat stream on the next candidate (SPEC 4a).
     pub resume: bool,
+    /// `otel:` (SPEC 6a); the `OTEL_*` environment beats it. Read at start only.
+    pub otel: OtelConfig,
     /// WebSocket and continuation limits (SPEC 4d, version 0.3).
     pub limits: Limits,
     /// Rebuild a Responses chain whose owner cannot answer as a stateless request (SPEC 4f).

@@ -47,6 +47,7 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "failover_codes",
     "resume",
     "prefill",
+    "otel",
     // SPEC 4d (0.3) limits, read in `limits.rs`.
     "realtime_max_sessions",
     "realtime_max_sessions_per_token",
@@ -396,6 +397,7 @@ impl Parser<'_> {
         let resume = self.boolean("resume", get("resume"), false);
         let rebuild = self.boolean("rebuild", get("rebuild"), false);
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
+        let otel = self.otel(get("otel"));
 
         let defaults = UpstreamDefaults {
             timeout,
@@ -438,6 +440,7 @@ impl Parser<'_> {
             deadline,
             failover_codes,
             resume,
+            otel,
             limits,
             rebuild,
         }

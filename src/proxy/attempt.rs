@@ -15,6 +15,7 @@ use crate::attempt::{is_failover_status, FailKind};
 use crate::config::{Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
 use crate::headers;
 use crate::sse;
+use crate::trace::Propagation;
 
 /// How long an attempt may take to produce its head (and first chunk, for streams).
 pub fn first_byte_wait(up: &Upstream, stream: bool, last: bool, body_len: usize) -> Duration {
@@ -119,13 +120,15 @@ pub fn body_of(resp: &mut Upstreamed) -> UpstreamBody {
     resp.take_payload()
 }
 
-/// One attempt: send, wait for the head, and for streams the first chunk too.
+/// One attempt: send, wait for the head, and for streams the first chunk too. A traced request
+/// (`trace`) sends the attempt's own `traceparent` (SPEC 6a).
 pub async fn attempt(
     client: &awc::Client,
     up: &Upstream,
     req: &HttpRequest,
     body: Bytes,
     stream: bool,
+    trace: Option<Propagation>,
 ) -> Result<(Upstreamed, Option<Bytes>), AttemptError> {
     let mut creq = match up.origin.uri(req.uri()) {
         Some(uri) => client.request(req.method().clone(), uri),
@@ -144,6 +147,9 @@ pub async fn attempt(
     // keeps awc from building its own `Accept-Encoding` value for every request.
     creq = creq.no_decompress();
     headers::upstream_request_headers(req.headers(), &up.auth, creq.headers_mut());
+    if let Some(t) = &trace {
+        t.apply(creq.headers_mut());
+    }
     if let Some(host) = up.origin.host() {
         creq.headers_mut().insert(header::HOST, host.clone());
     }

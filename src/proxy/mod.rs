@@ -342,21 +342,21 @@ async fn try_upstream(
     let body = upstream_body(ledger.info(), up, base);
     let mut usage_added = plan.usage_body.is_some();
     let t0 = Instant::now();
-    ledger.sent();
-    let send = |body| {
+    let trace = ledger.sent();
+    let send = |body, trace| {
         actix_rt::time::timeout(
             plan.wait.saturating_sub(t0.elapsed()),
-            attempt::attempt(client, up, req, body, stream),
+            attempt::attempt(client, up, req, body, stream, trace),
         )
     };
-    let mut result = send(body).await;
+    let mut result = send(body, trace).await;
     if let (true, Ok(Ok((resp, first)))) = (usage_added, &mut result) {
         // 4b: a 400 naming the added `stream_options` is repeated once without it.
         if usage::refuses_stream_options(resp, first, plan.wait).await {
             usage_added = false;
             let body = upstream_body(ledger.info(), up, &ledger.info().body);
-            ledger.sent();
-            result = send(body).await;
+            let trace = ledger.sent();
+            result = send(body, trace).await;
             // SPEC 4d (0.3): learnt only when the repeat without it succeeded.
             let ok = matches!(&result, Ok(Ok((r, _))) if r.status().is_success());
             state.stream_options_refused.learn(cfg, &up.name, ok);

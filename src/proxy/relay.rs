@@ -204,7 +204,7 @@ impl RelayBody {
                 if let Some(ledger) = self.ledger.as_mut() {
                     for op in cont.ops {
                         match op {
-                            Op::Sent => ledger.sent(),
+                            Op::Sent(started) => ledger.sent_as(started),
                             Op::Failed(idx, f) => ledger.failed(&view, idx, f),
                             Op::Result(idx, result) => ledger.resume_result(&view, idx, result),
                         }

@@ -30,6 +30,7 @@ use crate::ledger::{AttemptFailure, Ledger};
 use crate::registry::RegistryView;
 use crate::sse::{self, ChatChunk, EventSplitter};
 use crate::state::AppState;
+use crate::trace::{Link, Propagation, Started};
 
 use super::attempt::{self as one, Upstreamed};
 use super::prefill::{mapped, prefill_body};
@@ -111,8 +112,8 @@ pub struct Continued {
 
 /// One accountable step of a continuation.
 pub enum Op {
-    /// A request went upstream.
-    Sent,
+    /// A request went upstream (its attempt span, when traced).
+    Sent(Option<Started>),
     /// An attempt failed.
     Failed(usize, AttemptFailure),
     /// A `resumes_total` result.
@@ -413,6 +414,7 @@ impl Resumer {
             usage_body: plan.usage_body.clone(),
             model: ledger.info().model.as_deref().map(str::to_string),
             text: self.text.clone(),
+            trace: ledger.trace_link(),
         };
         self.splitter.clear();
         self.plan = Some(plan);
@@ -454,6 +456,8 @@ struct Ctx {
     usage_body: Option<Bytes>,
     model: Option<String>,
     text: String,
+    /// The request's trace, when traced: each attempt sends its own `traceparent`.
+    trace: Option<Link>,
 }
 
 /// Finds an upstream to continue the stream: each remaining candidate in turn, with the text
@@ -488,10 +492,11 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
             .flatten();
         let regenerate = !ctx.text.is_empty() && prefill.is_none();
         let body = prefill.clone().unwrap_or_else(|| base.clone());
-        ops.push(Op::Sent);
+        let (started, trace) = traced(&ctx.trace);
+        ops.push(Op::Sent(started));
         let t0 = Instant::now();
-        let got =
-            actix_rt::time::timeout(wait, one::attempt(&ctx.client, up, &ctx.req, body, true));
+        let send = one::attempt(&ctx.client, up, &ctx.req, body, true, trace);
+        let got = actix_rt::time::timeout(wait, send);
         let failure = match got.await {
             Ok(Ok((resp, first))) if resp.status().is_success() => {
                 let s = Switch::new(idx, (resp, first), t0, regenerate, add_usage);
@@ -517,12 +522,11 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
                     },
                 ));
                 ops.push(Op::Result(idx, "rejected"));
-                ops.push(Op::Sent);
+                let (started, trace) = traced(&ctx.trace);
+                ops.push(Op::Sent(started));
                 let t0 = Instant::now();
-                let again = actix_rt::time::timeout(
-                    wait,
-                    one::attempt(&ctx.client, up, &ctx.req, base.clone(), true),
-                );
+                let send = one::attempt(&ctx.client, up, &ctx.req, base.clone(), true, trace);
+                let again = actix_rt::time::timeout(wait, send);
                 match again.await {
                     Ok(Ok((resp, first))) if resp.status().is_success() => {
                         let s = Switch::new(idx, (resp, first), t0, true, add_usage);
@@ -549,6 +553,14 @@ async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
         },
         ctx.remaining,
     )
+}
+
+/// A continuation attempt's span and trace headers, when the request is traced.
+fn traced(link: &Option<Link>) -> (Option<Started>, Option<Propagation>) {
+    match link.as_ref().map(Link::attempt) {
+        Some((s, p)) => (Some(s), Some(p)),
+        None => (None, None),
+    }
 }
 
 type AttemptOutcome =

@@ -173,10 +173,14 @@ async fn handshake(
     up: &Upstream,
     req: &HttpRequest,
     model: Option<&str>,
+    trace: Option<crate::trace::Propagation>,
 ) -> Result<Opened, Refused> {
     let url = upstream_url(up, req, model);
     let mut out = HeaderMap::new();
     headers::upstream_request_headers(req.headers(), &up.auth, &mut out);
+    if let Some(t) = &trace {
+        t.apply(&mut out);
+    }
     let mut ws = client.ws(url.as_str()).max_frame_size(MAX_FRAME_BYTES);
     let keep_keys = matches!(up.auth, crate::config::UpstreamAuth::AsIs);
     for (name, value) in out.iter() {
@@ -232,6 +236,7 @@ pub async fn session(
         Ok(admitted) => admitted.ledger,
         Err(refused) => return refused.answer(),
     };
+    ledger.info_mut().websocket = true;
     match query_model(req.uri().query().unwrap_or("")) {
         Ok(m) => ledger.info_mut().model = m.map(Into::into),
         Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
@@ -274,8 +279,8 @@ pub async fn session(
         let up = &cfg.upstreams[idx];
         let last = pos + 1 == n;
         let t0 = Instant::now();
-        ledger.sent();
-        let attempt = handshake(&client.0, up, &req, model.as_deref());
+        let trace = ledger.sent();
+        let attempt = handshake(&client.0, up, &req, model.as_deref(), trace);
         let refused = match actix_rt::time::timeout(up.timeout, attempt).await {
             Ok(Ok(opened)) => {
                 ledger.commit(

@@ -36,8 +36,23 @@ impl Gateway {
         Gateway::try_start(config, extra).unwrap_or_else(|e| panic!("gateway did not start: {e}"))
     }
 
+    /// Starts with these environment variables set for the gateway (e.g. `OTEL_*`).
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::try_start_env(config, &[], env)
+            .unwrap_or_else(|e| panic!("gateway did not start: {e}"))
+    }
+
     /// Starts, or returns what it printed if it exited first.
     pub fn try_start(config: &str, extra: &[&str]) -> Result<Gateway, String> {
+        Gateway::try_start_env(config, extra, &[])
+    }
+
+    /// [`Gateway::try_start`] with environment variables for the gateway.
+    pub fn try_start_env(
+        config: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("upstreams.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -61,6 +76,7 @@ impl Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_openai-api-route"))
             .args(&args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,115 @@
+//! The `otel:` section (SPEC 6a): where traces go when the standard `OTEL_*` environment
+//! variables do not say. Validated here like every other key; the environment is merged in
+//! [`crate::trace::settings`], which the exporter reads once at start.
+
+use serde_yaml::{Mapping, Value};
+
+use super::parse::Parser;
+
+/// The keys of `otel:`; any other is warned about and ignored.
+pub(super) const OTEL_KEYS: &[&str] = &[
+    "endpoint",
+    "headers",
+    "service_name",
+    "sampler",
+    "sampler_arg",
+];
+
+/// `otel:` as written (each value may use `${ENV}`); empty when the section is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtelConfig {
+    /// OTLP/HTTP traces URL, used as is (e.g. `http://collector:4318/v1/traces`).
+    pub endpoint: Option<String>,
+    /// Extra export request headers (e.g. a vendor's API key); never logged.
+    pub headers: Vec<(String, String)>,
+    /// `service.name` of the exported spans.
+    pub service_name: Option<String>,
+    /// One of the standard sampler names.
+    pub sampler: Option<String>,
+    /// The sampler's ratio (for the `traceidratio` ones).
+    pub sampler_arg: Option<String>,
+}
+
+impl Parser<'_> {
+    pub(super) fn otel(&mut self, v: Option<&Value>) -> OtelConfig {
+        let map = match v {
+            None | Some(Value::Null) => return OtelConfig::default(),
+            Some(Value::Mapping(m)) => m,
+            Some(_) => {
+                self.err("otel", "expected a mapping");
+                return OtelConfig::default();
+            }
+        };
+        self.warn_unknown(
+            map,
+            &[
+                "endpoint",
+                "headers",
+                "service_name",
+                "sampler",
+                "sampler_arg",
+            ],
+            "otel",
+        );
+        let s = |p: &mut Self, k: &str| {
+            map.get(k)
+                .and_then(|v| p.string(&format!("otel.{k}"), v))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let endpoint = s(self, "endpoint");
+        if let Some(e) = &endpoint {
+            if let Err(why) = crate::trace::settings::Url::parse(e) {
+                self.err("otel.endpoint", why);
+            }
+        }
+        let service_name = s(self, "service_name");
+        let sampler = s(self, "sampler");
+        let sampler_arg = s(self, "sampler_arg");
+        if let Err(why) = crate::trace::Sampler::parse(
+            sampler.as_deref().unwrap_or_default(),
+            sampler_arg.as_deref(),
+        ) {
+            self.err("otel.sampler", why);
+        }
+        let mut headers = Vec::new();
+        match map.get("headers") {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(h)) => headers = self.otel_headers(h),
+            Some(_) => self.err("otel.headers", "expected a mapping of header: value"),
+        }
+        OtelConfig {
+            endpoint,
+            headers,
+            service_name,
+            sampler,
+            sampler_arg,
+        }
+    }
+
+    fn otel_headers(&mut self, h: &Mapping) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (k, v) in h {
+            let Some(name) = k.as_str() else {
+                self.err("otel.headers", "header names must be strings");
+                continue;
+            };
+            let key = format!("otel.headers.{name}");
+            let Some(value) = self.string(&key, v) else {
+                continue;
+            };
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+            if !token {
+                self.err(&key, "not a valid header name");
+            } else if value.bytes().any(|c| (c < b' ' && c != b'\t') || c == 0x7f) {
+                self.err(&key, "the value has control characters");
+            } else {
+                out.push((name.to_string(), value));
+            }
+        }
+        out
+    }
+}
