@@ -171,6 +171,11 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .or_else(|| cfg.address.clone())
         .unwrap_or_else(|| ":8888".to_string());
     let database = database_target(&cli, &cfg)?;
+    // Trace settings (SPEC 6a) are resolved before anything listens: a bad one stops the start.
+    let file = cfg.file.display().to_string();
+    let trace_settings =
+        crate::trace::settings::resolve(&cfg.otel, &file, &|k| std::env::var(k).ok())
+            .map_err(|why| StartError::Other(format!("tracing: {why}")))?;
     // Open the database before anything listens: a bad path is a start-up error.
     let store = match &database {
         Some(target) => {
@@ -207,7 +212,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
         let http_metrics = metrics.http.clone();
-        let tracer = start_tracer(&cfg, &metrics, &tls)?;
+        let tracer = start_tracer(trace_settings, &metrics, &tls)?;
         let recorder =
             store.map(|(s, rows)| Recorder::start(s, rows, metrics.clone(), cfg.record_queue));
         let notifier = NotifierActor::new(cfg.notify.clone(), metrics.clone(), tls.clone()).start();
@@ -368,15 +373,12 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     })
 }
 
-/// The trace exporter (SPEC 6a) when an OTLP endpoint is set in the environment or the config;
-/// a bad setting stops the start like a config error.
+/// The trace exporter (SPEC 6a) when an OTLP endpoint is set in the environment or the config.
 fn start_tracer(
-    cfg: &Config,
+    settings: Option<crate::trace::settings::Settings>,
     metrics: &Metrics,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<Option<crate::trace::Tracer>, StartError> {
-    let settings = crate::trace::settings::resolve(&cfg.otel, &|k| std::env::var(k).ok())
-        .map_err(|why| StartError::Other(format!("tracing: {why}")))?;
     let Some(settings) = settings else {
         return Ok(None);
     };

@@ -165,3 +165,26 @@ async fn colon_port_listens_on_all_interfaces() {
     let got = send("GET", &format!("http://127.0.0.1:{port}/healthz"), &[], b"").await;
     assert_eq!(got.status, 200);
 }
+
+#[test]
+fn a_bad_trace_setting_stops_the_start_naming_its_source() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "authorization: x\notel: {endpoint: ftp://collector:4318}\nupstreams:\n  - endpoint: http://h/v1\n",
+            "upstreams.yaml: otel.endpoint: the OTLP endpoint must be an http:// or https:// URL",
+        ),
+        (
+            "authorization: x\notel: {endpoint: http://c:4318/v1/traces, sampler: sometimes}\nupstreams:\n  - endpoint: http://h/v1\n",
+            "upstreams.yaml: otel.sampler:",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let (code, _, err) = run(&["-addr", "127.0.0.1:0"], Some(yaml));
+        assert!(code.is_some_and(|c| c != 0), "{yaml}: {err}");
+        assert!(
+            err.contains(expected),
+            "{yaml}\nexpected {expected:?} in:\n{err}"
+        );
+        assert!(!err.contains("listening"), "must not listen");
+    }
+}

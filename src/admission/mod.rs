@@ -27,7 +27,8 @@ use crate::headers::VIA;
 use crate::ledger::{Ledger, RequestInfo};
 use crate::state::AppState;
 
-pub use self::path::{path_problem, percent_decode};
+pub use self::path::path_problem;
+pub use crate::escape::percent_decode;
 
 /// A request admitted by the common rules: its ledger (with the client's token label) and the
 /// config it was admitted under (the route's own steps read their limits from it).

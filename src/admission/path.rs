@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use crate::escape::percent_decode;
+
 /// Rounds of percent-decoding looked through (`%25252e` is three).
 const ROUNDS: usize = 4;
 
@@ -82,30 +84,6 @@ fn has_control(seg: &[u8]) -> bool {
             || b == 0x7F
             || (b == 0xC2 && seg.get(i + 1).is_some_and(|n| (0x80..=0x9F).contains(n)))
     })
-}
-
-/// One round of percent-decoding, or None when there is nothing to decode.
-pub fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
-    if !s.contains(&b'%') {
-        return None;
-    }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    let mut changed = false;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                changed = true;
-                continue;
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    changed.then_some(out)
 }
 
 #[cfg(test)]

@@ -290,7 +290,7 @@ pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> i64 {
 pub fn spawn_poll(
     owners: Arc<Owners>,
     store: Store,
-    config: crate::registry::SharedConfig,
+    config: crate::config::SharedConfig,
     mut last: i64,
 ) {
     let spawned = std::thread::Builder::new()

@@ -19,6 +19,7 @@ mod net;
 mod notify;
 mod otel;
 mod parse;
+mod shared;
 #[cfg(test)]
 mod tests;
 mod upstream;
@@ -27,7 +28,8 @@ pub use limits::Limits;
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
 pub use otel::OtelConfig;
-pub use upstream::{redact_url, Pattern, Prefill, Upstream, UpstreamAuth};
+pub use shared::SharedConfig;
+pub use upstream::{redact_url, Pattern, Upstream, UpstreamAuth};
 
 use parse::Parser;
 
@@ -110,6 +112,31 @@ impl LbPolicy {
             LbPolicy::Random => "random",
             LbPolicy::RoundRobin => "round_robin",
             LbPolicy::Sticky => "sticky",
+        }
+    }
+}
+
+/// How an upstream continues a partial answer (SPEC 4a `prefill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// One trailing assistant message.
+    Message,
+    /// That, plus `continue_final_message: true, add_generation_prompt: false`.
+    Vllm,
+    /// That message with `"prefix": true`.
+    Deepseek,
+    /// It cannot: regenerate and relay what follows the text already sent.
+    None,
+}
+
+impl Prefill {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prefill::Message => "message",
+            Prefill::Vllm => "vllm",
+            Prefill::Deepseek => "deepseek",
+            Prefill::None => "none",
         }
     }
 }

@@ -1,6 +1,8 @@
-//! IP networks for `trusted_proxies`.
+//! Addresses in the config: IP networks for `trusted_proxies`, and http(s) endpoints.
 
 use std::net::IpAddr;
+
+use awc::http::Uri;
 
 /// An IP network that is allowed to tell us the client address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,4 +46,27 @@ impl IpNet {
             _ => false,
         }
     }
+}
+
+/// Splits an endpoint into (base URL without trailing slash, displayable URL, host).
+pub(super) fn parse_endpoint(s: &str) -> Option<(String, String, String)> {
+    let uri: Uri = s.parse().ok()?;
+    let scheme = uri.scheme_str()?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let auth = uri.authority()?;
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if host.is_empty() {
+        return None;
+    }
+    let hostport = auth.as_str().rsplit('@').next().unwrap_or("").to_string();
+    let path = uri.path().trim_end_matches('/');
+    let base = format!("{scheme}://{}{path}", auth.as_str());
+    let display = format!("{scheme}://{hostport}{path}");
+    Some((base, display, host))
 }

@@ -1,6 +1,7 @@
 //! The `otel:` section (SPEC 6a): where traces go when the standard `OTEL_*` environment
-//! variables do not say. Validated here like every other key; the environment is merged in
-//! [`crate::trace::settings`], which the exporter reads once at start.
+//! variables do not say. Its shape is checked here like every other key; the endpoint and the
+//! sampler are checked by the trace module when it merges the environment in, once, before the
+//! port opens (so the config needs nothing of the trace module).
 
 use serde_yaml::{Mapping, Value};
 
@@ -57,21 +58,13 @@ impl Parser<'_> {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
         };
+        // The endpoint and sampler are checked where they are resolved with the environment
+        // (`trace::settings::resolve`, before the port opens): an environment variable beats
+        // them, and the config does not know the trace module's types.
         let endpoint = s(self, "endpoint");
-        if let Some(e) = &endpoint {
-            if let Err(why) = crate::trace::settings::Url::parse(e) {
-                self.err("otel.endpoint", why);
-            }
-        }
         let service_name = s(self, "service_name");
         let sampler = s(self, "sampler");
         let sampler_arg = s(self, "sampler_arg");
-        if let Err(why) = crate::trace::Sampler::parse(
-            sampler.as_deref().unwrap_or_default(),
-            sampler_arg.as_deref(),
-        ) {
-            self.err("otel.sampler", why);
-        }
         let mut headers = Vec::new();
         match map.get("headers") {
             None | Some(Value::Null) => {}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use super::upstream::{parse_endpoint, UpstreamDefaults};
+use super::net::parse_endpoint;
 use super::{Config, ConfigError, IpNet, LbPolicy, Prefill};
 
 /// The walker's state: where it reads from and what it found wrong so far.
@@ -453,6 +453,16 @@ fn join(prefix: &str, key: &str) -> String {
     } else {
         format!("{prefix}.{key}")
     }
+}
+
+/// Global values that an upstream may override.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct UpstreamDefaults {
+    pub(super) timeout: Duration,
+    pub(super) stream_timeout: Duration,
+    pub(super) force_usage: bool,
+    pub(super) retries: u32,
+    pub(super) prefill: Prefill,
 }
 
 fn split_commas(s: &str) -> impl Iterator<Item = String> + '_ {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::upstream::parse_endpoint;
+use super::net::parse_endpoint;
 use super::*;
 
 fn parse_str(text: &str) -> Result<Config, ConfigErrors> {

@@ -9,7 +9,9 @@ use awc::http::header::HeaderValue;
 use awc::http::Uri;
 use serde_yaml::Value;
 
-use super::parse::{Parser, UPSTREAM_KEYS};
+use super::net::parse_endpoint;
+use super::parse::{Parser, UpstreamDefaults, UPSTREAM_KEYS};
+use super::Prefill;
 
 /// What `Authorization` an upstream receives.
 #[derive(Clone, PartialEq, Eq)]
@@ -104,41 +106,6 @@ pub struct Upstream {
     pub prefill: Prefill,
     /// `weight`: this upstream's share under `random` and `sticky` (SPEC §3, 4f); positive.
     pub weight: f64,
-}
-
-/// How an upstream continues a partial answer (SPEC 4a `prefill`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefill {
-    /// One trailing assistant message.
-    Message,
-    /// That, plus `continue_final_message: true, add_generation_prompt: false`.
-    Vllm,
-    /// That message with `"prefix": true`.
-    Deepseek,
-    /// It cannot: regenerate and relay what follows the text already sent.
-    None,
-}
-
-impl Prefill {
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Prefill::Message => "message",
-            Prefill::Vllm => "vllm",
-            Prefill::Deepseek => "deepseek",
-            Prefill::None => "none",
-        }
-    }
-}
-
-/// Global values that an upstream may override.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct UpstreamDefaults {
-    pub(super) timeout: Duration,
-    pub(super) stream_timeout: Duration,
-    pub(super) force_usage: bool,
-    pub(super) retries: u32,
-    pub(super) prefill: Prefill,
 }
 
 impl Upstream {
@@ -414,29 +381,6 @@ impl Origin {
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
-}
-
-/// Splits an endpoint into (base URL without trailing slash, displayable URL, host).
-pub(super) fn parse_endpoint(s: &str) -> Option<(String, String, String)> {
-    let uri: Uri = s.parse().ok()?;
-    let scheme = uri.scheme_str()?;
-    if scheme != "http" && scheme != "https" {
-        return None;
-    }
-    let auth = uri.authority()?;
-    let host = auth
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    if host.is_empty() {
-        return None;
-    }
-    let hostport = auth.as_str().rsplit('@').next().unwrap_or("").to_string();
-    let path = uri.path().trim_end_matches('/');
-    let base = format!("{scheme}://{}{path}", auth.as_str());
-    let display = format!("{scheme}://{hostport}{path}");
-    Some((base, display, host))
 }
 
 /// A URL with any user info removed, for error messages.

@@ -112,24 +112,32 @@ impl Url {
 }
 
 /// The settings from the environment (`env`) and the config's `otel:` section; None when no
-/// endpoint is set anywhere (tracing off).
+/// endpoint is set anywhere (tracing off). A bad value is refused with its source named: the
+/// environment variable, or `otel.<key>` of the config file `file`.
 pub fn resolve(
     cfg: &OtelConfig,
+    file: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<Settings>, String> {
     let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-    let url = match (
+    let from_file = |key: &str| format!("{file}: otel.{key}");
+    let (url, source) = match (
         var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
         var("OTEL_EXPORTER_OTLP_ENDPOINT"),
         cfg.endpoint.as_deref(),
     ) {
         // The signal-specific one is used as is; the general one gets the signal's path.
-        (Some(t), _, _) => t,
-        (None, Some(base), _) => format!("{}/v1/traces", base.trim().trim_end_matches('/')),
-        (None, None, Some(e)) if !e.trim().is_empty() => e.trim().to_string(),
+        (Some(t), _, _) => (t, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string()),
+        (None, Some(base), _) => (
+            format!("{}/v1/traces", base.trim().trim_end_matches('/')),
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+        ),
+        (None, None, Some(e)) if !e.trim().is_empty() => {
+            (e.trim().to_string(), from_file("endpoint"))
+        }
         _ => return Ok(None),
     };
-    let url = Url::parse(&url)?;
+    let url = Url::parse(&url).map_err(|why| format!("{source}: {why}"))?;
     let headers = match var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
         .or_else(|| var("OTEL_EXPORTER_OTLP_HEADERS"))
     {
@@ -145,14 +153,20 @@ pub fn resolve(
     let service_name = var("OTEL_SERVICE_NAME")
         .or_else(|| cfg.service_name.clone())
         .unwrap_or_else(|| "openai-api-route".into());
-    let (name, arg) = match var("OTEL_TRACES_SAMPLER") {
-        Some(n) => (n, var("OTEL_TRACES_SAMPLER_ARG")),
+    let (name, arg, source) = match var("OTEL_TRACES_SAMPLER") {
+        Some(n) => (
+            n,
+            var("OTEL_TRACES_SAMPLER_ARG"),
+            "OTEL_TRACES_SAMPLER".to_string(),
+        ),
         None => (
             cfg.sampler.clone().unwrap_or_default(),
             var("OTEL_TRACES_SAMPLER_ARG").or_else(|| cfg.sampler_arg.clone()),
+            from_file("sampler"),
         ),
     };
-    let sampler = Sampler::parse(&name, arg.as_deref())?;
+    let sampler =
+        Sampler::parse(&name, arg.as_deref()).map_err(|why| format!("{source}: {why}"))?;
     let number = |k: &str, default: u64| -> Result<u64, String> {
         match var(k) {
             None => Ok(default),
@@ -185,7 +199,7 @@ fn parse_headers(s: &str) -> Result<Vec<(String, String)>, String> {
         let (k, v) = pair
             .split_once('=')
             .ok_or("OTEL_EXPORTER_OTLP_HEADERS: expected key=value pairs")?;
-        let v = match crate::admission::path::percent_decode(v.trim().as_bytes()) {
+        let v = match crate::escape::percent_decode(v.trim().as_bytes()) {
             None => v.trim().to_string(),
             Some(b) => String::from_utf8(b).map_err(|_| {
                 "OTEL_EXPORTER_OTLP_HEADERS: a value is not valid percent-encoded UTF-8"
@@ -227,9 +241,10 @@ mod tests {
     #[test]
     fn off_without_an_endpoint_and_env_beats_config() {
         let cfg = OtelConfig::default();
-        assert!(resolve(&cfg, &env(&[])).unwrap().is_none());
+        assert!(resolve(&cfg, "t.yaml", &env(&[])).unwrap().is_none());
         let s = resolve(
             &cfg,
+            "t.yaml",
             &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]),
         )
         .unwrap()
@@ -247,11 +262,12 @@ mod tests {
             headers: vec![("x-key".into(), "v".into())],
             ..OtelConfig::default()
         };
-        let s = resolve(&cfg, &env(&[])).unwrap().unwrap();
+        let s = resolve(&cfg, "t.yaml", &env(&[])).unwrap().unwrap();
         assert_eq!(s.url.display(), "https://file:4318/v1/traces");
         assert_eq!(s.headers, vec![("x-key".to_string(), "v".to_string())]);
         let s = resolve(
             &cfg,
+            "t.yaml",
             &env(&[
                 ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t/custom"),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored"),
@@ -289,7 +305,7 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_HEADERS", "a=b%0d%0aInjected: 1"),
             ],
         ] {
-            assert!(resolve(&cfg, &env(pairs)).is_err(), "{pairs:?}");
+            assert!(resolve(&cfg, "t.yaml", &env(pairs)).is_err(), "{pairs:?}");
         }
         assert_eq!(
             Url::parse("http://[::1]:4318/v1/traces").unwrap().display(),

@@ -1,0 +1,242 @@
+//! What ordering needs, as the actor publishes it: the view a request takes its candidates
+//! from without a round trip to the actor, the per-upstream counters shared with the request
+//! path, and the inline candidate order.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::{Config, LbPolicy};
+use crate::history::UpstreamHistory;
+
+pub(super) const RECENT: usize = 32;
+
+/// Per-upstream counters shared by the request path and the actor.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    /// Consecutive failures: the actor adds, a success resets.
+    pub(super) failures: AtomicU32,
+    pub(super) ok: AtomicU64,
+    pub(super) failed: AtomicU64,
+    pub(super) recent: Mutex<VecDeque<Duration>>,
+    /// The status page's last hour and tokens (see [`crate::history`]).
+    pub(super) history: Arc<UpstreamHistory>,
+}
+
+impl LiveStats {
+    pub(super) fn push_latency(&self, d: Duration) {
+        let mut r = match self.recent.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back(d);
+    }
+
+    pub(super) fn median_latency(&self) -> Option<Duration> {
+        let r = match self.recent.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut v: Vec<Duration> = r.iter().copied().collect();
+        v.sort();
+        v.get(v.len() / 2).copied()
+    }
+}
+
+/// What ordering needs, published by the actor whenever it changes (cooldowns, reloads).
+pub struct RegistryView {
+    /// The config the indices refer to.
+    pub config: Arc<Config>,
+    /// Per upstream (index-aligned with `config.upstreams`): end of its cooldown.
+    pub(super) cooling_until: Vec<Option<Instant>>,
+    /// Per upstream counters.
+    pub(super) stats: Vec<Arc<LiveStats>>,
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9_7F4A_7C15)
+            | 1,
+    );
+}
+
+pub(super) fn next_random() -> u64 {
+    // xorshift64*: a shuffle per request needs speed, not cryptographic quality.
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// Candidates kept inline: a request's order costs no heap allocation with up to this many.
+const INLINE_CANDIDATES: usize = 8;
+
+/// Upstream indices in the order a request tries them (a `Vec` was one allocation per request).
+#[derive(Debug, Clone, Default)]
+pub struct Order {
+    inline: [usize; INLINE_CANDIDATES],
+    len: usize,
+    /// All of them, once there are more than fit inline.
+    spilled: Vec<usize>,
+}
+
+impl Order {
+    /// Appends an index.
+    pub fn push(&mut self, i: usize) {
+        if !self.spilled.is_empty() {
+            self.spilled.push(i);
+        } else if self.len < INLINE_CANDIDATES {
+            self.inline[self.len] = i;
+            self.len += 1;
+        } else {
+            self.spilled.extend_from_slice(&self.inline[..self.len]);
+            self.spilled.push(i);
+        }
+    }
+
+    /// Keeps the indices `keep` accepts, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&usize) -> bool) {
+        if !self.spilled.is_empty() {
+            self.spilled.retain(keep);
+            return;
+        }
+        let mut n = 0;
+        for k in 0..self.len {
+            let i = self.inline[k];
+            if keep(&i) {
+                self.inline[n] = i;
+                n += 1;
+            }
+        }
+        self.len = n;
+    }
+}
+
+impl std::ops::Deref for Order {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+impl std::ops::DerefMut for Order {
+    fn deref_mut(&mut self) -> &mut [usize] {
+        if self.spilled.is_empty() {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spilled
+        }
+    }
+}
+
+impl RegistryView {
+    /// When upstream `idx`'s cooldown ends, if it has one (it may have run out already).
+    pub fn cooling_until(&self, idx: usize) -> Option<Instant> {
+        self.cooling_until.get(idx).copied().flatten()
+    }
+
+    /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
+    /// cooldown just ran out), and not when this failure is the one that reaches
+    /// `cooldown.failures`.
+    pub fn may_retry(&self, idx: usize) -> bool {
+        let half_open = self
+            .cooling_until
+            .get(idx)
+            .copied()
+            .flatten()
+            .is_some_and(|until| until <= Instant::now());
+        let failures = self
+            .stats
+            .get(idx)
+            .map_or(0, |s| s.failures.load(Ordering::Relaxed));
+        !half_open && failures.saturating_add(1) < self.config.cooldown_failures
+    }
+
+    /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
+    /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
+    /// `sticky` orders by the request's affinity `key` (SPEC 4f; without one, the file's order).
+    pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize, key: Option<&[u8]>) -> Order {
+        let ups = &self.config.upstreams;
+        let mut order = Order::default();
+        for i in (0..ups.len()).filter(|&i| ups[i].admits(model)) {
+            order.push(i);
+        }
+        match self.config.lb_policy {
+            LbPolicy::Order => {}
+            LbPolicy::RoundRobin => {
+                if !order.is_empty() {
+                    let k = rr.fetch_add(1, Ordering::Relaxed) % order.len();
+                    order.rotate_left(k);
+                }
+            }
+            LbPolicy::Random => {
+                let weight = |i: usize| ups[i].weight;
+                crate::affinity::sticky::weighted_shuffle(&mut order, next_random, weight);
+            }
+            LbPolicy::Sticky => {
+                if let Some(key) = key {
+                    let (name, weight) = (|i: usize| &*ups[i].name, |i: usize| ups[i].weight);
+                    crate::affinity::sticky::rendezvous(&mut order, key, name, weight);
+                }
+            }
+        }
+        if self.cooling_until.iter().any(Option::is_some) {
+            let now = Instant::now();
+            let cooling = |i: &usize| self.cooling_until[*i].is_some_and(|until| until > now);
+            if order.iter().any(cooling) {
+                let mut sorted = Order::default();
+                for &i in order.iter().filter(|i| !cooling(i)) {
+                    sorted.push(i);
+                }
+                for &i in order.iter().filter(|i| cooling(i)) {
+                    sorted.push(i);
+                }
+                order = sorted;
+            }
+        }
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Order;
+
+    #[test]
+    fn order_keeps_its_indices_inline_and_spilled() {
+        for n in [0usize, 1, 7, 8, 9, 20] {
+            let mut o = Order::default();
+            for i in 0..n {
+                o.push(i * 10);
+            }
+            let want: Vec<usize> = (0..n).map(|i| i * 10).collect();
+            assert_eq!(&*o, &want[..], "n={n}");
+            o.rotate_left(n.min(3));
+            let mut rotated = want.clone();
+            rotated.rotate_left(n.min(3));
+            assert_eq!(&*o, &rotated[..], "n={n}");
+            o.retain(|i| i % 20 == 0);
+            rotated.retain(|i| i % 20 == 0);
+            assert_eq!(&*o, &rotated[..], "n={n}");
+            o.push(999);
+            rotated.push(999);
+            assert_eq!(&*o, &rotated[..], "n={n}");
+        }
+    }
+}
