@@ -28,7 +28,7 @@ use crate::attempt::FailKind;
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
 use crate::escape::untrusted;
-use crate::ledger::{AttemptFailure, Ledger};
+use crate::ledger::{AttemptFailure, Ledger, RequestInfo};
 use crate::policy::{self, Next, Outcome};
 use crate::registry::{Order, RegistryView};
 use crate::state::AppState;
@@ -116,33 +116,21 @@ fn upstream_body(
 }
 
 /// Candidates in order, one attempt each (more with `retries`), until one answers (SPEC §4
-/// "Failover", 4a). What follows each attempt is [`policy::decide`]'s to say; this loop only
-/// performs it.
+/// "Failover", 4a, 4f). What follows each attempt is [`policy::decide`]'s to say; this loop only
+/// performs it ([`execute`]).
 async fn forward(
     req: &HttpRequest,
     mut ledger: Ledger,
     state: &AppState,
     client: &awc::Client,
 ) -> HttpResponse {
-    let (view, mut order) = match candidates(&ledger, state) {
+    let (view, order, pinning) = match candidates(&ledger, state) {
         Ok(found) => found,
-        Err(err) => return ledger.finish_local(err),
-    };
-    // 4f: the objects the request refers to pin it to their owner, or make "not here" apply.
-    let pinning = match affine::route(state, &view.config, ledger.info())
-        .and_then(|route| affine::plan(state, &view, &mut order, ledger.info(), route))
-    {
-        Ok(p) => p,
         Err(err) => return ledger.finish_local(err),
     };
     let cfg = view.config.clone();
     let deadline = cfg.deadline.map(|d| ledger.info().started + d);
-    // 4b: the body with `stream_options.include_usage` added, when this request should get it.
-    let usage_body = {
-        let info = ledger.info();
-        let options = info.stream_options.clone();
-        usage::usage_body(info.path(), info.stream, &info.body, options)
-    };
+    let usage_body = usage_body(ledger.info());
     let mut out_of_time = false;
     'candidates: for (pos, &idx) in order.iter().enumerate() {
         let up = &cfg.upstreams[idx];
@@ -151,12 +139,17 @@ async fn forward(
             && up.force_usage
             && !state.stream_options_refused.refused(&cfg, &up.name);
         let mut tries = 0u32;
-        if let Some(rebuilt) = pinning.rebuild_at(pos) {
-            // 4f: the owner cannot answer; the chain goes on here as one stateless request.
-            ledger.info_mut().body = rebuilt.clone();
-            ledger.marks.rebuilt = true;
-            state.metrics.affinity("rebuilt");
-        }
+        rebuild_here(&mut ledger, state, &pinning, pos);
+        let turn = Turn {
+            req,
+            client,
+            state,
+            view: &view,
+            order: &order,
+            pos,
+            usage_body: &usage_body,
+            pinning: &pinning,
+        };
         loop {
             let info = ledger.info();
             let wait = attempt::first_byte_wait(up, info.stream, last, info.body.len());
@@ -164,15 +157,17 @@ async fn forward(
                 out_of_time = true;
                 break 'candidates;
             };
+            let stream = ledger.info().stream;
+            let usage_body = usage_body.as_ref().filter(|_| add_usage);
             let plan = Plan {
                 req,
                 client,
                 up,
                 last,
-                stream: ledger.info().stream,
+                stream,
                 pin: pinning.pin(),
                 wait,
-                usage_body: usage_body.as_ref().filter(|_| add_usage),
+                usage_body,
             };
             let tried = try_upstream(&mut ledger, state, &cfg, plan).await;
             add_usage = tried.usage_added;
@@ -185,43 +180,17 @@ async fn forward(
                 retry_after_max: cfg.retry_after_max,
                 pin: pinning.pin(),
             };
-            let (pause, failure) =
-                match policy::decide(&tried.outcome, &budget, rescue::backoff(tries)) {
-                    Next::Relay => {
-                        if tried.status.is_some_and(|s| (200..300).contains(&s)) {
-                            affine::answered(state, &pinning, &up.name);
-                        }
-                        let rest = &order[pos + 1..];
-                        let resume = resume_plan(&ledger, req, client, rest, &usage_body);
-                        return tried.relay(ledger, &view, idx, None, resume);
-                    }
-                    Next::RelayFailure { cooldown } => {
-                        return tried.relay(ledger, &view, idx, cooldown, None)
-                    }
-                    Next::Retry { pause, cooldown } => {
-                        (Some(pause), tried.failure(false, false, cooldown))
-                    }
-                    Next::MoveOn { quiet, cooldown } => {
-                        (None, tried.failure(!last, quiet, cooldown))
-                    }
-                    Next::NotHere => {
-                        state.metrics.affinity("not_here");
-                        (None, tried.failure(false, true, None))
-                    }
-                    Next::RelayNotHere => {
-                        state.metrics.affinity("not_here");
-                        ledger.marks.not_here = true;
-                        return tried.relay(ledger, &view, idx, None, None);
-                    }
-                    Next::OwnerFailed { cooldown } => {
-                        ledger.failed(&view, idx, tried.failure(false, false, cooldown));
-                        let err = affine::owner_failed(state, &pinning, ledger.failures());
-                        return ledger.finish_local(err);
-                    }
-                };
-            ledger.failed(&view, idx, failure);
-            let Some(pause) = pause else {
-                continue 'candidates;
+            let next = policy::decide(&tried.outcome, &budget, rescue::backoff(tries));
+            let pause = match execute(next, tried, ledger, &turn) {
+                Step::Answered(response) => return response,
+                Step::MoveOn(back) => {
+                    ledger = back;
+                    continue 'candidates;
+                }
+                Step::Retry(back, pause) => {
+                    ledger = back;
+                    pause
+                }
             };
             // A client that goes away while we wait drops this future: the wait ends with it.
             ledger.retrying(&view, idx);
@@ -237,12 +206,95 @@ async fn forward(
     ledger.finish_local(err)
 }
 
+/// 4b: the body with `stream_options.include_usage` added, when this request should get it.
+fn usage_body(info: &RequestInfo) -> Option<Bytes> {
+    let options = info.stream_options.clone();
+    usage::usage_body(info.path(), info.stream, &info.body, options)
+}
+
+/// 4f: when the owner cannot answer and this candidate is where the chain goes on, the request
+/// becomes the rebuilt, stateless one from here.
+fn rebuild_here(ledger: &mut Ledger, state: &AppState, pinning: &affine::Pinning, pos: usize) {
+    if let Some(rebuilt) = pinning.rebuild_at(pos) {
+        ledger.info_mut().body = rebuilt.clone();
+        ledger.marks.rebuilt = true;
+        state.metrics.affinity("rebuilt");
+    }
+}
+
+/// Where the attempt loop stands when it executes a decision.
+struct Turn<'a> {
+    req: &'a HttpRequest,
+    client: &'a awc::Client,
+    state: &'a AppState,
+    view: &'a Arc<RegistryView>,
+    order: &'a [usize],
+    /// The candidate's position in `order`.
+    pos: usize,
+    usage_body: &'a Option<Bytes>,
+    pinning: &'a affine::Pinning,
+}
+
+/// What the loop does once a decision is executed.
+enum Step {
+    /// The answer is on its way to the client.
+    Answered(HttpResponse),
+    /// The failure is counted; the same upstream is asked again after the pause.
+    Retry(Ledger, Duration),
+    /// The failure is counted; the next candidate follows (or the all-failed answer).
+    MoveOn(Ledger),
+}
+
+/// Performs what the policy decided: relays the answer, or counts the failure for a retry here
+/// or a move to the next candidate.
+fn execute(next: Next, tried: Tried, mut ledger: Ledger, turn: &Turn<'_>) -> Step {
+    let (view, pos) = (turn.view, turn.pos);
+    let idx = turn.order[pos];
+    let last = pos + 1 == turn.order.len();
+    let (pause, failure) = match next {
+        Next::Relay => {
+            if tried.status.is_some_and(|s| (200..300).contains(&s)) {
+                if let Some(up) = view.config.upstreams.get(idx) {
+                    affine::answered(turn.state, turn.pinning, &up.name);
+                }
+            }
+            let rest = &turn.order[pos + 1..];
+            let resume = resume_plan(&ledger, turn.req, turn.client, rest, turn.usage_body);
+            return Step::Answered(tried.relay(ledger, view, idx, None, resume));
+        }
+        Next::RelayFailure { cooldown } => {
+            return Step::Answered(tried.relay(ledger, view, idx, cooldown, None))
+        }
+        Next::Retry { pause, cooldown } => (Some(pause), tried.failure(false, false, cooldown)),
+        Next::MoveOn { quiet, cooldown } => (None, tried.failure(!last, quiet, cooldown)),
+        Next::NotHere => {
+            turn.state.metrics.affinity("not_here");
+            (None, tried.failure(false, true, None))
+        }
+        Next::RelayNotHere => {
+            turn.state.metrics.affinity("not_here");
+            ledger.marks.not_here = true;
+            return Step::Answered(tried.relay(ledger, view, idx, None, None));
+        }
+        Next::OwnerFailed { cooldown } => {
+            ledger.failed(view, idx, tried.failure(false, false, cooldown));
+            let err = affine::owner_failed(turn.state, turn.pinning, ledger.failures());
+            return Step::Answered(ledger.finish_local(err));
+        }
+    };
+    ledger.failed(view, idx, failure);
+    match pause {
+        Some(pause) => Step::Retry(ledger, pause),
+        None => Step::MoveOn(ledger),
+    }
+}
+
 /// The registry's view and this request's candidates in order (allow/deny, `lb_policy`,
 /// cooldowns, `route_by_models`); none at all is a 404 naming the model.
 fn candidates(
     ledger: &Ledger,
     state: &AppState,
-) -> Result<(Arc<RegistryView>, Order), GatewayError> {
+) -> Result<(Arc<RegistryView>, Order, affine::Pinning), GatewayError> {
     let model = ledger.info().model.as_deref();
     let (view, mut order) = affine::candidates(state, ledger.info());
     crate::models::route_filter(state, &view.config, &mut order, model);
@@ -250,7 +302,10 @@ fn candidates(
         let model = model.unwrap_or_default().to_string();
         return Err(GatewayError::NoUpstreamForModel(model));
     }
-    Ok((view, order))
+    // 4f: the objects the request refers to pin it to their owner, or make "not here" apply.
+    let pinning = affine::route(state, &view.config, ledger.info())
+        .and_then(|route| affine::plan(state, &view, &mut order, ledger.info(), route))?;
+    Ok((view, order, pinning))
 }
 
 /// What one attempt needs besides the ledger.
