@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod fuzz;
 mod hardening;
+mod layout;
 mod limits;
 mod limits_ws;
 mod models;
