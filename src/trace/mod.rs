@@ -95,34 +95,8 @@ pub struct ServerSpan {
     pub start: u64,
     /// See `start`.
     pub end: u64,
-    /// Request method.
-    pub method: Method,
-    /// Request URI (only its path is exported).
-    pub uri: Uri,
-    /// `model` of the request (or the WebSocket query).
-    pub model: Option<Arc<str>>,
-    /// The client token's non-secret label.
-    pub client_key: Option<Arc<str>>,
-    /// A WebSocket session.
-    pub websocket: bool,
-    /// Status sent to the client.
-    pub status: u16,
-    /// Requests sent upstream.
-    pub attempts: u32,
-    /// Continuations of a broken stream.
-    pub resumed: u32,
-    /// Sent as a rebuilt chain (SPEC 4f).
-    pub rebuilt: bool,
-    /// The client got the whole answer.
-    pub complete: bool,
-    /// Usage, when the upstream reported it.
-    pub input_tokens: Option<i64>,
-    /// See `input_tokens`.
-    pub output_tokens: Option<i64>,
-    /// The last `finish_reason` (read when records are kept).
-    pub finish_reason: Option<FinishReason>,
-    /// Why the request failed (5xx answers), bounded.
-    pub error: Option<String>,
+    /// What the request was and how it ended (the attribute values).
+    pub request: End,
 }
 
 /// One request's spans, handed to the exporter when the request ends.
@@ -219,7 +193,7 @@ fn bounded(s: &str) -> String {
 }
 
 /// How a request ends, as its server span reports it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct End {
     /// Request method.
     pub method: Method,
@@ -431,6 +405,8 @@ impl RequestTrace {
             a.phase = Phase::Closed;
             a.end = now;
         }
+        let rebuilt = self.rebuilt || end.rebuilt;
+        let error = end.error.as_deref().map(bounded);
         let server = ServerSpan {
             trace_id: self.trace_id,
             span_id: self.span_id,
@@ -438,20 +414,11 @@ impl RequestTrace {
             tracestate: self.tracestate,
             start: self.start,
             end: now,
-            method: end.method,
-            uri: end.uri,
-            model: end.model,
-            client_key: end.client_key,
-            websocket: end.websocket,
-            status: end.status,
-            attempts: end.attempts,
-            resumed: end.resumed,
-            rebuilt: self.rebuilt || end.rebuilt,
-            complete: end.complete,
-            input_tokens: end.input_tokens,
-            output_tokens: end.output_tokens,
-            finish_reason: end.finish_reason,
-            error: end.error.as_deref().map(bounded),
+            request: End {
+                rebuilt,
+                error,
+                ..end
+            },
         };
         tracer.submit(Finished {
             server,

@@ -184,13 +184,16 @@ fn error_status(span: &mut Vec<u8>, why: &str) {
 
 /// The body of a server `Span` message.
 fn server_span(span: &mut Vec<u8>, s: &ServerSpan) {
-    let path = crate::records::cut_path(s.uri.path());
-    let op = super::operation(&s.method, s.uri.path(), s.websocket);
-    let method = crate::http_metrics::method_label(&s.method);
-    let name = match (op, s.model.as_deref()) {
+    let path = crate::records::cut_path(s.request.uri.path());
+    let op = super::operation(&s.request.method, s.request.uri.path(), s.request.websocket);
+    let method = crate::http_metrics::method_label(&s.request.method);
+    let name = match (op, s.request.model.as_deref()) {
         (Some(op), Some(model)) => format!("{op} {}", cut(model, 128)),
         (Some(op), None) => op.to_string(),
-        (None, _) => format!("{method} {}", crate::http_metrics::family(s.uri.path())),
+        (None, _) => format!(
+            "{method} {}",
+            crate::http_metrics::family(s.request.uri.path())
+        ),
     };
     head(
         span,
@@ -206,16 +209,16 @@ fn server_span(span: &mut Vec<u8>, s: &ServerSpan) {
         attr(span, 9, "gen_ai.operation.name", Value::Str(op));
         attr(span, 9, "gen_ai.provider.name", Value::Str("openai"));
     }
-    if let Some(m) = &s.model {
+    if let Some(m) = &s.request.model {
         attr(span, 9, "gen_ai.request.model", Value::Str(cut(m, 256)));
     }
-    if let Some(n) = s.input_tokens {
+    if let Some(n) = s.request.input_tokens {
         attr(span, 9, "gen_ai.usage.input_tokens", Value::Int(n));
     }
-    if let Some(n) = s.output_tokens {
+    if let Some(n) = s.request.output_tokens {
         attr(span, 9, "gen_ai.usage.output_tokens", Value::Int(n));
     }
-    if let Some(r) = &s.finish_reason {
+    if let Some(r) = &s.request.finish_reason {
         let list = [cut(r, 64)];
         attr(
             span,
@@ -230,40 +233,50 @@ fn server_span(span: &mut Vec<u8>, s: &ServerSpan) {
         span,
         9,
         "http.response.status_code",
-        Value::Int(i64::from(s.status)),
+        Value::Int(i64::from(s.request.status)),
     );
     attr(
         span,
         9,
         "openai_api_route.attempts",
-        Value::Int(i64::from(s.attempts)),
+        Value::Int(i64::from(s.request.attempts)),
     );
     attr(
         span,
         9,
         "openai_api_route.resumed",
-        Value::Int(i64::from(s.resumed)),
+        Value::Int(i64::from(s.request.resumed)),
     );
-    attr(span, 9, "openai_api_route.rebuilt", Value::Bool(s.rebuilt));
+    attr(
+        span,
+        9,
+        "openai_api_route.rebuilt",
+        Value::Bool(s.request.rebuilt),
+    );
     attr(
         span,
         9,
         "openai_api_route.complete",
-        Value::Bool(s.complete),
+        Value::Bool(s.request.complete),
     );
-    if let Some(k) = &s.client_key {
+    if let Some(k) = &s.request.client_key {
         attr(span, 9, "openai_api_route.client_key", Value::Str(k));
     }
-    if s.status >= 500 {
-        attr(span, 9, "error.type", Value::Str(status_text(s.status)));
-        error_status(span, s.error.as_deref().unwrap_or(""));
+    if s.request.status >= 500 {
+        attr(
+            span,
+            9,
+            "error.type",
+            Value::Str(status_text(s.request.status)),
+        );
+        error_status(span, s.request.error.as_deref().unwrap_or(""));
     }
 }
 
 /// The body of an attempt's client `Span` message.
 fn attempt_span(span: &mut Vec<u8>, s: &ServerSpan, a: &AttemptSpan) {
     let upstream = a.upstream.as_deref().unwrap_or("");
-    let method = crate::http_metrics::method_label(&s.method);
+    let method = crate::http_metrics::method_label(&s.request.method);
     let name = if upstream.is_empty() {
         method.to_string()
     } else {
