@@ -98,6 +98,11 @@ impl Ledger {
         self.state.recorder.is_some()
     }
 
+    /// Whether this request's spans are exported (SPEC 6a): what only a span needs is read then.
+    pub fn traced(&self) -> bool {
+        self.trace.exported()
+    }
+
     /// Requests sent upstream so far.
     pub fn attempts(&self) -> u32 {
         self.attempts

@@ -271,6 +271,7 @@ async fn a_client_trace_runs_through_the_gateway_and_each_failover_attempt() {
     let want = [
         ("gen_ai.operation.name", "chat"),
         ("gen_ai.request.model", "gpt-test"),
+        ("gen_ai.response.model", "gpt-test"),
         ("gen_ai.usage.input_tokens", "5"),
         ("gen_ai.usage.output_tokens", "7"),
         ("http.request.method", "POST"),

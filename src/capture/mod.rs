@@ -29,6 +29,8 @@ pub const SLACK: usize = 64 << 10;
 pub const UNLIMITED_CAPTURE: usize = 8 << 20;
 /// The end of a JSON reply or SSE line kept to find `usage` when the rest could not be kept.
 const USAGE_TAIL: usize = 4096;
+/// Longest model name kept from a reply (an upstream's is untrusted).
+const MAX_MODEL: usize = 256;
 /// Longest `finish_reason` kept (the known ones are a few bytes; an upstream's is untrusted).
 const MAX_FINISH_REASON: usize = 64;
 
@@ -73,6 +75,9 @@ pub struct Reply {
     pub error_event: bool,
     /// The object the answer created, when it was watched for (SPEC 4f).
     pub object: Option<objects::ObjectSeen>,
+    /// The model that answered, as the reply names it (bounded), when it was watched for
+    /// ([`Capture::watch_model`]): the trace's `gen_ai.response.model` (SPEC 6a).
+    pub model: Option<String>,
 }
 
 impl Reply {
@@ -122,6 +127,10 @@ pub struct Capture {
     error_event: bool,
     /// The answer's object id (and Responses output), when this answer creates one (SPEC 4f).
     objects: Option<objects::ObjectWatch>,
+    /// Read the model that answered (only when the request is traced: it costs a copy).
+    want_model: bool,
+    /// The model the first SSE event that names one gave.
+    model: Option<String>,
 }
 
 impl Capture {
@@ -172,6 +181,8 @@ impl Capture {
             earlier: Usage::default(),
             finish_reason: None,
             error_event: false,
+            want_model: false,
+            model: None,
             objects: None,
         }
     }
@@ -203,6 +214,12 @@ impl Capture {
             c.kind = Kind::Binary;
         }
         c
+    }
+
+    /// Reads the model that answered into [`Reply::model`] (a traced request's
+    /// `gen_ai.response.model`).
+    pub fn watch_model(&mut self) {
+        self.want_model = true;
     }
 
     /// Feeds one relayed chunk that can be kept by reference.
@@ -331,6 +348,11 @@ impl Capture {
         {
             self.usage = u.to_usage();
         }
+        if self.want_model && self.model.is_none() {
+            let named = ev.model.as_ref().map(|m| &*m.0);
+            let named = named.or(ev.response.as_ref().and_then(|r| r.model.as_deref()));
+            self.model = named.map(|m| cut_bytes(m, MAX_MODEL).to_string());
+        }
         if ev.error.is_some()
             || matches!(
                 ev.kind.as_ref().map(|k| k.0.as_ref()),
@@ -395,8 +417,10 @@ impl Capture {
         }
         let json = self.kind == Kind::Json;
         let seen = self.objects.take().map(|w| w.finish(json));
+        let streamed_model = self.model.take();
         let mut reply = self.finish_segment();
         reply.object = seen;
+        reply.model = reply.model.or(streamed_model);
         reply.usage = earlier.plus(reply.usage);
         reply
     }
@@ -446,6 +470,12 @@ impl Capture {
                         usage = u.to_usage();
                     }
                     finish_reason = w.finish_reason().map(|r| shared_finish_reason(&r));
+                    if self.want_model {
+                        self.model = w
+                            .model
+                            .as_ref()
+                            .map(|m| cut_bytes(&m.0, MAX_MODEL).to_string());
+                    }
                     w.into_reply().unwrap_or_else(|| lossy(body))
                 }
                 Err(_) => lossy(body),
@@ -476,6 +506,7 @@ impl Capture {
             finish_reason,
             error_event: self.error_event,
             object: None,
+            model: self.model.clone(),
         }
     }
 }
@@ -651,6 +682,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_answering_model_is_read_only_when_watched() {
+        let chat = b"data: {\"model\":\"gpt-4o-2024\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"model\":\"other\",\"choices\":[{\"delta\":{}}]}\n\n";
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
+        c.feed(chat);
+        assert_eq!(c.finish().model, None, "not watched: not read");
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
+        c.watch_model();
+        c.feed(chat);
+        assert_eq!(c.finish().model.as_deref(), Some("gpt-4o-2024"), "the first one named");
+        let mut c = Capture::new(Some("text/event-stream"), None, 0);
+        c.watch_model();
+        c.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-5\"}}\n\n");
+        assert_eq!(c.finish().model.as_deref(), Some("gpt-5"), "Responses stream");
+        let mut c = Capture::new(Some("application/json"), None, 0);
+        c.watch_model();
+        c.feed(br#"{"model":"m-json","choices":[{"message":{"content":"x"}}]}"#);
+        assert_eq!(c.finish().model.as_deref(), Some("m-json"), "JSON answer");
+        let long = format!(r#"{{"model":"{}","choices":[]}}"#, "x".repeat(1000));
+        let mut c = Capture::new(Some("application/json"), None, 0);
+        c.watch_model();
+        c.feed(long.as_bytes());
+        assert_eq!(c.finish().model.map(|m| m.len()), Some(MAX_MODEL), "bounded");
     }
 
     #[test]

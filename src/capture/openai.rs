@@ -48,12 +48,18 @@ pub(super) struct Event<'a> {
     /// A top-level `error` (an in-band error event): the answer did not reach its end.
     #[serde(default)]
     pub(super) error: Option<serde::de::IgnoredAny>,
+    /// The model that answered (chat and completions chunks).
+    #[serde(borrow, default)]
+    pub(super) model: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct ResponseUsage {
     #[serde(default)]
     pub(super) usage: Option<RawUsage>,
+    /// The model that answered (the Responses API's `response.created` and later events).
+    #[serde(default)]
+    pub(super) model: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +240,9 @@ pub(super) struct Whole<'a> {
     pub(super) output: Vec<OutputItem<'a>>,
     #[serde(borrow, default)]
     pub(super) object: Option<Text<'a>>,
+    /// The model that answered.
+    #[serde(borrow, default)]
+    pub(super) model: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]

@@ -56,6 +56,7 @@ impl Ledger {
             input_tokens: reply.usage.prompt,
             output_tokens: reply.usage.completion,
             finish_reason: reply.finish_reason.clone(),
+            response_model: reply.model.clone(),
             body_error: match end {
                 BodyEnd::Broken(why) if !broken => Some(("stream_error", Some(why.clone()))),
                 BodyEnd::ClientGone => Some(("client_gone", None)),

@@ -120,6 +120,10 @@ pub fn respond(
     } else {
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
+    if ledger.traced() {
+        // SPEC 6a: `gen_ai.response.model`.
+        capture.watch_model();
+    }
     // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
     if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
         if let Some(w) = super::affine::object_watch(&ledger, &up.name, cfg.record_body_bytes) {

@@ -223,6 +223,8 @@ pub struct End {
     pub finish_reason: Option<FinishReason>,
     /// The failure of a 5xx answer.
     pub error: Option<String>,
+    /// The model that answered, as the reply names it (read when records are kept).
+    pub response_model: Option<String>,
     /// How the committed attempt's body ended, when not properly: its outcome, and the failure
     /// (None when it is not the upstream's: the client went away).
     pub body_error: Option<(&'static str, Option<String>)>,
@@ -441,6 +443,11 @@ impl Trace {
         started: SystemTime,
     ) -> Trace {
         Trace(tracer.map(|t| RequestTrace::begin(t.sampler(), parent, tracestate.clone(), started)))
+    }
+
+    /// Whether this request's spans will be exported (tracing on and the request sampled).
+    pub fn exported(&self) -> bool {
+        self.0.as_ref().is_some_and(RequestTrace::sampled)
     }
 
     /// The request's trace state, None when tracing is off.

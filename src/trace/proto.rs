@@ -212,6 +212,9 @@ fn server_span(span: &mut Vec<u8>, s: &ServerSpan) {
     if let Some(m) = &s.request.model {
         attr(span, 9, "gen_ai.request.model", Value::Str(cut(m, 256)));
     }
+    if let Some(m) = &s.request.response_model {
+        attr(span, 9, "gen_ai.response.model", Value::Str(cut(m, 256)));
+    }
     if let Some(n) = s.request.input_tokens {
         attr(span, 9, "gen_ai.usage.input_tokens", Value::Int(n));
     }
