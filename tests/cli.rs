@@ -188,3 +188,23 @@ fn a_bad_trace_setting_stops_the_start_naming_its_source() {
         assert!(!err.contains("listening"), "must not listen");
     }
 }
+
+#[test]
+fn the_example_config_loads_without_a_warning() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams.example.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_openai-api-route"))
+        .args(["-config", example, "-list"])
+        .env("RUST_LOG", "warn")
+        .env("GATEWAY_TOKEN", "example-token")
+        .env("OPENAI_API_KEY", "sk-example-secret")
+        .output()
+        .unwrap();
+    let (out_text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.trim().is_empty(), "warnings: {err}");
+    assert!(out_text.contains("1. openai"), "{out_text}");
+    assert!(!out_text.contains("sk-example-secret"), "{out_text}");
+}

@@ -225,7 +225,7 @@ async fn hostile_authorization_headers_get_401() {
 }
 
 /// Plain text and a string `"stream"` pass as before. Since SPEC 4d a body that starts with `{`
-/// but is not JSON is refused with a 400 instead of being proxied as is (README changelog).
+/// but is not JSON is refused with a 400 instead of being proxied as is (docs/changelog.md).
 #[actix_rt::test]
 async fn odd_bodies_are_proxied_as_is_and_string_stream_is_not_a_stream() {
     let m = Mock::always(Reply::Delay(

@@ -693,11 +693,19 @@ mod tests {
         let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.watch_model();
         c.feed(chat);
-        assert_eq!(c.finish().model.as_deref(), Some("gpt-4o-2024"), "the first one named");
+        assert_eq!(
+            c.finish().model.as_deref(),
+            Some("gpt-4o-2024"),
+            "the first one named"
+        );
         let mut c = Capture::new(Some("text/event-stream"), None, 0);
         c.watch_model();
         c.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-5\"}}\n\n");
-        assert_eq!(c.finish().model.as_deref(), Some("gpt-5"), "Responses stream");
+        assert_eq!(
+            c.finish().model.as_deref(),
+            Some("gpt-5"),
+            "Responses stream"
+        );
         let mut c = Capture::new(Some("application/json"), None, 0);
         c.watch_model();
         c.feed(br#"{"model":"m-json","choices":[{"message":{"content":"x"}}]}"#);
@@ -706,7 +714,11 @@ mod tests {
         let mut c = Capture::new(Some("application/json"), None, 0);
         c.watch_model();
         c.feed(long.as_bytes());
-        assert_eq!(c.finish().model.map(|m| m.len()), Some(MAX_MODEL), "bounded");
+        assert_eq!(
+            c.finish().model.map(|m| m.len()),
+            Some(MAX_MODEL),
+            "bounded"
+        );
     }
 
     #[test]
