@@ -16,6 +16,7 @@ mod postgres;
 mod priority;
 mod sqlite;
 pub mod target;
+mod ticker;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -322,6 +323,11 @@ struct Shared {
     rows: AtomicU64,
     /// Whether the last write (or ping) reached the database.
     up: AtomicBool,
+    /// Batches the writer has written, handed back whole: the ticker (a normal-priority thread)
+    /// frees their records and gives their room back to the request path, so that the idle-class
+    /// writer never frees what request workers allocated and the buffer does not regrow from
+    /// empty on every tick.
+    spent: Mutex<Vec<Vec<Record>>>,
 }
 
 /// The writer. One instance on a one-thread `SyncArbiter`.
@@ -351,7 +357,11 @@ impl DbActor {
                 self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
                 self.metrics.record_batch(n);
                 self.set_up(true);
-                self.batch.clear();
+                let done = std::mem::take(&mut self.batch);
+                match self.shared.spent.lock() {
+                    Ok(mut spent) => spent.push(done),
+                    Err(p) => p.into_inner().push(done),
+                }
             }
             Err(e) => {
                 self.metrics.record_write_failure();
@@ -396,7 +406,12 @@ impl Handler<InsertBatch> for DbActor {
     type Result = ();
 
     fn handle(&mut self, msg: InsertBatch, _: &mut SyncContext<Self>) {
-        self.batch.extend(msg.0);
+        if self.batch.is_empty() {
+            // The request path's buffer itself: it goes back to the ticker once written.
+            self.batch = msg.0;
+        } else {
+            self.batch.extend(msg.0);
+        }
         self.write_batch(false);
     }
 }
@@ -470,6 +485,7 @@ impl Recorder {
             pending: AtomicUsize::new(0),
             rows: AtomicU64::new(rows),
             up: AtomicBool::new(true),
+            spent: Mutex::new(Vec::new()),
         });
         metrics.set_database_up(true);
         let kind = store.kind();
@@ -487,22 +503,13 @@ impl Recorder {
             }
         });
         let buffer: Arc<Mutex<Vec<Record>>> = Arc::default();
-        let (ticker, collected, backlog) = (addr.clone(), buffer.clone(), shared.clone());
-        actix_rt::spawn(async move {
-            let mut every = actix_rt::time::interval(BATCH_INTERVAL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                class.adjust(backlog.pending.load(Ordering::Acquire), capacity);
-                let batch = take(&collected);
-                if !batch.is_empty() {
-                    ticker.do_send(InsertBatch(batch));
-                }
-                if !ticker.connected() {
-                    return;
-                }
-            }
-        });
+        ticker::start(
+            addr.clone(),
+            buffer.clone(),
+            shared.clone(),
+            class,
+            capacity,
+        );
         Recorder {
             addr,
             buffer,
