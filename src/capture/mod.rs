@@ -426,16 +426,8 @@ impl Capture {
     }
 
     /// The reply as the last segment alone gives it.
+    /// ([`Capture::finish`] has read an unterminated last SSE line already.)
     fn finish_segment(mut self) -> Reply {
-        if self.kind == Kind::Sse && !self.line.is_empty() {
-            // The stream ended without a final newline: the last line still counts.
-            let line = std::mem::take(&mut self.line);
-            if self.line_overflow {
-                self.overflowed_line(&line);
-            } else {
-                self.sse_line(&line);
-            }
-        }
         let whole = self.whole.take();
         if !self.keep_text {
             if self.kind == Kind::Json {
