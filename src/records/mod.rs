@@ -36,8 +36,6 @@ use crate::time::rfc3339;
 use self::columns::{cut, request_body_text};
 pub use self::target::redact as redact_database_url;
 
-/// Room reserved for a batch (a busy gateway collects about this many per interval).
-const MAX_BATCH: usize = 1024;
 /// How long a record may wait for its batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -499,7 +497,8 @@ impl Recorder {
                 store: store.clone(),
                 shared: s.clone(),
                 metrics: m.clone(),
-                batch: Vec::with_capacity(MAX_BATCH),
+                // The first batch's own vector becomes the writer's (see `InsertBatch`).
+                batch: Vec::new(),
             }
         });
         let buffer: Arc<Mutex<Vec<Record>>> = Arc::default();
