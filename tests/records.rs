@@ -809,3 +809,103 @@ async fn a_database_of_the_previous_version_gains_the_new_columns() {
         .unwrap();
     assert_eq!(version, 3);
 }
+
+/// Whether this process may move a thread into `SCHED_IDLE` and back (root, `CAP_SYS_NICE` or
+/// `RLIMIT_NICE` ≥ 20): the condition under which the gateway's writer is idle-class.
+fn writer_can_idle() -> bool {
+    use thread_priority::unix::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadSchedulePolicy,
+    };
+    use thread_priority::{ThreadPriority, ThreadPriorityOsValue};
+    let set = |p| {
+        set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Os(ThreadPriorityOsValue::default()),
+            ThreadSchedulePolicy::Normal(p),
+        )
+        .is_ok()
+    };
+    std::thread::spawn(move || {
+        set(NormalThreadSchedulePolicy::Idle) && set(NormalThreadSchedulePolicy::Other)
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+fn plain_record(i: usize) -> openai_api_route::records::Record {
+    openai_api_route::records::Record {
+        created_at: std::time::SystemTime::now(),
+        ip: None,
+        method: actix_web::http::Method::POST,
+        path: actix_web::http::Uri::from_static("/v1/chat/completions"),
+        model: Some("m".into()),
+        stream: false,
+        upstream: Some("u".into()),
+        status: 200,
+        attempts: 1,
+        error: None,
+        request_body: actix_web::web::Bytes::from(format!("{{\"n\":{i}}}")),
+        response: Some(format!("reply {i}")),
+        prompt_tokens: None,
+        completion_tokens: None,
+        total_tokens: None,
+        ttfb_ms: None,
+        duration_ms: 1,
+        user_agent: None,
+        client_key: None,
+        body_limit: 1 << 16,
+        finish_reason: None,
+        resumed: 0,
+        complete: true,
+        object_id: None,
+        rebuilt: false,
+        response_items: None,
+    }
+}
+
+/// With a short backlog the writer is idle-class and commits in transactions of 64 rows (a
+/// commit is work in which it cannot offer the CPU to a request, so it is kept short); where it
+/// cannot be idle-class it writes the batch in one transaction, as in 0.2. Either way every
+/// record is in the table, in order.
+#[actix_rt::test]
+async fn a_short_backlog_is_written_in_short_transactions_and_whole() {
+    use openai_api_route::metrics::Metrics;
+    use openai_api_route::records::{Recorder, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("paced.sqlite");
+    let store = Store::open(path.to_str().unwrap()).unwrap();
+    let metrics = Metrics::new().unwrap();
+    let recorder = Recorder::start(store, 0, metrics.clone(), 10_000);
+    for i in 0..300 {
+        recorder.submit(plain_record(i));
+    }
+    recorder.flush().await;
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let bodies: Vec<String> = db
+        .prepare("SELECT request_body FROM records ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(bodies.len(), 300);
+    assert!(bodies
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == format!("{{\"n\":{i}}}")));
+    let families = metrics.registry.gather();
+    let batches = families
+        .iter()
+        .find(|f| f.name() == "openai_api_route_record_batch_size")
+        .expect("batch size histogram");
+    let h = batches.get_metric()[0].get_histogram();
+    assert_eq!(h.get_sample_sum(), 300.0);
+    let expected = if writer_can_idle() { 5 } else { 1 };
+    assert_eq!(
+        h.get_sample_count(),
+        expected,
+        "transactions for 300 records (idle-class possible: {})",
+        writer_can_idle()
+    );
+}

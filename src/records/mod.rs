@@ -39,6 +39,10 @@ pub use self::target::redact as redact_database_url;
 /// How long a record may wait for its batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Rows per transaction while the writer is idle-class (see `DbActor::write_batch`): a commit of
+/// this many rows is a few tens of microseconds of WAL writing.
+const PACED_ROWS: usize = 64;
+
 /// Everything known about one client request once its response is over.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -321,10 +325,8 @@ struct Shared {
     rows: AtomicU64,
     /// Whether the last write (or ping) reached the database.
     up: AtomicBool,
-    /// Batches the writer has written, handed back whole: the ticker (a normal-priority thread)
-    /// frees their records and gives their room back to the request path, so that the idle-class
-    /// writer never frees what request workers allocated and the buffer does not regrow from
-    /// empty on every tick.
+    /// The emptied vectors of written batches: the ticker gives the roomiest back to the request
+    /// path as its next buffer, so that the buffer does not regrow from empty on every tick.
     spent: Mutex<Vec<Vec<Record>>>,
 }
 
@@ -341,27 +343,26 @@ impl Actor for DbActor {
 }
 
 impl DbActor {
-    /// Writes the batch. A database that cannot be reached keeps the batch for the next try (the
-    /// queue bound still applies); a write that fails while the database answers is dropped,
-    /// since retrying the same records would fail the same way.
+    /// Writes the batch. A database that cannot be reached keeps what is not yet written for
+    /// the next try (the queue bound still applies); a write that fails while the database
+    /// answers is dropped, since retrying the same records would fail the same way.
+    ///
+    /// Idle-class (short backlog), the SQLite writer commits in transactions of
+    /// [`PACED_ROWS`] rows: SQLite writes the WAL frames of a commit without calling the
+    /// progress handler, so a whole batch in one commit would be a long stretch in which the
+    /// writer never offers the CPU (priority.rs). Promoted, it writes the batch in one.
     fn write_batch(&mut self, last_chance: bool) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let n = self.batch.len();
-        match self.store.insert(&self.batch) {
-            Ok(()) => {
-                self.shared.pending.fetch_sub(n, Ordering::AcqRel);
-                self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
-                self.metrics.record_batch(n);
-                self.set_up(true);
-                let done = std::mem::take(&mut self.batch);
-                match self.shared.spent.lock() {
-                    Ok(mut spent) => spent.push(done),
-                    Err(p) => p.into_inner().push(done),
-                }
-            }
-            Err(e) => {
+        let total = self.batch.len();
+        let mut done = 0;
+        while done < total {
+            let n = match self.store {
+                Store::Sqlite(_) if priority::paced() => PACED_ROWS.min(total - done),
+                _ => total - done,
+            };
+            if let Err(e) = self.store.insert(&self.batch[done..done + n]) {
+                // What was committed is out of the batch; the rest follows the error.
+                self.batch.drain(..done);
+                let n = self.batch.len();
                 self.metrics.record_write_failure();
                 let reachable = !e.unreachable && self.store.ping();
                 if reachable || last_chance {
@@ -377,7 +378,35 @@ impl DbActor {
                         e.message
                     );
                 }
+                return;
             }
+            self.shared.pending.fetch_sub(n, Ordering::AcqRel);
+            self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
+            self.metrics.record_batch(n);
+            self.set_up(true);
+            done += n;
+        }
+        if total > 0 {
+            self.release();
+        }
+    }
+
+    /// Frees the written records here, offering the CPU between them (an idle-class writer
+    /// freeing a tick's records in one go — a few hundred microseconds — would hold the CPU as
+    /// any other stretch of its work would), and hands the emptied vector to the ticker, which
+    /// gives it back to the request path as its next buffer so that the buffer does not regrow
+    /// from empty on every tick.
+    fn release(&mut self) {
+        for (i, record) in self.batch.drain(..).enumerate() {
+            drop(record);
+            if i % 16 == 15 {
+                priority::pause_point();
+            }
+        }
+        let room = std::mem::take(&mut self.batch);
+        match self.shared.spent.lock() {
+            Ok(mut spent) => spent.push(room),
+            Err(p) => p.into_inner().push(room),
         }
     }
 
@@ -467,6 +496,8 @@ pub struct Recorder {
     capacity: usize,
     metrics: Metrics,
     kind: &'static str,
+    /// The writer's scheduling class, promoted from here when the queue fills between ticks.
+    class: Arc<priority::WriterClass>,
 }
 
 impl Recorder {
@@ -493,6 +524,10 @@ impl Recorder {
         let c = class.clone();
         let addr = SyncArbiter::start(1, move || {
             c.enter();
+            if let Store::Sqlite(pool) = &store {
+                // Its doorbell is this thread's: it ends when this thread does.
+                sqlite::start_checkpointer(pool.clone());
+            }
             DbActor {
                 store: store.clone(),
                 shared: s.clone(),
@@ -506,7 +541,7 @@ impl Recorder {
             addr.clone(),
             buffer.clone(),
             shared.clone(),
-            class,
+            class.clone(),
             capacity,
         );
         Recorder {
@@ -516,6 +551,7 @@ impl Recorder {
             capacity,
             metrics,
             kind,
+            class,
         }
     }
 
@@ -523,10 +559,14 @@ impl Recorder {
     /// queue goes to the writer at once instead of waiting for the tick: at high rates the
     /// interval alone would cap the records/s at `capacity` per [`BATCH_INTERVAL`].
     pub fn submit(&self, record: Record) {
-        if self.shared.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+        let before = self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        if before >= self.capacity {
             self.shared.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.record_dropped();
             return;
+        }
+        if before == self.capacity / 2 {
+            self.class.promote();
         }
         let mut buffer = match self.buffer.lock() {
             Ok(b) => b,
