@@ -46,7 +46,17 @@ pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};;
 ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
 export BENCH_TOKEN=sk-bench-client-token
 declare -A REQ P50 P99 TK N SENT
+# Waits until no gateway uses the CPU (a writer still catching up after a c=64 run, or its
+# checkpoint, would otherwise run on core 0 during the next system's c=1 run), at most 30 s.
+settle() {
+  local all="${GP[old]} ${GP[new]} ${GP[off]}" a b i
+  for i in $(seq 60); do
+    a=$(ticks $all); sleep 0.5; b=$(ticks $all)
+    ((b - a <= 1)) && return
+  done
+}
 wrk_once() { # SYSTEM CONNS KIND
+  settle
   local s=$1 c=$2 kind=$3 q="" t=1 out
   export BENCH_STREAM=0; [[ $kind == stream ]] && { BENCH_STREAM=1; q='?chunks=10&gap_ms=0'; }
   ((c > 1)) && t=2

@@ -17,6 +17,7 @@ mod priority;
 mod sqlite;
 pub mod target;
 mod ticker;
+mod writer;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -35,13 +36,10 @@ use crate::time::rfc3339;
 
 use self::columns::{cut, request_body_text};
 pub use self::target::redact as redact_database_url;
+pub use self::writer::DbActor;
 
 /// How long a record may wait for its batch.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Rows per transaction while the writer is idle-class (see `DbActor::write_batch`): a commit of
-/// this many rows is a few tens of microseconds of WAL writing.
-const PACED_ROWS: usize = 64;
 
 /// Everything known about one client request once its response is over.
 #[derive(Debug, Clone)]
@@ -328,153 +326,6 @@ struct Shared {
     /// The emptied vectors of written batches: the ticker gives the roomiest back to the request
     /// path as its next buffer, so that the buffer does not regrow from empty on every tick.
     spent: Mutex<Vec<Vec<Record>>>,
-}
-
-/// The writer. One instance on a one-thread `SyncArbiter`.
-pub struct DbActor {
-    store: Store,
-    shared: Arc<Shared>,
-    metrics: Metrics,
-    batch: Vec<Record>,
-}
-
-impl Actor for DbActor {
-    type Context = SyncContext<Self>;
-}
-
-impl DbActor {
-    /// Writes the batch. A database that cannot be reached keeps what is not yet written for
-    /// the next try (the queue bound still applies); a write that fails while the database
-    /// answers is dropped, since retrying the same records would fail the same way.
-    ///
-    /// Idle-class (short backlog), the SQLite writer commits in transactions of
-    /// [`PACED_ROWS`] rows: SQLite writes the WAL frames of a commit without calling the
-    /// progress handler, so a whole batch in one commit would be a long stretch in which the
-    /// writer never offers the CPU (priority.rs). Promoted, it writes the batch in one.
-    fn write_batch(&mut self, last_chance: bool) {
-        let total = self.batch.len();
-        let mut done = 0;
-        while done < total {
-            let n = match self.store {
-                Store::Sqlite(_) if priority::paced() => PACED_ROWS.min(total - done),
-                _ => total - done,
-            };
-            if let Err(e) = self.store.insert(&self.batch[done..done + n]) {
-                // What was committed is out of the batch; the rest follows the error.
-                self.batch.drain(..done);
-                let n = self.batch.len();
-                self.metrics.record_write_failure();
-                let reachable = !e.unreachable && self.store.ping();
-                if reachable || last_chance {
-                    log::error!(
-                        "writing {n} request records failed, dropping them: {}",
-                        e.message
-                    );
-                    self.drop_batch();
-                } else {
-                    self.set_up(false);
-                    log::error!(
-                        "writing {n} request records failed, database unreachable; keeping them to retry: {}",
-                        e.message
-                    );
-                }
-                return;
-            }
-            self.shared.pending.fetch_sub(n, Ordering::AcqRel);
-            self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
-            self.metrics.record_batch(n);
-            self.set_up(true);
-            done += n;
-        }
-        if total > 0 {
-            self.release();
-        }
-    }
-
-    /// Frees the written records here, offering the CPU between them (an idle-class writer
-    /// freeing a tick's records in one go — a few hundred microseconds — would hold the CPU as
-    /// any other stretch of its work would), and hands the emptied vector to the ticker, which
-    /// gives it back to the request path as its next buffer so that the buffer does not regrow
-    /// from empty on every tick.
-    fn release(&mut self) {
-        for (i, record) in self.batch.drain(..).enumerate() {
-            drop(record);
-            if i % 16 == 15 {
-                priority::pause_point();
-            }
-        }
-        let room = std::mem::take(&mut self.batch);
-        match self.shared.spent.lock() {
-            Ok(mut spent) => spent.push(room),
-            Err(p) => p.into_inner().push(room),
-        }
-    }
-
-    fn drop_batch(&mut self) {
-        let n = self.batch.len();
-        self.shared.pending.fetch_sub(n, Ordering::AcqRel);
-        for _ in 0..n {
-            self.metrics.record_dropped();
-        }
-        self.batch.clear();
-    }
-
-    fn set_up(&self, up: bool) {
-        if self.shared.up.swap(up, Ordering::AcqRel) != up {
-            if up {
-                log::info!("database reachable again");
-            }
-            self.metrics.set_database_up(up);
-        }
-    }
-}
-
-impl Handler<InsertBatch> for DbActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: InsertBatch, _: &mut SyncContext<Self>) {
-        if self.batch.is_empty() {
-            // The request path's buffer itself: it goes back to the ticker once written.
-            self.batch = msg.0;
-        } else {
-            self.batch.extend(msg.0);
-        }
-        self.write_batch(false);
-    }
-}
-
-impl Handler<Flush> for DbActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Flush, _: &mut SyncContext<Self>) {
-        self.write_batch(true);
-    }
-}
-
-impl Handler<Prune> for DbActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) {
-        self.write_batch(false);
-        let cutoff = SystemTime::now() - msg.older_than;
-        match self.store.prune(cutoff) {
-            Ok(n) => {
-                if n > 0 {
-                    log::info!(
-                        "retention: deleted {n} records older than {}",
-                        rfc3339(cutoff)
-                    );
-                    let _ =
-                        self.shared
-                            .rows
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                                Some(r.saturating_sub(n))
-                            });
-                }
-            }
-            Err(e) => log::error!("retention pruning failed: {}", e.message),
-        }
-    }
 }
 
 /// Empties a shared buffer.
