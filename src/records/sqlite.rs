@@ -414,16 +414,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_wal_rings_the_checkpointer_and_the_writer_checkpoints_only_without_one() {
+    /// A new database with a `scratch` table: its directory (kept alive), path, pool, and the
+    /// main file's size.
+    fn scratch_db() -> (tempfile::TempDir, std::path::PathBuf, Pool, u64) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal.sqlite");
+        let path = dir.path().join("scratch.sqlite");
         let pool = open(path.to_str().unwrap()).unwrap();
         pool.get()
             .unwrap()
             .execute_batch("CREATE TABLE scratch (b BLOB)")
             .unwrap();
         let before = main_file_len(&path);
+        (dir, path, pool, before)
+    }
+
+    #[test]
+    fn a_full_wal_rings_the_checkpointer_and_the_writer_checkpoints_only_without_one() {
+        let (_dir, path, pool, before) = scratch_db();
 
         // With a doorbell: past CHECKPOINT_PAGES the commit rings it and copies nothing itself.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -449,14 +456,7 @@ mod tests {
 
     #[test]
     fn the_checkpointer_copies_the_wal_and_ends_with_its_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ckpt.sqlite");
-        let pool = open(path.to_str().unwrap()).unwrap();
-        pool.get()
-            .unwrap()
-            .execute_batch("CREATE TABLE scratch (b BLOB)")
-            .unwrap();
-        let before = main_file_len(&path);
+        let (_dir, path, pool, before) = scratch_db();
         let p = pool.clone();
         // The "writer": a thread that starts its checkpointer, fills the WAL and ends.
         std::thread::spawn(move || {
