@@ -262,29 +262,80 @@ impl Default for UsageFilter {
 #[derive(Deserialize)]
 struct Probe {
     #[serde(default)]
-    choices: Option<Vec<ChoiceProbe>>,
+    choices: Option<AllEmpty>,
     #[serde(default)]
     usage: Option<IgnoredAny>,
+}
+
+/// Whether every choice of a `choices` array is empty, decided while reading it: nothing is
+/// collected, so probing a stream's usage chunk allocates nothing (it is read twice per stream,
+/// by the usage filter and by the end watch).
+struct AllEmpty(bool);
+
+impl<'de> Deserialize<'de> for AllEmpty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Each;
+        impl<'de> serde::de::Visitor<'de> for Each {
+            type Value = AllEmpty;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AllEmpty, A::Error> {
+                let mut all = true;
+                while let Some(c) = seq.next_element::<ChoiceProbe>()? {
+                    all &= c.is_empty();
+                }
+                Ok(AllEmpty(all))
+            }
+        }
+        d.deserialize_seq(Each)
+    }
 }
 
 /// One choice of a chunk, as far as telling an empty one (SPEC 4e) matters.
 #[derive(Deserialize)]
 struct ChoiceProbe {
     #[serde(default)]
-    delta: Option<serde_json::Map<String, serde_json::Value>>,
+    delta: Option<NullsOnly>,
     #[serde(default)]
     finish_reason: Option<IgnoredAny>,
+}
+
+/// Whether every member of a `delta` object is `null` (true for `{}`), read without keeping
+/// its keys or values.
+struct NullsOnly(bool);
+
+impl<'de> Deserialize<'de> for NullsOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = NullsOnly;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a delta object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<NullsOnly, A::Error> {
+                let mut nulls = true;
+                while map.next_key::<IgnoredAny>()?.is_some() {
+                    nulls &= map.next_value::<Option<IgnoredAny>>()?.is_none();
+                }
+                Ok(NullsOnly(nulls))
+            }
+        }
+        d.deserialize_map(Members)
+    }
 }
 
 impl ChoiceProbe {
     /// A choice that says nothing: its `delta` is empty (no member, or only `null` ones) and its
     /// `finish_reason` is null. LiteLLM puts its usage on a chunk of such choices.
     fn is_empty(&self) -> bool {
-        self.finish_reason.is_none()
-            && self
-                .delta
-                .as_ref()
-                .is_some_and(|d| d.values().all(serde_json::Value::is_null))
+        self.finish_reason.is_none() && self.delta.as_ref().is_some_and(|d| d.0)
     }
 }
 
@@ -336,11 +387,7 @@ pub fn is_usage_only(event: &[u8]) -> bool {
 /// [`is_usage_only`] for the JSON payload of one `data:` line.
 pub fn usage_only_json(data: &[u8]) -> bool {
     match serde_json::from_slice::<Probe>(data) {
-        Ok(p) => {
-            p.usage.is_some()
-                && p.choices
-                    .is_some_and(|c| c.iter().all(ChoiceProbe::is_empty))
-        }
+        Ok(p) => p.usage.is_some() && p.choices.is_some_and(|c| c.0),
         Err(_) => false,
     }
 }
@@ -620,6 +667,23 @@ mod tests {
         ));
         assert!(is_usage_only(
             b"data: {\"choices\":[{\"delta\":{\"content\":null,\"role\":null}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        // A choice that says something keeps the chunk: a nested member, a second choice, a
+        // delta that is not an object.
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"id\":null}]}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":{}},{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":[{\"delta\":\"x\"}],\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":{},\"usage\":{\"total_tokens\":1}}\n\n"
+        ));
+        assert!(!is_usage_only(
+            b"data: {\"choices\":null,\"usage\":{\"total_tokens\":1}}\n\n"
         ));
         // A choice that says something keeps the chunk.
         assert!(!is_usage_only(

@@ -448,6 +448,8 @@ async fn classify(
             let reason = match &failover_code {
                 // 4a: e.g. context_length_exceeded — another upstream may fit it.
                 Some(code) => format!("HTTP 400 {code}"),
+                // A 2xx is relayed, never a failure's reason: no string for every success.
+                None if status.is_success() => String::new(),
                 None => format!("HTTP {status}"),
             };
             let outcome = Outcome::Answered {
