@@ -211,13 +211,7 @@ async fn the_model_list_takes_the_same_admission() {
     m.set_models(Reply::models(&["gpt-test"]));
     let gw = one(&m, "");
     let auth = auth();
-    let got = send(
-        "GET",
-        &gw.url("/v1/models"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let got = get(&gw, "/v1/models").await;
     assert_eq!(got.status, 200, "{}", got.text());
     let via = ["1.1 openai-api-route"; 5].join(", ");
     let got = send(
@@ -396,39 +390,13 @@ const REORDERING: &[char] = &[
 #[actix_rt::test]
 async fn line_separators_and_bidi_controls_are_escaped_in_alerts_logs_and_the_page() {
     // The sink refuses with a message that would reorder the log line.
-    let feishu = Mock::always(Reply::json(
-        200,
-        serde_json::json!({"code": 19001, "msg": "bad\u{2028}forged\u{202e}desrever"}),
-    ));
-    let m = Mock::always(Reply::status(500));
-    let gw = Gateway::start(&config(
-        &format!(
-            "notify:\n  min_interval: 1\n  feishu: {{webhook: \"http://{}/hook\"}}",
-            feishu.addr
-        ),
-        &[upstream("up", &m.endpoint(), "")],
-    ));
     let model: String = std::iter::once("gpt".to_string())
         .chain(REORDERING.iter().map(|c| format!("{c}x")))
         .collect();
-    let got = post(
-        &gw,
-        "/v1/chat/completions",
-        serde_json::json!({"model": model, "messages": []}),
-    )
-    .await;
-    assert_eq!(got.status, 500);
-    assert!(eventually(Duration::from_secs(10), || feishu.hits() >= 1));
-    let alert = feishu.seen()[0].json()["content"]["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let RefusedAlert { gw, alert, log, .. } =
+        refused_alert("bad\u{2028}forged\u{202e}desrever", &model).await;
     assert!(alert.contains("gpt\\u{2028}x\\u{2029}x"), "{alert}");
     assert!(alert.contains("\\u{202e}x"), "{alert}");
-    assert!(eventually(Duration::from_secs(10), || gw
-        .log()
-        .contains("alert not delivered")));
-    let log = gw.log();
     assert!(log.contains("bad\\u{2028}forged\\u{202e}desrever"), "{log}");
     let page = send("GET", &gw.url("/"), &[], b"").await.text();
     assert!(page.contains("gpt\\u{2028}x"), "model not on the page");

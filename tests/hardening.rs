@@ -232,30 +232,13 @@ async fn an_endless_sse_line_does_not_grow_the_capture() {
 #[actix_rt::test]
 async fn alert_text_and_logs_cannot_be_forged() {
     // The sink answers with its own newlines and ANSI escapes.
-    let feishu = Mock::always(Reply::json(
-        200,
-        serde_json::json!({"code": 19001, "msg": "bad\n[2020-01-01T00:00:00Z ERROR forged] pwned\u{1b}[2J"}),
-    ));
-    let m = Mock::always(Reply::status(500));
-    let gw = Gateway::start(&config(
-        &format!(
-            "notify:\n  min_interval: 1\n  feishu: {{webhook: \"http://{}/hook\"}}",
-            feishu.addr
-        ),
-        &[upstream("up", &m.endpoint(), "")],
-    ));
-    let got = post(
-        &gw,
-        "/v1/chat/completions",
-        serde_json::json!({"model": "gpt-test\nstatus: 200\nattempts: none", "messages": []}),
+    let RefusedAlert {
+        alert: text, log, ..
+    } = refused_alert(
+        "bad\n[2020-01-01T00:00:00Z ERROR forged] pwned\u{1b}[2J",
+        "gpt-test\nstatus: 200\nattempts: none",
     )
     .await;
-    assert_eq!(got.status, 500);
-    assert!(eventually(Duration::from_secs(10), || feishu.hits() >= 1));
-    let text = feishu.seen()[0].json()["content"]["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert!(
         text.contains("model: gpt-test\\nstatus: 200"),
         "model not escaped: {text}"
@@ -264,10 +247,6 @@ async fn alert_text_and_logs_cannot_be_forged() {
         !text.lines().any(|l| l == "status: 200"),
         "forged line: {text}"
     );
-    assert!(eventually(Duration::from_secs(10), || gw
-        .log()
-        .contains("alert not delivered")));
-    let log = gw.log();
     assert!(
         !log.lines()
             .any(|l| l.starts_with("[2020-01-01T00:00:00Z ERROR forged]")),

@@ -151,35 +151,16 @@ async fn tokens_are_counted_with_recording_off() {
 async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
     let m = Mock::always(Reply::chat("ok"));
     let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
-    let auth = format!("Bearer {TOKEN}");
     // A proxied GET (the catch-all's series); /v1/models is answered by the gateway (4b).
-    send(
-        "GET",
-        &gw.url("/v1/files"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    get(&gw, "/v1/files").await;
     // The `other` API family (every unknown /v1 path) exists from here on.
-    send(
-        "GET",
-        &gw.url("/v1/warm-up"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    get(&gw, "/v1/warm-up").await;
     send("GET", &gw.url("/nope/a"), &[], b"").await;
     scrape(&gw).await; // the scrape's own series exist from here on
     let before_text = scrape(&gw).await;
     let before = before_text.series_count();
     for i in 0..20 {
-        send(
-            "GET",
-            &gw.url(&format!("/v1/random-{i}/x")),
-            &[("authorization", &auth)],
-            b"",
-        )
-        .await;
+        get(&gw, &format!("/v1/random-{i}/x")).await;
         send("GET", &gw.url(&format!("/elsewhere-{i}")), &[], b"").await;
     }
     let text = scrape(&gw).await;

@@ -676,13 +676,7 @@ async fn finish_reason_complete_and_resumed_columns() {
     .await;
     assert_eq!(refused.status, 401);
     let auth = format!("Bearer {TOKEN}");
-    let models = send(
-        "GET",
-        &gw.url("/v1/models"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let models = get(&gw, "/v1/models").await;
     assert_eq!(models.status, 200);
     // A client that leaves after two chunks of a long stream.
     let client = awc::Client::default();

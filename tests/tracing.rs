@@ -153,6 +153,19 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     })
 }
 
+/// The `service.name` of the resource of the first export `r` received.
+fn service_name(r: &Receiver) -> Option<Value> {
+    r.requests()[0].resource_spans[0]
+        .resource
+        .as_ref()
+        .expect("a resource on the export")
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.clone())
+        .and_then(|v| v.value)
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -347,15 +360,7 @@ async fn a_client_trace_runs_through_the_gateway_and_each_failover_attempt() {
         );
         assert_eq!(seen.header("tracestate"), Some("vendor=abc"));
     }
-    let service = r.requests()[0].resource_spans[0]
-        .resource
-        .as_ref()
-        .unwrap()
-        .attributes
-        .iter()
-        .find(|kv| kv.key == "service.name")
-        .and_then(|kv| kv.value.clone())
-        .and_then(|v| v.value);
+    let service = service_name(&r);
     assert_eq!(service, Some(Value::StringValue("openai-api-route".into())));
 }
 
@@ -418,14 +423,7 @@ async fn the_gateways_own_answers_get_spans_but_the_metrics_endpoint_does_not() 
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
-    let auth = auth();
-    let models = send(
-        "GET",
-        &gw.url("/v1/models"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let models = get(&gw, "/v1/models").await;
     assert_eq!(models.status, 200);
     let refused = send("POST", &gw.url("/v1/chat/completions"), &[], b"{}").await;
     assert_eq!(refused.status, 401);
@@ -460,15 +458,7 @@ async fn the_gateways_own_answers_get_spans_but_the_metrics_endpoint_does_not() 
         Some("401")
     );
     assert_eq!(attr(no, "openai_api_route.client_key"), None);
-    let service = r.requests()[0].resource_spans[0]
-        .resource
-        .as_ref()
-        .unwrap()
-        .attributes
-        .iter()
-        .find(|kv| kv.key == "service.name")
-        .and_then(|kv| kv.value.clone())
-        .and_then(|v| v.value);
+    let service = service_name(&r);
     assert_eq!(service, Some(Value::StringValue("from-env".into())));
 }
 

@@ -80,6 +80,12 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]
     }
 }
 
+/// GET with the client token.
+pub async fn get(gw: &Gateway, path: &str) -> Got {
+    let auth = format!("Bearer {TOKEN}");
+    send("GET", &gw.url(path), &[("authorization", &auth)], b"").await
+}
+
 /// POST JSON with the client token.
 pub async fn post(gw: &Gateway, path: &str, body: serde_json::Value) -> Got {
     let auth = format!("Bearer {TOKEN}");

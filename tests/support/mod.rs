@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+mod alert;
 mod client;
 mod db;
 mod gateway;
@@ -14,6 +15,7 @@ mod mock;
 mod provider;
 mod python;
 
+pub use alert::*;
 pub use client::*;
 pub use db::*;
 pub use gateway::*;
