@@ -804,29 +804,6 @@ async fn a_database_of_the_previous_version_gains_the_new_columns() {
     assert_eq!(version, 3);
 }
 
-/// Whether this process may move a thread into `SCHED_IDLE` and back (root, `CAP_SYS_NICE` or
-/// `RLIMIT_NICE` ≥ 20): the condition under which the gateway's writer is idle-class.
-fn writer_can_idle() -> bool {
-    use thread_priority::unix::{
-        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
-        ThreadSchedulePolicy,
-    };
-    use thread_priority::{ThreadPriority, ThreadPriorityOsValue};
-    let set = |p| {
-        set_thread_priority_and_policy(
-            thread_native_id(),
-            ThreadPriority::Os(ThreadPriorityOsValue::default()),
-            ThreadSchedulePolicy::Normal(p),
-        )
-        .is_ok()
-    };
-    std::thread::spawn(move || {
-        set(NormalThreadSchedulePolicy::Idle) && set(NormalThreadSchedulePolicy::Other)
-    })
-    .join()
-    .unwrap_or(false)
-}
-
 fn plain_record(i: usize) -> openai_api_route::records::Record {
     openai_api_route::records::Record {
         created_at: std::time::SystemTime::now(),
@@ -895,11 +872,11 @@ async fn a_short_backlog_is_written_in_short_transactions_and_whole() {
         .expect("batch size histogram");
     let h = batches.get_metric()[0].get_histogram();
     assert_eq!(h.get_sample_sum(), 300.0);
-    let expected = if writer_can_idle() { 5 } else { 1 };
+    let can_idle = openai_api_route::records::writer_can_idle();
+    let expected = if can_idle { 5 } else { 1 };
     assert_eq!(
         h.get_sample_count(),
         expected,
-        "transactions for 300 records (idle-class possible: {})",
-        writer_can_idle()
+        "transactions for 300 records (idle-class possible: {can_idle})"
     );
 }

@@ -83,15 +83,9 @@ pub struct WriterClass {
 }
 
 impl WriterClass {
-    /// Probes whether the class can be switched both ways here (a thread of its own, so a
-    /// failed probe leaves no thread stuck in the idle class).
+    /// The writer's class, switchable where [`can_switch`] says this process may.
     pub fn probe() -> WriterClass {
-        let switchable = std::thread::Builder::new()
-            .name("sched-probe".into())
-            .spawn(|| set_own(true) && set_own(false))
-            .ok()
-            .and_then(|h| h.join().ok())
-            .unwrap_or(false);
+        let switchable = can_switch();
         if !switchable {
             log::info!(
                 "record writer stays at normal priority: this process may not leave SCHED_IDLE \
@@ -172,6 +166,18 @@ impl WriterClass {
 }
 
 /// Sets the calling thread's class.
+/// Whether this process may move a thread into `SCHED_IDLE` and back (root, `CAP_SYS_NICE` or
+/// `RLIMIT_NICE` ≥ 20), tried on a throwaway thread so that a failed try leaves no thread stuck
+/// in the idle class: the condition under which the writer is idle-class.
+pub fn can_switch() -> bool {
+    std::thread::Builder::new()
+        .name("sched-probe".into())
+        .spawn(|| set_own(true) && set_own(false))
+        .ok()
+        .and_then(|h| h.join().ok())
+        .unwrap_or(false)
+}
+
 /// Moves the calling thread into `SCHED_IDLE` for good (entering needs no privilege): for a
 /// helper that must never take the CPU from a request and may be starved under full load.
 pub fn enter_idle_class() {
