@@ -11,6 +11,8 @@
 set -u
 OLD_BIN=${1:?old gateway binary}; NEW_BIN=${2:?new gateway binary}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 ROUNDS=${ROUNDS:-4}; DUR=${DUR:-5}; B=$ROOT/bench/out/bin; D=$ROOT/bench/out/ab; rm -rf "$D"; mkdir -p "$D/ngx"; cd "$D" || exit 1
 ulimit -n 20000
 taskset -c 0 $B/bench_mock 127.0.0.1:0 --threads 1 > mock.out 2>/dev/null &
@@ -25,20 +27,9 @@ for s in old new; do
   taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database "$DB" >/dev/null 2>$s.log &
   GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
 done
-cat > ngx/nginx.conf <<NG
-worker_processes 2; daemon off; pid $D/ngx/nginx.pid; error_log $D/ngx/error.log warn;
-events { worker_connections 16384; }
-http { access_log off; client_body_temp_path $D/ngx/cb; proxy_temp_path $D/ngx/p; fastcgi_temp_path $D/ngx/f; uwsgi_temp_path $D/ngx/u; scgi_temp_path $D/ngx/s;
-  keepalive_requests 1000000;
-  upstream mock { server 127.0.0.1:$MP; keepalive 512; keepalive_requests 1000000; }
-  server { listen 127.0.0.1:29499; location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
-NG
-taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -p $D/ngx -c $D/ngx/nginx.conf -e $D/ngx/error.log &
-NPID=$!; PIDS+=($NPID); URL[nginx]=http://127.0.0.1:29499/v1/chat/completions
+start_nginx "$D/ngx" "$MP" 29499
 sleep 1.5
 for p in ${GP[old]} ${GP[new]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 $p >/dev/null; done
-pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};; esac; }
-ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
 export BENCH_TOKEN=sk-bench-client-token
 declare -A REQ TK
 for kind in json stream; do

@@ -14,6 +14,8 @@
 set -u
 OLD_BIN=${1:?old gateway binary}; NEW_BIN=${2:?new gateway binary}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 ROUNDS=${ROUNDS:-3}; DUR=${DUR:-5}
 MOCK=$ROOT/bench/out/bin/bench_mock; [[ -x $MOCK ]] || MOCK=$ROOT/target/release/examples/bench_mock
 D=$ROOT/bench/out/tail; rm -rf "$D"; mkdir -p "$D/ngx"; cd "$D" || exit 1
@@ -30,20 +32,9 @@ for s in old new off; do
   taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database "${DB[$s]}" >/dev/null 2>$s.log &
   GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
 done
-cat > ngx/nginx.conf <<NG
-worker_processes 2; daemon off; pid $D/ngx/nginx.pid; error_log $D/ngx/error.log warn;
-events { worker_connections 16384; }
-http { access_log off; client_body_temp_path $D/ngx/cb; proxy_temp_path $D/ngx/p; fastcgi_temp_path $D/ngx/f; uwsgi_temp_path $D/ngx/u; scgi_temp_path $D/ngx/s;
-  keepalive_requests 1000000;
-  upstream mock { server 127.0.0.1:$MP; keepalive 512; keepalive_requests 1000000; }
-  server { listen 127.0.0.1:29599; location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
-NG
-taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$D/ngx" -c "$D/ngx/nginx.conf" -e "$D/ngx/error.log" &
-NPID=$!; PIDS+=($NPID); URL[nginx]=http://127.0.0.1:29599/v1/chat/completions
+start_nginx "$D/ngx" "$MP" 29599
 sleep 1.5
 for p in ${GP[old]} ${GP[new]} ${GP[off]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 "$p" >/dev/null; done
-pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};; esac; }
-ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
 export BENCH_TOKEN=sk-bench-client-token
 declare -A REQ P50 P99 TK N SENT
 # Waits until no gateway uses the CPU (a writer still catching up after a c=64 run, or its

@@ -1,0 +1,26 @@
+# Shared by bench/ab.sh and bench/tail.sh (sourced, not run): nginx in front of the mock, and
+# CPU ticks of a set of processes. Both scripts keep their own gateways in GP, their pids in
+# PIDS and their URLs in URL.
+
+# start_nginx DIR MOCK_PORT LISTEN_PORT: nginx (2 workers, keep-alive to the mock, no buffering)
+# on core 0; sets NPID and URL[nginx] and adds to PIDS.
+start_nginx() {
+  local dir=$1 mp=$2 port=$3
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<NG
+worker_processes 2; daemon off; pid $dir/nginx.pid; error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http { access_log off; client_body_temp_path $dir/cb; proxy_temp_path $dir/p; fastcgi_temp_path $dir/f; uwsgi_temp_path $dir/u; scgi_temp_path $dir/s;
+  keepalive_requests 1000000;
+  upstream mock { server 127.0.0.1:$mp; keepalive 512; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$port; location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
+NG
+  taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
+  NPID=$!; PIDS+=($NPID); URL[nginx]=http://127.0.0.1:$port/v1/chat/completions
+}
+
+# The pids of a system: nginx's master and workers, or one gateway.
+pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};; esac; }
+
+# User + system CPU ticks summed over the given pids.
+ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
