@@ -78,6 +78,8 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         object_id: None,
         rebuilt: false,
         response_items: None,
+        request_id: None,
+        member: None,
     }
 }
 

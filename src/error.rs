@@ -152,10 +152,24 @@ impl GatewayError {
     /// An answer given after every candidate the request may go to was tried (SPEC 4e: the
     /// client must not try them all again).
     pub fn after_every_candidate(&self) -> bool {
-        matches!(
-            self,
-            GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. }
-        )
+        match self {
+            GatewayError::AllFailed { .. } => true,
+            GatewayError::OwnerFailed { .. } => self.retry_after().is_none(),
+            _ => false,
+        }
+    }
+
+    /// Seconds a client should wait before it tries again, when it should (`x-should-retry:
+    /// true` with this `Retry-After`): the owner's 429, 503 or 408, which a direct call would
+    /// have retried too (see the failover guide, "A client's own retry").
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            GatewayError::OwnerFailed {
+                status: 429 | 503 | 408,
+                ..
+            } => Some(1),
+            _ => None,
+        }
     }
 
     /// The JSON body text (also what the record keeps as the reply).

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod escape;
+pub mod facts;
 pub mod headers;
 pub mod history;
 pub mod http_metrics;

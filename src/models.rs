@@ -123,20 +123,6 @@ impl ModelsSnapshot {
     }
 }
 
-/// Drops from `order` the upstreams whose known list lacks `model`, when `route_by_models` is on.
-pub fn route_filter(
-    state: &AppState,
-    cfg: &Config,
-    order: &mut crate::registry::Order,
-    model: Option<&str>,
-) {
-    let Some(model) = model.filter(|_| cfg.route_by_models) else {
-        return;
-    };
-    let snap = state.models.snapshot();
-    order.retain(|&i| cfg.upstreams.get(i).is_some_and(|u| snap.serves(u, model)));
-}
-
 /// Control characters escaped and cut at 200 characters: upstream text goes to logs and the page.
 fn clean(s: &str) -> String {
     crate::escape::untrusted(s).into_owned()
@@ -193,6 +179,21 @@ impl ModelsHandle {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// With `route_by_models` (see the models guide): keeps in `order` only the upstreams whose
+    /// known list serves `model` (after their `model_map`).
+    pub fn route_filter(
+        &self,
+        cfg: &Config,
+        order: &mut crate::registry::Order,
+        model: Option<&str>,
+    ) {
+        let Some(model) = model.filter(|_| cfg.route_by_models) else {
+            return;
+        };
+        let snap = self.snapshot();
+        order.retain(|&i| cfg.upstreams.get(i).is_some_and(|u| snap.serves(u, model)));
     }
 
     /// A new config (SIGHUP): lists are fetched again.

@@ -10,12 +10,14 @@ use actix_web::http::Method;
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
+use crate::admission::preflight;
 use crate::cli::{bind_address, Cli};
 use crate::config::{self, Config, ConfigError, ConfigErrors};
+use crate::ledger::Sinks;
 use crate::metrics::Metrics;
 use crate::models::{self, ModelsActor, ModelsHandle};
 use crate::notify::{NotifierActor, Reconfigure};
-use crate::proxy::{preflight, proxy, UpstreamClient};
+use crate::proxy::{proxy, UpstreamClient};
 use crate::records::{redact_database_url, DbError, Recorder, Store};
 use crate::registry::{RegistryHandle, SharedConfig, UpstreamRegistry};
 use crate::state::AppState;
@@ -230,14 +232,19 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         // Model lists are fetched in the background: nothing here waits for an upstream.
         let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
         let sessions = crate::realtime::Sessions::default();
-        let state = web::Data::new(AppState {
-            config: shared.clone(),
-            registry: registry.clone(),
+        let sinks = Arc::new(Sinks {
             metrics: metrics.clone(),
+            registry: registry.clone(),
             recorder: recorder.clone(),
             alerts: Some(notifier.clone().recipient()),
+            reject_gate: Default::default(),
+            owners: owners.clone(),
+            tracer,
+        });
+        let state = web::Data::new(AppState {
+            config: shared.clone(),
+            sinks,
             models: models.clone(),
-            stream_options_refused: Default::default(),
             started: Instant::now(),
             started_at: SystemTime::now(),
             listen: local.clone(),
@@ -245,11 +252,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .as_deref()
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
-            reject_gate: Default::default(),
             realtime: sessions.clone(),
-            tracer,
-            prefill_ignored: Default::default(),
-            owners: owners.clone(),
         });
         let traces = state.clone();
 
@@ -365,7 +368,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             log::info!("server stopped; writing {} queued records", rec.queued());
             rec.flush().await;
         }
-        if let Some(tracer) = &traces.tracer {
+        if let Some(tracer) = &traces.sinks.tracer {
             tracer.flush(Duration::from_secs(5));
         }
         log::info!("bye");

@@ -6,11 +6,10 @@
 //! reads the extra usage-only chunk like any other, and keeps that chunk from a client that did not
 //! ask for it ([`UsageFilter`]): such a client may read `choices[0]` of every chunk and would break
 //! on `"choices": []`. An upstream that rejects the option — its 400 names `stream_options` and the
-//! same request without it succeeds — is not sent it for [`REFUSAL_TTL`] ([`Refusals`]).
+//! same request without it succeeds — is not sent it for a while (the registry's learned facts).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use actix_web::web::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -19,7 +18,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::capture::{find_key, has_usage_object, key_values};
-use crate::config::Config;
 
 /// What is added when the client did not ask for usage itself.
 const INCLUDE_USAGE: &str = "\"include_usage\":true";
@@ -63,24 +61,27 @@ fn append_member(text: &str, member: &str, empty: bool) -> Option<String> {
     Some(out)
 }
 
-/// The body to send upstream instead of the client's, when the gateway should ask for usage: a
-/// stream request to `/v1/chat/completions` or `/v1/completions` whose JSON body does not already
-/// say `stream_options.include_usage: true`. Every byte outside `stream_options` is kept, and so
-/// are the client's other `stream_options` members. `stream_options` is where admission found the
-/// top-level member's value (the body is a JSON object without duplicate keys, so the top level is
-/// not parsed again here).
-pub fn usage_body(
+/// How the gateway asks for usage in a body: the range of its `stream_options` value and that
+/// value's replacement, or (no range) a `stream_options` member to append.
+pub type UsageEdit = (Option<std::ops::Range<usize>>, String);
+
+/// The edit that makes a body ask for usage, when the gateway should: a stream request to
+/// `/v1/chat/completions` or `/v1/completions` whose JSON body does not already say
+/// `stream_options.include_usage: true`. Every byte outside `stream_options` is kept, and so are
+/// the client's other `stream_options` members. `stream_options` is where admission's one parse
+/// found the top-level member's value (only that small value is read here).
+pub fn usage_edit(
     path: &str,
     stream: bool,
     body: &[u8],
     stream_options: Option<std::ops::Range<usize>>,
-) -> Option<Bytes> {
+) -> Option<UsageEdit> {
     if !stream || !usage_path(path) {
         return None;
     }
     let text = std::str::from_utf8(body).ok()?;
-    let Some(opts_text) = stream_options.and_then(|r| text.get(r)) else {
-        return append_member(text, STREAM_OPTIONS, false).map(Bytes::from);
+    let Some((at, opts_text)) = stream_options.and_then(|r| Some((r.clone(), text.get(r)?))) else {
+        return Some((None, STREAM_OPTIONS.to_string()));
     };
     let new_opts = match members(opts_text) {
         Some(inner) => match inner.iter().rev().find(|(k, _)| k == "include_usage") {
@@ -98,88 +99,7 @@ pub fn usage_body(
         // `null` or something else that is not an object: the option replaces it.
         None => format!("{{{INCLUDE_USAGE}}}"),
     };
-    let at = offset(text, opts_text);
-    let mut out = String::with_capacity(text.len() + INCLUDE_USAGE.len());
-    out.push_str(&text[..at]);
-    out.push_str(&new_opts);
-    out.push_str(&text[at + opts_text.len()..]);
-    Some(Bytes::from(out))
-}
-
-/// How long an upstream that refused the added `stream_options` is not sent it (SPEC 4d 0.3).
-pub const REFUSAL_TTL: Duration = Duration::from_secs(600);
-
-/// Upstreams that refused an added `stream_options`, each until its refusal expires
-/// ([`REFUSAL_TTL`]) or the config is replaced (a reload), whichever comes first. The same store
-/// keeps the upstreams that ignored a prefill (SPEC 4e), which last until the next reload.
-///
-/// Why proof is needed: a 400 that names `stream_options` can be provoked by the client (a body
-/// the upstream refuses for another reason, with `stream_options` in its error text). Were that
-/// enough, one crafted request would turn token accounting off for every client. A refusal is
-/// therefore learnt only when the same request, sent again without the option, succeeded; and
-/// it expires, so even a real one is tried again.
-#[derive(Default)]
-pub struct Refusals(Mutex<(Option<Arc<Config>>, Until)>);
-
-/// Upstream name → the end of its refusal (`None`: until the next reload).
-type Until = HashMap<String, Option<Instant>>;
-
-impl Refusals {
-    /// Whether `name` refused the option under `config`, and the refusal has not expired.
-    pub fn refused(&self, config: &Arc<Config>, name: &str) -> bool {
-        self.refused_at(config, name, Instant::now())
-    }
-
-    fn refused_at(&self, config: &Arc<Config>, name: &str, now: Instant) -> bool {
-        let g = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        match &g.0 {
-            Some(c) if Arc::ptr_eq(c, config) => {
-                g.1.get(name)
-                    .is_some_and(|until| until.is_none_or(|t| now < t))
-            }
-            _ => false,
-        }
-    }
-
-    /// `name` answered 400 naming the added option, and the request was repeated without it:
-    /// remembers the refusal (and logs it) only when that repeat succeeded (`repeat_ok`).
-    pub fn learn(&self, config: &Arc<Config>, name: &str, repeat_ok: bool) {
-        if !repeat_ok {
-            log::info!(
-                "upstream {name} answered 400 naming stream_options, but not only because of it: \
-                 still adding it there"
-            );
-            return;
-        }
-        log::warn!(
-            "upstream {name} refuses stream_options: not adding it there for {}s",
-            REFUSAL_TTL.as_secs()
-        );
-        self.learn_at(config, name, Instant::now());
-    }
-
-    fn learn_at(&self, config: &Arc<Config>, name: &str, now: Instant) {
-        self.insert(config, name, Some(now + REFUSAL_TTL));
-    }
-
-    /// Remembers `name` until the next reload (an upstream that ignored a prefill, SPEC 4e).
-    pub fn refuse(&self, config: &Arc<Config>, name: &str) {
-        self.insert(config, name, None);
-    }
-
-    fn insert(&self, config: &Arc<Config>, name: &str, until: Option<Instant>) {
-        let mut g = match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if !g.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, config)) {
-            *g = (Some(config.clone()), HashMap::new());
-        }
-        g.1.insert(name.to_string(), until);
-    }
+    Some((Some(at), new_opts))
 }
 
 /// How much of a 400 body is read to look for `stream_options`.
@@ -561,14 +481,19 @@ mod tests {
     use super::*;
 
     fn body(b: &str) -> Option<String> {
-        let meta = crate::proxy::admit::body_meta(b.as_bytes()).ok()?;
-        usage_body(
+        let facts = crate::facts::read(b.as_bytes()).ok()?;
+        let (at, text) = usage_edit(
             "/v1/chat/completions",
             true,
             b.as_bytes(),
-            meta.stream_options,
-        )
-        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            facts.stream_options,
+        )?;
+        let mut e = crate::proxy::body::Edits::default();
+        match at {
+            Some(at) => e.replace(at, text),
+            None => e.append(text),
+        };
+        e.apply(b.as_bytes()).map(|b| String::from_utf8(b).unwrap())
     }
 
     #[test]
@@ -598,8 +523,8 @@ mod tests {
             None
         );
         assert_eq!(body("not json"), None);
-        assert!(usage_body("/v1/embeddings", true, b"{\"stream\":true}", None).is_none());
-        assert!(usage_body("/v1/completions", false, b"{}", None).is_none());
+        assert!(usage_edit("/v1/embeddings", true, b"{\"stream\":true}", None).is_none());
+        assert!(usage_edit("/v1/completions", false, b"{}", None).is_none());
     }
 
     const USAGE: &str = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";
@@ -704,31 +629,5 @@ mod tests {
         assert_eq!(f.push(&big), big);
         let rest = Bytes::from_static(b"yz\n\n");
         assert_eq!(f.push(&rest), rest);
-    }
-
-    #[test]
-    fn refusals_reset_with_a_new_config() {
-        let (c1, _) = crate::config::parse(
-            std::path::Path::new("t.yaml"),
-            "authorization: x\nupstreams:\n  - endpoint: http://h\n",
-            false,
-            &|_| None,
-        )
-        .unwrap();
-        let c1 = Arc::new(c1);
-        let c2 = Arc::new((*c1).clone());
-        let r = Refusals::default();
-        assert!(!r.refused(&c1, "h"));
-        // Not learnt without a successful repeat.
-        r.learn(&c1, "h", false);
-        assert!(!r.refused(&c1, "h"));
-        r.learn(&c1, "h", true);
-        assert!(r.refused(&c1, "h"));
-        assert!(!r.refused(&c2, "h"));
-        // Ten minutes, not longer.
-        let t = Instant::now();
-        r.learn_at(&c1, "g", t);
-        assert!(r.refused_at(&c1, "g", t + REFUSAL_TTL - Duration::from_secs(1)));
-        assert!(!r.refused_at(&c1, "g", t + REFUSAL_TTL));
     }
 }

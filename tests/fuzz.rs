@@ -10,9 +10,10 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use openai_api_route::admission::path_problem;
 use openai_api_route::capture::Capture;
 use openai_api_route::config::{self, Pattern, UpstreamAuth};
+use openai_api_route::facts::read as body_meta;
 use openai_api_route::headers::{response_headers, upstream_request_headers};
-use openai_api_route::proxy::admit::body_meta;
-use openai_api_route::proxy::rewrite_model;
+use openai_api_route::proxy::body::rewrite_model;
+
 use proptest::prelude::*;
 
 fn sse_of(deltas: &[String]) -> Vec<u8> {
@@ -106,7 +107,8 @@ proptest! {
             obj.entry(k).or_insert(serde_json::Value::from(v));
         }
         let body = serde_json::to_vec(&serde_json::Value::Object(obj.clone())).unwrap();
-        let out = rewrite_model(&body, &to).unwrap();
+        let facts = body_meta(&body).unwrap();
+        let out = rewrite_model(&body, &facts, &to).unwrap();
         let mut parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&out).unwrap();
         prop_assert_eq!(parsed.remove("model").unwrap(), serde_json::Value::String(to.clone()));
         obj.remove("model");
@@ -118,8 +120,9 @@ proptest! {
 
     #[test]
     fn body_meta_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = body_meta(&bytes);
-        let _ = rewrite_model(&bytes, "m");
+        if let Ok(facts) = body_meta(&bytes) {
+            let _ = rewrite_model(&bytes, &facts, "m");
+        }
     }
 
     /// Whatever the JSON meta reader accepts as an object, serde_json reads as the same object

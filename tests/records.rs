@@ -832,6 +832,8 @@ fn plain_record(i: usize) -> openai_api_route::records::Record {
         object_id: None,
         rebuilt: false,
         response_items: None,
+        request_id: None,
+        member: None,
     }
 }
 

@@ -11,6 +11,7 @@
 //!
 //! This module imports neither `proxy` nor `models`: both import it.
 
+pub mod body;
 pub mod path;
 
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::headers::VIA;
 use crate::ledger::{Ledger, RequestInfo};
 use crate::state::AppState;
 
+pub use self::body::preflight;
 pub use self::path::path_problem;
 pub use crate::escape::percent_decode;
 
@@ -67,7 +69,7 @@ impl Refusal {
 /// `Via` loop guard (508). Nothing has gone upstream when it returns.
 pub fn admit(req: &HttpRequest, state: &web::Data<AppState>) -> Result<Admitted, Box<Refusal>> {
     let config = state.config.get();
-    let mut ledger = Ledger::open(state.clone().into_inner(), request_info(req, &config));
+    let mut ledger = Ledger::open(state.sinks.clone(), request_info(req, &config));
     match authorize(req, &config) {
         Ok(label) => ledger.info_mut().client_key = label,
         Err(e) => return Err(Refusal::new(ledger, e)),
@@ -109,10 +111,11 @@ pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
         uri: req.uri().clone(),
         model: None,
         stream: false,
-        stream_options: None,
+        facts: Default::default(),
         body: Bytes::new(),
         user_agent: req.headers().get(header::USER_AGENT).cloned(),
         client_key: None,
+        member: None,
         body_limit: cfg.record_body_bytes,
         websocket: false,
         trace_parent,
@@ -223,5 +226,48 @@ mod tests {
             header::HeaderValue::from_static("1.1 openai-api-route"),
         );
         assert_eq!(via_hops(&h), 3);
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use crate::config::token_label;
+
+    /// The label as first written: collect the characters, then pick.
+    fn reference(token: &str) -> String {
+        let chars: Vec<char> = token.chars().collect();
+        let n = chars.len();
+        if n >= 16 {
+            let head: String = chars[..3].iter().collect();
+            let tail: String = chars[n - 4..].iter().collect();
+            format!("{head}…{tail}")
+        } else if n >= 8 {
+            let tail: String = chars[n - 2..].iter().collect();
+            format!("…{tail}")
+        } else {
+            "…".to_string()
+        }
+    }
+
+    #[test]
+    fn token_labels() {
+        assert_eq!(token_label("sk-bench-client-token"), "sk-…oken");
+        assert_eq!(token_label("abcdefgh"), "…gh");
+        assert_eq!(token_label("short"), "…");
+        assert_eq!(token_label(""), "…");
+        for t in [
+            "ключ-очень-длинный-токен",
+            "é1234567890123456789ü",
+            "日本語のトークンです。長いもの",
+            "日本語のトーク",
+            "日本語のトークンです",
+            "🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑🔑",
+            "sk-1234567890abcdef",
+            "exactly8",
+            "fifteen-chars!!",
+            "sixteen-chars!!!",
+        ] {
+            assert_eq!(token_label(t), reference(t), "{t}");
+        }
     }
 }

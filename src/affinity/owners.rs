@@ -108,13 +108,44 @@ impl Owners {
         Some(e.upstream.clone())
     }
 
-    /// `upstream` owns `id` from now on (an answer named it, or answered 2xx for it).
-    pub fn learn(&self, id: &str, upstream: &Arc<str>) {
+    /// `upstream` owns `id` from now on (an answer named it, or answered 2xx for it), unless
+    /// another upstream already does: the first owner wins (see the affinity guide), and the
+    /// other one is returned for the caller to log and count as a conflict.
+    pub fn learn(&self, id: &str, upstream: &Arc<str>) -> Result<(), Arc<str>> {
+        if let Some(e) = self.lock().map.get(id) {
+            if e.upstream != *upstream {
+                return Err(e.upstream.clone());
+            }
+        }
         self.put(id, upstream, SystemTime::now(), None);
+        Ok(())
     }
 
-    /// `upstream` owns the response `id`, whose chain link is `link` (SPEC 4f rebuild).
+    /// `id` was deleted at its owner: owner and chain part are forgotten, and a later reference
+    /// is routed as an unseen id.
+    pub fn forget(&self, id: &str) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let mut g = self.lock();
+        let Some(e) = g.map.remove(id) else {
+            return false;
+        };
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        if let Some(l) = e.link {
+            g.link_bytes = g.link_bytes.saturating_sub(l.bytes());
+        }
+        true
+    }
+
+    /// `upstream` owns the response `id`, whose chain link is `link` (kept for rebuilding);
+    /// nothing changes when another upstream owns it (the first owner wins).
     pub fn learn_link(&self, id: &str, upstream: &Arc<str>, link: Link) {
+        if let Some(e) = self.lock().map.get(id) {
+            if e.upstream != *upstream {
+                return;
+            }
+        }
         self.put(id, upstream, SystemTime::now(), Some(Arc::new(link)));
     }
 
@@ -385,7 +416,7 @@ mod tests {
         let o = Owners::default();
         let c = cfg(0, &["a"]);
         let a: Arc<str> = "a".into();
-        let link = |body: &str| Link::from_request(body.as_bytes(), "[]".into()).unwrap();
+        let link = |body: &str| Link::from_record(body, "[]").unwrap();
         o.learn_link("r1", &a, link(r#"{"input":"one"}"#));
         o.learn_link(
             "r2",
@@ -397,7 +428,7 @@ mod tests {
             &a,
             link(r#"{"input":"four","previous_response_id":"r3"}"#),
         );
-        o.learn("r3b", &a);
+        o.learn("r3b", &a).unwrap();
         o.learn_link(
             "r5",
             &a,
@@ -409,11 +440,26 @@ mod tests {
     }
 
     #[test]
+    fn the_first_owner_wins_and_a_deleted_object_is_forgotten() {
+        let o = Owners::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let c = cfg(0, &["a", "b"]);
+        o.learn("file-1", &a).unwrap();
+        assert_eq!(o.learn("file-1", &b).unwrap_err(), a);
+        assert_eq!(o.owner_of("file-1", &c), Some(a.clone()));
+        assert!(o.forget("file-1"));
+        assert_eq!(o.owner_of("file-1", &c), None);
+        assert!(!o.forget("file-1"));
+        o.learn("file-1", &b).unwrap();
+        assert_eq!(o.owner_of("file-1", &c), Some(b));
+    }
+
+    #[test]
     fn the_map_keeps_the_newest_owners() {
         let o = Owners::default();
         let a: Arc<str> = "a".into();
         for i in 0..CAPACITY + 10 {
-            o.learn(&format!("id{i}"), &a);
+            o.learn(&format!("id{i}"), &a).unwrap();
         }
         assert_eq!(o.len(), CAPACITY);
         let c = cfg(0, &["a"]);

@@ -11,6 +11,8 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::facts::RequestFacts;
+
 /// One response of a chain, as kept for rebuilding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -28,8 +30,25 @@ impl Link {
         self.input.len() + self.items.len() + self.previous.as_ref().map_or(0, String::len) + 64
     }
 
-    /// The link of a request `body` (JSON, received whole) and its kept output `items`.
-    pub fn from_request(body: &[u8], items: String) -> Option<Link> {
+    /// The link of a live request (its `body`, received whole, and what admission's one parse
+    /// found in it) and its kept output `items`: nothing is parsed again.
+    pub fn from_facts(body: &[u8], facts: &RequestFacts, items: String) -> Option<Link> {
+        if !facts.json {
+            return None;
+        }
+        let input = match facts.slice(body, &facts.input) {
+            Some(raw) => std::str::from_utf8(raw).ok()?.to_string(),
+            None => "[]".to_string(),
+        };
+        Some(Link {
+            previous: facts.previous_response_id.as_deref().map(str::to_string),
+            input,
+            items,
+        })
+    }
+
+    /// The link of a stored request `body` (JSON) and its kept output `items`.
+    fn from_stored(body: &[u8], items: String) -> Option<Link> {
         let fields = Fields::parse(body)?;
         let mut previous = None;
         let mut input = None;
@@ -55,7 +74,7 @@ impl Link {
     /// body is not a whole JSON object (cut at `record_body_bytes`).
     pub fn from_record(body: &str, items: &str) -> Option<Link> {
         serde_json::from_str::<Vec<Box<RawValue>>>(items).ok()?;
-        Link::from_request(body.as_bytes(), items.to_string())
+        Link::from_stored(body.as_bytes(), items.to_string())
     }
 }
 
@@ -82,9 +101,21 @@ pub fn kept_items(output: &str) -> Option<String> {
     serde_json::to_string(&kept).ok()
 }
 
-/// Keeps the chain link of response `id` owned by `upstream` (SPEC 4f): its request `body`
-/// (received whole, and within `limit` = `record_body_bytes`, 0 = no limit) and its answer's
-/// `output` (None when it was not read whole). Returns the kept items for the record's
+/// What of a live request a chain link keeps: its body, what admission read in it, and
+/// `record_body_bytes` (0 = no limit).
+#[derive(Clone, Copy)]
+pub struct RequestPart<'a> {
+    /// The body as received.
+    pub body: &'a [u8],
+    /// What the one parse found in it.
+    pub facts: &'a RequestFacts,
+    /// `record_body_bytes`.
+    pub limit: usize,
+}
+
+/// Keeps the chain link of response `id` owned by `upstream` (see the affinity guide): its
+/// request (received whole, and within `record_body_bytes`) and its answer's `output` (None when
+/// it was not read whole). Returns the kept items for the record's
 /// `response_items`; nothing is kept when either part is not whole, so such a chain is never
 /// rebuilt. Only a `POST /v1/responses` body has the shape this reads; others keep nothing. The
 /// link goes into `owners` only when given (`rebuild: true`): otherwise memory holds no links.
@@ -92,16 +123,16 @@ pub fn keep_link(
     owners: Option<&super::Owners>,
     id: &str,
     upstream: &std::sync::Arc<str>,
-    body: &[u8],
-    limit: usize,
+    request: RequestPart<'_>,
     output: Option<&str>,
 ) -> Option<String> {
     let output = output?;
-    if limit != 0 && (body.len() > limit || output.len() > limit) {
+    let limit = request.limit;
+    if limit != 0 && (request.body.len() > limit || output.len() > limit) {
         return None;
     }
     let items = kept_items(output)?;
-    let link = Link::from_request(body, items.clone())?;
+    let link = Link::from_facts(request.body, request.facts, items.clone())?;
     if let Some(owners) = owners {
         owners.learn_link(id, upstream, link);
     }
@@ -110,13 +141,12 @@ pub fn keep_link(
 
 /// The record's `object_id` and `response_items` for the answer (`status`) of upstream `idx` of
 /// `cfg` that created `seen` (a 2xx), and the chain link `owners` keep for it (with `rebuild: true`
-/// only): its output only when the answer reached the client `whole`; `(body, limit)` are the
-/// request body and `record_body_bytes`.
+/// only): its output only when the answer reached the client `whole`.
 pub fn object_of(
     (owners, cfg, idx, status): (&super::Owners, &crate::config::Config, usize, u16),
     seen: Option<&crate::capture::objects::ObjectSeen>,
     whole: bool,
-    (body, limit): (&[u8], usize),
+    request: RequestPart<'_>,
 ) -> (Option<std::sync::Arc<str>>, Option<String>) {
     let up = cfg.upstreams.get(idx).map(|u| &u.name);
     let (Some(seen), Some(up), true) = (seen, up, (200..300).contains(&status)) else {
@@ -125,8 +155,12 @@ pub fn object_of(
     let Some(id) = seen.id.as_deref() else {
         return (None, None);
     };
+    // Another upstream owned it first: this answer did not make it this one's.
+    if owners.owner_of(id, cfg).as_ref() != Some(up) {
+        return (None, None);
+    }
     let output = seen.output.as_deref().filter(|_| whole);
-    let items = keep_link(cfg.rebuild.then_some(owners), id, up, body, limit, output);
+    let items = keep_link(cfg.rebuild.then_some(owners), id, up, request, output);
     (Some(id.into()), items)
 }
 
@@ -145,6 +179,8 @@ fn input_items(input: &str) -> Option<Vec<Value>> {
 /// items, then this request's input; `previous_response_id` removed; every other field as sent
 /// (byte for byte, in its place). None when the body or a link cannot be read.
 pub fn rebuild_body(body: &[u8], chain: &[std::sync::Arc<Link>]) -> Option<Vec<u8>> {
+    // The one body a request path parses a second time: a rebuild is rare, and it is counted.
+    crate::facts::count_parse();
     let fields = Fields::parse(body)?;
     let mut input: Vec<Value> = Vec::new();
     for link in chain {
@@ -232,7 +268,9 @@ mod tests {
 
     fn link(body: Value, output: Value) -> Arc<Link> {
         let items = kept_items(&output.to_string()).unwrap();
-        Arc::new(Link::from_request(body.to_string().as_bytes(), items).unwrap())
+        let body = body.to_string();
+        let facts = crate::facts::read(body.as_bytes()).unwrap();
+        Arc::new(Link::from_facts(body.as_bytes(), &facts, items).unwrap())
     }
 
     #[test]

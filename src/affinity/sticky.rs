@@ -1,4 +1,4 @@
-//! `lb_policy: sticky` and `weight` (SPEC §3, 4f): candidates ordered by weighted rendezvous
+//! `lb_policy: sticky` and `weight` (see the affinity guide): candidates ordered by weighted rendezvous
 //! hashing of an affinity key, so the same key prefers the same upstream (its prompt cache stays
 //! warm) on every replica, with no shared state, and removing an upstream moves only the keys
 //! that preferred it.
@@ -75,7 +75,7 @@ fn sort_by_scores(
     }
 }
 
-/// Orders `order` for the affinity `key` (SPEC 4f `sticky`): `name_of(i)` and `weight_of(i)` give
+/// Orders `order` for the affinity `key` (`sticky`): `name_of(i)` and `weight_of(i)` give
 /// upstream `i`'s name and weight.
 pub fn rendezvous<'a>(
     order: &mut [usize],
@@ -102,16 +102,16 @@ pub fn weighted_shuffle(
     sort_by_scores(order, u_of, weight_of);
 }
 
-/// The affinity key's source, in SPEC order: the body's `prompt_cache_key`, else its `user`,
-/// else the client token's label, else the client address. Reads the body only when it is a JSON
-/// object naming one of the two keys (a substring check first: no parse for other bodies).
+/// The affinity key's source, in the affinity guide's order: the body's `prompt_cache_key`, else
+/// its `user` (both read by the one parse of the body, as `body_key`), else the client token's
+/// label, else the client address.
 pub fn affinity_key(
-    body: &[u8],
+    body_key: Option<&str>,
     token_label: Option<&str>,
     ip: Option<std::net::IpAddr>,
 ) -> Vec<u8> {
-    if let Some(k) = body_key(body) {
-        return k.into_bytes();
+    if let Some(k) = body_key {
+        return k.as_bytes().to_vec();
     }
     if let Some(t) = token_label {
         let mut k = b"token:".to_vec();
@@ -122,29 +122,6 @@ pub fn affinity_key(
         Some(ip) => format!("ip:{ip}").into_bytes(),
         None => Vec::new(),
     }
-}
-
-/// `prompt_cache_key`, else `user`, from a JSON object body (top level, non-empty strings).
-fn body_key(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Keys {
-        #[serde(default)]
-        prompt_cache_key: Option<serde_json::Value>,
-        #[serde(default)]
-        user: Option<serde_json::Value>,
-    }
-    if !super::names_a_key(body, &[b"prompt_cache_key", b"user"]) {
-        return None;
-    }
-    let keys: Keys = serde_json::from_slice(body).ok()?;
-    let pick = |v: Option<serde_json::Value>| match v {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s),
-        _ => None,
-    };
-    if let Some(k) = pick(keys.prompt_cache_key) {
-        return Some(format!("pck:{k}"));
-    }
-    pick(keys.user).map(|u| format!("user:{u}"))
 }
 
 #[cfg(test)]
@@ -218,12 +195,9 @@ mod tests {
     #[test]
     fn key_sources_in_order() {
         let ip = Some("10.0.0.1".parse().unwrap());
-        assert_eq!(
-            affinity_key(br#"{"prompt_cache_key":"p","user":"u"}"#, Some("t"), ip),
-            b"pck:p"
-        );
-        assert_eq!(affinity_key(br#"{"user":"u"}"#, Some("t"), ip), b"user:u");
-        assert_eq!(affinity_key(br#"{"model":"m"}"#, Some("t"), ip), b"token:t");
-        assert_eq!(affinity_key(b"", None, ip), b"ip:10.0.0.1");
+        assert_eq!(affinity_key(Some("pck:p"), Some("t"), ip), b"pck:p");
+        assert_eq!(affinity_key(Some("user:u"), Some("t"), ip), b"user:u");
+        assert_eq!(affinity_key(None, Some("t"), ip), b"token:t");
+        assert_eq!(affinity_key(None, None, ip), b"ip:10.0.0.1");
     }
 }

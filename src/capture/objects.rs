@@ -8,12 +8,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::escape::cut_bytes;
-
 /// Bytes of a JSON answer searched for its top-level `id` when its output is not wanted.
 const ID_HEAD: usize = 64 << 10;
-/// Longest id taken from an answer (OpenAI's are under 64 bytes).
-const MAX_ID: usize = 256;
 
 /// Called with the id as soon as it is read.
 pub type OnId = Box<dyn FnMut(&str) + Send>;
@@ -97,10 +93,10 @@ impl ObjectWatch {
     }
 
     fn found(&mut self, id: &str) {
-        if self.seen.id.is_some() || id.is_empty() {
+        // An id longer than the gateway routes whole is never owned (and never cut).
+        if self.seen.id.is_some() || id.is_empty() || id.len() > crate::facts::MAX_ID_BYTES {
             return;
         }
-        let id = cut_bytes(id, MAX_ID);
         if let Some(mut f) = self.on_id.take() {
             f(id);
         }

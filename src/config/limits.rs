@@ -26,6 +26,9 @@ pub struct Limits {
     pub realtime_buffer_bytes: usize,
     /// A broken stream whose text already sent is longer than this is not resumed (4a).
     pub resume_max_bytes: usize,
+    /// Bytes of chain parts (request inputs and output items) held in memory for rebuilding
+    /// (see the affinity guide, "Bounded reading"), wherever they were read from.
+    pub rebuild_memory: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             realtime_idle_timeout: Duration::from_secs(600),
             realtime_buffer_bytes: 256 << 20,
             resume_max_bytes: 65_536,
+            rebuild_memory: 64 << 20,
         }
     }
 }
@@ -70,12 +74,18 @@ impl Parser<'_> {
             map.get("resume_max_bytes"),
             d.resume_max_bytes as u64,
         );
+        let rebuild_memory = self.integer(
+            "rebuild_memory",
+            map.get("rebuild_memory"),
+            d.rebuild_memory as u64,
+        );
         Limits {
             realtime_max_sessions,
             realtime_max_sessions_per_token,
             realtime_idle_timeout,
             realtime_buffer_bytes,
             resume_max_bytes: usize::try_from(resume_max_bytes).unwrap_or(usize::MAX),
+            rebuild_memory: usize::try_from(rebuild_memory).unwrap_or(usize::MAX),
         }
     }
 }

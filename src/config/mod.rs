@@ -22,6 +22,7 @@ mod parse;
 mod shared;
 #[cfg(test)]
 mod tests;
+mod timeouts;
 mod upstream;
 
 pub use limits::Limits;
@@ -29,6 +30,7 @@ pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
 pub use otel::OtelConfig;
 pub use shared::SharedConfig;
+pub use timeouts::ModelTimeout;
 pub use upstream::{redact_url, Pattern, Upstream, UpstreamAuth};
 
 use parse::Parser;
@@ -45,6 +47,7 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("notify.feishu", notify::FEISHU_KEYS),
     ("notify.matrix", notify::MATRIX_KEYS),
     ("otel", otel::OTEL_KEYS),
+    ("model_timeouts.*", timeouts::MODEL_TIMEOUT_KEYS),
 ];
 
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.
@@ -206,9 +209,19 @@ pub struct Config {
     pub limits: Limits,
     /// Rebuild a Responses chain whose owner cannot answer as a stateless request (SPEC 4f).
     pub rebuild: bool,
+    /// Waits per model pattern, overriding `timeout`/`stream_timeout` (first match wins).
+    pub model_timeouts: Vec<ModelTimeout>,
 }
 
 impl Config {
+    /// The first `model_timeouts` entry whose pattern matches `model`.
+    pub fn model_timeout(&self, model: Option<&str>) -> Option<&ModelTimeout> {
+        let model = model?;
+        self.model_timeouts
+            .iter()
+            .find(|t| t.pattern.matches(model))
+    }
+
     /// Whether `ip` is a trusted proxy.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(ip))

@@ -56,6 +56,9 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "resume_max_bytes",
     // SPEC 4f.
     "rebuild",
+    // Version 0.4.
+    "model_timeouts",
+    "rebuild_memory",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -398,6 +401,7 @@ impl Parser<'_> {
         let rebuild = self.boolean("rebuild", get("rebuild"), false);
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
         let otel = self.otel(get("otel"));
+        let model_timeouts = self.model_timeouts(get("model_timeouts"));
 
         let defaults = UpstreamDefaults {
             timeout,
@@ -443,6 +447,7 @@ impl Parser<'_> {
             otel,
             limits,
             rebuild,
+            model_timeouts,
         }
     }
 }

@@ -27,7 +27,8 @@ impl Ledger {
     /// Ends the trace (when there is one and it is sampled) with what `end` says.
     pub(super) fn end_trace(&mut self, end: impl FnOnce() -> End) {
         let info = &self.info;
-        self.trace.end(self.state.tracer.as_ref(), || End {
+        let request_id = self.request_id.clone();
+        self.trace.end(self.sinks.tracer.as_ref(), || End {
             method: info.method.clone(),
             uri: info.uri.clone(),
             model: info.model.clone(),
@@ -36,6 +37,7 @@ impl Ledger {
             attempts: self.attempts,
             resumed: self.resumed,
             rebuilt: self.marks.rebuilt,
+            request_id: Some(request_id),
             ..end()
         });
     }
@@ -58,7 +60,9 @@ impl Ledger {
             finish_reason: reply.finish_reason.clone(),
             response_model: reply.model.clone(),
             body_error: match end {
-                BodyEnd::Broken(why) if !broken => Some(("stream_error", Some(why.clone()))),
+                BodyEnd::Broken { public, .. } if !broken => {
+                    Some(("stream_error", Some(public.clone())))
+                }
                 BodyEnd::ClientGone => Some(("client_gone", None)),
                 _ => None,
             },

@@ -2,7 +2,6 @@
 //! path reports it, and how a relayed body ended.
 
 use std::net::IpAddr;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,6 +10,7 @@ use actix_web::http::{Method, Uri};
 use actix_web::web::Bytes;
 
 use crate::attempt::FailKind;
+use crate::policy::Counts;
 
 /// What is known about a request before any upstream is tried; becomes its record.
 pub struct RequestInfo {
@@ -28,14 +28,16 @@ pub struct RequestInfo {
     pub model: Option<Arc<str>>,
     /// `"stream": true`.
     pub stream: bool,
-    /// Where the top-level `stream_options` value sits in `body`, if the body has one.
-    pub stream_options: Option<Range<usize>>,
+    /// What the one parse of the body found (see `facts`).
+    pub facts: crate::facts::RequestFacts,
     /// The body as received.
     pub body: Bytes,
     /// Client User-Agent, shared with the request (cut where it is stored).
     pub user_agent: Option<HeaderValue>,
     /// Non-secret token label, shared with the config.
     pub client_key: Option<Arc<str>>,
+    /// The member the token belongs to (see the members guide); None with `-noauth`.
+    pub member: Option<Arc<str>>,
     /// `record_body_bytes`.
     pub body_limit: usize,
     /// A WebSocket session (SPEC 4c).
@@ -60,27 +62,46 @@ pub struct AttemptFailure {
     pub kind: FailKind,
     /// The upstream's status, when it answered with one.
     pub status: Option<u16>,
-    /// Human summary (may hold upstream text; escaped where logged).
+    /// Human summary for the record, the log and the alert (may hold upstream text; escaped
+    /// where logged).
     pub reason: String,
+    /// The gateway's own description of the failure, for the status page and spans: never
+    /// upstream text (see the security guide).
+    pub public: String,
     /// Another candidate follows (counted in `failovers_total`).
     pub moving_on: bool,
     /// The `Retry-After` the upstream announced, as a cooldown.
     pub cooldown: Option<Duration>,
-    /// Kept in the record only: not a health event, not an `upstream_requests_total` outcome.
-    pub quiet: bool,
+    /// Who hears of it (see the failover guide, "Which failures count").
+    pub counts: Counts,
 }
 
 impl AttemptFailure {
-    /// A failure that counts, not moving on, without cooldown.
+    /// A failure that counts for health, not moving on, without cooldown; its public text is
+    /// its reason (the caller's own words).
     pub fn new(kind: FailKind, status: Option<u16>, reason: String) -> AttemptFailure {
         AttemptFailure {
             kind,
             status,
+            public: reason.clone(),
             reason,
             moving_on: false,
             cooldown: None,
-            quiet: false,
+            counts: Counts::Health,
         }
+    }
+
+    /// An upstream's failure status.
+    pub fn http(status: u16) -> AttemptFailure {
+        AttemptFailure::new(FailKind::Http, Some(status), http_reason(status))
+    }
+}
+
+/// `HTTP 503 Service Unavailable`: how a status is named as a failure's reason.
+pub fn http_reason(status: u16) -> String {
+    match actix_web::http::StatusCode::from_u16(status) {
+        Ok(s) => format!("HTTP {s}"),
+        Err(_) => format!("HTTP {status}"),
     }
 }
 
@@ -89,8 +110,13 @@ impl AttemptFailure {
 pub enum BodyEnd {
     /// To its proper end.
     Complete,
-    /// The upstream broke or stalled; the reason.
-    Broken(String),
+    /// The upstream broke or stalled.
+    Broken {
+        /// Why, for the record and the log (may hold upstream text).
+        reason: String,
+        /// The gateway's own description, for the status page and spans.
+        public: String,
+    },
     /// The client went away first.
     ClientGone,
     /// Ended without fault of the upstream's health, with a note for the record's `error`

@@ -1,6 +1,6 @@
-//! One upstream attempt: the URL and headers, the send, the response head and (for streams) the
-//! first chunk, each failure typed. Whether an answer is a failure at all is decided in
-//! [`crate::attempt`]; what to do about it, in the loop of [`super::proxy`].
+//! One upstream attempt over HTTP: the URL and headers, the send, the response head and (for
+//! streams) the first event, each failure typed and classified for the policy
+//! ([`classify_result`]). What to do about it is the engine's (`super::engine`).
 
 use std::time::Duration;
 
@@ -12,20 +12,37 @@ use awc::error::SendRequestError;
 use futures_util::StreamExt;
 
 use crate::attempt::{is_failover_status, FailKind};
-use crate::config::{Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
+use crate::config::{ModelTimeout, Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
 use crate::headers;
+use crate::ledger::http_reason;
+use crate::policy::{self, Outcome};
 use crate::sse;
 use crate::trace::Propagation;
 
-/// How long an attempt may take to produce its head (and first chunk, for streams).
-pub fn first_byte_wait(up: &Upstream, stream: bool, last: bool, body_len: usize) -> Duration {
+use super::engine::{Attempt, Tried};
+use super::plan::is_not_found;
+use super::rescue;
+
+/// How long an attempt may take to produce its head (and first chunk, for streams): the
+/// upstream's timeouts, or a matching `model_timeouts` entry's (see the configuration guide).
+pub fn first_byte_wait(
+    up: &Upstream,
+    over: Option<&ModelTimeout>,
+    stream: bool,
+    last: bool,
+    body_len: usize,
+) -> Duration {
+    let timeout = over.and_then(|o| o.timeout).unwrap_or(up.timeout);
+    let stream_timeout = over
+        .and_then(|o| o.stream_timeout)
+        .unwrap_or(up.stream_timeout);
     let mut wait = if stream && !last {
-        up.stream_timeout
+        stream_timeout
     } else if stream {
         // Nothing to fail over to: waiting longer can only help.
-        up.timeout.max(up.stream_timeout)
+        timeout.max(stream_timeout)
     } else {
-        up.timeout
+        timeout
     };
     if body_len > LONG_PROMPT_BYTES {
         wait = wait.max(LONG_PROMPT_MIN_WAIT);
@@ -33,52 +50,27 @@ pub fn first_byte_wait(up: &Upstream, stream: bool, last: bool, body_len: usize)
     wait
 }
 
-/// The body with its top-level `model` replaced; every other member is kept byte for byte.
-pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
-    use serde_json::value::RawValue;
-    let members: Vec<(String, &RawValue)> = {
-        let raw: std::collections::BTreeMap<String, &RawValue> =
-            serde_json::from_slice(body).ok()?;
-        // Keep the original member order: find each key's position in the text.
-        let mut v: Vec<(String, &RawValue)> = raw.into_iter().collect();
-        let text = std::str::from_utf8(body).ok()?;
-        v.sort_by_key(|(_, raw)| raw.get().as_ptr() as usize - text.as_ptr() as usize);
-        v
-    };
-    let mut out = String::with_capacity(body.len() + model.len());
-    out.push('{');
-    for (i, (k, v)) in members.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::to_string(k).ok()?);
-        out.push(':');
-        if k == "model" {
-            out.push_str(&serde_json::to_string(model).ok()?);
-        } else {
-            out.push_str(v.get());
-        }
-    }
-    out.push('}');
-    Some(Bytes::from(out))
-}
-
 /// Why an attempt failed before an answer could be committed.
 #[derive(Debug, Clone)]
 pub struct AttemptError {
     /// Failure class.
     pub kind: FailKind,
-    /// Human summary.
+    /// Human summary (may hold upstream text: an in-band error's message).
     pub reason: String,
-    /// The same upstream may be tried again (SPEC 4a `retries`): a connection closed or reset
-    /// before complete headers; never a refused connection, a timeout or an ambiguous head.
+    /// The gateway's own description, for the status page and spans.
+    pub public: String,
+    /// The same upstream may be tried again (see the rescue guide, `retries`): a connection
+    /// closed or reset before complete headers; never a refused connection, a timeout or an
+    /// ambiguous head.
     pub retry_same: bool,
 }
 
 impl AttemptError {
-    fn new(kind: FailKind, reason: String) -> AttemptError {
+    /// A failure in the gateway's own words.
+    pub fn new(kind: FailKind, reason: String) -> AttemptError {
         AttemptError {
             kind,
+            public: reason.clone(),
             reason,
             retry_same: false,
         }
@@ -91,18 +83,22 @@ pub fn classify(e: SendRequestError) -> AttemptError {
         // A pooled connection the upstream closed as the request went out: closed before a
         // complete head, not refused.
         SendRequestError::Connect(awc::error::ConnectError::Disconnected) => AttemptError {
-            kind: FailKind::Connect,
-            reason: "connection closed before a complete response head".into(),
             retry_same: true,
+            ..AttemptError::new(
+                FailKind::Connect,
+                "connection closed before a complete response head".into(),
+            )
         },
         SendRequestError::Connect(c) => {
             AttemptError::new(FailKind::Connect, format!("connect failed: {c}"))
         }
         SendRequestError::Timeout => AttemptError::new(FailKind::Timeout, "timed out".into()),
         other => AttemptError {
-            kind: FailKind::Connect,
-            reason: format!("connection closed before a complete response head: {other}"),
             retry_same: true,
+            ..AttemptError::new(
+                FailKind::Connect,
+                format!("connection closed before a complete response head: {other}"),
+            )
         },
     }
 }
@@ -241,13 +237,16 @@ async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptErro
         // is judged by its first whole `data:` line instead of being waited on.
         match sse::first_event(seen).or_else(|| sse::first_data_line(seen)) {
             Some(ev) if sse::is_error_event(ev) => {
-                return Err(AttemptError::new(
-                    FailKind::Stream,
-                    format!(
-                        "in-band error before the first token: {}",
-                        sse::error_message(ev)
-                    ),
-                ))
+                return Err(AttemptError {
+                    public: "in-band error event before the first token".into(),
+                    ..AttemptError::new(
+                        FailKind::Stream,
+                        format!(
+                            "in-band error before the first token: {}",
+                            sse::error_message(ev)
+                        ),
+                    )
+                })
             }
             Some(_) => break,
             None if seen.len() >= FIRST_EVENT_MAX => break,
@@ -268,5 +267,84 @@ pub fn secs(d: Duration) -> String {
         format!("{s:.0}s")
     } else {
         format!("{s:.3}s")
+    }
+}
+
+/// What came back of an attempt (or its timeout), classified for the policy; a 400 whose body
+/// could move it on (`failover_codes`) or say "not found" (see the affinity guide) is read first.
+pub async fn classify_result(
+    result: Result<Result<(Upstreamed, Option<Bytes>), AttemptError>, tokio::time::error::Elapsed>,
+    a: &Attempt<'_>,
+    stream: bool,
+    failover_codes: &[String],
+    t0: std::time::Instant,
+) -> Tried<(Upstreamed, Option<Bytes>)> {
+    match result {
+        Ok(Ok((mut resp, mut first))) => {
+            let status = resp.status();
+            let code = status.as_u16();
+            let mut failover_code = None;
+            let mut not_found = code == 404;
+            if policy::wants_400_body_pinned(code, a.last, !failover_codes.is_empty(), a.pin) {
+                let left = a.wait.saturating_sub(t0.elapsed());
+                let (body, whole) = rescue::read_head_of_body(&mut resp, first.take(), left).await;
+                failover_code = whole
+                    .then(|| rescue::failover_code(&body, failover_codes))
+                    .flatten();
+                not_found = whole && is_not_found(400, Some(&body));
+                first = (!body.is_empty()).then_some(body);
+            }
+            let (reason, public) = match &failover_code {
+                // e.g. context_length_exceeded: another upstream may fit it.
+                Some(code) => (
+                    format!("HTTP 400 {code}"),
+                    "HTTP 400 (failover_codes)".to_string(),
+                ),
+                // A 2xx is relayed, never a failure's reason: no string for every success.
+                None if status.is_success() => (String::new(), String::new()),
+                None => {
+                    let r = http_reason(code);
+                    (r.clone(), r)
+                }
+            };
+            let outcome = Outcome::Answered {
+                status: code,
+                failover_code: failover_code.is_some(),
+                retry_after: rescue::retry_after(&resp, status),
+                not_found,
+            };
+            Tried {
+                outcome,
+                answer: Some((resp, first)),
+                kind: FailKind::Http,
+                status: Some(code),
+                reason,
+                public,
+                first_byte: t0.elapsed(),
+            }
+        }
+        Ok(Err(e)) => Tried {
+            first_byte: t0.elapsed(),
+            ..Tried::failed(
+                e.kind,
+                Outcome::Failed {
+                    retry_same: e.retry_same,
+                },
+                e.reason,
+                e.public,
+            )
+        },
+        Err(_) => {
+            let what = if stream {
+                "no first chunk"
+            } else {
+                "no response head"
+            };
+            let reason = format!("{what} within {}", secs(a.wait));
+            Tried {
+                first_byte: t0.elapsed(),
+                ..Tried::failed(FailKind::Timeout, Outcome::TimedOut, reason.clone(), reason)
+            }
+        }
     }
 }

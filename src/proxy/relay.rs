@@ -30,7 +30,8 @@ use crate::sse;
 
 /// The longest SSE event held back to be judged (resume); past it the stream is relayed as is.
 const EVENT_MAX: usize = 64 << 10;
-use super::resume::{Judged, Op, Resumer};
+use super::continuation::Op;
+use super::resume::{Judged, Resumer};
 
 /// Error that makes actix abort a non-SSE response (the client sees an incomplete body).
 #[derive(Debug)]
@@ -206,6 +207,7 @@ impl RelayBody {
                         match op {
                             Op::Sent(started) => ledger.sent_as(started),
                             Op::Failed(idx, f) => ledger.failed(&view, idx, f),
+                            Op::Retrying(idx) => ledger.retrying(&view, idx),
                             Op::Result(idx, result) => ledger.resume_result(&view, idx, result),
                         }
                     }
@@ -365,10 +367,7 @@ impl RelayBody {
                             "upstream {} ignored a prefill and answered from the start; it is asked to regenerate instead until the next reload",
                             up.name
                         );
-                        ledger
-                            .state()
-                            .prefill_ignored
-                            .refuse(&view.config, &up.name);
+                        view.learned.prefill_ignored(idx);
                     }
                 }
             }
@@ -434,7 +433,8 @@ impl RelayBody {
         }
         if let (Some(r), Some(ledger)) = (self.resumer.as_mut(), self.ledger.as_mut()) {
             if !ledger.is_broken() {
-                ledger.stream_broke(reason);
+                let public = public_reason(&reason);
+                ledger.stream_broke(reason, &public);
             }
             r.start(ledger);
         }
@@ -447,7 +447,11 @@ impl RelayBody {
             Some(h) => [h, error_event(&self.tail, &reason)].concat().into(),
             None => error_event(&self.tail, &reason),
         });
-        self.end(BodyEnd::Broken(reason.clone()));
+        let public = public_reason(&reason);
+        self.end(BodyEnd::Broken {
+            reason: reason.clone(),
+            public,
+        });
         match event {
             Some(ev) => Poll::Ready(Some(Ok(ev))),
             None => Poll::Ready(Some(Err(RelayError(reason)))),
@@ -466,6 +470,16 @@ fn error_event(tail: &[u8; 2], reason: &str) -> Bytes {
         "error": {"message": format!("upstream error: {reason}"), "type": "upstream_error"}
     });
     Bytes::from(format!("{prefix}data: {body}\n\n"))
+}
+
+/// A break's description in the gateway's own words (see the security guide): an in-band
+/// error's message is the upstream's text and stays in the record and the log.
+fn public_reason(reason: &str) -> String {
+    if reason.starts_with("in-band error") {
+        "in-band error event".to_string()
+    } else {
+        reason.to_string()
+    }
 }
 
 /// `Content-Length` and whether the body is chunked, from a response head.

@@ -5,21 +5,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderName, HeaderValue};
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::web::Bytes;
 use actix_web::HttpResponse;
 
+use crate::affinity::refs;
+use crate::capture::objects::ObjectWatch;
 use crate::capture::Capture;
 use crate::headers;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Verdict};
+use crate::policy::{self, Counts};
 use crate::registry::RegistryView;
 
-use crate::attempt::is_failover_status;
-
 use super::attempt::{is_sse, Upstreamed};
+use super::continuation::ResumePlan;
 use super::ends::Protocol;
 use super::relay::RelayBody;
-use super::resume::{ResumePlan, Resumer};
+use super::resume::Resumer;
 
 /// The attempt whose answer goes to the client.
 pub struct Committed<'a> {
@@ -31,8 +33,8 @@ pub struct Committed<'a> {
     pub first_byte: Duration,
     /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
     pub usage_added: bool,
-    /// A `Retry-After` the relayed (failover-status) answer announced, as a cooldown (4a).
-    pub cooldown: Option<Duration>,
+    /// How the answer counts for its upstream.
+    pub verdict: Verdict,
     /// How to continue the stream if it breaks (4a `resume`), when it may be continued.
     pub resume: Option<ResumePlan>,
 }
@@ -50,15 +52,25 @@ pub fn respond(
         idx,
         first_byte,
         usage_added,
-        cooldown,
+        verdict,
         resume,
     } = at;
     let cfg = &view.config;
     let status = resp.status();
-    ledger.commit(view, idx, status, first_byte, cooldown);
-    // The request path commits to a failover status only when no candidate is left (SPEC §4):
-    // it is the last candidate's failure, relayed after every candidate was tried.
-    let all_tried = is_failover_status(status);
+    ledger.commit(view, idx, status, first_byte, verdict);
+    // The last candidate's failure (or "not here" everywhere), relayed after every candidate
+    // was tried.
+    let all_tried = matches!(
+        verdict,
+        Verdict::Failure { .. }
+            | Verdict::Neutral {
+                counts: Counts::Record
+            }
+    );
+    let upstream_id = resp.headers().get("x-request-id");
+    if let Some(id) = upstream_id {
+        ledger.upstream_request_id(id);
+    }
 
     // Borrowed from the upstream's head until the capture is built (no copies, no lower-cased
     // strings: each was one allocation per request).
@@ -96,12 +108,27 @@ pub fn respond(
             HeaderValue::from_static("no"),
         ));
     }
+    if upstream_id.is_none() {
+        builder.insert_header((
+            HeaderName::from_static("x-request-id"),
+            ledger.request_id().clone(),
+        ));
+    }
     if all_tried {
-        // SPEC 4e: the client's SDK must not start a second round over every candidate.
-        builder.insert_header(should_not_retry());
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(wait) = ledger.first_cooldown_end() {
-                builder.insert_header((header::RETRY_AFTER, headers::count_value(ceil_secs(wait))));
+        // See the failover guide, "A client's own retry": an SDK retries what it would retry
+        // against the upstream directly, and never starts a second round over every candidate.
+        let own = super::rescue::retry_after(&resp, status).map(|d| d.as_secs_f64());
+        match policy::client_retry(status.as_u16(), own) {
+            policy::ClientRetry::No => {
+                builder.insert_header(should_retry(false));
+            }
+            policy::ClientRetry::After(upstream_secs) => {
+                builder.insert_header(should_retry(true));
+                let secs = upstream_secs
+                    .or_else(|| ledger.first_cooldown_end(view).map(ceil_secs))
+                    .unwrap_or(1)
+                    .max(1);
+                builder.insert_header((header::RETRY_AFTER, headers::count_value(secs)));
             }
         }
     }
@@ -126,7 +153,7 @@ pub fn respond(
     }
     // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
     if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
-        if let Some(w) = super::affine::object_watch(&ledger, &up.name, cfg.record_body_bytes) {
+        if let Some(w) = object_watch(&ledger, &up.name, cfg.record_body_bytes) {
             capture.watch_objects(w);
         }
     }
@@ -177,12 +204,12 @@ pub fn respond(
     }
 }
 
-/// `x-should-retry: false`: the answer comes after every candidate was tried (SPEC 4e); the
-/// official SDKs obey it instead of retrying on their own.
-pub fn should_not_retry() -> (HeaderName, HeaderValue) {
+/// `x-should-retry`, which the official SDKs obey instead of their own rules.
+pub fn should_retry(yes: bool) -> (HeaderName, HeaderValue) {
+    let v = if yes { "true" } else { "false" };
     (
         HeaderName::from_static("x-should-retry"),
-        HeaderValue::from_static("false"),
+        HeaderValue::from_static(v),
     )
 }
 
@@ -190,4 +217,29 @@ pub fn should_not_retry() -> (HeaderName, HeaderValue) {
 fn ceil_secs(d: Duration) -> u32 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+}
+
+/// A watch for the id of the object this request creates, when it creates one (a `POST` to an
+/// owning path answered 2xx by `upstream`): the id becomes `upstream`'s the moment it is read,
+/// unless another upstream owns it already (the first owner wins; the conflict is logged and
+/// counted). See the affinity guide, "Owners".
+fn object_watch(ledger: &Ledger, upstream: &Arc<str>, limit: usize) -> Option<ObjectWatch> {
+    let info = ledger.info();
+    let path = info.uri.path();
+    if info.method != Method::POST || !refs::creates_object(path, info.facts.store) {
+        return None;
+    }
+    let sinks = ledger.sinks().clone();
+    let up = upstream.clone();
+    let want_output = path.trim_end_matches('/') == "/v1/responses";
+    let on_id = move |id: &str| {
+        if let Err(first) = sinks.owners.learn(id, &up) {
+            sinks.metrics.affinity("conflict");
+            log::warn!(
+                "upstream {up} answered a create with id {:?}, which upstream {first} owns; the first owner keeps it",
+                crate::escape::untrusted(id)
+            );
+        }
+    };
+    Some(ObjectWatch::new(Box::new(on_id), want_output, limit))
 }

@@ -14,58 +14,15 @@
 //! of the text sent, when shorter) repeat it, the continuation is read as a regeneration
 //! instead, and that upstream is not sent a prefill again until the next reload.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use actix_web::web::{Bytes, BytesMut};
-use actix_web::HttpRequest;
-use serde_json::Value;
 
-use crate::attempt::{is_failover_status, FailKind};
-use crate::config::Prefill;
-use crate::ledger::{AttemptFailure, Ledger};
+use crate::ledger::Ledger;
 use crate::registry::RegistryView;
 use crate::sse::{self, ChatChunk, EventSplitter};
-use crate::state::AppState;
-use crate::trace::{Link, Propagation, Started};
 
-use super::attempt::{self as one, Upstreamed};
-use super::prefill::{mapped, prefill_body};
-
-/// What the request path hands the relay so that a broken stream can be continued.
-pub struct ResumePlan {
-    /// The worker's upstream client.
-    pub client: awc::Client,
-    /// The client's request (method, path, query, headers).
-    pub req: HttpRequest,
-    /// Candidates not tried yet, in order.
-    pub remaining: VecDeque<usize>,
-    /// The original body with `stream_options.include_usage` added (4b), when it applies.
-    pub usage_body: Option<Bytes>,
-    /// Text beyond this is not resumed: it outgrew the capture, or `resume_max_bytes` (SPEC 4d),
-    /// so that a first upstream cannot make the next one read an unbounded prefill.
-    pub text_limit: usize,
-}
-
-/// Whether a request may be resumed at all: a chat-completions stream asking for one choice.
-pub fn resumable_request(path: &str, stream: bool, body: &[u8]) -> bool {
-    if !stream || path != "/v1/chat/completions" {
-        return false;
-    }
-    #[derive(serde::Deserialize)]
-    struct N {
-        #[serde(default)]
-        n: Option<Value>,
-    }
-    match serde_json::from_slice::<N>(body) {
-        Ok(N { n: Some(n) }) => n.as_u64().is_some_and(|n| n <= 1) || n.is_null(),
-        Ok(N { n: None }) => true,
-        Err(_) => false,
-    }
-}
+use super::continuation::{continuation, Continue, PendingContinuation, ResumePlan, Switch};
 
 /// How many characters of a continuation decide whether it starts over (SPEC 4e).
 pub const RESTART_CHARS: usize = 16;
@@ -100,60 +57,6 @@ pub enum Judged {
     Break(String),
     /// The regeneration does not begin with the text already sent.
     Diverged,
-}
-
-/// A continuation's result, applied to the ledger by the relay.
-pub struct Continued {
-    /// What happened on the way, in order.
-    pub ops: Vec<Op>,
-    /// The upstream that took over, or why none did.
-    pub outcome: Result<Switch, String>,
-}
-
-/// One accountable step of a continuation.
-pub enum Op {
-    /// A request went upstream (its attempt span, when traced).
-    Sent(Option<Started>),
-    /// An attempt failed.
-    Failed(usize, AttemptFailure),
-    /// A `resumes_total` result.
-    Result(usize, &'static str),
-}
-
-/// The upstream that continues the stream.
-pub struct Switch {
-    /// Its index in the view.
-    pub idx: usize,
-    /// Its response, head (and first event) read.
-    pub resp: Upstreamed,
-    /// What was read of its body.
-    pub first: Option<Bytes>,
-    /// Attempt start to first event.
-    pub first_byte: Duration,
-    regenerate: bool,
-    usage_added: bool,
-}
-
-/// A continuation in flight: what it did, and the candidates it leaves.
-pub type PendingContinuation = Pin<Box<dyn Future<Output = (Continued, VecDeque<usize>)>>>;
-
-impl Switch {
-    fn new(
-        idx: usize,
-        (resp, first): (Upstreamed, Option<Bytes>),
-        t0: Instant,
-        regenerate: bool,
-        usage_added: bool,
-    ) -> Switch {
-        Switch {
-            idx,
-            resp,
-            first,
-            first_byte: t0.elapsed(),
-            regenerate,
-            usage_added,
-        }
-    }
 }
 
 /// The relay's resume state; see the module docs.
@@ -404,26 +307,16 @@ impl Resumer {
         let Some(mut plan) = self.plan.take() else {
             return;
         };
-        let ctx = Ctx {
-            state: ledger.state().clone(),
-            client: plan.client.clone(),
-            req: plan.req.clone(),
-            view: self.view.clone(),
-            remaining: std::mem::take(&mut plan.remaining),
-            body: ledger.info().body.clone(),
-            usage_body: plan.usage_body.clone(),
-            model: ledger.info().model.as_deref().map(str::to_string),
-            text: self.text.clone(),
-            trace: ledger.trace_link(),
-        };
+        let ctx = Continue::new(&plan, self.view.clone(), ledger, self.text.clone());
+        let remaining = std::mem::take(&mut plan.remaining);
         self.splitter.clear();
         self.plan = Some(plan);
-        self.pending = Some(Box::pin(continuation(ctx)));
+        self.pending = Some(Box::pin(continuation(ctx, remaining)));
     }
 
-    /// The continuing upstream took over: its events are judged from now on. Returns the
-    /// candidates it leaves (for a later break).
-    pub fn switch(&mut self, s: &Switch, remaining: VecDeque<usize>) {
+    /// The continuing upstream took over: its events are judged from now on; `remaining` are
+    /// the candidates it leaves (for a later break).
+    pub fn switch(&mut self, s: &Switch, remaining: Vec<usize>) {
         self.current = s.idx;
         self.usage_added = s.usage_added;
         self.continuing = true;
@@ -442,167 +335,5 @@ impl Resumer {
         if let Some(p) = self.plan.as_mut() {
             p.remaining = remaining;
         }
-    }
-}
-
-/// What a continuation needs, owned (it runs while the relay is being polled).
-struct Ctx {
-    state: Arc<AppState>,
-    client: awc::Client,
-    req: HttpRequest,
-    view: Arc<RegistryView>,
-    remaining: VecDeque<usize>,
-    body: Bytes,
-    usage_body: Option<Bytes>,
-    model: Option<String>,
-    text: String,
-    /// The request's trace, when traced: each attempt sends its own `traceparent`.
-    trace: Option<Link>,
-}
-
-/// Finds an upstream to continue the stream: each remaining candidate in turn, with the text
-/// sent as a prefill (or, where the upstream cannot take one, as a regeneration).
-async fn continuation(mut ctx: Ctx) -> (Continued, VecDeque<usize>) {
-    let mut ops = Vec::new();
-    while let Some(idx) = ctx.remaining.pop_front() {
-        let Some(up) = ctx.view.config.upstreams.get(idx) else {
-            continue;
-        };
-        let last = ctx.remaining.is_empty();
-        let add_usage = ctx.usage_body.is_some()
-            && up.force_usage
-            && !ctx
-                .state
-                .stream_options_refused
-                .refused(&ctx.view.config, &up.name);
-        let base = match (&ctx.usage_body, add_usage) {
-            (Some(b), true) => b.clone(),
-            _ => ctx.body.clone(),
-        };
-        let base = mapped(&base, up, ctx.model.as_deref());
-        let wait = one::first_byte_wait(up, true, last, base.len());
-        // An upstream seen ignoring a prefill (SPEC 4e) is asked as if it had `prefill: none`.
-        let takes_prefill = up.prefill != Prefill::None
-            && !ctx
-                .state
-                .prefill_ignored
-                .refused(&ctx.view.config, &up.name);
-        let prefill = (!ctx.text.is_empty() && takes_prefill)
-            .then(|| prefill_body(&base, &ctx.text, up.prefill))
-            .flatten();
-        let regenerate = !ctx.text.is_empty() && prefill.is_none();
-        let body = prefill.clone().unwrap_or_else(|| base.clone());
-        let (started, trace) = traced(&ctx.trace);
-        ops.push(Op::Sent(started));
-        let t0 = Instant::now();
-        let send = one::attempt(&ctx.client, up, &ctx.req, body, true, trace);
-        let got = actix_rt::time::timeout(wait, send);
-        let failure = match got.await {
-            Ok(Ok((resp, first))) if resp.status().is_success() => {
-                let s = Switch::new(idx, (resp, first), t0, regenerate, add_usage);
-                return switched(ops, s, ctx.remaining);
-            }
-            Ok(Ok((resp, _)))
-                if prefill.is_some()
-                    && resp.status().is_client_error()
-                    && !is_failover_status(resp.status()) =>
-            {
-                // It cannot take a prefill: answer again, and relay what follows the text.
-                let status = resp.status();
-                drop(resp);
-                ops.push(Op::Failed(
-                    idx,
-                    AttemptFailure {
-                        quiet: true,
-                        ..AttemptFailure::new(
-                            FailKind::Http,
-                            Some(status.as_u16()),
-                            format!("prefill refused: HTTP {status}"),
-                        )
-                    },
-                ));
-                ops.push(Op::Result(idx, "rejected"));
-                let (started, trace) = traced(&ctx.trace);
-                ops.push(Op::Sent(started));
-                let t0 = Instant::now();
-                let send = one::attempt(&ctx.client, up, &ctx.req, base.clone(), true, trace);
-                let again = actix_rt::time::timeout(wait, send);
-                match again.await {
-                    Ok(Ok((resp, first))) if resp.status().is_success() => {
-                        let s = Switch::new(idx, (resp, first), t0, true, add_usage);
-                        return switched(ops, s, ctx.remaining);
-                    }
-                    other => failure_of(other, wait),
-                }
-            }
-            other => failure_of(other, wait),
-        };
-        ops.push(Op::Failed(
-            idx,
-            AttemptFailure {
-                moving_on: !last,
-                ..failure
-            },
-        ));
-        ops.push(Op::Result(idx, "failed"));
-    }
-    (
-        Continued {
-            ops,
-            outcome: Err("no candidate left to continue the stream".into()),
-        },
-        ctx.remaining,
-    )
-}
-
-/// A continuation attempt's span and trace headers, when the request is traced.
-fn traced(link: &Option<Link>) -> (Option<Started>, Option<Propagation>) {
-    match link.as_ref().map(Link::attempt) {
-        Some((s, p)) => (Some(s), Some(p)),
-        None => (None, None),
-    }
-}
-
-type AttemptOutcome =
-    Result<Result<(Upstreamed, Option<Bytes>), one::AttemptError>, tokio::time::error::Elapsed>;
-
-/// A continuation that found its upstream.
-fn switched(ops: Vec<Op>, s: Switch, remaining: VecDeque<usize>) -> (Continued, VecDeque<usize>) {
-    let outcome = Ok(s);
-    (Continued { ops, outcome }, remaining)
-}
-
-/// The failure an unsuccessful continuation attempt amounts to.
-fn failure_of(outcome: AttemptOutcome, wait: Duration) -> AttemptFailure {
-    match outcome {
-        Ok(Ok((resp, _))) => {
-            let status = resp.status();
-            AttemptFailure::new(
-                FailKind::Http,
-                Some(status.as_u16()),
-                format!("HTTP {status}"),
-            )
-        }
-        Ok(Err(e)) => AttemptFailure::new(e.kind, None, e.reason),
-        Err(_) => AttemptFailure::new(
-            FailKind::Timeout,
-            None,
-            format!("no first chunk within {}", one::secs(wait)),
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_single_choice_chat_streams_are_resumable() {
-        let p = "/v1/chat/completions";
-        assert!(resumable_request(p, true, br#"{"messages":[]}"#));
-        assert!(resumable_request(p, true, br#"{"n":1}"#));
-        assert!(!resumable_request(p, true, br#"{"n":2}"#));
-        assert!(!resumable_request(p, false, br#"{}"#));
-        assert!(!resumable_request("/v1/completions", true, br#"{}"#));
     }
 }

@@ -35,13 +35,15 @@ mod session;
 pub use self::query::{query_model, rewrite_query_model};
 use self::session::{relay, ClientBody, Live};
 
-use crate::attempt::{is_failover_status, FailKind};
+use crate::attempt::FailKind;
 use crate::capture::Reply;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::headers;
-use crate::ledger::{AttemptFailure, BodyEnd, Ledger};
+use crate::ledger::{BodyEnd, Ledger, Verdict};
+use crate::policy::{Next, Outcome};
+use crate::proxy::engine::{self, Attempt, Attempter, Ended, Run, Tried};
 use crate::proxy::{self, UpstreamClient};
 use crate::state::AppState;
 
@@ -238,13 +240,17 @@ pub async fn session(
     };
     ledger.info_mut().websocket = true;
     match query_model(req.uri().query().unwrap_or("")) {
-        Ok(m) => ledger.info_mut().model = m.map(Into::into),
+        Ok(m) => {
+            let model: Option<Arc<str>> = m.map(Into::into);
+            ledger.info_mut().model = model.clone();
+            ledger.info_mut().facts.model = model;
+        }
         Err(why) => return ledger.finish_local(GatewayError::BadRequest(why.into())),
     }
     if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
         return ledger.finish_local(GatewayError::BadHandshake(e.to_string()));
     }
-    // The session's place, taken before any upstream is tried and held until it ends (SPEC 4d).
+    // The session's place, taken before any upstream is tried and held until it ends.
     let cfg = state.config.get();
     let lim = &cfg.limits;
     let slot = match state.realtime.counts.open(
@@ -266,73 +272,157 @@ pub async fn session(
     state.realtime.budget.set_cap(lim.realtime_buffer_bytes);
     let idle = lim.realtime_idle_timeout;
 
-    let model = ledger.info().model.clone();
-    let (view, mut order) = state.registry.candidates(model.as_deref(), None);
-    crate::models::route_filter(&state, &view.config, &mut order, model.as_deref());
-    let cfg = view.config.clone();
+    // Candidates as for HTTP: allow/deny, `lb_policy` (the sticky key is the token's label or
+    // the client address: a handshake has no body), cooldowns, `route_by_models`.
+    let (view, order) =
+        crate::proxy::plan::candidates(&state.sinks.registry, &state.models, ledger.info());
     if order.is_empty() {
-        let model = model.as_deref().unwrap_or_default().to_string();
+        let model = ledger
+            .info()
+            .model
+            .as_deref()
+            .unwrap_or_default()
+            .to_string();
         return ledger.finish_local(GatewayError::NoUpstreamForModel(model));
     }
-    let n = order.len();
-    for (pos, &idx) in order.iter().enumerate() {
-        let up = &cfg.upstreams[idx];
-        let last = pos + 1 == n;
+    let cfg = view.config.clone();
+    let run = Run {
+        view: &view,
+        order: &order,
+        deadline: cfg.deadline.map(|d| ledger.info().started + d),
+        committed: false,
+        retry_after_max: cfg.retry_after_max,
+    };
+    let model = ledger.info().model.clone();
+    let mut handshakes = Handshakes {
+        client: &client.0,
+        req: &req,
+        model: model.as_deref(),
+        over: cfg.model_timeout(model.as_deref()),
+    };
+    match engine::run(run, &mut handshakes, &mut ledger).await {
+        Ended::Answer {
+            idx, tried, next, ..
+        } => {
+            let Some(up) = cfg.upstreams.get(idx) else {
+                return ledger.finish_local(GatewayError::Internal("upstream vanished"));
+            };
+            let first_byte = tried.first_byte;
+            match (tried.answer, next) {
+                (Some(Ok(opened)), _) => {
+                    let status = StatusCode::SWITCHING_PROTOCOLS;
+                    ledger.commit(&view, idx, status, first_byte, Verdict::Ok);
+                    open(&state, &req, payload, (ledger, slot, idle), up, opened)
+                }
+                (Some(Err(status)), next) => {
+                    let (verdict, message) = match next {
+                        Next::RelayFailure { counts, cooldown } => (
+                            Verdict::Failure { counts, cooldown },
+                            format!(
+                                "all upstreams refused the WebSocket handshake: {}",
+                                crate::attempt::summary(ledger.failures())
+                            ),
+                        ),
+                        _ => (
+                            Verdict::Ok,
+                            format!(
+                                "upstream {} answered {} instead of 101 Switching Protocols",
+                                up.name, tried.reason
+                            ),
+                        ),
+                    };
+                    ledger.commit(&view, idx, status, first_byte, verdict);
+                    status_answer(ledger, &up.name, status, message)
+                }
+                (None, _) => ledger.finish_local(GatewayError::AllFailed {
+                    timed_out: false,
+                    summary: tried.reason,
+                }),
+            }
+        }
+        Ended::OwnerFailed | Ended::AllFailed { .. } => {
+            let err = GatewayError::AllFailed {
+                timed_out: ledger.last_failure() == Some(FailKind::Timeout),
+                summary: crate::attempt::summary(ledger.failures()),
+            };
+            ledger.finish_local(err)
+        }
+    }
+}
+
+/// How a WebSocket handshake is tried on one upstream (the engine's attempter): its answer is an
+/// opened session, or the status it refused with.
+struct Handshakes<'a> {
+    client: &'a awc::Client,
+    req: &'a HttpRequest,
+    model: Option<&'a str>,
+    /// The `model_timeouts` entry of the session's model (its `timeout` is the handshake's).
+    over: Option<&'a crate::config::ModelTimeout>,
+}
+
+impl Attempter<Ledger> for Handshakes<'_> {
+    type Answer = Result<Opened, StatusCode>;
+
+    fn wait(&self, up: &Upstream, _last: bool, _ledger: &Ledger) -> Duration {
+        self.over.and_then(|o| o.timeout).unwrap_or(up.timeout)
+    }
+
+    async fn attempt(&mut self, a: Attempt<'_>, ledger: &mut Ledger) -> Tried<Self::Answer> {
         let t0 = Instant::now();
         let trace = ledger.sent();
-        let attempt = handshake(&client.0, up, &req, model.as_deref(), trace);
-        let refused = match actix_rt::time::timeout(up.timeout, attempt).await {
-            Ok(Ok(opened)) => {
-                ledger.commit(
-                    &view,
-                    idx,
-                    StatusCode::SWITCHING_PROTOCOLS,
-                    t0.elapsed(),
-                    None,
-                );
-                return open(&state, &req, payload, (ledger, slot, idle), up, opened);
-            }
-            Ok(Err(refused)) => refused,
-            Err(_) => Refused {
-                kind: FailKind::Timeout,
-                reason: format!(
-                    "no handshake answer within {}",
-                    proxy::attempt::secs(up.timeout)
-                ),
-                status: None,
+        let attempt = handshake(self.client, a.up, self.req, self.model, trace);
+        let tried = match actix_rt::time::timeout(a.wait, attempt).await {
+            Ok(Ok(opened)) => Tried {
+                outcome: Outcome::Answered {
+                    status: 101,
+                    failover_code: false,
+                    retry_after: None,
+                    not_found: false,
+                },
+                answer: Some(Ok(opened)),
+                kind: FailKind::Http,
+                status: Some(101),
+                reason: String::new(),
+                public: String::new(),
+                first_byte: Duration::ZERO,
             },
+            Ok(Err(Refused {
+                status: Some(status),
+                reason,
+                ..
+            })) => Tried {
+                outcome: Outcome::Answered {
+                    status: status.as_u16(),
+                    failover_code: false,
+                    retry_after: None,
+                    not_found: false,
+                },
+                answer: Some(Err(status)),
+                kind: FailKind::Http,
+                status: Some(status.as_u16()),
+                public: reason.clone(),
+                reason,
+                first_byte: Duration::ZERO,
+            },
+            Ok(Err(Refused { kind, reason, .. })) => Tried::failed(
+                kind,
+                Outcome::Failed { retry_same: false },
+                reason.clone(),
+                reason,
+            ),
+            Err(_) => {
+                let reason = format!(
+                    "no handshake answer within {}",
+                    proxy::attempt::secs(a.wait)
+                );
+                Tried::failed(FailKind::Timeout, Outcome::TimedOut, reason.clone(), reason)
+            }
         };
-        if let Some(status) = refused.status.filter(|s| !is_failover_status(*s) || last) {
-            // Not a failover status, or the last candidate's: it is the answer, as for HTTP.
-            ledger.commit(&view, idx, status, t0.elapsed(), None);
-            let message = if is_failover_status(status) {
-                format!(
-                    "all upstreams refused the WebSocket handshake: {}",
-                    crate::attempt::summary(ledger.failures())
-                )
-            } else {
-                format!(
-                    "upstream {} answered {} instead of 101 Switching Protocols",
-                    up.name, refused.reason
-                )
-            };
-            return status_answer(ledger, &up.name, status, message);
+        Tried {
+            first_byte: t0.elapsed(),
+            ..tried
         }
-        let failure = AttemptFailure {
-            moving_on: !last,
-            ..AttemptFailure::new(
-                refused.kind,
-                refused.status.map(|s| s.as_u16()),
-                refused.reason,
-            )
-        };
-        ledger.failed(&view, idx, failure);
     }
-    let err = GatewayError::AllFailed {
-        timed_out: ledger.last_failure() == Some(FailKind::Timeout),
-        summary: crate::attempt::summary(ledger.failures()),
-    };
-    ledger.finish_local(err)
 }
 
 /// Answers an upstream's status with an OpenAI-style error (awc keeps no handshake body), and
@@ -407,14 +497,7 @@ fn open(
         budget: state.realtime.budget.clone(),
     };
     let stop = state.realtime.subscribe();
-    actix_rt::spawn(relay(
-        state.clone().into_inner(),
-        live,
-        payload,
-        opened,
-        tx,
-        stop,
-    ));
+    actix_rt::spawn(relay(live, payload, opened, tx, stop));
     builder.body(BodyStream::new(ClientBody(rx)).boxed())
 }
 

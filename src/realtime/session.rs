@@ -24,7 +24,6 @@ use super::{Opened, Socket, CLOSE_WAIT, MAX_FRAME_BYTES};
 use crate::capture::Reply;
 use crate::escape::untrusted;
 use crate::ledger::{BodyEnd, Ledger};
-use crate::state::AppState;
 
 /// Room made for each read on the upstream socket while no frame is pending (the codec reserves
 /// a partial frame's full size itself). Idle sessions hold no more than this per side.
@@ -53,15 +52,6 @@ pub(super) struct Live {
     pub(super) idle: Duration,
     /// The budget of partly received frames.
     pub(super) budget: Arc<BufferBudget>,
-}
-
-/// Keeps `openai_api_route_websocket_sessions{upstream}` up while the session is open.
-struct Gauge(crate::metrics::Metrics, String);
-
-impl Drop for Gauge {
-    fn drop(&mut self) {
-        self.0.websocket_sessions(&self.1, -1);
-    }
 }
 
 /// How one direction of a session ended.
@@ -332,15 +322,13 @@ async fn pump<F: Frames, S: Sink>(
 
 /// Runs a session to its end, then records it.
 pub(super) async fn relay(
-    state: Arc<AppState>,
     live: Live,
     payload: web::Payload,
     opened: Opened,
     to_client: mpsc::Sender<Bytes>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    state.metrics.websocket_sessions(&live.upstream, 1);
-    let _gauge = Gauge(state.metrics.clone(), live.upstream.clone());
+    let _gauge = live.ledger.session_gauge(&live.upstream);
 
     let (read, write) = tokio::io::split(opened.io);
     let mut from_client = ClientFrames {

@@ -100,15 +100,19 @@ pub struct Record {
     /// A Responses answer's output items kept for rebuilding its chain (a JSON array of the
     /// messages and function calls), None when not kept whole within `record_body_bytes`.
     pub response_items: Option<String>,
+    /// The `x-request-id` sent to the client (the answering upstream's, else the gateway's).
+    pub request_id: Option<actix_web::http::header::HeaderValue>,
+    /// The member who sent the request (see the members guide), None with `-noauth`.
+    pub member: Option<Arc<str>>,
 }
 
 /// The insert's column list, in the order both backends bind values.
 const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstream, status, \
      attempts, error, request_body, response, prompt_tokens, completion_tokens, total_tokens, \
      ttfb_ms, duration_ms, user_agent, client_key, finish_reason, resumed, complete, object_id, \
-     rebuilt, response_items";
+     rebuilt, response_items, request_id, member";
 /// Number of columns in [`INSERT_COLUMNS`].
-const COLUMN_COUNT: usize = 25;
+const COLUMN_COUNT: usize = 27;
 
 /// Longest `path` kept in a record (SPEC 4d).
 pub const RECORD_PATH_BYTES: usize = 1024;
@@ -169,6 +173,12 @@ impl Record {
     /// The `path` column.
     fn path_text(&self) -> &str {
         cut_path(self.path.path())
+    }
+
+    /// The `request_id` column (an upstream's id that is not visible ASCII is not kept).
+    fn request_id_text(&self) -> Option<&str> {
+        let id = self.request_id.as_ref()?.to_str().ok()?;
+        Some(cut_bytes(id, 256))
     }
 
     /// The `user_agent` column.

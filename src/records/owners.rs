@@ -24,7 +24,7 @@ pub struct OwnerRow {
     pub chain: Option<(String, String)>,
 }
 
-/// Adds the version-0.3 columns and their index to a SQLite table that lacks them (the check
+/// Adds the version-0.3 and 0.4 columns and their index to a SQLite table that lacks them (the check
 /// runs at every start, so a database from any earlier version gets them, whatever migration
 /// number other columns took).
 pub(super) fn sqlite_columns(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
@@ -43,6 +43,12 @@ pub(super) fn sqlite_columns(conn: &rusqlite::Connection) -> rusqlite::Result<()
     if !has("response_items") {
         sql.push_str("ALTER TABLE records ADD COLUMN response_items TEXT;");
     }
+    if !has("request_id") {
+        sql.push_str("ALTER TABLE records ADD COLUMN request_id TEXT;");
+    }
+    if !has("member") {
+        sql.push_str("ALTER TABLE records ADD COLUMN member TEXT;");
+    }
     sql.push_str(
         "CREATE INDEX IF NOT EXISTS records_object_id ON records(object_id) \
          WHERE object_id IS NOT NULL;",
@@ -56,7 +62,9 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
         "ALTER TABLE records
             ADD COLUMN IF NOT EXISTS object_id TEXT,
             ADD COLUMN IF NOT EXISTS rebuilt SMALLINT NOT NULL DEFAULT 0,
-            ADD COLUMN IF NOT EXISTS response_items TEXT;
+            ADD COLUMN IF NOT EXISTS response_items TEXT,
+            ADD COLUMN IF NOT EXISTS request_id TEXT,
+            ADD COLUMN IF NOT EXISTS member TEXT;
          CREATE INDEX IF NOT EXISTS records_object_id ON records(object_id)
             WHERE object_id IS NOT NULL;",
     )

@@ -145,6 +145,8 @@ const COLUMN_TYPES: [Type; COLUMNS] = [
     Type::TEXT,
     Type::INT2,
     Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
 ];
 
 /// Writes a batch in one transaction with a binary `COPY`: no SQL text to build or parse and no
@@ -188,6 +190,8 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &r.object_id.as_deref().map(clean),
             &i16::from(r.rebuilt),
             &r.response_items.as_deref().map(clean),
+            &r.request_id_text().map(clean),
+            &r.member.as_deref(),
         ];
         writer.write(&values).map_err(StoreError::from_pg)?;
     }

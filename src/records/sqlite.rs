@@ -335,6 +335,8 @@ fn bind_row(stmt: &mut rusqlite::CachedStatement<'_>, r: &Record) -> rusqlite::R
         &r.object_id.as_deref(),
         &r.rebuilt,
         &r.response_items.as_deref(),
+        &r.request_id_text(),
+        &r.member.as_deref(),
     ];
     for (i, v) in values.into_iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v)?;

@@ -33,16 +33,10 @@ impl RegistryHandle {
         }
     }
 
-    /// The view and the ordered candidates for a request's model.
-    /// `key` is the request's affinity key, for `sticky` (SPEC 4f).
-    pub fn candidates(
-        &self,
-        model: Option<&str>,
-        key: Option<&[u8]>,
-    ) -> (Arc<RegistryView>, Order) {
-        let view = self.view();
-        let order = view.candidates(model, &self.rr, key);
-        (view, order)
+    /// The ordered candidates of `view` for a request's model; `key` is the request's affinity
+    /// key, for `sticky` (see the affinity guide).
+    pub fn order(&self, view: &RegistryView, model: Option<&str>, key: Option<&[u8]>) -> Order {
+        view.candidates(model, &self.rr, key)
     }
 
     /// Reports one attempt against `view.config.upstreams[idx]` (no model known).

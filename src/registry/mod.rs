@@ -14,6 +14,7 @@
 //! request path's side; this file is the actor itself.
 
 mod handle;
+pub mod learned;
 mod messages;
 mod view;
 
@@ -49,6 +50,8 @@ pub struct UpstreamRegistry {
     health: Vec<Health>,
     stats: Vec<Arc<LiveStats>>,
     view: Arc<RwLock<Arc<RegistryView>>>,
+    /// What was learned under the current config (a reload starts afresh).
+    learned: Arc<learned::Learned>,
     metrics: Metrics,
     events: Option<Recipient<HealthEvent>>,
 }
@@ -63,10 +66,12 @@ impl UpstreamRegistry {
         let config = shared.get();
         let n = config.upstreams.len();
         let stats: Vec<Arc<LiveStats>> = (0..n).map(|_| Arc::default()).collect();
+        let learned = Arc::new(learned::Learned::default());
         let view = Arc::new(RwLock::new(Arc::new(RegistryView {
             config: config.clone(),
             cooling_until: vec![None; n],
             stats: stats.clone(),
+            learned: learned.clone(),
         })));
         let registry = UpstreamRegistry {
             config,
@@ -74,6 +79,7 @@ impl UpstreamRegistry {
             health: vec![Health::default(); n],
             stats,
             view: view.clone(),
+            learned,
             metrics,
             events,
         };
@@ -105,6 +111,7 @@ impl UpstreamRegistry {
                 .map(|h| h.cooldown_until.map(|(i, _)| i))
                 .collect(),
             stats: self.stats.clone(),
+            learned: self.learned.clone(),
         });
         match self.view.write() {
             Ok(mut g) => *g = view,
@@ -233,6 +240,7 @@ impl Handler<Reload> for UpstreamRegistry {
         }
         self.health = health;
         self.stats = stats;
+        self.learned = Arc::default();
         self.config = msg.0.clone();
         self.shared.set(msg.0);
         self.publish_view();

@@ -56,6 +56,8 @@ pub struct RegistryView {
     pub(super) cooling_until: Vec<Option<Instant>>,
     /// Per upstream counters.
     pub(super) stats: Vec<Arc<LiveStats>>,
+    /// What was learned about the upstreams under this config (reset by a reload).
+    pub learned: Arc<super::learned::Learned>,
 }
 
 thread_local! {
@@ -151,21 +153,30 @@ impl RegistryView {
         self.cooling_until.get(idx).copied().flatten()
     }
 
-    /// Whether a same-upstream retry is allowed now (SPEC 4a): not on a half-open probe (its
-    /// cooldown just ran out), and not when this failure is the one that reaches
-    /// `cooldown.failures`.
-    pub fn may_retry(&self, idx: usize) -> bool {
-        let half_open = self
-            .cooling_until
+    /// Whether upstream `idx` is in cooldown now.
+    pub fn cooling(&self, idx: usize) -> bool {
+        self.cooling_until(idx)
+            .is_some_and(|until| until > Instant::now())
+    }
+
+    /// Whether an attempt on upstream `idx` now is a half-open probe: its cooldown ran out and
+    /// no success has ended it yet (no same-upstream retry is made on one, see the rescue guide).
+    pub fn half_open(&self, idx: usize) -> bool {
+        self.cooling_until
             .get(idx)
             .copied()
             .flatten()
-            .is_some_and(|until| until <= Instant::now());
+            .is_some_and(|until| until <= Instant::now())
+    }
+
+    /// Whether one more failure that counts for health puts upstream `idx` into cooldown (then
+    /// it is not retried: the cooldown just started).
+    pub fn at_threshold(&self, idx: usize) -> bool {
         let failures = self
             .stats
             .get(idx)
             .map_or(0, |s| s.failures.load(Ordering::Relaxed));
-        !half_open && failures.saturating_add(1) < self.config.cooldown_failures
+        failures.saturating_add(1) >= self.config.cooldown_failures
     }
 
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams

@@ -24,7 +24,7 @@ pub const STYLE: &str = include_str!("../../static/style.css");
 /// The "Records" fact: where records go and how many were written (or that the database is
 /// unreachable, with how many wait). No count is followed by a noun that could disagree with it.
 fn recording(state: &AppState) -> String {
-    match &state.recorder {
+    match &state.sinks.recorder {
         Some(r) if !r.up() => format!(
             "<span class=\"err\">{} database unreachable</span><br><small>{} waiting · {}</small>",
             r.kind(),
@@ -50,9 +50,9 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         upstreams::models_cell(models.list(name))
     });
     let mut failures = String::new();
-    failures_table(&mut failures, &state.registry.recent_failures());
+    failures_table(&mut failures, &state.sinks.registry.recent_failures());
     let uptime = dur(state.started.elapsed());
-    let rescue = state.metrics.rescue_totals();
+    let rescue = state.sinks.metrics.rescue_totals();
     let resumes = format!(
         "{}&nbsp;finished · {}&nbsp;prefill&nbsp;refused · {}&nbsp;started&nbsp;over · {}&nbsp;diverged · {}&nbsp;failed",
         rescue.1[0], rescue.1[1], rescue.1[4], rescue.1[2], rescue.1[3]
@@ -94,7 +94,7 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
 
 /// `GET /`.
 pub async fn page(state: web::Data<AppState>) -> HttpResponse {
-    let snapshot = state.registry.snapshot().await;
+    let snapshot = state.sinks.registry.snapshot().await;
     HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
         .insert_header((header::CACHE_CONTROL, "no-store"))

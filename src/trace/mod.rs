@@ -228,6 +228,8 @@ pub struct End {
     /// How the committed attempt's body ended, when not properly: its outcome, and the failure
     /// (None when it is not the upstream's: the client went away).
     pub body_error: Option<(&'static str, Option<String>)>,
+    /// The answer's `x-request-id` (`openai_api_route.request_id`).
+    pub request_id: Option<actix_web::http::header::HeaderValue>,
 }
 
 /// One request's trace state, held by its ledger (see the module docs).
