@@ -1,8 +1,9 @@
 //! Reply-text capture for the request record (SPEC §5 `response`, token columns).
 //!
-//! Chunks are fed as they are relayed; nothing here may hold the stream back or fail it. SSE is
-//! parsed line by line (events may be split anywhere across reads) and only the text is kept;
-//! JSON and text bodies are kept up to the record limit and read at the end; binary is ignored.
+//! Chunks are fed as they are relayed; nothing here may hold the stream back or fail it. An SSE
+//! stream is read through the one SSE reader (`crate::sse`): the relay hands each event and its
+//! payload in ([`Capture::on_event`]) and only the text is kept. JSON and text bodies are kept up
+//! to the record limit and read at the end; binary is ignored.
 //! The OpenAI wire shapes read from replies are in `openai`; cutting record columns is the
 //! records module's (`records::columns`).
 
@@ -15,9 +16,10 @@ use actix_web::web::Bytes;
 pub mod objects;
 mod openai;
 
+use self::openai::Whole;
 /// The quoted-key scanner of the reply readers, for the usage filter's cheap checks.
-pub(crate) use self::openai::{find_key, has_usage_object, key_values};
-use self::openai::{tail_finish_reason, tail_usage, Event, Whole};
+pub(crate) use self::openai::{key_values, tail_finish_reason, tail_usage};
+use crate::sse::{self, Payload};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
@@ -110,11 +112,9 @@ pub struct Capture {
     /// JSON/text: the body while it is a single chunk, kept without copying (the usual case for
     /// a non-stream reply); moved into `text` when a second chunk comes.
     whole: Option<Bytes>,
-    /// SSE: bytes of a line not yet ended.
-    line: Vec<u8>,
-    /// SSE: the current line outgrew the capture; `line` holds only its last bytes, read for
-    /// `usage` alone when the line ends.
-    line_overflow: bool,
+    /// SSE fed as bytes ([`Capture::feed`], tests and benches): its own reader. The relay reads
+    /// events once and hands them in instead.
+    reader: Option<Box<sse::Reader>>,
     /// JSON cut at the limit: its last bytes, where `usage` is.
     tail: Vec<u8>,
     truncated: bool,
@@ -173,8 +173,7 @@ impl Capture {
             },
             text: Vec::new(),
             whole: None,
-            line: Vec::new(),
-            line_overflow: false,
+            reader: None,
             tail: Vec::new(),
             truncated: false,
             usage: Usage::default(),
@@ -255,37 +254,56 @@ impl Capture {
             Kind::Json if !self.keep_text => self.keep_tail(chunk),
             Kind::Json | Kind::Text => self.keep(chunk),
             Kind::Sse => {
-                let mut rest = chunk;
-                while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                    if self.line_overflow {
-                        push_tail(&mut self.line, &rest[..nl]);
-                        let line = std::mem::take(&mut self.line);
-                        self.line_overflow = false;
-                        self.overflowed_line(&line);
-                    } else if self.line.is_empty() {
-                        self.sse_line(&rest[..nl]);
-                    } else {
-                        let mut line = std::mem::take(&mut self.line);
-                        line.extend_from_slice(&rest[..nl]);
-                        self.sse_line(&line);
-                        line.clear();
-                        self.line = line;
-                    }
-                    rest = &rest[nl + 1..];
-                }
-                // The line being read and the text kept share the bound: a line that outgrows
-                // it keeps only its tail, enough for the `usage` at its end.
-                let room = (self.limit + SLACK).saturating_sub(self.text.len());
-                if self.line_overflow || self.line.len() + rest.len() > room {
-                    if !self.line_overflow {
-                        self.line_overflow = true;
-                        self.line = Vec::with_capacity(2 * USAGE_TAIL);
-                    }
-                    push_tail(&mut self.line, rest);
-                } else {
-                    self.line.extend_from_slice(rest);
-                }
+                let mut reader = self
+                    .reader
+                    .take()
+                    .unwrap_or_else(|| Box::new(sse::Reader::new(self.limit + SLACK)));
+                reader.set_max_line(self.line_room());
+                reader.feed(chunk, &mut |ev| {
+                    self.on_event(&ev, &ev.payload());
+                    sse::Flow::Continue
+                });
+                self.reader = Some(reader);
             }
+        }
+    }
+
+    /// How long an SSE line may be read whole: the capture's bound, less the text it kept
+    /// (see the security guide, "Bounded capture").
+    pub fn line_room(&self) -> usize {
+        (self.limit + SLACK).saturating_sub(self.text.len())
+    }
+
+    /// Whether this capture reads SSE events (else the relay feeds it bytes).
+    pub fn is_sse(&self) -> bool {
+        self.kind == Kind::Sse
+    }
+
+    /// One event of an SSE reply and its payload, read once by the relay's reader.
+    pub fn on_event(&mut self, ev: &sse::Event<'_>, p: &Payload<'_>) {
+        if self.kind != Kind::Sse || !ev.substantive() {
+            return;
+        }
+        if let Some(w) = self.objects.as_mut() {
+            w.sse_payload(p);
+        }
+        if let Some(u) = p.reported_usage() {
+            self.usage = u;
+        }
+        if !self.keep_text {
+            return;
+        }
+        if self.want_model && self.model.is_none() {
+            self.model = p.named_model().map(|m| cut_bytes(m, MAX_MODEL).to_string());
+        }
+        if ev.is_error(p) {
+            self.error_event = true;
+        }
+        if let Some(r) = p.choices.finish_reason.as_deref() {
+            self.saw_finish_reason(r);
+        }
+        if let Some(t) = p.text() {
+            self.keep(t.as_bytes());
         }
     }
 
@@ -323,77 +341,6 @@ impl Capture {
         }
     }
 
-    fn sse_line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data.is_empty() || data == b"[DONE]" {
-            return;
-        }
-        if let Some(w) = self.objects.as_mut() {
-            w.sse_data(data);
-        }
-        if !self.keep_text && !has_usage_object(data) {
-            return;
-        }
-        let Ok(ev) = serde_json::from_slice::<Event>(data) else {
-            return;
-        };
-        if let Some(u) = ev
-            .usage
-            .as_ref()
-            .or(ev.response.as_ref().and_then(|r| r.usage.as_ref()))
-        {
-            self.usage = u.to_usage();
-        }
-        if self.want_model && self.model.is_none() {
-            let named = ev.model.as_ref().map(|m| &*m.0);
-            let named = named.or(ev.response.as_ref().and_then(|r| r.model.as_deref()));
-            self.model = named.map(|m| cut_bytes(m, MAX_MODEL).to_string());
-        }
-        if ev.error.is_some()
-            || matches!(
-                ev.kind.as_ref().map(|k| k.0.as_ref()),
-                Some("error" | "response.failed")
-            )
-        {
-            self.error_event = true;
-        }
-        let first = ev.choices.0;
-        if let Some(r) = first
-            .as_ref()
-            .and_then(|c| c.finish_reason.as_ref())
-            .map(|t| &*t.0)
-        {
-            self.saw_finish_reason(r);
-        }
-        let text = match ev.kind.as_ref().map(|k| k.0.as_ref()) {
-            Some("response.output_text.delta") => ev.delta,
-            Some(_) => None,
-            None => first.and_then(|c| c.delta.and_then(|d| d.content).or(c.text)),
-        };
-        if let Some(t) = text {
-            self.keep(t.0.as_bytes());
-        }
-    }
-
-    /// The end of an SSE line too long to keep: still read for `usage` and `finish_reason`.
-    fn overflowed_line(&mut self, tail: &[u8]) {
-        if let Some(w) = self.objects.as_mut() {
-            w.overflowed();
-        }
-        if let Some(u) = tail_usage(tail) {
-            self.usage = u;
-        }
-        if self.keep_text {
-            if let Some(r) = tail_finish_reason(tail) {
-                self.saw_finish_reason(&r);
-            }
-        }
-    }
-
     /// Keeps `reason` (bounded) as the last finish reason; allocates only when it changes.
     fn saw_finish_reason(&mut self, reason: &str) {
         if self.finish_reason.as_deref() != Some(cut_bytes(reason, MAX_FINISH_REASON)) {
@@ -405,15 +352,12 @@ impl Capture {
     /// the last `finish_reason`, and whether an SSE error event came through.
     pub fn finish(mut self) -> Reply {
         let earlier = self.earlier;
-        if self.kind == Kind::Sse && !self.line.is_empty() {
-            // The stream ended without a final newline: the last line still counts (read here,
-            // so that the object watch sees it too).
-            let line = std::mem::take(&mut self.line);
-            if self.line_overflow {
-                self.overflowed_line(&line);
-            } else {
-                self.sse_line(&line);
-            }
+        if let Some(mut reader) = self.reader.take() {
+            // The stream ended without a final blank line: the last event still counts.
+            reader.finish(&mut |ev| {
+                self.on_event(&ev, &ev.payload());
+                sse::Flow::Continue
+            });
         }
         let json = self.kind == Kind::Json;
         let seen = self.objects.take().map(|w| w.finish(json));
@@ -426,7 +370,6 @@ impl Capture {
     }
 
     /// The reply as the last segment alone gives it.
-    /// ([`Capture::finish`] has read an unterminated last SSE line already.)
     fn finish_segment(mut self) -> Reply {
         let whole = self.whole.take();
         if !self.keep_text {
@@ -549,7 +492,6 @@ fn into_text(bytes: Vec<u8>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::openai::has_usage_object;
     use super::*;
 
     impl Reply {
@@ -732,11 +674,6 @@ mod tests {
             b"data: {\"choices\":[],\"usage\" : {\"prompt_tokens\":6,\"completion_tokens\":1}}\n\n",
         );
         assert_eq!(c.finish().parts().1.total, Some(7));
-        assert!(!has_usage_object(br#"{"usage":null,"x":1}"#));
-        assert!(has_usage_object(
-            br#"{"usage":null,"response":{"usage":{"input_tokens":1}}}"#
-        ));
-        assert!(has_usage_object(br#"{"usage" :{"prompt_tokens":1}}"#));
 
         let mut c = Capture::usage_only(Some("text/event-stream"), None, 0);
         c.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n");
@@ -817,7 +754,8 @@ mod tests {
         let chunk = vec![b'x'; 64 * 1024];
         for _ in 0..64 {
             c.feed(&chunk);
-            assert!(c.line.len() + c.text.len() <= 1024 + SLACK);
+            let line = c.reader.as_ref().map_or(0, |r| r.buffered());
+            assert!(line + c.text.len() <= 1024 + SLACK, "{line}");
         }
         c.feed(
             b"\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n",

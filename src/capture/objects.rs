@@ -48,29 +48,9 @@ impl std::fmt::Debug for ObjectWatch {
 }
 
 #[derive(Deserialize)]
-struct IdOf<'a> {
-    #[serde(default, borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct EventIds<'a> {
-    #[serde(default, borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    response: Option<IdOf<'a>>,
-}
-
-#[derive(Deserialize)]
 struct OutputOf<'a> {
     #[serde(default, borrow)]
     output: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Completed<'a> {
-    #[serde(borrow)]
-    response: OutputOf<'a>,
 }
 
 impl ObjectWatch {
@@ -123,28 +103,35 @@ impl ObjectWatch {
         }
     }
 
-    /// One SSE `data:` payload (not `[DONE]`).
-    pub fn sse_data(&mut self, data: &[u8]) {
+    /// One SSE event's payload, read once by the relay: the id of the first event that names
+    /// one, and a Responses answer's output at its end.
+    pub fn sse_payload(&mut self, p: &crate::sse::Payload<'_>) {
+        if p.cut {
+            // Too long to keep whole: its output cannot be read whole.
+            self.cut = true;
+            return;
+        }
         if self.seen.id.is_none() {
-            if let Ok(ev) = serde_json::from_slice::<EventIds<'_>>(data) {
-                if let Some(id) = ev.response.and_then(|r| r.id).or(ev.id) {
-                    self.found(&id);
-                }
+            let id = p
+                .response
+                .as_ref()
+                .and_then(|r| r.id.as_deref())
+                .or(p.id.as_deref());
+            if let Some(id) = id {
+                self.found(id);
             }
         }
-        if self.want_output
-            && (crate::capture::find_key(data, b"\"response.completed\"").is_some()
-                || crate::capture::find_key(data, b"\"response.incomplete\"").is_some())
-        {
-            if let Ok(c) = serde_json::from_slice::<Completed<'_>>(data) {
-                self.seen.output = c.response.output.map(|o| o.get().to_string());
-            }
+        let done = matches!(
+            p.kind.as_deref(),
+            Some("response.completed" | "response.incomplete")
+        );
+        if self.want_output && done {
+            self.seen.output = p
+                .response
+                .as_ref()
+                .and_then(|r| r.output)
+                .map(|o| o.get().to_string());
         }
-    }
-
-    /// A stream line too long to keep: its output cannot be read whole.
-    pub fn overflowed(&mut self) {
-        self.cut = true;
     }
 
     /// What was found; a cut answer gives no output.
@@ -296,10 +283,14 @@ mod tests {
             true,
             0,
         );
-        w.sse_data(br#"{"type":"response.created","response":{"id":"resp_9","output":[]}}"#);
+        w.sse_payload(&crate::sse::Payload::read(
+            br#"{"type":"response.created","response":{"id":"resp_9","output":[]}}"#,
+        ));
         assert_eq!(*got.lock().unwrap(), ["resp_9"]);
-        w.sse_data(br#"{"type":"response.output_item.added","item":{"id":"msg_1"}}"#);
-        w.sse_data(br#"{"type":"response.completed","response":{"id":"resp_9","output":[{"type":"message"}]}}"#);
+        w.sse_payload(&crate::sse::Payload::read(
+            br#"{"type":"response.output_item.added","item":{"id":"msg_1"}}"#,
+        ));
+        w.sse_payload(&crate::sse::Payload::read(br#"{"type":"response.completed","response":{"id":"resp_9","output":[{"type":"message"}]}}"#));
         let seen = w.finish(false);
         assert_eq!(seen.id.as_deref(), Some("resp_9"));
         assert_eq!(seen.output.as_deref(), Some(r#"[{"type":"message"}]"#));

@@ -33,51 +33,6 @@ impl RawUsage {
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct Event<'a> {
-    #[serde(rename = "type", borrow, default)]
-    pub(super) kind: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    pub(super) delta: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    pub(super) choices: First<StreamChoice<'a>>,
-    #[serde(default)]
-    pub(super) usage: Option<RawUsage>,
-    #[serde(default)]
-    pub(super) response: Option<ResponseUsage>,
-    /// A top-level `error` (an in-band error event): the answer did not reach its end.
-    #[serde(default)]
-    pub(super) error: Option<serde::de::IgnoredAny>,
-    /// The model that answered (chat and completions chunks).
-    #[serde(borrow, default)]
-    pub(super) model: Option<Text<'a>>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct ResponseUsage {
-    #[serde(default)]
-    pub(super) usage: Option<RawUsage>,
-    /// The model that answered (the Responses API's `response.created` and later events).
-    #[serde(default)]
-    pub(super) model: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct StreamChoice<'a> {
-    #[serde(borrow, default)]
-    pub(super) delta: Option<Delta<'a>>,
-    #[serde(borrow, default)]
-    pub(super) text: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    pub(super) finish_reason: Option<Text<'a>>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct Delta<'a> {
-    #[serde(borrow, default)]
-    pub(super) content: Option<Text<'a>>,
-}
-
 /// A JSON string borrowed from the event unless it has escapes. serde borrows a `Cow<str>` field
 /// only when it is not inside an `Option`; `Option<Cow<str>>` copied every delta's text (one
 /// allocation per streamed chunk).
@@ -137,6 +92,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
 }
 
 /// The JSON text after each `"usage":` key (whitespace skipped).
+#[cfg(test)]
 pub(super) fn usage_values(json: &[u8]) -> impl Iterator<Item = &[u8]> {
     key_values(json, b"\"usage\"")
 }
@@ -169,15 +125,9 @@ pub(crate) fn key_values<'a>(json: &'a [u8], key: &'static [u8]) -> impl Iterato
     })
 }
 
-/// Whether an event may carry token counts: a `"usage"` key whose value is not `null` (with
-/// `stream_options.include_usage` every chunk has `"usage":null`; only the last one counts).
-pub(crate) fn has_usage_object(data: &[u8]) -> bool {
-    usage_values(data).any(|v| !v.starts_with(b"null"))
-}
-
 /// The last non-null `"finish_reason": "…"` in a JSON text (the tail of a reply cut at the
 /// record limit, where the whole could not be parsed).
-pub(super) fn tail_finish_reason(tail: &[u8]) -> Option<String> {
+pub(crate) fn tail_finish_reason(tail: &[u8]) -> Option<String> {
     key_values(tail, b"\"finish_reason\"")
         .filter(|v| v.starts_with(b"\""))
         .filter_map(|v| String::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())
@@ -201,7 +151,7 @@ fn usage_values_rev(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// The last `"usage": {…}` object in a JSON text.
-pub(super) fn tail_usage(tail: &[u8]) -> Option<Usage> {
+pub(crate) fn tail_usage(tail: &[u8]) -> Option<Usage> {
     usage_values_rev(tail)
         .filter(|v| !v.starts_with(b"null"))
         .find_map(|v| RawUsage::deserialize(&mut serde_json::Deserializer::from_slice(v)).ok())

@@ -207,23 +207,19 @@ pub fn is_sse(resp: &Upstreamed) -> bool {
 /// The most read ahead while waiting for the first whole SSE event.
 const FIRST_EVENT_MAX: usize = 64 << 10;
 
-/// Reads an SSE stream up to its first whole event (SPEC 4a: in-band errors before commit): an
-/// upstream whose first event is an error has failed the attempt, and nothing of it is sent.
-/// Returns the bytes read so far, to be relayed first.
+/// Reads an SSE stream up to its first event with content (see the rescue guide, "In-band
+/// errors before commit"): an upstream whose first event is an error has failed the attempt,
+/// and nothing of it is sent. A comment (`: …`) is a sign of life but not a first event. The one
+/// SSE reader frames it; an upstream that ends events with single newlines is judged by its
+/// first whole `data:` line instead of being waited on. Returns the bytes read so far, to be
+/// relayed first.
 async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptError> {
     let mut held: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let mut reader = sse::Reader::new(FIRST_EVENT_MAX);
     loop {
-        match resp.next().await {
-            Some(Ok(chunk)) => match (&held, buf.is_empty()) {
-                (None, true) => held = Some(chunk),
-                _ => {
-                    if let Some(h) = held.take() {
-                        buf.extend_from_slice(&h);
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-            },
+        let chunk = match resp.next().await {
+            Some(Ok(chunk)) => chunk,
             None => break,
             Some(Err(e)) => {
                 return Err(AttemptError::new(
@@ -231,25 +227,40 @@ async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptErro
                     format!("stream broke before its first chunk: {e}"),
                 ))
             }
+        };
+        match (&held, buf.is_empty()) {
+            (None, true) => held = Some(chunk.clone()),
+            _ => {
+                if let Some(h) = held.take() {
+                    buf.extend_from_slice(&h);
+                }
+                buf.extend_from_slice(&chunk);
+            }
         }
-        let seen: &[u8] = held.as_deref().unwrap_or(&buf);
-        // A blank line ends an event; an upstream that ends its events with single newlines
-        // is judged by its first whole `data:` line instead of being waited on.
-        match sse::first_event(seen).or_else(|| sse::first_data_line(seen)) {
-            Some(ev) if sse::is_error_event(ev) => {
+        let mut verdict: Option<Result<(), String>> = None;
+        reader.feed(&chunk, &mut |ev| {
+            verdict = first_verdict(&ev);
+            match verdict {
+                Some(_) => sse::Flow::Stop,
+                None => sse::Flow::Continue,
+            }
+        });
+        if verdict.is_none() {
+            verdict = reader.pending().and_then(|ev| first_verdict(&ev));
+        }
+        let seen = held.as_ref().map_or(buf.len(), Bytes::len);
+        match verdict {
+            Some(Err(message)) => {
                 return Err(AttemptError {
                     public: "in-band error event before the first token".into(),
                     ..AttemptError::new(
                         FailKind::Stream,
-                        format!(
-                            "in-band error before the first token: {}",
-                            sse::error_message(ev)
-                        ),
+                        format!("in-band error before the first token: {message}"),
                     )
                 })
             }
-            Some(_) => break,
-            None if seen.len() >= FIRST_EVENT_MAX => break,
+            Some(Ok(())) => break,
+            None if seen >= FIRST_EVENT_MAX => break,
             None => {}
         }
     }
@@ -257,6 +268,19 @@ async fn first_event(resp: &mut Upstreamed) -> Result<Option<Bytes>, AttemptErro
         Some(h) => Some(h),
         None if buf.is_empty() => None,
         None => Some(buf.freeze()),
+    })
+}
+
+/// What a first event says: nothing yet (a comment or a blank line), fine, or an in-band error
+/// with its message.
+fn first_verdict(ev: &sse::Event<'_>) -> Option<Result<(), String>> {
+    if !ev.substantive() {
+        return None;
+    }
+    let p = ev.payload();
+    Some(match ev.is_error(&p) {
+        true => Err(ev.error_message(&p)),
+        false => Ok(()),
     })
 }
 

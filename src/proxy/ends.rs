@@ -1,22 +1,16 @@
-//! Whether a committed stream ended where its protocol says it ends (SPEC 4e "Protocol ends").
+//! Whether a committed stream ended where its protocol says it ends (see the rescue guide,
+//! "Truthful ends").
 //!
 //! An upstream whose generator crashed often closes the connection (or ends its chunked body)
 //! cleanly: the transport says "complete", and only the protocol can tell that the answer is
-//! cut. A chat or completions stream ends with `data: [DONE]`, or at least with a non-null
-//! `finish_reason` in its last chunk that has choices; a Responses stream ends with
+//! cut. A chat or completions stream ends with `data: [DONE]`, or else only when every choice
+//! index it carried has a non-null `finish_reason`; a Responses stream ends with
 //! `response.completed`, `response.incomplete`, `response.failed` or `error`. [`EndWatch`] reads
-//! the upstream's bytes line by line as they are relayed (nothing is held back from the client)
-//! and says at the end whether that end was reached.
-//!
-//! A line is judged whole when it is at most [`LINE_MAX`] bytes; a longer one (a huge chunk) by
-//! its first and last bytes, where the event type and the `finish_reason` are.
+//! the events of the one SSE reader as they are relayed (nothing is held back from the client),
+//! says when the end is reached (what an upstream sends after it is neither relayed nor
+//! recorded), and says at a clean close whether that end was reached.
 
-use crate::capture::key_values;
-
-/// Longest line kept whole to be judged.
-const LINE_MAX: usize = 64 << 10;
-/// What is kept of the start and of the end of a longer line.
-const EDGE: usize = 4096;
+use crate::sse::{Event, Payload};
 
 /// The stream protocols whose end can be judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,16 +46,16 @@ impl Protocol {
 #[derive(Debug)]
 pub struct EndWatch {
     protocol: Protocol,
-    /// The line being read (its start, when it outgrew [`LINE_MAX`]).
-    line: Vec<u8>,
-    /// The line outgrew [`LINE_MAX`]: its last bytes, judged with its start.
-    tail: Option<Vec<u8>>,
-    /// `data: [DONE]` came.
-    done: bool,
-    /// Whether the last chunk that had choices carried a non-null `finish_reason`.
-    finished: bool,
-    /// A terminal Responses event came.
-    terminal: bool,
+    /// `data: [DONE]` came (chat), or a terminal event (Responses).
+    ended: bool,
+    /// Bit `i`: choice index `i` was carried by a chunk with choices (usage chunks aside).
+    carried: u128,
+    /// Bit `i`: choice index `i` had a non-null `finish_reason`.
+    finished: u128,
+    /// An index too large to track came: the last chunk with choices decides instead.
+    untracked: bool,
+    /// Whether the last chunk with choices had a non-null `finish_reason`.
+    last_finished: bool,
 }
 
 impl EndWatch {
@@ -69,146 +63,62 @@ impl EndWatch {
     pub fn new(protocol: Protocol) -> EndWatch {
         EndWatch {
             protocol,
-            line: Vec::new(),
-            tail: None,
-            done: false,
-            finished: false,
-            terminal: false,
+            ended: false,
+            carried: 0,
+            finished: 0,
+            untracked: false,
+            last_finished: false,
         }
     }
 
-    /// Another upstream's stream follows (a continuation, SPEC 4a): judged afresh.
+    /// Another upstream's stream follows (a continuation): judged afresh.
     pub fn restart(&mut self) {
         *self = EndWatch::new(self.protocol);
     }
 
-    /// Reads one chunk of the upstream's body.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-            if self.line.is_empty() && self.tail.is_none() {
-                self.judge_line(&rest[..nl]);
-            } else {
-                self.push(&rest[..nl]);
-                let line = std::mem::take(&mut self.line);
-                match self.tail.take() {
-                    None => self.judge_line(&line),
-                    Some(tail) => self.judge_long(&line, &tail),
+    /// Reads one event; true when it is the stream's end (nothing after it counts).
+    pub fn on_event(&mut self, ev: &Event<'_>, p: &Payload<'_>) -> bool {
+        match self.protocol {
+            Protocol::Chat => {
+                if p.done {
+                    self.ended = true;
+                    return true;
                 }
-                self.line = line;
-                self.line.clear();
+                let c = &p.choices;
+                // A usage chunk (choices that say nothing) is not the answer's last chunk.
+                if c.present && c.count > 0 && !p.usage_only() {
+                    self.carried |= c.carried;
+                    self.finished |= c.finished;
+                    self.untracked |= c.untracked;
+                    self.last_finished = c.finished != 0;
+                }
+                false
             }
-            rest = &rest[nl + 1..];
-        }
-        self.push(rest);
-    }
-
-    /// Keeps part of a line not yet ended, bounded.
-    fn push(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        if let Some(tail) = self.tail.as_mut() {
-            keep_last(tail, bytes);
-        } else if self.line.len() + bytes.len() <= LINE_MAX {
-            self.line.extend_from_slice(bytes);
-        } else {
-            // Too long to keep: its first EDGE bytes stay in `line`, its last ones in `tail`.
-            let mut tail = Vec::with_capacity(2 * EDGE);
-            let mut rest = bytes;
-            if self.line.len() > EDGE {
-                keep_last(&mut tail, &self.line[EDGE..]);
-                self.line.truncate(EDGE);
-            } else {
-                let fill = (EDGE - self.line.len()).min(rest.len());
-                self.line.extend_from_slice(&rest[..fill]);
-                rest = &rest[fill..];
+            Protocol::Responses => {
+                let named = ev.name.is_some_and(is_terminal_name);
+                let typed = p
+                    .kind
+                    .as_deref()
+                    .is_some_and(|k| is_terminal_name(k.as_bytes()));
+                if named || typed || p.error.is_some() {
+                    self.ended = true;
+                }
+                self.ended
             }
-            keep_last(&mut tail, rest);
-            self.tail = Some(tail);
         }
     }
 
     /// The stream ended cleanly: None when its protocol's end was reached, else why it is broken.
-    pub fn broken_at_end(&mut self) -> Option<&'static str> {
-        let line = std::mem::take(&mut self.line);
-        match self.tail.take() {
-            None if !line.is_empty() => self.judge_line(&line),
-            None => {}
-            Some(tail) => self.judge_long(&line, &tail),
-        }
+    pub fn broken_at_end(&self) -> Option<&'static str> {
         let ended = match self.protocol {
-            Protocol::Chat => self.done || self.finished,
-            Protocol::Responses => self.terminal,
+            Protocol::Responses => self.ended,
+            Protocol::Chat if self.ended => true,
+            Protocol::Chat if self.untracked => self.last_finished,
+            // Every choice it carried has ended.
+            Protocol::Chat => self.carried != 0 && self.carried & !self.finished == 0,
         };
         (!ended).then(|| self.protocol.broken_reason())
     }
-
-    /// One whole line (without its `\n`).
-    fn judge_line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(name) = line.strip_prefix(b"event:") {
-            if is_terminal_name(name.trim_ascii()) {
-                self.terminal = true;
-            }
-            return;
-        }
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        let data = data.trim_ascii();
-        match self.protocol {
-            Protocol::Chat => self.chat_data(data, None),
-            Protocol::Responses => self.responses_data(data),
-        }
-    }
-
-    /// A line too long to keep: judged by its start `head` and its end `tail`.
-    fn judge_long(&mut self, head: &[u8], tail: &[u8]) {
-        let Some(data) = head.strip_prefix(b"data:") else {
-            return;
-        };
-        match self.protocol {
-            Protocol::Chat => self.chat_data(data, Some(tail)),
-            Protocol::Responses => self.responses_data(data),
-        }
-    }
-
-    /// A chat chunk: `start` has its `choices` key, `end` (the last bytes of a line too long to
-    /// keep; None: `start` is the whole payload) its `finish_reason`.
-    fn chat_data(&mut self, start: &[u8], end: Option<&[u8]>) {
-        if start == b"[DONE]" {
-            self.done = true;
-            return;
-        }
-        let has_choices = key_values(start, b"\"choices\"").next().is_some_and(|v| {
-            v.strip_prefix(b"[")
-                .is_some_and(|r| !r.trim_ascii_start().starts_with(b"]"))
-        });
-        // A usage chunk (`choices` that say nothing, SPEC 4e) is not the answer's last chunk.
-        if !has_choices || (end.is_none() && is_usage_chunk(start)) {
-            return;
-        }
-        let end = end.unwrap_or(start);
-        self.finished = key_values(end, b"\"finish_reason\"").any(|v| !v.starts_with(b"null"));
-    }
-
-    /// A Responses event's payload (its start, at least): its `type`, or a top-level `error`.
-    fn responses_data(&mut self, data: &[u8]) {
-        let terminal = key_values(data, b"\"type\"").any(|v| {
-            v.strip_prefix(b"\"")
-                .and_then(|v| v.split(|b| *b == b'"').next())
-                .is_some_and(is_terminal_name)
-        });
-        if terminal || (data.starts_with(b"{\"error\"") && !data.starts_with(b"{\"error\":null")) {
-            self.terminal = true;
-        }
-    }
-}
-
-/// A usage chunk's payload (checked cheaply first: an ordinary chunk has no `usage` object).
-fn is_usage_chunk(data: &[u8]) -> bool {
-    crate::capture::has_usage_object(data) && crate::usage::usage_only_json(data)
 }
 
 /// The Responses API events that end a stream.
@@ -219,36 +129,30 @@ fn is_terminal_name(name: &[u8]) -> bool {
     )
 }
 
-/// Keeps the last [`EDGE`] bytes of what passes through `buf` (up to twice that held).
-fn keep_last(buf: &mut Vec<u8>, bytes: &[u8]) {
-    if bytes.len() >= EDGE {
-        buf.clear();
-        buf.extend_from_slice(&bytes[bytes.len() - EDGE..]);
-        return;
-    }
-    if buf.len() + bytes.len() > 2 * EDGE {
-        let drop = buf.len() + bytes.len() - EDGE;
-        buf.drain(..drop.min(buf.len()));
-    }
-    buf.extend_from_slice(bytes);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sse::{Flow, Reader};
 
     fn judge(protocol: Protocol, body: &str) -> Option<&'static str> {
         // Every split of the body gives the same answer.
-        let whole = {
+        let run = |parts: &[&[u8]]| {
             let mut w = EndWatch::new(protocol);
-            w.feed(body.as_bytes());
+            let mut r = Reader::new(64 << 10);
+            let mut on = |ev: Event<'_>| {
+                w.on_event(&ev, &ev.payload());
+                Flow::Continue
+            };
+            for p in parts {
+                r.feed(p, &mut on);
+            }
+            r.finish(&mut on);
             w.broken_at_end()
         };
-        for i in 0..body.len() {
-            let mut w = EndWatch::new(protocol);
-            w.feed(&body.as_bytes()[..i]);
-            w.feed(&body.as_bytes()[i..]);
-            assert_eq!(w.broken_at_end(), whole, "split at {i}: {body}");
+        let b = body.as_bytes();
+        let whole = run(&[b]);
+        for i in 0..b.len() {
+            assert_eq!(run(&[&b[..i], &b[i..]]), whole, "split at {i}: {body}");
         }
         whole
     }
@@ -270,10 +174,6 @@ mod tests {
         assert_eq!(judge(chat, &format!("{TEXT}{STOP}{USAGE}")), None);
         assert_eq!(judge(chat, &format!("{TEXT}{STOP}{LITELLM}")), None);
         assert_eq!(
-            judge(chat, &format!("{STOP}{TEXT}")),
-            Some("ended before [DONE]")
-        );
-        assert_eq!(
             judge(chat, &format!("{TEXT}{USAGE}")),
             Some("ended before [DONE]")
         );
@@ -282,30 +182,60 @@ mod tests {
     }
 
     #[test]
+    fn every_choice_must_end() {
+        let chat = Protocol::Chat;
+        let choice = |i: u32, text: &str, finish: &str| {
+            format!("data: {{\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":{finish}}}]}}\n\n")
+        };
+        // Choice 1 ends, choice 0 does not: broken (0.4: every choice ends).
+        let body = format!(
+            "{}{}{}",
+            choice(0, "a", "null"),
+            choice(1, "b", "null"),
+            choice(1, "", "\"stop\"")
+        );
+        assert_eq!(judge(chat, &body), Some("ended before [DONE]"));
+        let body = format!("{body}{}", choice(0, "", "\"length\""));
+        assert_eq!(judge(chat, &body), None);
+    }
+
+    #[test]
+    fn the_end_is_reported_when_it_comes() {
+        let mut w = EndWatch::new(Protocol::Chat);
+        let mut r = Reader::new(0);
+        let mut ends = Vec::new();
+        r.feed(
+            format!("{TEXT}data: [DONE]\n\n{TEXT}").as_bytes(),
+            &mut |ev| {
+                if w.on_event(&ev, &ev.payload()) {
+                    ends.push(ev.end);
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            },
+        );
+        assert_eq!(ends, [(TEXT.len() + 14) as u64]);
+    }
+
+    #[test]
     fn long_lines_are_judged_by_their_ends() {
         let big = "x".repeat(200_000);
         let body = format!(
             "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{big}\"}},\"finish_reason\":\"length\"}}]}}\n\n"
         );
-        let mut w = EndWatch::new(Protocol::Chat);
-        for c in body.as_bytes().chunks(1000) {
-            w.feed(c);
-            assert!(
-                w.line.len() <= LINE_MAX && w.tail.as_ref().is_none_or(|t| t.len() <= 2 * EDGE)
-            );
-        }
-        assert_eq!(w.broken_at_end(), None);
-        // A short start, then one huge chunk.
-        for first in [1, 6, 5000, 70_000] {
+        let run = |body: &str| {
             let mut w = EndWatch::new(Protocol::Chat);
-            w.feed(&body.as_bytes()[..first]);
-            w.feed(&body.as_bytes()[first..]);
-            assert_eq!(w.broken_at_end(), None, "{first}");
-        }
-        let cut = body.replace("\"length\"", "null");
-        let mut w = EndWatch::new(Protocol::Chat);
-        w.feed(cut.as_bytes());
-        assert!(w.broken_at_end().is_some());
+            let mut r = Reader::new(64 << 10);
+            for c in body.as_bytes().chunks(1000) {
+                r.feed(c, &mut |ev| {
+                    w.on_event(&ev, &ev.payload());
+                    Flow::Continue
+                });
+            }
+            w.broken_at_end()
+        };
+        assert_eq!(run(&body), None);
+        assert!(run(&body.replace("\"length\"", "null")).is_some());
     }
 
     #[test]

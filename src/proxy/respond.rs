@@ -20,7 +20,7 @@ use crate::registry::RegistryView;
 use super::attempt::{is_sse, Upstreamed};
 use super::continuation::ResumePlan;
 use super::ends::Protocol;
-use super::relay::RelayBody;
+use super::relay::{RelayBody, Setup};
 use super::resume::Resumer;
 
 /// The attempt whose answer goes to the client.
@@ -171,26 +171,23 @@ pub fn respond(
                 .windows(7)
                 .any(|w| w.eq_ignore_ascii_case(b"chunked"))
         });
-    let body = RelayBody::new(
-        resp,
-        first,
-        cfg.idle_timeout,
-        sse,
-        (length, chunked),
-        ledger,
-        capture,
-    );
-    let body = match protocol {
-        Some(p) => body.with_end_watch(p),
-        None => body,
-    };
-    let body = match resume {
+    let resumer = match resume {
         Some(plan) if sse && status.is_success() => {
-            body.with_resume(Resumer::new(plan, view.clone(), idx, usage_added))
+            Some(Resumer::new(plan, view.clone(), idx, usage_added))
         }
-        _ if usage_added && sse => body.with_usage_filter(),
-        _ => body,
+        _ => None,
     };
+    let setup = Setup {
+        first,
+        idle: cfg.idle_timeout,
+        sse,
+        framing: (length, chunked),
+        protocol,
+        hide_usage: usage_added,
+        resumer,
+        line_max: capture_bound(cfg.record_body_bytes),
+    };
+    let body = RelayBody::new(resp, setup, ledger, capture);
     if no_body {
         body.finish_empty();
         if let (true, Some(len)) = (head_request, length) {
@@ -242,4 +239,13 @@ fn object_watch(ledger: &Ledger, upstream: &Arc<str>, limit: usize) -> Option<Ob
         }
     };
     Some(ObjectWatch::new(Box::new(on_id), want_output, limit))
+}
+
+/// The longest SSE line read whole: the capture's own bound (see the security guide, "Bounded
+/// capture").
+fn capture_bound(record_body_bytes: usize) -> usize {
+    match record_body_bytes {
+        0 => crate::capture::UNLIMITED_CAPTURE,
+        n => n + crate::capture::SLACK,
+    }
 }

@@ -1,6 +1,7 @@
-//! Resuming a chat stream that broke after its first byte (SPEC 4a `resume`).
+//! Resuming a chat stream that broke after its first byte (see the rescue guide, "Resume").
 //!
-//! While resume is possible the relay reads the stream event by event ([`Resumer::judge`]):
+//! While resume is possible the relay reads the stream event by event through the one SSE
+//! reader, and hands each event and its payload to [`Resumer::judge`]:
 //! it keeps the text already sent, notices what cannot be continued (tool calls, logprobs), and
 //! takes an in-band error event as a break instead of relaying it. When the stream breaks and a
 //! candidate is left, [`continuation`] asks the next upstream to continue the text (its
@@ -8,11 +9,12 @@
 //! upstream in the same client stream. A regeneration is relayed only from where the text
 //! already sent ends, and only if it begins with exactly that text.
 //!
-//! An upstream asked to continue may ignore the prefill and answer from the start (SPEC 4e). So
-//! the first characters of a continuation are held back while they repeat the start of the text
-//! already sent: as soon as one differs, they go out; when the first [`RESTART_CHARS`] (or all
-//! of the text sent, when shorter) repeat it, the continuation is read as a regeneration
-//! instead, and that upstream is not sent a prefill again until the next reload.
+//! An upstream asked to continue may ignore the prefill and answer from the start. So the first
+//! characters of a continuation are held back while they repeat the start of the text already
+//! sent: as soon as one differs, they go out; when the first [`RESTART_CHARS`] (or all of the
+//! text sent, when shorter) repeat it, the continuation is read as a regeneration instead, and
+//! that upstream is not sent a prefill again until the next reload. Leading whitespace counts in
+//! neither text: a restart that begins with two spaces is a restart (see the rescue guide).
 
 use std::sync::Arc;
 
@@ -20,12 +22,60 @@ use actix_web::web::{Bytes, BytesMut};
 
 use crate::ledger::Ledger;
 use crate::registry::RegistryView;
-use crate::sse::{self, ChatChunk, EventSplitter};
+use crate::sse::Payload;
 
 use super::continuation::{continuation, Continue, PendingContinuation, ResumePlan, Switch};
 
-/// How many characters of a continuation decide whether it starts over (SPEC 4e).
+/// How many characters of a continuation decide whether it starts over.
 pub const RESTART_CHARS: usize = 16;
+
+/// What one chat-completion chunk says, as far as resuming it matters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChatChunk {
+    /// `data: [DONE]`.
+    pub done: bool,
+    /// `choices[0].delta.content`.
+    pub content: Option<String>,
+    /// A `role` in the first choice's delta.
+    pub role: bool,
+    /// `tool_calls` or `function_call` in a delta.
+    pub tools: bool,
+    /// Non-null `logprobs` in a choice.
+    pub logprobs: bool,
+    /// The last non-null `finish_reason`.
+    pub finish_reason: Option<String>,
+    /// The data was not a chat chunk at all.
+    pub unknown: bool,
+}
+
+impl ChatChunk {
+    /// The chunk an event's payload (read once by the relay) is.
+    pub fn of(p: &Payload<'_>) -> ChatChunk {
+        if p.done {
+            return ChatChunk {
+                done: true,
+                ..ChatChunk::default()
+            };
+        }
+        if !p.object {
+            return ChatChunk {
+                unknown: true,
+                ..ChatChunk::default()
+            };
+        }
+        let c = &p.choices;
+        let first = c.first.as_ref();
+        ChatChunk {
+            done: false,
+            content: first.and_then(|f| f.text.as_deref()).map(str::to_string),
+            role: first.is_some_and(|f| f.role),
+            tools: c.tools,
+            logprobs: c.logprobs,
+            finish_reason: c.finish_reason.as_deref().map(str::to_string),
+            unknown: false,
+        }
+    }
+}
 
 /// How the current upstream's events are treated.
 enum Segment {
@@ -40,8 +90,8 @@ enum Segment {
         seen: String,
     },
     /// A regeneration: swallowed until its text passes the text already sent (`matched`
-    /// bytes of it so far).
-    Regenerate { matched: usize },
+    /// bytes of it so far, leading whitespace of both left out).
+    Regenerate { matched: usize, started: bool },
 }
 
 /// What the relay does with one event.
@@ -75,8 +125,6 @@ pub struct Resumer {
     /// The continuation just turned out to start over (taken by the relay for its accounts).
     restarted: bool,
     usage_added: bool,
-    /// The current upstream's stream, split into events.
-    pub splitter: EventSplitter,
     /// A continuation in flight.
     pub pending: Option<PendingContinuation>,
     /// The current upstream is a continuation (its completion counts as `resumes_total{ok}`).
@@ -97,7 +145,6 @@ impl Resumer {
             skip_role: false,
             restarted: false,
             usage_added,
-            splitter: EventSplitter::default(),
             pending: None,
             continuing: false,
         }
@@ -108,15 +155,16 @@ impl Resumer {
         &self.view
     }
 
-    /// Judges one complete event of the current upstream.
-    pub fn judge(&mut self, ev: Bytes) -> Judged {
-        if sse::is_error_event(&ev) {
-            return Judged::Break(format!("in-band error: {}", sse::error_message(&ev)));
+    /// Judges one complete event of the current upstream: `ev` is its bytes, `p` its payload,
+    /// `error` the message of an in-band error event.
+    pub fn judge(&mut self, ev: Bytes, p: &Payload<'_>, error: Option<String>) -> Judged {
+        if let Some(message) = error {
+            return Judged::Break(format!("in-band error: {message}"));
         }
-        if self.usage_added && crate::usage::is_usage_only(&ev) {
+        if self.usage_added && p.usage_only() {
             return Judged::Drop { feed: true };
         }
-        let chunk = sse::chat_chunk(&ev);
+        let chunk = ChatChunk::of(p);
         if self.skip_role && !chunk.unknown && !chunk.done {
             self.skip_role = false;
             if chunk.role
@@ -138,20 +186,22 @@ impl Resumer {
     }
 
     /// The start of the text already sent that a continuation must not repeat: its first
-    /// [`RESTART_CHARS`] characters, or all of it when shorter.
+    /// [`RESTART_CHARS`] characters after leading whitespace, or all of it when shorter.
     fn head(&self) -> &str {
-        let end = self
-            .text
+        let text = self.text.trim_start();
+        let end = text
             .char_indices()
             .nth(RESTART_CHARS)
-            .map_or(self.text.len(), |(i, _)| i);
-        &self.text[..end]
+            .map_or(text.len(), |(i, _)| i);
+        &text[..end]
     }
 
     /// A continuation's event while it may still be starting over: held, released, or (it
     /// repeats the start of the text already sent) judged as a regeneration.
     fn probe(&mut self, ev: Bytes, chunk: ChatChunk) -> Judged {
         let ends = chunk.done || chunk.finish_reason.is_some() || chunk.tools;
+        let text = self.text.trim_start();
+        let head_at = self.text.len() - text.len();
         let head_len = self.head().len();
         let Segment::Probe { held, seen } = &mut self.segment else {
             return Judged::Drop { feed: false };
@@ -160,10 +210,11 @@ impl Resumer {
             seen.push_str(c);
         }
         held.push((ev, chunk));
-        let head = &self.text[..head_len];
+        let head = &self.text[head_at..head_at + head_len];
+        let seen = seen.trim_start();
         let restarted = if seen.len() >= head.len() {
             seen.starts_with(head)
-        } else if head.starts_with(seen.as_str()) && !ends {
+        } else if head.starts_with(seen) && !ends {
             // Still repeating the start of the text sent: not decided yet.
             return Judged::Drop { feed: false };
         } else {
@@ -176,7 +227,10 @@ impl Resumer {
         let mut out = BytesMut::new();
         if restarted {
             self.restarted = true;
-            self.segment = Segment::Regenerate { matched: 0 };
+            self.segment = Segment::Regenerate {
+                matched: 0,
+                started: false,
+            };
             for (ev, chunk) in held {
                 match self.judge_held(ev, chunk) {
                     Judged::Emit(b) => out.extend_from_slice(&b),
@@ -208,10 +262,12 @@ impl Resumer {
         }
     }
 
-    /// A regeneration's event: dropped while its text repeats the text already sent, the rest
-    /// of the chunk that passes it relayed, any difference a divergence.
+    /// A regeneration's event: dropped while its text repeats the text already sent (leading
+    /// whitespace of both left out), the rest of the chunk that passes it relayed, any
+    /// difference a divergence.
     fn regenerate(&mut self, ev: Bytes, chunk: ChatChunk) -> Judged {
-        let Segment::Regenerate { matched } = &mut self.segment else {
+        let target_at = self.text.len() - self.text.trim_start().len();
+        let Segment::Regenerate { matched, started } = &mut self.segment else {
             return self.judge_held(ev, chunk);
         };
         if chunk.tools {
@@ -219,8 +275,13 @@ impl Resumer {
             return Judged::Diverged;
         }
         let ends = chunk.done || chunk.finish_reason.is_some();
-        let unmatched = &self.text[*matched..];
-        let c = chunk.content.as_deref().unwrap_or("");
+        let mut c = chunk.content.as_deref().unwrap_or("");
+        if !*started {
+            c = c.trim_start();
+            *started = !c.is_empty();
+        }
+        let target = &self.text[target_at..];
+        let unmatched = &target[*matched..];
         let rest = if c.len() <= unmatched.len() {
             if !unmatched.starts_with(c) {
                 return Judged::Diverged;
@@ -229,7 +290,7 @@ impl Resumer {
             if !ends {
                 return Judged::Drop { feed: false };
             }
-            if *matched < self.text.len() {
+            if *matched < target.len() {
                 // It ended before reaching the end of the text already sent.
                 return Judged::Diverged;
             }
@@ -240,7 +301,7 @@ impl Resumer {
             return Judged::Diverged;
         };
         let out = if chunk.content.is_some() {
-            match sse::with_content(&ev, &rest) {
+            match with_content(&ev, &rest) {
                 Some(out) => out,
                 None => return Judged::Diverged,
             }
@@ -309,7 +370,6 @@ impl Resumer {
         };
         let ctx = Continue::new(&plan, self.view.clone(), ledger, self.text.clone());
         let remaining = std::mem::take(&mut plan.remaining);
-        self.splitter.clear();
         self.plan = Some(plan);
         self.pending = Some(Box::pin(continuation(ctx, remaining)));
     }
@@ -323,7 +383,10 @@ impl Resumer {
         self.skip_role = self.role_sent;
         self.restarted = false;
         self.segment = if s.regenerate {
-            Segment::Regenerate { matched: 0 }
+            Segment::Regenerate {
+                matched: 0,
+                started: false,
+            }
         } else if self.text.is_empty() {
             Segment::Relay
         } else {
@@ -335,5 +398,51 @@ impl Resumer {
         if let Some(p) = self.plan.as_mut() {
             p.remaining = remaining;
         }
+    }
+}
+
+/// The event with `choices[0].delta.content` replaced by `content` (everything else kept), for
+/// the one chunk of a regeneration that crosses the end of the text already sent.
+fn with_content(ev: &[u8], content: &str) -> Option<Bytes> {
+    let mut data = Vec::new();
+    for line in ev.split(|b| *b == b'\n' || *b == b'\r') {
+        if let Some(v) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+        }
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    let slot = v.pointer_mut("/choices/0/delta/content")?;
+    *slot = serde_json::Value::String(content.to_string());
+    Some(Bytes::from(format!("data: {v}\n\n")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crossing_chunk_keeps_all_but_its_text() {
+        let ev = with_content(
+            b"data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"Hello world\"}}]}\n\n",
+            " world",
+        )
+        .unwrap();
+        let text = String::from_utf8(ev.to_vec()).unwrap();
+        assert!(text.contains("\"content\":\" world\""), "{text}");
+        assert!(text.contains("\"id\":\"x\""), "{text}");
+    }
+
+    #[test]
+    fn chunks_are_read_from_the_one_payload() {
+        let p = Payload::read(
+            br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+        );
+        let c = ChatChunk::of(&p);
+        assert!(c.role && c.content.as_deref() == Some("") && !c.done);
+        assert!(ChatChunk::of(&Payload::read(b"[DONE]")).done);
+        assert!(ChatChunk::of(&Payload::read(b"nonsense")).unknown);
     }
 }
