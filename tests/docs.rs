@@ -1,6 +1,7 @@
 //! The documentation stays true: every relative link in `README.md` and `docs/*.md` reaches a
 //! file (and a heading, for `#anchor` links into markdown), every key the config parser accepts
-//! has a row in `docs/configuration.md`, and the README stays a newcomer's page.
+//! has a row in `docs/configuration.md`, and the README stays a newcomer's page (and names every
+//! variable that enables tests).
 //!
 //! The keys come from `config::KEY_SECTIONS`, the lists the parser itself warns about unknown
 //! keys with, so a key added to the parser without a documentation row fails here.
@@ -309,6 +310,18 @@ fn the_readme_stays_a_newcomers_page() {
         "the build-and-run command"
     );
     assert!(readme.contains("cargo test --locked"), "the test command");
+    assert!(
+        readme.contains("target/release/openai-api-route"),
+        "where the built binary is"
+    );
+    // Every variable that turns on tests that are otherwise ignored (build.rs), in the table a
+    // newcomer reads next to the test command.
+    for (var, _) in crate::support::test_services() {
+        assert!(
+            readme.contains(&format!("| `{var}` |")),
+            "the README's test section does not name {var}"
+        );
+    }
     // Every guide is linked from the README's Documentation section and from the docs index.
     let index = read(&root().join("docs/README.md"));
     for guide in markdown_files().iter().skip(1) {
