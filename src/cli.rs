@@ -29,6 +29,7 @@ const LONG_FLAGS: &[&str] = &[
     version,
     about = "OpenAI API gateway: tries each upstream in order until one answers, records every request",
     long_about = None,
+    after_help = "Each flag also works with one dash, as in the Go version: -addr :8080, -config upstreams.yaml, -noauth.",
     disable_help_flag = false
 )]
 pub struct Cli {
@@ -39,7 +40,7 @@ pub struct Cli {
     /// Upstream config file
     #[arg(
         long,
-        alias = "config",
+        visible_alias = "config",
         value_name = "FILE",
         default_value = "./upstreams.yaml"
     )]

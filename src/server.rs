@@ -344,6 +344,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             spawn_reload(
                 hup,
                 cli.clone(),
+                shared.get(),
                 registry.clone(),
                 notifier.clone(),
                 models.clone(),
@@ -495,11 +496,13 @@ async fn tokio_select(
     }
 }
 
-/// Reloads the config on each SIGHUP.
+/// Reloads the config on each SIGHUP. `started` is the config the process started with: keys
+/// read only at start that differ from it are named once per reload, as long as they differ.
 #[cfg(unix)]
 fn spawn_reload(
     mut hup: actix_rt::signal::unix::Signal,
     cli: Cli,
+    started: Arc<Config>,
     registry: RegistryHandle,
     notifier: Addr<NotifierActor>,
     models: ModelsHandle,
@@ -508,15 +511,22 @@ fn spawn_reload(
         while hup.recv().await.is_some() {
             match load_checked(&cli) {
                 Ok(cfg) => {
+                    let pending = started.not_applied_on_reload(&cfg);
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
                     let cfg = Arc::new(cfg);
                     let n = cfg.upstreams.len();
                     registry.reload(cfg.clone()).await;
                     models.reload(cfg);
-                    log::info!(
-                        "SIGHUP: reloaded {} ({n} upstreams)",
-                        cli.upstreams.display()
-                    );
+                    let file = cli.upstreams.display();
+                    if pending.is_empty() {
+                        log::info!("SIGHUP: reloaded {file} ({n} upstreams)");
+                    } else {
+                        log::warn!(
+                            "SIGHUP: reloaded {file} ({n} upstreams); not applied until restart \
+                             (read only at start): {}",
+                            pending.join(", ")
+                        );
+                    }
                 }
                 Err(errors) => {
                     for e in errors.0 {
@@ -530,7 +540,15 @@ fn spawn_reload(
 
 /// No SIGHUP here: nothing to reload on.
 #[cfg(not(unix))]
-fn spawn_reload(_: (), _: Cli, _: RegistryHandle, _: Addr<NotifierActor>, _: ModelsHandle) {}
+fn spawn_reload(
+    _: (),
+    _: Cli,
+    _: Arc<Config>,
+    _: RegistryHandle,
+    _: Addr<NotifierActor>,
+    _: ModelsHandle,
+) {
+}
 
 fn spawn_retention(rec: Recorder, shared: SharedConfig) {
     actix_rt::spawn(async move {

@@ -114,6 +114,37 @@ fn unknown_keys_warn_but_load() {
 }
 
 #[test]
+fn a_misspelt_key_gets_the_nearest_known_one_also_when_the_file_has_errors() {
+    // The misspelt `endpoint` is the cause of the error: the warning must reach the user with it.
+    let (code, _, err) = run(
+        &["-addr", "127.0.0.1:0"],
+        Some("authorization: x\nstream-timeout: 3\nupstreams:\n  - endpont: http://h/v1\n"),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("upstreams[0].endpont: unknown key, ignored (did you mean `endpoint`?)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stream-timeout: unknown key, ignored (did you mean `stream_timeout`?)"),
+        "{err}"
+    );
+    assert!(err.contains("upstreams[0].endpoint: missing"), "{err}");
+    assert!(!err.contains("listening"), "must not listen: {err}");
+    // A file that loads gets the suggestion too; a key near nothing known gets none.
+    let (code, _, err) = run(
+        &["-list"],
+        Some("authorization: x\ntimout: 5\nzz: 1\nupstreams:\n  - endpoint: http://h/v1\n"),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("timout: unknown key, ignored (did you mean `timeout`?)"),
+        "{err}"
+    );
+    assert!(err.contains("zz: unknown key, ignored\n"), "{err}");
+}
+
+#[test]
 fn version_and_help() {
     for flag in ["-version", "--version"] {
         let (code, out, _) = run(&[flag], None);
@@ -125,6 +156,8 @@ fn version_and_help() {
     for flag in ["--addr", "--upstreams", "--database", "--list", "--noauth"] {
         assert!(out.contains(flag), "{flag} missing from help:\n{out}");
     }
+    // The README and the Go tool say `-config`: the help names it too.
+    assert!(out.contains("-config"), "-config missing from help:\n{out}");
 }
 
 #[actix_rt::test]

@@ -1,6 +1,7 @@
 //! The documentation stays true: every relative link in `README.md` and `docs/*.md` reaches a
 //! file (and a heading, for `#anchor` links into markdown), every key the config parser accepts
-//! has a row in `docs/configuration.md`, and the README stays a newcomer's page.
+//! has a row in `docs/configuration.md`, and the README stays a newcomer's page (and names every
+//! variable that enables tests).
 //!
 //! The keys come from `config::KEY_SECTIONS`, the lists the parser itself warns about unknown
 //! keys with, so a key added to the parser without a documentation row fails here.
@@ -309,6 +310,18 @@ fn the_readme_stays_a_newcomers_page() {
         "the build-and-run command"
     );
     assert!(readme.contains("cargo test --locked"), "the test command");
+    assert!(
+        readme.contains("target/release/openai-api-route"),
+        "where the built binary is"
+    );
+    // Every variable that turns on tests that are otherwise ignored (build.rs), in the table a
+    // newcomer reads next to the test command.
+    for (var, _) in crate::support::test_services() {
+        assert!(
+            readme.contains(&format!("| `{var}` |")),
+            "the README's test section does not name {var}"
+        );
+    }
     // Every guide is linked from the README's Documentation section and from the docs index.
     let index = read(&root().join("docs/README.md"));
     for guide in markdown_files().iter().skip(1) {
@@ -329,4 +342,52 @@ fn the_readme_stays_a_newcomers_page() {
             "docs/README.md does not link {name}"
         );
     }
+}
+
+/// Whether every key `small` sets is set to the same value in `big` (lists item by item).
+fn sets_the_same(small: &serde_yaml::Value, big: &serde_yaml::Value, at: &str) -> Vec<String> {
+    use serde_yaml::Value;
+    match (small, big) {
+        (Value::Mapping(s), Value::Mapping(b)) => s
+            .iter()
+            .flat_map(|(k, v)| {
+                let key = format!("{at}.{}", k.as_str().unwrap_or("?"));
+                match b.get(k) {
+                    Some(w) => sets_the_same(v, w, &key),
+                    None => vec![format!("{key}: set in the README, not in the example file")],
+                }
+            })
+            .collect(),
+        (Value::Sequence(s), Value::Sequence(b)) if s.len() == b.len() => s
+            .iter()
+            .zip(b)
+            .enumerate()
+            .flat_map(|(i, (v, w))| sets_the_same(v, w, &format!("{at}[{i}]")))
+            .collect(),
+        _ if small == big => vec![],
+        _ => vec![format!(
+            "{at}: {small:?} in the README, {big:?} in the example file"
+        )],
+    }
+}
+
+#[test]
+fn the_readme_config_excerpt_sets_only_what_the_example_file_sets() {
+    let readme = read(&root().join("README.md"));
+    let section = readme
+        .split("## A config to start from")
+        .nth(1)
+        .expect("the README's config section");
+    let excerpt = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("its YAML block");
+    let example = read(&root().join("upstreams.example.yaml"));
+    let (excerpt, example): (serde_yaml::Value, serde_yaml::Value) = (
+        serde_yaml::from_str(excerpt).unwrap(),
+        serde_yaml::from_str(&example).unwrap(),
+    );
+    let differences = sets_the_same(&excerpt, &example, "");
+    assert!(differences.is_empty(), "{differences:#?}");
 }

@@ -1,6 +1,7 @@
 //! PostgreSQL recording (`-database postgres://…`) against a real server. Runs when
-//! `OPENAI_API_ROUTE_TEST_POSTGRES` holds an admin URL (`.ci/run` sets it); each test gets a fresh
-//! database. The tests take a lock because one of them stops and restarts the server.
+//! `OPENAI_API_ROUTE_TEST_POSTGRES` held an admin URL at build time (`.ci/run` sets it; else the
+//! tests are ignored); each test gets a fresh database. The restart test also needs
+//! `OPENAI_API_ROUTE_TEST_ROOT` (it stops the local cluster with `pg_ctlcluster`). The tests take a lock because one of them stops and restarts the server.
 // Each test runs on its own thread and runtime; the std lock only keeps those threads apart,
 // so holding it across awaits is the point, not a deadlock risk.
 #![allow(clippy::await_holding_lock)]
@@ -17,8 +18,9 @@ pub(crate) fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| s.spawn(f).join().unwrap())
 }
 
-pub(crate) fn admin_url() -> Option<String> {
-    required_env("OPENAI_API_ROUTE_TEST_POSTGRES", "PostgreSQL test")
+/// The admin URL of the test server (tests that call this need `test_postgres`).
+pub(crate) fn admin_url() -> String {
+    service("OPENAI_API_ROUTE_TEST_POSTGRES")
 }
 
 /// A database created for one test and dropped after it.
@@ -131,8 +133,12 @@ async fn same_traffic(gw: &Gateway) {
 }
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
 async fn rows_in_postgres_match_sqlite_rows_for_the_same_traffic() {
-    let Some(admin) = admin_url() else { return };
+    let admin = admin_url();
     let _g = lock();
     let db = TestDb::new(&admin);
     let bad = Mock::always(Reply::status(503));
@@ -225,8 +231,12 @@ async fn rows_in_postgres_match_sqlite_rows_for_the_same_traffic() {
 }
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
 async fn two_replicas_write_concurrently_without_loss_or_duplicates() {
-    let Some(admin) = admin_url() else { return };
+    let admin = admin_url();
     let _g = lock();
     let db = TestDb::new(&admin);
     let m = Mock::always(Reply::chat("x"));
@@ -263,8 +273,12 @@ async fn two_replicas_write_concurrently_without_loss_or_duplicates() {
 }
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
 async fn sigterm_flushes_every_queued_record_into_postgres() {
-    let Some(admin) = admin_url() else { return };
+    let admin = admin_url();
     let _g = lock();
     let db = TestDb::new(&admin);
     let m = Mock::always(Reply::chat("x"));
@@ -316,8 +330,12 @@ impl Drop for RestartGuard {
 }
 
 #[actix_rt::test]
+#[cfg_attr(
+    not(all(test_postgres, test_root)),
+    ignore = "stops and restarts the local PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES and OPENAI_API_ROUTE_TEST_ROOT"
+)]
 async fn postgres_restart_mid_traffic_loses_nothing_and_shows_the_outage() {
-    let Some(admin) = admin_url() else { return };
+    let admin = admin_url();
     let _g = lock();
     let db = TestDb::new(&admin);
     let m = Mock::always(Reply::chat("x"));
@@ -337,10 +355,11 @@ async fn postgres_restart_mid_traffic_loses_nothing_and_shows_the_outage() {
     }
     assert_eq!(db.wait_count(sent, Duration::from_secs(10)), sent);
     let _restart = RestartGuard;
-    if !pg_ctl("stop") {
-        eprintln!("SKIPPED restart part: pg_ctlcluster is not usable here");
-        return;
-    }
+    assert!(
+        pg_ctl("stop"),
+        "pg_ctlcluster cannot stop the PostgreSQL cluster: this test needs a local Debian-style \
+         cluster (unset OPENAI_API_ROUTE_TEST_ROOT to leave it out)"
+    );
     // Requests keep flowing at full speed while the database is down.
     for _ in 0..40 {
         assert_served(&gw, Duration::from_millis(500)).await;
@@ -399,9 +418,45 @@ fn unreachable_postgres_at_start_is_a_clear_error_without_the_password() {
     assert!(!err.contains("hunter2-secret"));
 }
 
+#[test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
+fn a_missing_database_is_reported_in_the_servers_own_words_without_the_password() {
+    let admin = admin_url();
+    let (scheme, rest) = admin.split_once("://").expect("a postgres:// URL");
+    let (server, _) = rest.rsplit_once('/').unwrap_or((rest, ""));
+    // A password in the URL (the test server trusts, so any is accepted) that must not be shown.
+    let server = match server.split_once('@') {
+        Some((user, host)) if !user.contains(':') => format!("{user}:hunter2-secret@{host}"),
+        _ => server.to_string(),
+    };
+    let url = format!("{scheme}://{server}/does_not_exist");
+    let err = Gateway::try_start(
+        &config("", &[upstream("u", "http://127.0.0.1:9/v1", "")]),
+        &["-database", &url],
+    )
+    .err()
+    .expect("must not start");
+    assert!(
+        err.contains("database \"does_not_exist\" does not exist"),
+        "the server's own message is missing: {err}"
+    );
+    assert!(
+        !err.contains("db error\n") && !err.ends_with("db error"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
 #[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
 async fn a_table_of_the_previous_version_gains_the_new_columns() {
-    let Some(admin) = admin_url() else { return };
+    let admin = admin_url();
     let _g = lock();
     let db = TestDb::new(&admin);
     // The table and schema version the previous version (0.1, migration 1) left.

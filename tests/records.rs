@@ -325,6 +325,74 @@ fn unwritable_database_is_a_clear_startup_error() {
     );
 }
 
+/// The gateway's exit code and stderr for a start with `-database db` (None: still running
+/// after 20 s, which these tests treat as a failure).
+fn start_fails(db: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("upstreams.yaml");
+    std::fs::write(
+        &cfg,
+        config("", &[upstream("u", "http://127.0.0.1:9/v1", "")]),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_openai-api-route"))
+        .args(["-addr", "127.0.0.1:0", "-database", db, "-config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_database_in_a_missing_directory_says_the_directory_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let db = missing.join("db.sqlite");
+    let (code, err) = start_fails(&db.display().to_string());
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
+    assert!(
+        err.contains(&format!(
+            "cannot open or write database {}: directory {} does not exist",
+            db.display(),
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+    assert!(!missing.exists(), "the directory must not be created");
+}
+
+#[actix_rt::test]
+async fn a_fresh_sqlite_file_starts_without_an_error_line() {
+    // The pool opened its connections in parallel and each switched the new file to WAL: one of
+    // them lost the race and logged `database is locked` as an ERROR before listening.
+    for _ in 0..8 {
+        let m = Mock::always(Reply::chat("x"));
+        let gw = one(&m, "");
+        assert_eq!(
+            post(&gw, "/v1/chat/completions", chat_body(false))
+                .await
+                .status,
+            200
+        );
+        gw.records(1);
+        let log = gw.log();
+        assert!(!log.contains("database is locked"), "{log}");
+        assert!(!log.contains(" ERROR "), "{log}");
+    }
+}
+
 #[actix_rt::test]
 async fn database_none_records_nothing_and_still_serves() {
     let m = Mock::always(Reply::chat("x"));

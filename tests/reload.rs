@@ -133,3 +133,95 @@ async fn signals_sent_as_soon_as_it_listens_reload_and_drain_instead_of_killing(
     gw.signal("TERM");
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+#[actix_rt::test]
+async fn a_reload_names_the_keys_it_cannot_apply_until_a_restart() {
+    let m = Mock::always(Reply::chat("ok"));
+    let started = config("record_queue: 100", &[upstream("u", &m.endpoint(), "")]);
+    let gw = Gateway::start(&started);
+    let reloads = |n: usize| {
+        let gw = &gw;
+        move || gw.log().matches("SIGHUP: reloaded").count() >= n
+    };
+    let pending = |gw: &Gateway| {
+        gw.log()
+            .lines()
+            .filter(|l| l.contains("not applied until restart"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // Keys read only at start, changed, beside one that applies at once (`timeout`).
+    let changed = config(
+        "record_queue: 200\ntimeout: 7\naddress: 127.0.0.1:1\ndatabase: elsewhere.sqlite\n\
+         otel: {endpoint: http://127.0.0.1:9/v1/traces}",
+        &[upstream("u", &m.endpoint(), "")],
+    );
+    std::fs::write(&gw.config_path, &changed).unwrap();
+    gw.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(3), reloads(1)),
+        "{}",
+        gw.log()
+    );
+    let lines = pending(&gw);
+    assert_eq!(lines.len(), 1, "{}", gw.log());
+    assert!(
+        lines[0].contains(
+            "(1 upstreams); not applied until restart (read only at start): address, database, \
+             record_queue, otel"
+        ),
+        "{}",
+        lines[0]
+    );
+    let page = send("GET", &gw.url("/"), &[], b"").await.text();
+    assert!(page.contains("7s / 5s"), "timeout not applied");
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200,
+        "still listening and recording where it started"
+    );
+    gw.records(1);
+
+    // The same file again: still not applied, still said.
+    gw.signal("HUP");
+    assert!(eventually(Duration::from_secs(3), reloads(2)));
+    assert_eq!(pending(&gw).len(), 2, "{}", gw.log());
+
+    // Back to the values it started with: nothing is pending any more.
+    std::fs::write(&gw.config_path, &started).unwrap();
+    gw.signal("HUP");
+    assert!(eventually(Duration::from_secs(3), reloads(3)));
+    assert_eq!(pending(&gw).len(), 2, "{}", gw.log());
+}
+
+#[actix_rt::test]
+async fn a_rejected_reload_still_suggests_the_key_that_was_meant() {
+    let m = Mock::always(Reply::chat("ok"));
+    let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
+    std::fs::write(
+        &gw.config_path,
+        config(
+            "",
+            &["  - name: u\n    endpont: http://127.0.0.1:9/v1\n".to_string()],
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    assert!(eventually(Duration::from_secs(3), || gw
+        .log()
+        .contains("config not reloaded")));
+    let log = gw.log();
+    assert!(
+        log.contains("upstreams[0].endpont: unknown key, ignored (did you mean `endpoint`?)"),
+        "{log}"
+    );
+    assert!(log.contains("upstreams[0].endpoint: missing"), "{log}");
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat_body(false))
+            .await
+            .status,
+        200
+    );
+}

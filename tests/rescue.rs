@@ -1633,13 +1633,16 @@ except openai.APIError as e:
     print("ERROR:" + type(e).__name__)
 "#;
 
-/// Runs the SDK script against `gw`; None (and a note) when no SDK is installed outside CI.
-fn run_sdk(gw: &Gateway) -> Option<String> {
-    let python = sdk_python("openai SDK resume test")?;
-    Some(run_python(&python, SDK_SCRIPT, &[&gw.url("/v1"), TOKEN]))
+/// Runs the SDK script against `gw` (tests that call this need `test_sdk_python`).
+fn run_sdk(gw: &Gateway) -> String {
+    run_python(&sdk_python(), SDK_SCRIPT, &[&gw.url("/v1"), TOKEN])
 }
 
 #[test]
+#[cfg_attr(
+    not(test_sdk_python),
+    ignore = "needs the openai Python SDK: set OPENAI_SDK_PYTHON"
+)]
 fn openai_python_sdk_reads_one_resumed_stream() {
     let first = first_breaking(Ending::Drop);
     let second = continuing("b");
@@ -1647,7 +1650,7 @@ fn openai_python_sdk_reads_one_resumed_stream() {
         &format!("{QUIET}{FAST}"),
         &[up("first", &first, ""), up("second", &second, "")],
     );
-    let Some(out) = run_sdk(&gw) else { return };
+    let out = run_sdk(&gw);
     assert!(out.contains("STREAM:Hello, world!\n"), "{out}");
     assert_eq!(second.hits(), 1);
 
@@ -1661,7 +1664,7 @@ fn openai_python_sdk_reads_one_resumed_stream() {
             up("second", &second, "prefill: none"),
         ],
     );
-    let out = run_sdk(&gw).unwrap_or_default();
+    let out = run_sdk(&gw);
     assert!(out.contains("STREAM:Hello, world!\n"), "{out}");
 
     // A rejected prefill, then regeneration, through the SDK.
@@ -1677,12 +1680,16 @@ fn openai_python_sdk_reads_one_resumed_stream() {
         &format!("{QUIET}{FAST}"),
         &[up("first", &first, ""), up("second", &second, "")],
     );
-    let out = run_sdk(&gw).unwrap_or_default();
+    let out = run_sdk(&gw);
     assert!(out.contains("STREAM:Hello, world!\n"), "{out}");
     assert_eq!(second.hits(), 2);
 }
 
 #[test]
+#[cfg_attr(
+    not(test_sdk_python),
+    ignore = "needs the openai Python SDK: set OPENAI_SDK_PYTHON"
+)]
 fn openai_python_sdk_sees_a_diverged_regeneration_as_an_error() {
     let first = first_breaking(Ending::Drop);
     let second = Mock::always(chat_stream("b", &["Goodbye!"]));
@@ -1693,7 +1700,7 @@ fn openai_python_sdk_sees_a_diverged_regeneration_as_an_error() {
             up("second", &second, "prefill: none"),
         ],
     );
-    let Some(out) = run_sdk(&gw) else { return };
+    let out = run_sdk(&gw);
     assert!(out.contains("PARTIAL:Hello, wor\n"), "{out}");
     assert!(out.contains("ERROR:"), "{out}");
     assert_eq!(second.hits(), 1);

@@ -50,6 +50,40 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("model_timeouts.*", timeouts::MODEL_TIMEOUT_KEYS),
 ];
 
+/// Top-level keys read once, when the process starts (the listener, the database, the record
+/// queue, the trace exporter are made from them then): a reload that changes one says it is not
+/// applied until a restart (docs/configuration.md, "Config file").
+pub const START_ONLY_KEYS: &[&str] = &[
+    "address",
+    "database",
+    "dbtype",
+    "dbaddr",
+    "record_queue",
+    "otel",
+];
+
+/// What the file said for each of [`START_ONLY_KEYS`], as a hash of its YAML value (so no
+/// secret of `database` or `otel.headers` is kept twice): enough to tell whether a reload
+/// changed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartOnly(Vec<(&'static str, u64)>);
+
+impl StartOnly {
+    fn of(root: &Value) -> StartOnly {
+        use std::hash::{Hash, Hasher};
+        StartOnly(
+            START_ONLY_KEYS
+                .iter()
+                .map(|k| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    root.get(k).hash(&mut h);
+                    (*k, h.finish())
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Request bodies above this size are "long prompts" that get a longer first-chunk wait.
 pub const LONG_PROMPT_BYTES: usize = 128 * 1024;
 /// The least a long prompt waits for its first chunk.
@@ -211,6 +245,8 @@ pub struct Config {
     pub rebuild: bool,
     /// Waits per model pattern, overriding `timeout`/`stream_timeout` (first match wins).
     pub model_timeouts: Vec<ModelTimeout>,
+    /// The file's values of the keys read only at start, to compare on reload.
+    pub start_only: StartOnly,
 }
 
 impl Config {
@@ -222,6 +258,18 @@ impl Config {
             .find(|t| t.pattern.matches(model))
     }
 
+    /// The keys read only at start whose value in `reloaded` differs from this config's: a
+    /// reload cannot apply them (this config should be the one the process started with).
+    pub fn not_applied_on_reload(&self, reloaded: &Config) -> Vec<&'static str> {
+        self.start_only
+            .0
+            .iter()
+            .zip(&reloaded.start_only.0)
+            .filter(|(a, b)| a != b)
+            .map(|((k, _), _)| *k)
+            .collect()
+    }
+
     /// Whether `ip` is a trusted proxy.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|n| n.contains(ip))
@@ -229,6 +277,8 @@ impl Config {
 }
 
 /// Reads and validates `path`; warnings (unknown keys) are logged, errors returned all together.
+/// The warnings are logged when the file is rejected too: a misspelt key ("did you mean
+/// `endpoint`?") is often the cause of the error beside it.
 pub fn load(path: &Path, noauth: bool) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -237,11 +287,11 @@ pub fn load(path: &Path, noauth: bool) -> Result<Config, ConfigErrors> {
             problem: format!("cannot read file: {e}"),
         }])
     })?;
-    let (config, warnings) = parse(path, &text, noauth, &|k| std::env::var(k).ok())?;
+    let (config, warnings) = parse_all(path, &text, noauth, &|k| std::env::var(k).ok());
     for w in warnings {
         log::warn!("{w}");
     }
-    Ok(config)
+    config
 }
 
 /// Parses config text; `env` resolves `${VAR}`. Returns the config and its warnings.
@@ -251,6 +301,17 @@ pub fn parse(
     noauth: bool,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+    let (config, warnings) = parse_all(path, text, noauth, env);
+    config.map(|c| (c, warnings))
+}
+
+/// [`parse`], with the warnings whether or not the file has errors.
+pub fn parse_all(
+    path: &Path,
+    text: &str,
+    noauth: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Result<Config, ConfigErrors>, Vec<ConfigError>) {
     let mut p = Parser {
         file: path.to_path_buf(),
         errors: Vec::new(),
@@ -260,18 +321,20 @@ pub fn parse(
     let root: Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            return Err(ConfigErrors(vec![ConfigError {
+            let error = ConfigError {
                 file: path.to_path_buf(),
                 key: String::new(),
                 problem: format!("invalid YAML: {e}"),
-            }]))
+            };
+            return (Err(ConfigErrors(vec![error])), Vec::new());
         }
     };
-    let config = p.root(&root, noauth);
+    let mut config = p.root(&root, noauth);
+    config.start_only = StartOnly::of(&root);
     if p.errors.is_empty() {
-        Ok((config, p.warnings))
+        (Ok(config), p.warnings)
     } else {
-        Err(ConfigErrors(p.errors))
+        (Err(ConfigErrors(p.errors)), p.warnings)
     }
 }
 

@@ -96,10 +96,14 @@ impl Parser<'_> {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("{k:?}"));
             if !known.contains(&name.as_str()) {
+                let problem = match nearest(&name, known) {
+                    Some(near) => format!("unknown key, ignored (did you mean `{near}`?)"),
+                    None => "unknown key, ignored".to_string(),
+                };
                 self.warnings.push(ConfigError {
                     file: self.file.clone(),
                     key: join(prefix, &name),
-                    problem: "unknown key, ignored".into(),
+                    problem,
                 });
             }
         }
@@ -448,8 +452,60 @@ impl Parser<'_> {
             limits,
             rebuild,
             model_timeouts,
+            start_only: Default::default(),
         }
     }
+}
+
+/// The known key a misspelt `key` most likely meant: the one fewest edits away (a transposition
+/// counts as one edit, case and `-`/`_` are ignored), when that is at most a third of the longer
+/// name (at least one edit). `endpont` → `endpoint`, `stream-timeout` → `stream_timeout`; `zz`
+/// → none. A typo in a key is otherwise silent until the value it was meant to set is missed.
+pub(super) fn nearest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .map(|c| {
+                if c == '-' {
+                    '_'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    };
+    let typed = norm(key);
+    known
+        .iter()
+        .map(|k| (edits(&typed, &norm(k)), *k))
+        .filter(|(d, k)| *d <= (typed.len().max(k.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Optimal string alignment distance: insertions, deletions, substitutions and transpositions of
+/// two neighbours, each one edit.
+fn edits(a: &[char], b: &[char]) -> usize {
+    let (n, m) = (a.len(), b.len());
+    let mut d = vec![vec![0usize; m + 1]; n + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=n {
+        for j in 1..=m {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[n][m]
 }
 
 fn join(prefix: &str, key: &str) -> String {

@@ -247,3 +247,49 @@ fn retries_above_five_are_an_error_where_written() {
         parse_str("authorization: x\nretries: 5\nupstreams:\n  - endpoint: http://h\n").unwrap();
     assert_eq!(c.upstreams[0].retries, 5);
 }
+
+#[test]
+fn a_misspelt_key_is_matched_to_the_nearest_known_one_and_nothing_else_is() {
+    use super::parse::{nearest, ROOT_KEYS, UPSTREAM_KEYS};
+    for (typed, want) in [
+        ("endpont", Some("endpoint")),
+        ("endpiont", Some("endpoint")),
+        ("Endpoint", Some("endpoint")),
+        ("end-point", Some("endpoint")),
+        ("modelmap", Some("model_map")),
+        ("key", None),
+        ("zz", None),
+        ("colour", None),
+    ] {
+        assert_eq!(nearest(typed, UPSTREAM_KEYS), want, "{typed}");
+    }
+    for (typed, want) in [
+        ("timout", Some("timeout")),
+        ("stream-timeout", Some("stream_timeout")),
+        ("upstream", Some("upstreams")),
+        ("retention", None),
+        ("fancy", None),
+    ] {
+        assert_eq!(nearest(typed, ROOT_KEYS), want, "{typed}");
+    }
+}
+
+#[test]
+fn a_file_with_errors_keeps_its_unknown_key_warnings() {
+    let (config, warnings) = super::parse_all(
+        Path::new("t.yaml"),
+        "authorization: x\nupstreams:\n  - endpont: http://h/v1\n",
+        false,
+        &|_| None,
+    );
+    let errors = config.unwrap_err().to_string();
+    assert!(
+        errors.contains("upstreams[0].endpoint: missing"),
+        "{errors}"
+    );
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["t.yaml: upstreams[0].endpont: unknown key, ignored (did you mean `endpoint`?)"]
+    );
+}

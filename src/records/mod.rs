@@ -241,7 +241,7 @@ impl StoreError {
     fn from_pg(e: ::postgres::Error) -> StoreError {
         StoreError {
             unreachable: e.is_closed(),
-            message: e.to_string(),
+            message: postgres::explain(&e),
         }
     }
 }

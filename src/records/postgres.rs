@@ -52,6 +52,44 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN IF NOT EXISTS complete SMALLINT NOT NULL DEFAULT 0;",
 ];
 
+/// How long a connection attempt may take (at start and for the pool).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What went wrong, in the server's or the system's own words. The driver's error shows only
+/// its kind ("db error", "error connecting to server"); what an operator can act on (`database
+/// "x" does not exist`, `password authentication failed for user "u"`, `Connection refused`) is
+/// in the server's error or the error's sources. None of them holds the password.
+pub(super) fn explain(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{}: {}", db.severity(), db.message());
+        for (label, part) in [("detail", db.detail()), ("hint", db.hint())] {
+            if let Some(part) = part {
+                s.push_str(&format!(" ({label}: {part})"));
+            }
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// Logs the pool's failed connection attempts with [`explain`] (r2d2's own handler logs the
+/// driver's bare "db error").
+#[derive(Debug)]
+struct LogExplained;
+
+impl r2d2::HandleError<postgres::Error> for LogExplained {
+    fn handle_error(&self, e: postgres::Error) {
+        log::error!("PostgreSQL: {}", explain(&e));
+    }
+}
+
 /// Connects, migrates under the advisory lock, and checks that inserts are allowed.
 pub fn open(url: &str) -> Result<Pool, DbError> {
     let shown = super::target::redact(url);
@@ -61,21 +99,28 @@ pub fn open(url: &str) -> Result<Pool, DbError> {
     };
     let config: postgres::Config = url
         .parse()
-        .map_err(|e: postgres::Error| fail(e.to_string()))?;
-    let manager = PostgresConnectionManager::new(config, NoTls);
-    let pool = r2d2::Pool::builder()
-        .max_size(2)
-        .min_idle(Some(0))
-        .connection_timeout(Duration::from_secs(3))
-        .build(manager)
-        .map_err(|e| fail(e.to_string()))?;
-    let mut conn = pool.get().map_err(|e| fail(e.to_string()))?;
+        .map_err(|e: postgres::Error| fail(explain(&e)))?;
+    // The first connection is made directly, not through the pool: a pool that cannot connect
+    // reports only that it timed out waiting, and the reason is what the operator needs.
+    let mut first = config.clone();
+    if first.get_connect_timeout().is_none() {
+        first.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let mut conn = first.connect(NoTls).map_err(|e| fail(explain(&e)))?;
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(explain(&e)))?;
     let migrated = migrate(&mut conn);
     let _ = conn.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
-    migrated.map_err(|e| fail(e.to_string()))?;
-    Ok(pool)
+    migrated.map_err(|e| fail(explain(&e)))?;
+    drop(conn);
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    r2d2::Pool::builder()
+        .max_size(2)
+        .min_idle(Some(0))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .error_handler(Box::new(LogExplained))
+        .build(manager)
+        .map_err(|e| fail(e.to_string()))
 }
 
 fn migrate(conn: &mut postgres::Client) -> Result<(), postgres::Error> {

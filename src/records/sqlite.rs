@@ -72,19 +72,52 @@ const PROGRESS_OPS: c_int = 500;
 /// A pool over one SQLite file (the writer uses one connection at a time).
 pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 
+/// How long a connection waits for another one's lock before it reports `database is locked`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens (creating if needed) the file, runs migrations and proves it is writable.
 pub fn open(path: &str) -> Result<Pool, DbError> {
     let write_err = |source: rusqlite::Error| DbError::Open {
         target: path.to_string(),
         reason: source.to_string(),
     };
-    // Open once directly: a bad path fails at once instead of after the pool's retry timeout.
-    rusqlite::Connection::open(path).map_err(write_err)?;
+    // SQLite says only "unable to open database file" for a directory that is not there.
+    // (A `file:` URI is SQLite's to read.)
+    if let Some(dir) = Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !path.starts_with("file:"))
+    {
+        let missing = match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => None,
+            Ok(_) => Some("is not a directory"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist"),
+            // Anything else (permissions) is for SQLite's own open below to report.
+            Err(_) => None,
+        };
+        if let Some(why) = missing {
+            return Err(DbError::Open {
+                target: path.to_string(),
+                reason: format!("directory {} {why}", dir.display()),
+            });
+        }
+    }
+    // Open once directly, before the pool: a bad path fails at once instead of after the pool's
+    // retry timeout, and a new file gets its page size and WAL mode here, from one connection.
+    // The pool opens its connections in parallel: when each of them switched a new file to WAL,
+    // the ones that lost the race failed with `database is locked` (logged as an ERROR, then
+    // retried), because switching needs the file to itself.
+    {
+        let first = rusqlite::Connection::open(path).map_err(write_err)?;
+        first.busy_timeout(BUSY_TIMEOUT).map_err(write_err)?;
+        first
+            .execute_batch("PRAGMA page_size=32768; PRAGMA journal_mode=WAL;")
+            .map_err(write_err)?;
+    }
     let manager = SqliteConnectionManager::file(Path::new(path)).with_init(|c| {
-        c.execute_batch(
-            "PRAGMA page_size=32768; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
-             PRAGMA busy_timeout=5000;",
-        )?;
+        // The wait first: every statement after it may meet another connection's lock.
+        c.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL is a property of the file (set above); `synchronous` is one of each connection.
+        c.execute_batch("PRAGMA synchronous=NORMAL;")?;
         // Checkpoints are the checkpointer's (below), in place of SQLite's automatic one.
         c.wal_hook(Some(wal_grew));
         // The idle-class writer offers the CPU while SQLite works (priority.rs); a no-op on

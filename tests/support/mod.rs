@@ -24,19 +24,39 @@ pub use mock::*;
 pub use provider::*;
 pub use python::*;
 
-/// A service a test needs, named by the environment variable `var`. On a machine without it the
-/// test is skipped (and says so as `skipped`); under CI its absence is a failure, never a silent
-/// skip.
-pub fn required_env(var: &str, skipped: &str) -> Option<String> {
+/// The value of `var`, which names a service a test needs (PostgreSQL, the Python SDK, Chromium,
+/// root). Such a test carries `#[cfg_attr(not(<cfg>), ignore = "…")]`, so `build.rs` leaves it
+/// ignored (and counted so in `cargo test`'s summary) when `var` was not set at build time; run
+/// anyway (`--ignored`) without it, the test fails here, naming what to set. Never a silent pass.
+pub fn service(var: &str) -> String {
     match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "CI must set {var} (see .ci/run)"
-            );
-            eprintln!("SKIPPED {skipped}: {var} is not set");
-            None
-        }
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => panic!("{var} is not set: this test needs it (see the README's \"Two commands\")"),
     }
+}
+
+/// Every variable that enables tests, and whether this build saw it (from `build.rs`).
+pub fn test_services() -> Vec<(&'static str, bool)> {
+    env!("OPENAI_API_ROUTE_TEST_SERVICES")
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(var, on)| (var, on == "on"))
+        .collect()
+}
+
+/// CI runs every test: a variable `.ci/run` forgot would otherwise leave its tests ignored, and
+/// an ignored test is not a failure.
+#[test]
+fn under_ci_every_service_test_runs() {
+    let services = test_services();
+    assert!(services.len() >= 4, "{services:?}");
+    if std::env::var_os("CI").is_none() {
+        return;
+    }
+    let off: Vec<&str> = services
+        .iter()
+        .filter(|(_, on)| !on)
+        .map(|(var, _)| *var)
+        .collect();
+    assert!(off.is_empty(), "CI must set {off:?} (see .ci/run)");
 }

@@ -3,10 +3,10 @@
 
 use std::process::Command;
 
-/// The Python to run SDK scripts with. On a machine without it the test is skipped (and says
-/// so); under CI its absence is a failure, never a silent skip.
-pub fn sdk_python(test: &str) -> Option<String> {
-    super::required_env("OPENAI_SDK_PYTHON", test)
+/// The Python to run SDK scripts with (a test that calls this carries
+/// `#[cfg_attr(not(test_sdk_python), ignore = …)]`, see [`super::service`]).
+pub fn sdk_python() -> String {
+    super::service("OPENAI_SDK_PYTHON")
 }
 
 /// Runs `script` with `args`, asserts that it succeeded, and returns what it printed.
