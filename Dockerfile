@@ -1,11 +1,15 @@
 # openai-api-route container image.
 #
 #   docker build -t openai-api-route .
-#   docker run -d --name oar -p 8888:8888 --stop-timeout 40 \
+#   docker run -d --name oar -p 8888:8888 --stop-timeout 40 --ulimit nice=20 \
 #     -v "$PWD/config:/config:ro" -v oar-data:/data \
 #     -e OPENAI_API_KEY -e GATEWAY_TOKEN openai-api-route
 #
-# See docs/operations.md, section "Docker".
+# --ulimit nice=20 (RLIMIT_NICE) lets the non-root gateway move its record writer out of SCHED_IDLE
+# when the backlog grows, so the writer may step aside for requests; `--cap-add SYS_NICE` cannot do
+# that for a non-root USER (Docker makes no capability ambient), and the binary deliberately carries
+# no file capabilities (with them it would not start where SYS_NICE is not granted).
+# See docs/operations.md, sections "Docker" and "Record writer priority".
 
 # ---------------------------------------------------------------------------------------------
 # Build stage. rust:*-slim already carries gcc and libc6-dev, which the bundled SQLite (rusqlite
