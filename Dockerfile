@@ -1,11 +1,15 @@
 # openai-api-route container image.
 #
 #   docker build -t openai-api-route .
-#   docker run -d --name oar -p 8888:8888 --stop-timeout 40 \
+#   docker run -d --name oar -p 8888:8888 --stop-timeout 40 --ulimit nice=20 \
 #     -v "$PWD/config:/config:ro" -v oar-data:/data \
 #     -e OPENAI_API_KEY -e GATEWAY_TOKEN openai-api-route
 #
-# See docs/operations.md, section "Docker".
+# --ulimit nice=20 (RLIMIT_NICE) lets the non-root gateway move its record writer out of SCHED_IDLE
+# when the backlog grows, so the writer may step aside for requests; `--cap-add SYS_NICE` cannot do
+# that for a non-root USER (Docker makes no capability ambient), and the binary deliberately carries
+# no file capabilities (with them it would not start where SYS_NICE is not granted).
+# See docs/operations.md, sections "Docker" and "Record writer priority".
 
 # ---------------------------------------------------------------------------------------------
 # Build stage. rust:*-slim already carries gcc and libc6-dev, which the bundled SQLite (rusqlite
@@ -13,34 +17,32 @@
 FROM rust:1-slim-bookworm AS builder
 WORKDIR /src
 
-# 1) Dependencies only, in their own layer: it is rebuilt only when Cargo.toml or Cargo.lock change.
-#    Stub targets mirror the real layout (src/main.rs binary + src/lib.rs library), and
-#    static/style.css exists because src/status.rs include_str!s it.
-#    Afterwards the stub crate's own artifacts and fingerprints are dropped: COPY keeps the build
-#    context's mtimes, which can be older than the stubs, so cargo could otherwise take the stub
-#    build for fresh.
-#    Cargo refuses a manifest whose declared [[test]]/[[bench]] files are missing, even for
-#    `cargo build`, so tests/main.rs, benches/records.rs and benches/allocations.rs get empty
-#    stubs that stay (the image never builds them). A build script, if one is ever added, would need a stub here too.
+# 1) Dependencies only, in their own layer: it is rebuilt only when Cargo.toml, Cargo.lock, vendor/
+#    or the stand-in script change. Cargo refuses a manifest whose declared targets have no source,
+#    even for `cargo build`, so deploy/cargo-stand-ins.sh writes a stand-in for every target the
+#    manifest and `cargo metadata` name (library, binary, tests, benches, a build script if one is
+#    ever declared): no hand-kept list to forget a target in.
+#    Afterwards the stand-in crate's own artifacts and fingerprints are dropped (COPY keeps the
+#    build context's mtimes, which can be older than the stand-ins, so cargo could otherwise take
+#    the stand-in build for fresh), and so are the stand-ins of what step 2 compiles: a source that
+#    step 2 forgot to copy then fails the build instead of shipping a stand-in. Those of tests and
+#    benches stay (the image never builds them; cargo only checks they exist).
+#    .ci/docker-rehearsal.sh runs this stage's COPY and RUN lines in CI, without a Docker daemon:
+#    keep the RUN lines inside WORKDIR (relative paths) so that the rehearsal builds what Docker
+#    builds; that is also why the runtime stage copies the binary from target/release directly.
 COPY Cargo.toml Cargo.lock ./
 # awc with this project's patch (see vendor/awc/PATCHED.md), referenced by [patch.crates-io].
 COPY vendor ./vendor
-RUN mkdir -p src static tests benches \
- && echo 'fn main() {}' > src/main.rs \
- && : > src/lib.rs \
- && : > static/style.css \
- && : > tests/main.rs \
- && echo 'fn main() {}' > benches/records.rs \
- && echo 'fn main() {}' > benches/allocations.rs \
+COPY deploy/cargo-stand-ins.sh ./deploy/
+RUN sh deploy/cargo-stand-ins.sh write \
  && cargo build --release --locked \
  && cargo clean --release --package openai-api-route \
- && rm -rf src static
+ && sh deploy/cargo-stand-ins.sh drop
 
 # 2) The real sources. static/ must be present before the build: the stylesheet is compiled in.
 COPY static ./static
 COPY src ./src
-RUN cargo build --release --locked \
- && install -D -m 0755 target/release/openai-api-route /out/openai-api-route
+RUN cargo build --release --locked
 
 # ---------------------------------------------------------------------------------------------
 # Runtime stage: same Debian release as the builder, so the glibc the binary links against matches.
@@ -54,7 +56,7 @@ RUN groupadd --system --gid 10001 gateway \
  && mkdir -p /config /data \
  && chown gateway:gateway /data
 
-COPY --from=builder /out/openai-api-route /usr/local/bin/openai-api-route
+COPY --from=builder /src/target/release/openai-api-route /usr/local/bin/openai-api-route
 # A default config so the image runs with just `-e OPENAI_API_KEY -e GATEWAY_TOKEN`; mount your own
 # directory at /config to replace it (mount the directory, not the file, so SIGHUP sees edits).
 COPY upstreams.example.yaml /config/upstreams.yaml
