@@ -62,6 +62,33 @@ pub enum GatewayError {
         /// Names the object, its owner and what the owner's attempt came to.
         message: String,
     },
+    /// A member over one of its limits (see the members guide).
+    #[error("Rate limit reached for {member}: {}. Try again in {}s.", limit_text(.limited), .limited.retry_after.as_secs())]
+    RateLimited {
+        /// The member's name.
+        member: std::sync::Arc<str>,
+        /// Which limit, and when the member would be admitted.
+        limited: crate::member_limits::Limited,
+    },
+    /// A model the member may not use.
+    #[error("model {0:?} is not available to this key")]
+    ModelNotAllowed(String),
+    /// An object of another member, or one the gateway has not seen created, named by a
+    /// member that sees only its own (see the members guide, "Objects").
+    #[error("No such object: {0}")]
+    NoSuchObject(String),
+}
+
+/// How a limit reads in a 429's message: `60 requests per minute`.
+fn limit_text(l: &crate::member_limits::Limited) -> String {
+    use crate::member_limits::Limit;
+    let what = match l.limit {
+        Limit::Rpm => "requests per minute",
+        Limit::Tpm => "tokens per minute",
+        Limit::TokensPerDay => "tokens per day",
+        Limit::Concurrent => "requests at a time",
+    };
+    format!("{} {what}", l.value)
 }
 
 #[derive(Serialize)]
@@ -101,6 +128,9 @@ impl GatewayError {
             GatewayError::OwnerFailed { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            GatewayError::NoSuchObject(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -126,6 +156,11 @@ impl GatewayError {
             GatewayError::Internal(_) => ("server_error", "internal_error"),
             GatewayError::ObjectConflict(_) => ("invalid_request_error", "object_conflict"),
             GatewayError::OwnerFailed { .. } => ("upstream_error", "owner_failed"),
+            GatewayError::RateLimited { limited, .. } => {
+                (limited.limit.kind(), "rate_limit_exceeded")
+            }
+            GatewayError::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
+            GatewayError::NoSuchObject(_) => ("invalid_request_error", "not_found"),
         }
     }
 
@@ -141,6 +176,9 @@ impl GatewayError {
             GatewayError::NoUpstreamForModel(_) => Rejection::NotFound,
             GatewayError::BodyTimeout(_) => Rejection::Timeout,
             GatewayError::LoopDetected(_) => Rejection::Loop,
+            GatewayError::RateLimited { .. } => Rejection::RateLimited,
+            GatewayError::ModelNotAllowed(_) => Rejection::Forbidden,
+            GatewayError::NoSuchObject(_) => Rejection::NotFound,
             GatewayError::AllFailed { .. }
             | GatewayError::TooManySessions(_)
             | GatewayError::Internal(_)
@@ -168,6 +206,9 @@ impl GatewayError {
                 status: 429 | 503 | 408,
                 ..
             } => Some(1),
+            GatewayError::RateLimited { limited, .. } => {
+                Some(u32::try_from(limited.retry_after.as_secs().max(1)).unwrap_or(u32::MAX))
+            }
             _ => None,
         }
     }
@@ -175,6 +216,10 @@ impl GatewayError {
     /// The JSON body text (also what the record keeps as the reply).
     pub fn body(&self) -> String {
         let (kind, code) = self.kind_and_code();
+        let with_param = matches!(
+            self,
+            GatewayError::RateLimited { .. } | GatewayError::NoSuchObject(_)
+        );
         let body = Body {
             error: Detail {
                 message: self.to_string(),
@@ -182,6 +227,10 @@ impl GatewayError {
                 code,
             },
         };
+        if with_param {
+            let v = serde_json::json!({"error": {"message": body.error.message, "type": kind, "param": null, "code": code}});
+            return v.to_string();
+        }
         serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"error\":{}}"))
     }
 
@@ -218,11 +267,15 @@ pub enum Rejection {
     Headers,
     /// 508.
     Loop,
+    /// 429: a member over one of its limits.
+    RateLimited,
+    /// 403: a model the member may not use.
+    Forbidden,
 }
 
 impl Rejection {
     /// Every reason, for registering the series up front.
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 10] = [
         Rejection::Auth,
         Rejection::BadRequest,
         Rejection::NotFound,
@@ -231,6 +284,8 @@ impl Rejection {
         Rejection::TooLarge,
         Rejection::Headers,
         Rejection::Loop,
+        Rejection::RateLimited,
+        Rejection::Forbidden,
     ];
 
     /// The metric label.
@@ -244,6 +299,8 @@ impl Rejection {
             Rejection::TooLarge => "too_large",
             Rejection::Headers => "headers",
             Rejection::Loop => "loop",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::Forbidden => "forbidden",
         }
     }
 }

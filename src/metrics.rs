@@ -32,6 +32,10 @@ pub struct Metrics {
     websocket_sessions: IntGaugeVec,
     spans_dropped: IntCounter,
     affinity: IntCounterVec,
+    member_requests: IntCounterVec,
+    member_tokens: IntCounterVec,
+    member_in_flight: IntGaugeVec,
+    member_limited: IntCounterVec,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
 }
@@ -150,6 +154,38 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(affinity.clone()))?;
+        let member_requests = IntCounterVec::new(
+            opts(
+                "member_requests_total",
+                "Requests admitted for a member (see the members guide)",
+            ),
+            &["member"],
+        )?;
+        registry.register(Box::new(member_requests.clone()))?;
+        let member_tokens = IntCounterVec::new(
+            opts(
+                "member_tokens_total",
+                "Tokens a member's requests used, by kind (input, output)",
+            ),
+            &["member", "kind"],
+        )?;
+        registry.register(Box::new(member_tokens.clone()))?;
+        let member_in_flight = IntGaugeVec::new(
+            opts(
+                "member_in_flight",
+                "A member's requests and WebSocket sessions in flight",
+            ),
+            &["member"],
+        )?;
+        registry.register(Box::new(member_in_flight.clone()))?;
+        let member_limited = IntCounterVec::new(
+            opts(
+                "member_limited_total",
+                "A member's requests refused by one of its limits, by limit",
+            ),
+            &["member", "limit"],
+        )?;
+        registry.register(Box::new(member_limited.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -180,7 +216,49 @@ impl Metrics {
             websocket_sessions,
             spans_dropped,
             affinity,
+            member_requests,
+            member_tokens,
+            member_in_flight,
+            member_limited,
         })
+    }
+
+    /// A member's request admitted (it now counts in flight until [`Self::member_done`]).
+    pub fn member_admitted(&self, member: &str) {
+        self.member_requests.with_label_values(&[member]).inc();
+        self.member_in_flight.with_label_values(&[member]).inc();
+    }
+
+    /// A member's admitted request (or WebSocket session) ended.
+    pub fn member_done(&self, member: &str) {
+        self.member_in_flight.with_label_values(&[member]).dec();
+    }
+
+    /// Tokens a member's request used.
+    pub fn member_tokens(&self, member: &str, input: u64, output: u64) {
+        if input > 0 {
+            self.member_tokens
+                .with_label_values(&[member, "input"])
+                .inc_by(input);
+        }
+        if output > 0 {
+            self.member_tokens
+                .with_label_values(&[member, "output"])
+                .inc_by(output);
+        }
+    }
+
+    /// A member's request refused by `limit` (`rpm`, `tpm`, `tokens_per_day`, `concurrent`).
+    pub fn member_limited(&self, member: &str, limit: &'static str) {
+        self.member_limited
+            .with_label_values(&[member, limit])
+            .inc();
+    }
+
+    /// Creates a member's series at 0, so that each shows before its first request.
+    pub fn member_known(&self, member: &str) {
+        self.member_requests.with_label_values(&[member]);
+        self.member_in_flight.with_label_values(&[member]);
     }
 
     /// The actix-web-prom middleware over our registry, exposing `/v1/metrics`.

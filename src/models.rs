@@ -66,6 +66,8 @@ pub struct ModelsSnapshot {
     list_body: Bytes,
     /// `/v1/models/{id}` bodies.
     entries: HashMap<String, Bytes>,
+    /// The ids of the list, in its order (a member's own list is cut from it).
+    order: Vec<String>,
 }
 
 impl ModelsSnapshot {
@@ -74,12 +76,14 @@ impl ModelsSnapshot {
         let mut data: Vec<Value> = Vec::new();
         let mut entries = HashMap::new();
         let mut known = HashMap::new();
+        let mut order = Vec::new();
         let mut add = |id: &str, created: i64, owned_by: &str| {
             if entries.contains_key(id) {
                 return;
             }
             let v = json!({"id": id, "object": "model", "created": created, "owned_by": owned_by});
             entries.insert(id.to_string(), Bytes::from(v.to_string()));
+            order.push(id.to_string());
             data.push(v);
         };
         for up in &config.upstreams {
@@ -102,7 +106,26 @@ impl ModelsSnapshot {
             known,
             list_body,
             entries,
+            order,
         }
+    }
+
+    /// The `/v1/models` body of the models `may_use` admits (a member's own list).
+    pub fn list_for(&self, may_use: impl Fn(&str) -> bool) -> Bytes {
+        let mut out = Vec::with_capacity(self.list_body.len());
+        out.extend_from_slice(br#"{"object":"list","data":["#);
+        let mut first = true;
+        for id in self.order.iter().filter(|id| may_use(id)) {
+            if let Some(e) = self.entries.get(id) {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.extend_from_slice(e);
+            }
+        }
+        out.extend_from_slice(b"]}");
+        Bytes::from(out)
     }
 
     /// `route_by_models`: whether `up` may serve `model`. An unknown list, or a `"*"` model_map
@@ -426,16 +449,26 @@ fn percent_decode(s: &str) -> String {
 
 /// `GET /v1/models` and `GET /v1/models/{id}` (an empty id is the list).
 pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let ledger = match admission::admit(&req, &state) {
-        Ok(admitted) => admitted.ledger,
+    let (ledger, cfg) = match admission::admit(&req, &state, admission::Counting::Free) {
+        Ok(admitted) => (admitted.ledger, admitted.config),
         Err(refused) => return refused.answer(),
     };
     let snap = state.models.snapshot();
     let id = percent_decode(req.match_info().get("id").unwrap_or(""));
+    // A member that may use only some models sees only those (see the members guide).
+    let member = ledger
+        .member()
+        .and_then(|m| cfg.members.list.get(m.idx))
+        .filter(|m| !m.allow.is_empty() || !m.deny.is_empty());
     let (status, body) = if id.is_empty() {
-        (actix_web::http::StatusCode::OK, snap.list_body.clone())
+        let body = match member {
+            Some(m) => snap.list_for(|id| m.may_use(Some(id))),
+            None => snap.list_body.clone(),
+        };
+        (actix_web::http::StatusCode::OK, body)
     } else {
-        match snap.entries.get(&id) {
+        let visible = member.is_none_or(|m| m.may_use(Some(&id)));
+        match snap.entries.get(&id).filter(|_| visible) {
             Some(b) => (actix_web::http::StatusCode::OK, b.clone()),
             None => {
                 let err = json!({"error": {
@@ -451,8 +484,14 @@ pub async fn handler(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             }
         }
     };
+    let mut resp = json_response(status, body);
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-request-id"),
+        ledger.request_id().clone(),
+    );
+    ledger.rate_headers(resp.headers_mut());
     ledger.finish_answered(status);
-    json_response(status, body)
+    resp
 }
 
 #[cfg(test)]

@@ -196,6 +196,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .as_ref()
         .filter(|(s, _)| s.kind() == "PostgreSQL")
         .map(|(s, _)| s.clone());
+    let read_store = store.as_ref().map(|(s, _)| s.clone());
     let tls = tls_config();
 
     let system = actix_rt::System::new();
@@ -212,6 +213,9 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| addr.clone());
         let metrics = Metrics::new().map_err(|e| StartError::Other(e.to_string()))?;
+        for m in &cfg.members.list {
+            metrics.member_known(&m.name);
+        }
         let prom = metrics.http_middleware().map_err(StartError::Other)?;
         let http_metrics = metrics.http.clone();
         let tracer = start_tracer(trace_settings, &metrics, &tls)?;
@@ -253,6 +257,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
             realtime: sessions.clone(),
+            store: read_store,
         });
         let traces = state.clone();
 
@@ -267,6 +272,15 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 ))))
                 .route("/", web::get().to(status::page))
                 .route("/healthz", web::get().to(status::healthz))
+                .route("/usage", web::get().to(crate::member_usage::usage))
+                .route(
+                    "/static/usage.js",
+                    web::get().to(crate::member_usage::script),
+                )
+                .route(
+                    "/static/usage.css",
+                    web::get().to(crate::member_usage::style),
+                )
                 .route("/static/style.css", web::get().to(status::style))
                 // actix-web-prom answers this path itself; the route keeps the proxy from seeing it.
                 .service(
@@ -510,9 +524,11 @@ fn spawn_reload(
     actix_rt::spawn(async move {
         while hup.recv().await.is_some() {
             match load_checked(&cli) {
-                Ok(cfg) => {
+                Ok(mut cfg) => {
                     let pending = started.not_applied_on_reload(&cfg);
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
+                    // A member keeps what it used across a reload (see the members guide).
+                    cfg.members.adopt(&registry.view().config.members);
                     let cfg = Arc::new(cfg);
                     let n = cfg.upstreams.len();
                     registry.reload(cfg.clone()).await;

@@ -27,4 +27,6 @@ pub struct AppState {
     pub listen: String,
     /// What `-database` resolved to, for the status page (never a password).
     pub database: String,
+    /// The record store, for the reads of the usage page (None with `-database none`).
+    pub store: Option<crate::records::Store>,
 }

@@ -12,6 +12,7 @@
 //! This module imports neither `proxy` nor `models`: both import it.
 
 pub mod body;
+pub mod member;
 pub mod path;
 
 use std::net::IpAddr;
@@ -65,13 +66,36 @@ impl Refusal {
     }
 }
 
+/// Whether a route's requests count toward a member's limits (`/v1/models` does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counting {
+    /// Checked against the member's limits before anything else is read.
+    Counted,
+    /// Never counted nor refused by a limit.
+    Free,
+}
+
 /// The common admission of every `/v1/*` route, in order: auth (401), the path rules (400), the
-/// `Via` loop guard (508). Nothing has gone upstream when it returns.
-pub fn admit(req: &HttpRequest, state: &web::Data<AppState>) -> Result<Admitted, Box<Refusal>> {
+/// `Via` loop guard (508), and for a counted route the member's limits (429, before any body
+/// is read: a request over a limit costs almost nothing). Nothing has gone upstream when it
+/// returns.
+pub fn admit(
+    req: &HttpRequest,
+    state: &web::Data<AppState>,
+    counting: Counting,
+) -> Result<Admitted, Box<Refusal>> {
     let config = state.config.get();
     let mut ledger = Ledger::open(state.sinks.clone(), request_info(req, &config));
     match authorize(req, &config) {
-        Ok(label) => ledger.info_mut().client_key = label,
+        Ok(who) => {
+            let info = ledger.info_mut();
+            info.client_key = who.label;
+            if let Some(idx) = who.member {
+                if let Some(m) = config.members.list.get(idx) {
+                    ledger.member_is(idx, m);
+                }
+            }
+        }
         Err(e) => return Err(Refusal::new(ledger, e)),
     }
     if let Some(why) = path_problem(req.uri().path()) {
@@ -80,6 +104,11 @@ pub fn admit(req: &HttpRequest, state: &web::Data<AppState>) -> Result<Admitted,
     let hops = via_hops(req.headers());
     if hops >= MAX_VIA_HOPS {
         return Err(Refusal::new(ledger, GatewayError::LoopDetected(hops)));
+    }
+    if counting == Counting::Counted {
+        if let Err(e) = ledger.check_limits() {
+            return Err(Refusal::new(ledger, e));
+        }
     }
     Ok(Admitted { ledger, config })
 }
@@ -123,17 +152,6 @@ pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
     }
 }
 
-/// Constant-time comparison; only the lengths leak, which tokens do not keep secret anyway.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 /// The bearer token of a request, trimmed.
 fn bearer(req: &HttpRequest) -> Option<&str> {
     let v = req
@@ -150,31 +168,42 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
     Some(token.trim())
 }
 
-/// Checks the client token; returns its label (the config's own, shared, for a configured token).
-pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Option<Arc<str>>, GatewayError> {
+/// Who sent a request: its member (an index into the config's `members`), and the record's
+/// `client_key` label of its token.
+pub struct Caller {
+    /// The member, None with `-noauth`.
+    pub member: Option<usize>,
+    /// The token's non-secret label (shared with the config when the key is in it).
+    pub label: Option<Arc<str>>,
+}
+
+/// Checks the client token: the member whose key it is, found by the token's SHA-256 digest and
+/// compared in constant time (see the security guide).
+pub fn authorize(req: &HttpRequest, cfg: &Config) -> Result<Caller, GatewayError> {
     let token = bearer(req).filter(|t| !t.is_empty());
     if cfg.noauth {
-        return Ok(token.map(|t| token_label(t).into()));
+        return Ok(Caller {
+            member: None,
+            label: token.map(|t| token_label(t).into()),
+        });
     }
     let Some(token) = token else {
         return Err(GatewayError::Unauthorized(
             "missing API key: send `Authorization: Bearer <token>`",
         ));
     };
-    // Every configured token is compared, whichever matches.
-    let mut found = None;
-    for (i, t) in cfg.tokens.iter().enumerate() {
-        if ct_eq(t.as_bytes(), token.as_bytes()) {
-            found = Some(i);
-        }
-    }
-    match found {
-        Some(i) => Ok(Some(match cfg.token_labels.get(i) {
-            Some(label) => label.clone(),
-            None => token_label(token).into(),
-        })),
-        None => Err(GatewayError::Unauthorized("incorrect API key provided")),
-    }
+    let digest = crate::config::digest(token);
+    let Some((idx, member)) = cfg.members.by_digest(&digest) else {
+        return Err(GatewayError::Unauthorized("incorrect API key provided"));
+    };
+    let label = match &member.label {
+        Some(label) => label.clone(),
+        None => token_label(token).into(),
+    };
+    Ok(Caller {
+        member: Some(idx),
+        label: Some(label),
+    })
 }
 
 /// The client address: the peer, unless the peer is a trusted proxy that says otherwise.

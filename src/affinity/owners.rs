@@ -37,6 +37,8 @@ pub const MAX_CHAIN: usize = 1_000;
 
 struct Entry {
     upstream: Arc<str>,
+    /// The member whose request created it (see the members guide), when it was seen created.
+    member: Option<Arc<str>>,
     at: SystemTime,
     link: Option<Arc<Link>>,
 }
@@ -112,13 +114,35 @@ impl Owners {
     /// another upstream already does: the first owner wins (see the affinity guide), and the
     /// other one is returned for the caller to log and count as a conflict.
     pub fn learn(&self, id: &str, upstream: &Arc<str>) -> Result<(), Arc<str>> {
+        self.learn_for(id, upstream, None)
+    }
+
+    /// [`Owners::learn`] for an object `member`'s request created: it is that member's too.
+    pub fn learn_for(
+        &self,
+        id: &str,
+        upstream: &Arc<str>,
+        member: Option<&Arc<str>>,
+    ) -> Result<(), Arc<str>> {
         if let Some(e) = self.lock().map.get(id) {
             if e.upstream != *upstream {
                 return Err(e.upstream.clone());
             }
         }
         self.put(id, upstream, SystemTime::now(), None);
+        if let Some(m) = member {
+            if let Some(e) = self.lock().map.get_mut(id) {
+                e.member.get_or_insert_with(|| m.clone());
+            }
+        }
         Ok(())
+    }
+
+    /// The member whose request created `id`, when the gateway saw it created and `id` is still
+    /// owned under `cfg` (None for an object it never saw created).
+    pub fn member_of(&self, id: &str, cfg: &Config) -> Option<Arc<str>> {
+        self.owner_of(id, cfg)?;
+        self.lock().map.get(id).and_then(|e| e.member.clone())
     }
 
     /// `id` was deleted at its owner: owner and chain part are forgotten, and a later reference
@@ -162,6 +186,7 @@ impl Owners {
         let fresh = !g.map.contains_key(id);
         let entry = g.map.entry(key.clone()).or_insert_with(|| Entry {
             upstream: upstream.clone(),
+            member: None,
             at,
             link: None,
         });
@@ -248,6 +273,11 @@ impl Owners {
                 .and_then(|(body, items)| Link::from_record(body, items))
                 .map(Arc::new);
             self.put(&r.object_id, &upstream, r.created_at, link);
+            if let Some(m) = r.member {
+                if let Some(e) = self.lock().map.get_mut(r.object_id.as_str()) {
+                    e.member.get_or_insert_with(|| m.into());
+                }
+            }
         }
     }
 
@@ -378,6 +408,7 @@ mod tests {
             object_id: id.into(),
             upstream: up.into(),
             created_at: SystemTime::now() - Duration::from_secs(days_ago * 86_400),
+            member: None,
             has_chain: false,
             chain: None,
         }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_yaml::Value;
 
 mod limits;
+mod members;
 mod net;
 mod notify;
 mod otel;
@@ -26,6 +27,7 @@ mod timeouts;
 mod upstream;
 
 pub use limits::Limits;
+pub use members::{digest, Member, MemberLimits, Members, Objects};
 pub use net::IpNet;
 pub use notify::{FeishuConfig, MatrixConfig, NotifyConfig};
 pub use otel::OtelConfig;
@@ -48,6 +50,7 @@ pub const KEY_SECTIONS: &[(&str, &[&str])] = &[
     ("notify.matrix", notify::MATRIX_KEYS),
     ("otel", otel::OTEL_KEYS),
     ("model_timeouts.*", timeouts::MODEL_TIMEOUT_KEYS),
+    ("members[]", members::MEMBER_KEYS),
 ];
 
 /// Top-level keys read once, when the process starts (the listener, the database, the record
@@ -185,9 +188,6 @@ pub struct Config {
     pub file: PathBuf,
     /// Accepted client tokens (never logged).
     pub tokens: Vec<String>,
-    /// The record's `client_key` label of each of `tokens`, computed once per config so that a
-    /// request shares it instead of building it.
-    pub token_labels: Vec<std::sync::Arc<str>>,
     /// `-noauth` (set from the command line, kept here so reloads keep it).
     pub noauth: bool,
     /// Default header wait, non-stream.
@@ -247,6 +247,8 @@ pub struct Config {
     pub model_timeouts: Vec<ModelTimeout>,
     /// The file's values of the keys read only at start, to compare on reload.
     pub start_only: StartOnly,
+    /// Who may call, and within which limits (`members` and the `authorization` tokens).
+    pub members: Members,
 }
 
 impl Config {

@@ -59,6 +59,7 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     // Version 0.4.
     "model_timeouts",
     "rebuild_memory",
+    "members",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -406,6 +407,7 @@ impl Parser<'_> {
         let prefill = self.prefill("prefill", get("prefill"), Prefill::Message);
         let otel = self.otel(get("otel"));
         let model_timeouts = self.model_timeouts(get("model_timeouts"));
+        let members = self.members(get("members"), &tokens, noauth);
 
         let defaults = UpstreamDefaults {
             timeout,
@@ -419,10 +421,6 @@ impl Parser<'_> {
 
         Config {
             file: self.file.clone(),
-            token_labels: tokens
-                .iter()
-                .map(|t| super::token_label(t).into())
-                .collect(),
             tokens,
             noauth,
             timeout,
@@ -452,6 +450,7 @@ impl Parser<'_> {
             limits,
             rebuild,
             model_timeouts,
+            members,
             start_only: Default::default(),
         }
     }

@@ -208,6 +208,7 @@ fn key_sections_name_the_mappings_the_parser_warns_in() {
         \x20 matrix: {homeserver: http://m, access_token: t, room_id: r, zz: 1}\n\
         otel: {endpoint: http://c:4318/v1/traces, zz: 1}\n\
         model_timeouts: {\"*\": {timeout: 1, stream_timeout: 2, zz: 1}}\n\
+        members: [{name: m, key: k, zz: 1}]\n\
         upstreams:\n  - endpoint: http://h/v1\n    zz: 1\n";
     let (_, warnings) = parse(Path::new("t.yaml"), text, false, &|_| None).unwrap();
     let mut got: Vec<String> = warnings.into_iter().map(|w| w.key).collect();
@@ -217,6 +218,7 @@ fn key_sections_name_the_mappings_the_parser_warns_in() {
         .map(|(path, _)| match *path {
             "" => "zz".to_string(),
             "upstreams[]" => "upstreams[0].zz".to_string(),
+            "members[]" => "members[0].zz".to_string(),
             p => format!("{p}.zz"),
         })
         .collect();

@@ -60,6 +60,8 @@ impl Ledger {
                 HeaderValue::from(self.attempts),
             );
         }
+        self.member_ended(Default::default(), 0);
+        self.rate_headers(resp.headers_mut());
         let (error, reply) = match err.rejection() {
             Some(reason) => {
                 if !self.refused(Some(reason)) {
@@ -97,6 +99,7 @@ impl Ledger {
     /// like any other (counted; recorded without a body within the per-reason bound).
     pub fn finish_answered(mut self, status: StatusCode) {
         let (status_code, complete) = (status.as_u16(), status.as_u16() < 400);
+        self.member_ended(Default::default(), 0);
         self.end_trace(|| End {
             status: status_code,
             complete,

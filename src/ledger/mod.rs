@@ -21,11 +21,13 @@ use crate::registry::{AttemptResult, RegistryView};
 use crate::trace::Trace;
 
 mod finish;
+mod member;
 mod request_id;
 mod sinks;
 mod traced;
 mod types;
 
+pub use self::member::{openai_duration, MemberRef};
 pub use self::request_id::new_request_id;
 pub use self::sinks::Sinks;
 pub use self::types::{http_reason, AttemptFailure, BodyEnd, RequestInfo};
@@ -80,6 +82,8 @@ pub struct Ledger {
     pub marks: crate::affinity::Marks,
     /// The `x-request-id` of the answer: the answering upstream's own, else one made here.
     request_id: HeaderValue,
+    /// The member who sent it (none with `-noauth`).
+    member: Option<MemberRef>,
     /// Its spans, None when tracing is off.
     trace: Trace,
 }
@@ -125,6 +129,7 @@ impl Ledger {
             cooling: Vec::new(),
             marks: Default::default(),
             request_id: new_request_id(),
+            member: None,
         }
     }
 

@@ -8,7 +8,7 @@ use actix_web::web::Bytes;
 
 use crate::config::{Prefill, Upstream};
 use crate::facts::RequestFacts;
-use crate::usage::UsageEdit;
+use crate::include_usage::UsageEdit;
 
 /// Edits that turn the client's JSON body into the one an upstream gets, applied in one copy:
 /// `model_map`'s model (see the configuration guide), the added `stream_options` (see the models

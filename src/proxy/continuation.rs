@@ -14,11 +14,11 @@ use actix_web::HttpRequest;
 use crate::attempt::{is_failover_status, FailKind};
 use crate::config::{Prefill, Upstream};
 use crate::facts::RequestFacts;
+use crate::include_usage::UsageEdit;
 use crate::ledger::{Accounts, AttemptFailure, Ledger};
 use crate::policy::Counts;
 use crate::registry::RegistryView;
 use crate::trace::{Link, Propagation, Started};
-use crate::usage::UsageEdit;
 
 use super::attempt::{self as one, Upstreamed};
 use super::body;

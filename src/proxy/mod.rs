@@ -10,6 +10,7 @@ pub mod body;
 pub mod continuation;
 pub mod ends;
 pub mod engine;
+pub mod lists;
 pub mod plan;
 pub mod relay;
 pub mod rescue;
@@ -24,17 +25,18 @@ use actix_web::http::Method;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 
-use crate::admission::{body as read, Admitted};
+use crate::admission::member::member_rules;
+use crate::admission::{body as read, Admitted, Counting};
 use crate::attempt::FailKind;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::facts;
+use crate::include_usage::{self, UsageEdit};
 use crate::ledger::{Ledger, Verdict};
 use crate::policy::{Counts, Next, Outcome, Pin};
 use crate::registry::RegistryView;
 use crate::state::AppState;
-use crate::usage::{self, UsageEdit};
 
 use self::attempt::Upstreamed;
 use self::engine::{Attempt, Attempter, Ended, Run, Tried};
@@ -67,7 +69,8 @@ async fn admit_request(
     let Admitted {
         mut ledger,
         config: cfg,
-    } = crate::admission::admit(req, state).map_err(|refused| refused.into_parts())?;
+    } = crate::admission::admit(req, state, Counting::Counted)
+        .map_err(|refused| refused.into_parts())?;
     let body = actix_rt::time::timeout(
         cfg.body_timeout,
         read::read_body(req, payload, cfg.max_body_bytes),
@@ -101,6 +104,10 @@ async fn admit_request(
     info.model = facts.model.clone();
     info.stream = facts.stream;
     info.facts = facts;
+    // The member's rules, then its place (a refused request counts toward no limit).
+    if let Err(e) = member_rules(&ledger, &cfg).and_then(|()| ledger.take_place()) {
+        return Err((ledger, e));
+    }
     Ok(ledger)
 }
 
@@ -118,7 +125,7 @@ async fn forward(
     let view = plan.view.clone();
     let cfg = view.config.clone();
     let info = ledger.info();
-    let usage = usage::usage_edit(
+    let usage = include_usage::usage_edit(
         info.path(),
         info.stream,
         &info.body,
@@ -153,7 +160,13 @@ async fn forward(
                 idx,
                 verdict,
                 usage_added,
+                replaced: None,
             };
+            let (tried, replaced) = match own_list(&ledger, &view.config, tried).await {
+                Ok(t) => t,
+                Err(err) => return ledger.finish_local(err),
+            };
+            let answer = Answer { replaced, ..answer };
             relay(ledger, (&view, &plan), answer, tried, (req, client, usage))
         }
         Ended::OwnerFailed => {
@@ -198,6 +211,8 @@ struct Answer {
     idx: usize,
     verdict: Verdict,
     usage_added: bool,
+    /// The body was read and rewritten (a member's own list): its new length.
+    replaced: Option<u64>,
 }
 
 /// Relays the chosen answer: owners learned or forgotten on a 2xx, the continuation plan, then
@@ -235,8 +250,48 @@ fn relay(
         usage_added: answer.usage_added,
         verdict: answer.verdict,
         resume,
+        replaced: answer.replaced,
     };
     respond::respond(ledger, at, resp, first)
+}
+
+/// A list answered to a member that sees only its own objects keeps only those (read whole
+/// for it; see `lists`).
+async fn own_list(
+    ledger: &Ledger,
+    cfg: &crate::config::Config,
+    mut tried: Tried<(Upstreamed, Option<Bytes>)>,
+) -> Result<(Tried<(Upstreamed, Option<Bytes>)>, Option<u64>), GatewayError> {
+    use crate::config::Objects;
+    let info = ledger.info();
+    let Some(m) = ledger.member().filter(|m| m.objects == Objects::Own) else {
+        return Ok((tried, None));
+    };
+    let Some((resp, first)) = tried.answer.as_mut() else {
+        return Ok((tried, None));
+    };
+    if info.method != Method::GET || !lists::is_list(info.path()) || !resp.status().is_success() {
+        return Ok((tried, None));
+    }
+    let mut body = actix_web::web::BytesMut::new();
+    if let Some(f) = first.take() {
+        body.extend_from_slice(&f);
+    }
+    let rest = resp
+        .body()
+        .limit(lists::LIST_MAX)
+        .await
+        .map_err(|e| GatewayError::AllFailed {
+            timed_out: false,
+            summary: format!("the list answer could not be read: {e}"),
+        })?;
+    body.extend_from_slice(&rest);
+    let owners = &ledger.sinks().owners;
+    let keep = |id: &str| owners.member_of(id, cfg).is_some_and(|o| o == m.name);
+    let kept = lists::keep_own(&body, keep).unwrap_or_default();
+    let len = kept.len() as u64;
+    *first = Some(Bytes::from(kept));
+    Ok((tried, Some(len)))
 }
 
 /// A 2xx answer from `upstream`: it owns the ids the plan lets it learn; a `DELETE` of an owned
@@ -321,7 +376,7 @@ impl Attempter<Ledger> for Http<'_> {
         let mut usage_added = add_usage;
         if let (true, Ok(Ok((resp, first)))) = (add_usage, &mut result) {
             // A 400 naming the added `stream_options` is repeated once without it.
-            if usage::refuses_stream_options(resp, first, a.wait).await {
+            if include_usage::refuses_stream_options(resp, first, a.wait).await {
                 usage_added = false;
                 let info = ledger.info();
                 let extras = body::Extras::default();

@@ -37,6 +37,8 @@ pub struct Committed<'a> {
     pub verdict: Verdict,
     /// How to continue the stream if it breaks (4a `resume`), when it may be continued.
     pub resume: Option<ResumePlan>,
+    /// The body was read and rewritten (a member's own list): its length; `first` holds it.
+    pub replaced: Option<u64>,
 }
 
 /// Sends the committed answer to the client, streaming; from here the relayed body owns the
@@ -54,6 +56,7 @@ pub fn respond(
         usage_added,
         verdict,
         resume,
+        replaced,
     } = at;
     let cfg = &view.config;
     let status = resp.status();
@@ -79,15 +82,28 @@ pub fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let sse = is_sse(&resp);
-    let length = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let length = replaced.or_else(|| {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    });
 
     let mut builder = HttpResponse::build(status);
+    // A member with its own limits is told about them, not about the shared account's.
+    let own_limits = ledger.has_rate_limits();
     for (name, value) in headers::response_headers(resp.headers()) {
+        if own_limits && name.as_str().starts_with("x-ratelimit-") {
+            continue;
+        }
         builder.append_header((name.clone(), value.clone()));
+    }
+    if own_limits {
+        let mut mine = actix_web::http::header::HeaderMap::new();
+        ledger.rate_headers(&mut mine);
+        for (name, value) in mine.iter() {
+            builder.insert_header((name.clone(), value.clone()));
+        }
     }
     builder.insert_header((
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -163,14 +179,15 @@ pub fn respond(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
-    let chunked = resp
-        .headers()
-        .get(header::TRANSFER_ENCODING)
-        .is_some_and(|v| {
-            v.as_bytes()
-                .windows(7)
-                .any(|w| w.eq_ignore_ascii_case(b"chunked"))
-        });
+    let chunked = replaced.is_none()
+        && resp
+            .headers()
+            .get(header::TRANSFER_ENCODING)
+            .is_some_and(|v| {
+                v.as_bytes()
+                    .windows(7)
+                    .any(|w| w.eq_ignore_ascii_case(b"chunked"))
+            });
     let resumer = match resume {
         Some(plan) if sse && status.is_success() => {
             Some(Resumer::new(plan, view.clone(), idx, usage_added))
@@ -228,9 +245,10 @@ fn object_watch(ledger: &Ledger, upstream: &Arc<str>, limit: usize) -> Option<Ob
     }
     let sinks = ledger.sinks().clone();
     let up = upstream.clone();
+    let member = ledger.info().member.clone();
     let want_output = path.trim_end_matches('/') == "/v1/responses";
     let on_id = move |id: &str| {
-        if let Err(first) = sinks.owners.learn(id, &up) {
+        if let Err(first) = sinks.owners.learn_for(id, &up, member.as_ref()) {
             sinks.metrics.affinity("conflict");
             log::warn!(
                 "upstream {up} answered a create with id {:?}, which upstream {first} owns; the first owner keeps it",

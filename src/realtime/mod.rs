@@ -35,6 +35,8 @@ mod session;
 pub use self::query::{query_model, rewrite_query_model};
 use self::session::{relay, ClientBody, Live};
 
+use crate::admission::member::member_rules;
+use crate::admission::Counting;
 use crate::attempt::FailKind;
 use crate::capture::Reply;
 use crate::config::Upstream;
@@ -234,7 +236,7 @@ pub async fn session(
     state: web::Data<AppState>,
     client: web::Data<UpstreamClient>,
 ) -> HttpResponse {
-    let mut ledger = match crate::admission::admit(&req, &state) {
+    let mut ledger = match crate::admission::admit(&req, &state, Counting::Counted) {
         Ok(admitted) => admitted.ledger,
         Err(refused) => return refused.answer(),
     };
@@ -250,11 +252,22 @@ pub async fn session(
     if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
         return ledger.finish_local(GatewayError::BadHandshake(e.to_string()));
     }
-    // The session's place, taken before any upstream is tried and held until it ends.
     let cfg = state.config.get();
+    // The member's rules and place: a session counts toward `rpm` and, until it ends,
+    // `concurrent` (see the members guide).
+    if let Err(e) = member_rules(&ledger, &cfg).and_then(|()| ledger.take_place()) {
+        return ledger.finish_local(e);
+    }
+    // The session's place, taken before any upstream is tried and held until it ends; the
+    // per-token cap counts per member.
     let lim = &cfg.limits;
+    let per = ledger
+        .info()
+        .member
+        .clone()
+        .or(ledger.info().client_key.clone());
     let slot = match state.realtime.counts.open(
-        ledger.info().client_key.as_ref(),
+        per.as_ref(),
         lim.realtime_max_sessions,
         lim.realtime_max_sessions_per_token,
     ) {
@@ -448,6 +461,12 @@ fn status_answer(
     if let Ok(v) = HeaderValue::from_str(upstream) {
         b.insert_header(("x-upstream", v));
     }
+    b.insert_header(("x-request-id", ledger.request_id().clone()));
+    let mut own = HeaderMap::new();
+    ledger.rate_headers(&mut own);
+    for (name, value) in own.iter() {
+        b.insert_header((name.clone(), value.clone()));
+    }
     ledger.finish_body(BodyEnd::Complete, Reply::with_text(Some(body.clone())));
     b.body(body)
 }
@@ -481,6 +500,12 @@ fn open(
         builder.insert_header(("x-upstream", v));
     }
     builder.insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
+    builder.insert_header(("x-request-id", ledger.request_id().clone()));
+    let mut own = HeaderMap::new();
+    ledger.rate_headers(&mut own);
+    for (name, value) in own.iter() {
+        builder.insert_header((name.clone(), value.clone()));
+    }
 
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     log::debug!(

@@ -17,6 +17,7 @@ mod priority;
 mod sqlite;
 pub mod target;
 mod ticker;
+pub mod usage;
 mod writer;
 
 use std::borrow::Cow;

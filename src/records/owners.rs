@@ -16,6 +16,8 @@ pub struct OwnerRow {
     pub object_id: String,
     /// The upstream that created it.
     pub upstream: String,
+    /// The member whose request created it (see the members guide), if known.
+    pub member: Option<String>,
     /// When its request started.
     pub created_at: SystemTime,
     /// A whole Responses answer whose chain part (request body, kept output items) is stored.
@@ -51,7 +53,9 @@ pub(super) fn sqlite_columns(conn: &rusqlite::Connection) -> rusqlite::Result<()
     }
     sql.push_str(
         "CREATE INDEX IF NOT EXISTS records_object_id ON records(object_id) \
-         WHERE object_id IS NOT NULL;",
+         WHERE object_id IS NOT NULL; \
+         CREATE INDEX IF NOT EXISTS records_member ON records(member, created_at) \
+         WHERE member IS NOT NULL;",
     );
     conn.execute_batch(&format!("BEGIN; {sql} COMMIT;"))
 }
@@ -66,7 +70,9 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
             ADD COLUMN IF NOT EXISTS request_id TEXT,
             ADD COLUMN IF NOT EXISTS member TEXT;
          CREATE INDEX IF NOT EXISTS records_object_id ON records(object_id)
-            WHERE object_id IS NOT NULL;",
+            WHERE object_id IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS records_member ON records(member, created_at)
+            WHERE member IS NOT NULL;",
     )
 }
 
@@ -74,7 +80,7 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
 /// window of rows; [`fill_chains`] reads the bodies of the new ones only).
 const SELECT: &str = "SELECT id, object_id, upstream, created_epoch, \
      CASE WHEN path = '/v1/responses' AND complete = 1 AND response_items IS NOT NULL \
-     THEN 1 ELSE 0 END";
+     THEN 1 ELSE 0 END, member";
 
 /// Reads the chain parts of the `rows` that have one (by record id, 500 per query).
 pub fn fill_chains(store: &Store, rows: &mut [OwnerRow]) -> Result<(), StoreError> {
@@ -187,10 +193,11 @@ fn read(
                 .replace("{limit}", &limit.to_string())
         )
     };
-    let row = |id: i64, o: String, u: String, at: i64, has_chain: bool| OwnerRow {
+    let row = |id: i64, o: String, u: String, at: i64, has_chain: bool, member| OwnerRow {
         row: id,
         object_id: o,
         upstream: u,
+        member,
         created_at: UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0)),
         has_chain,
         chain: None,
@@ -209,6 +216,7 @@ fn read(
                         r.get(2)?,
                         r.get::<_, Option<i64>>(3)?.unwrap_or(0),
                         r.get::<_, i64>(4)? != 0,
+                        r.get(5)?,
                     ))
                 })
                 .map_err(StoreError::failed)?;
@@ -228,6 +236,7 @@ fn read(
                         r.get(2),
                         r.get(3),
                         r.get::<_, i32>(4) != 0,
+                        r.get(5),
                     )
                 })
                 .collect())

@@ -1,0 +1,214 @@
+//! The member a request belongs to, as its ledger keeps it (see the members guide): its limits
+//! checked before the body is read and counted once the request is admitted, its place in flight
+//! held until the answer ends, the tokens it used counted at the end, and OpenAI's rate-limit
+//! headers on every answer to a member with `rpm` or `tpm`.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::capture::Usage;
+use crate::config::{Member, Objects};
+use crate::error::GatewayError;
+use crate::member_limits::{Limited, MemberLimits, MemberState, Permit};
+use crate::metrics::Metrics;
+
+use super::Ledger;
+
+/// The member of a request.
+pub struct MemberRef {
+    /// Its index in the config's `members`.
+    pub idx: usize,
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its limits.
+    pub limits: MemberLimits,
+    /// Which objects it sees.
+    pub objects: Objects,
+    state: Arc<MemberState>,
+    /// Its place among the member's requests in flight, once admitted.
+    place: Option<Place>,
+}
+
+/// An admitted request's place: the member's counter, and its `member_in_flight` series.
+struct Place {
+    _permit: Permit,
+    metrics: Metrics,
+    name: Arc<str>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.metrics.member_done(&self.name);
+    }
+}
+
+impl Ledger {
+    /// The request comes from member `idx` of the config.
+    pub fn member_is(&mut self, idx: usize, m: &Member) {
+        self.info.member = Some(m.name.clone());
+        self.member = Some(MemberRef {
+            idx,
+            name: m.name.clone(),
+            limits: m.limits,
+            objects: m.objects,
+            state: m.state.clone(),
+            place: None,
+        });
+    }
+
+    /// The request's member, when it has one (not with `-noauth`).
+    pub fn member(&self) -> Option<&MemberRef> {
+        self.member.as_ref()
+    }
+
+    /// Whether the member may send one more request now (nothing is counted yet): the check
+    /// made before the body is read.
+    pub fn check_limits(&self) -> Result<(), GatewayError> {
+        let Some(m) = &self.member else {
+            return Ok(());
+        };
+        m.state
+            .check(&m.limits, Instant::now(), SystemTime::now())
+            .map_err(|l| self.limited(m, l))
+    }
+
+    /// Admits the request for its member: counted in its limits, and in flight until the answer
+    /// ends (a refused request counts toward no limit).
+    pub fn take_place(&mut self) -> Result<(), GatewayError> {
+        let Some(m) = &self.member else {
+            return Ok(());
+        };
+        match m.state.admit(&m.limits, Instant::now(), SystemTime::now()) {
+            Ok(permit) => {
+                let metrics = self.sinks.metrics.clone();
+                metrics.member_admitted(&m.name);
+                let place = Place {
+                    _permit: permit,
+                    metrics,
+                    name: m.name.clone(),
+                };
+                if let Some(m) = self.member.as_mut() {
+                    m.place = Some(place);
+                }
+                Ok(())
+            }
+            Err(l) => Err(self.limited(m, l)),
+        }
+    }
+
+    fn limited(&self, m: &MemberRef, l: Limited) -> GatewayError {
+        self.sinks.metrics.member_limited(&m.name, l.limit.label());
+        GatewayError::RateLimited {
+            member: m.name.clone(),
+            limited: l,
+        }
+    }
+
+    /// The request ended: the tokens it used count toward its member's `tpm` and
+    /// `tokens_per_day` — its `total_tokens`, or, when the upstream reported none, a quarter of
+    /// the request body's and the generated text's bytes.
+    pub(super) fn member_ended(&mut self, usage: Usage, text_bytes: usize) {
+        let Some(m) = self.member.as_mut() else {
+            return;
+        };
+        if m.place.is_none() {
+            return;
+        }
+        let body = self.info.body.len() as u64;
+        let (input, output, total) = match (usage.total, usage.prompt, usage.completion) {
+            (Some(t), p, c) => (
+                p.unwrap_or(0).max(0) as u64,
+                c.unwrap_or(0).max(0) as u64,
+                t.max(0) as u64,
+            ),
+            (None, Some(p), Some(c)) => (p.max(0) as u64, c.max(0) as u64, (p + c).max(0) as u64),
+            _ => {
+                let (i, o) = (body / 4, text_bytes as u64 / 4);
+                (i, o, (body + text_bytes as u64) / 4)
+            }
+        };
+        m.state.add_tokens(total, Instant::now(), SystemTime::now());
+        self.sinks.metrics.member_tokens(&m.name, input, output);
+    }
+
+    /// Whether the answers carry the member's own rate-limit headers (it has `rpm` or `tpm`).
+    pub fn has_rate_limits(&self) -> bool {
+        self.member
+            .as_ref()
+            .is_some_and(|m| m.limits.rate_headers())
+    }
+
+    /// OpenAI's rate-limit headers for the member's own limits, when it has `rpm` or `tpm`; the
+    /// upstream's own `x-ratelimit-*` are removed then (they describe the shared account).
+    pub fn rate_headers(&self, headers: &mut HeaderMap) {
+        let Some(m) = &self.member else {
+            return;
+        };
+        if !m.limits.rate_headers() {
+            return;
+        }
+        let remove: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-ratelimit-"))
+            .cloned()
+            .collect();
+        for k in remove {
+            headers.remove(k);
+        }
+        let now = Instant::now();
+        let used = m.state.used(now, SystemTime::now());
+        let (reset_requests, reset_tokens) = m.state.resets(now);
+        let mut put = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        };
+        if let Some(n) = m.limits.rpm {
+            put("x-ratelimit-limit-requests", n.to_string());
+            let left = n.saturating_sub(used.requests_last_minute);
+            put("x-ratelimit-remaining-requests", left.to_string());
+            put(
+                "x-ratelimit-reset-requests",
+                openai_duration(reset_requests),
+            );
+        }
+        if let Some(n) = m.limits.tpm {
+            put("x-ratelimit-limit-tokens", n.to_string());
+            let left = n.saturating_sub(used.tokens_last_minute);
+            put("x-ratelimit-remaining-tokens", left.to_string());
+            put("x-ratelimit-reset-tokens", openai_duration(reset_tokens));
+        }
+    }
+}
+
+/// A duration as OpenAI's rate-limit headers write it: `6s`, `1m30s`, `250ms`.
+pub fn openai_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs() + u64::from(d.subsec_millis() >= 500);
+    match (secs / 3600, secs % 3600 / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openai_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_in_openais_words() {
+        assert_eq!(openai_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(openai_duration(Duration::from_secs(6)), "6s");
+        assert_eq!(openai_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(openai_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(openai_duration(Duration::ZERO), "0ms");
+    }
+}
