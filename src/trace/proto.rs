@@ -105,12 +105,28 @@ fn attr(buf: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
     });
 }
 
+/// The exporter's encoder: its two buffers are kept from one batch to the next (public for
+/// `benches/otlp.rs`, which measures it; docs/tracing.md has the figures).
+#[derive(Default)]
+pub struct Encoder {
+    head: Vec<u8>,
+    spans: Vec<u8>,
+}
+
+impl Encoder {
+    /// `batch` as one `ExportTraceServiceRequest`, in two parts to be sent one after the other.
+    pub fn encode(&mut self, service_name: &str, batch: &[Finished]) -> [&[u8]; 2] {
+        encode(service_name, batch, &mut self.head, &mut self.spans);
+        [&self.head, &self.spans]
+    }
+}
+
 /// `ExportTraceServiceRequest` with one `ResourceSpans` (the service) and one `ScopeSpans`, as
 /// two parts sent one after the other: `head` (the request's, the resource's and the scope's
 /// framing) and `spans` (the `ScopeSpans` body). Both buffers are the caller's and reused, and the
 /// spans are written once: the framing's lengths are computed after them instead of copying
 /// every span into each enclosing message.
-pub fn encode(service_name: &str, batch: &[Finished], head: &mut Vec<u8>, spans: &mut Vec<u8>) {
+fn encode(service_name: &str, batch: &[Finished], head: &mut Vec<u8>, spans: &mut Vec<u8>) {
     head.clear();
     spans.clear();
     message(spans, 1, |scope| {
