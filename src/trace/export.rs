@@ -112,7 +112,7 @@ struct Exporter {
     tls: Arc<rustls::ClientConfig>,
     batch: Vec<Finished>,
     spans: usize,
-    /// Its buffers are reused from one export to the next.
+    /// Kept from one export to the next: its buffers and spans are rewritten, not rebuilt.
     encoder: Encoder,
     /// Keeps the connection to the receiver between exports.
     client: Client,
