@@ -17,8 +17,9 @@ use prometheus::IntCounter;
 
 use super::context::Sampler;
 use super::http::Client;
+use super::proto::Encoder;
 use super::settings::Settings;
-use super::{proto, Finished};
+use super::Finished;
 
 /// What the queue carries. Spans travel by value (no allocation per request to box them); the
 /// channel's buffer is allocated once: queue size × ~360 bytes (720 KiB at the default 2048).
@@ -111,9 +112,8 @@ struct Exporter {
     tls: Arc<rustls::ClientConfig>,
     batch: Vec<Finished>,
     spans: usize,
-    /// The encoded request's framing and spans, reused from one export to the next.
-    head: Vec<u8>,
-    body: Vec<u8>,
+    /// Kept from one export to the next: its buffers and spans are rewritten, not rebuilt.
+    encoder: Encoder,
     /// Keeps the connection to the receiver between exports.
     client: Client,
     due: Option<Instant>,
@@ -128,8 +128,7 @@ impl Exporter {
             tls,
             batch: Vec::new(),
             spans: 0,
-            head: Vec::new(),
-            body: Vec::new(),
+            encoder: Encoder::default(),
             client: Client::default(),
             due: None,
             failing: false,
@@ -178,19 +177,13 @@ impl Exporter {
         if self.batch.is_empty() {
             return;
         }
-        proto::encode(
-            &self.settings.service_name,
-            &self.batch,
-            &mut self.head,
-            &mut self.body,
-        );
+        let body = self
+            .encoder
+            .encode(&self.settings.service_name, &self.batch);
         let n = self.spans;
         self.batch.clear();
         self.spans = 0;
-        match self
-            .client
-            .post(&self.settings, &self.tls, [&self.head, &self.body])
-        {
+        match self.client.post(&self.settings, &self.tls, body) {
             Ok(()) => {
                 if self.failing {
                     log::info!(

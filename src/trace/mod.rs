@@ -20,7 +20,7 @@ use actix_web::http::{Method, Uri};
 pub mod context;
 pub mod export;
 mod http;
-mod proto;
+pub mod proto;
 pub mod settings;
 
 pub use self::context::{Sampler, SpanId, TraceId};

@@ -52,51 +52,43 @@ pub struct Url {
 }
 
 impl Url {
-    /// Parses an endpoint; user info in it is refused (put credentials in the headers).
+    /// Parses an endpoint with the `url` crate (already in the build through actix-web), so
+    /// that the WHATWG rules decide what a host, a port or an IPv6 address is, not a parser of
+    /// our own; the path and query come out percent-encoded, fit for the request line. User info
+    /// is refused (put credentials in the headers), and so are spaces and control characters,
+    /// which those rules would quietly encode or drop although in an endpoint they are a typo.
     pub fn parse(s: &str) -> Result<Url, String> {
+        const NOT_HTTP: &str = "the OTLP endpoint must be an http:// or https:// URL";
         let s = s.trim();
-        let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
-            (false, r)
-        } else if let Some(r) = s.strip_prefix("https://") {
-            (true, r)
-        } else {
-            return Err("the OTLP endpoint must be an http:// or https:// URL".into());
+        if s.bytes().any(|c| c <= b' ' || c == 0x7f) {
+            return Err("bad OTLP endpoint: it has spaces or control characters".into());
+        }
+        let url = match url::Url::parse(s) {
+            Ok(url) => url,
+            Err(url::ParseError::RelativeUrlWithoutBase) => return Err(NOT_HTTP.into()),
+            Err(why) => return Err(format!("bad OTLP endpoint: {why}")),
         };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(NOT_HTTP.into()),
         };
-        if authority.contains('@') {
+        if !url.username().is_empty() || url.password().is_some() {
             return Err("the OTLP endpoint must not carry user info: use the headers".into());
         }
-        let default = if tls { 443 } else { 80 };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or("bad IPv6 address in the endpoint")?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| "bad port in the endpoint")?,
-                None if after.is_empty() => default,
-                None => return Err("bad endpoint".into()),
-            };
-            (h.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse().map_err(|_| "bad port in the endpoint")?,
-                ),
-                None => (authority.to_string(), default),
-            }
+        let host = match url.host() {
+            Some(url::Host::Domain(name)) => name.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err("bad OTLP endpoint: no host".into()),
         };
-        if host.is_empty() || path.bytes().any(|c| c <= b' ' || c == 0x7f) {
-            return Err("bad OTLP endpoint".into());
-        }
         Ok(Url {
             tls,
             host,
-            port,
-            path: path.to_string(),
+            port: url
+                .port_or_known_default()
+                .unwrap_or(if tls { 443 } else { 80 }),
+            path: url[url::Position::BeforePath..url::Position::AfterQuery].to_string(),
         })
     }
 
@@ -311,5 +303,39 @@ mod tests {
             Url::parse("http://[::1]:4318/v1/traces").unwrap().display(),
             "http://[::1]:4318/v1/traces"
         );
+    }
+
+    #[test]
+    fn endpoints_are_taken_apart() {
+        let url = |s: &str| Url::parse(s).map(|u| (u.tls, u.host, u.port, u.path));
+        let ok = |tls: bool, host: &str, port: u16, path: &str| {
+            Ok((tls, host.to_string(), port, path.to_string()))
+        };
+        assert_eq!(url(" http://c:4318 "), ok(false, "c", 4318, "/"));
+        assert_eq!(url("https://c"), ok(true, "c", 443, "/"));
+        assert_eq!(
+            url("http://c:80/v1/traces"),
+            ok(false, "c", 80, "/v1/traces")
+        );
+        assert_eq!(url("https://[::1]/x"), ok(true, "::1", 443, "/x"));
+        assert_eq!(
+            url("http://10.0.0.1:9/t?a=b@c#f"),
+            ok(false, "10.0.0.1", 9, "/t?a=b@c")
+        );
+        for bad in [
+            "c:4318",
+            "/v1/traces",
+            "ftp://c",
+            "http://",
+            "http://c:99999",
+            "http://c:x",
+            "http://[::1/",
+            "http://u@c",
+            "http://u:p@c",
+            "http://c/a b",
+            "http://c/a\nb",
+        ] {
+            assert!(url(bad).is_err(), "{bad}");
+        }
     }
 }
