@@ -44,6 +44,8 @@ pub struct Failure {
     pub status: Option<u16>,
     /// Human summary, no secrets; may hold upstream text (escape before logging).
     pub reason: String,
+    /// The gateway's own description (never upstream text), for spans.
+    pub public: String,
 }
 
 impl fmt::Display for Failure {
@@ -62,6 +64,21 @@ pub fn summary(failures: &[Failure]) -> String {
         out.push_str(&f.upstream);
         out.push_str(": ");
         out.push_str(&f.reason);
+    }
+    out
+}
+
+/// `name: description; …` in the gateway's own words: what a span may show of the failures
+/// (see the security guide, "Upstream text stays with the operator").
+pub fn public_summary(failures: &[Failure]) -> String {
+    let mut out = String::new();
+    for (i, f) in failures.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&f.upstream);
+        out.push_str(": ");
+        out.push_str(&f.public);
     }
     out
 }

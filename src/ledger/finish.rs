@@ -29,9 +29,16 @@ impl Ledger {
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
         let status = resp.status().as_u16();
+        // A span shows the gateway's own words, never an upstream's (see the tracing guide).
+        let span_error = match &err {
+            GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. } => {
+                crate::attempt::public_summary(&self.failures)
+            }
+            other => other.to_string(),
+        };
         self.end_trace(|| End {
             status,
-            error: (status >= 500).then(|| err.to_string()),
+            error: (status >= 500).then_some(span_error),
             ..Default::default()
         });
         let headers = resp.headers_mut();
@@ -173,6 +180,7 @@ impl Ledger {
                     kind: FailKind::Stream,
                     status: None,
                     reason: reason.clone(),
+                    public: public.clone(),
                 });
                 Some(FailKind::Stream.label())
             }
@@ -190,6 +198,7 @@ impl Ledger {
                     kind: FailKind::Stream,
                     status: None,
                     reason: note.clone(),
+                    public: note.clone(),
                 });
                 c.ok.then_some("ok")
             }

@@ -247,6 +247,7 @@ impl Ledger {
             kind: f.kind,
             status: f.status,
             reason: f.reason,
+            public: f.public,
         });
     }
 
@@ -370,6 +371,7 @@ impl Ledger {
             upstream: name.to_string(),
             kind: FailKind::Stream,
             status: None,
+            public: reason.clone(),
             reason,
         });
     }

@@ -219,10 +219,29 @@ fn error(why: &str) -> Option<Status> {
     })
 }
 
+/// A request path as a span shows it: object ids replaced by `{id}` (an id is the client's and
+/// its upstream's business, not the trace backend's; see the tracing guide).
+fn span_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let ids: Vec<&str> = crate::affinity::refs::path_ids(path).collect();
+    if ids.is_empty() {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut at = 0;
+    for id in ids {
+        let start = id.as_ptr() as usize - path.as_ptr() as usize;
+        out.push_str(&path[at..start]);
+        out.push_str("{id}");
+        at = start + id.len();
+    }
+    out.push_str(&path[at..]);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Rewrites `span` as the server span `s`.
 fn server_span(span: &mut Span, s: &ServerSpan) {
     let r = &s.request;
-    let path = crate::records::cut_path(r.uri.path());
+    let path = span_path(crate::records::cut_path(r.uri.path()));
     let op = super::operation(&r.method, r.uri.path(), r.websocket);
     let method = crate::http_metrics::method_label(&r.method);
     let parent = s.parent.as_ref().map(|p| &p[..]);
@@ -257,7 +276,7 @@ fn server_span(span: &mut Span, s: &ServerSpan) {
         a.strings("gen_ai.response.finish_reasons", cut(reason, 64));
     }
     a.string("http.request.method", method);
-    a.string("url.path", path);
+    a.string("url.path", &path);
     a.int("http.response.status_code", r.status);
     a.int("openai_api_route.attempts", r.attempts);
     a.int("openai_api_route.resumed", r.resumed);
@@ -265,6 +284,9 @@ fn server_span(span: &mut Span, s: &ServerSpan) {
     a.boolean("openai_api_route.complete", r.complete);
     if let Some(k) = &r.client_key {
         a.string("openai_api_route.client_key", k);
+    }
+    if let Some(id) = r.request_id.as_ref().and_then(|v| v.to_str().ok()) {
+        a.string("openai_api_route.request_id", cut(id, 256));
     }
     if r.status >= 500 {
         a.string("error.type", status_text(r.status));
