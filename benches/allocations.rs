@@ -421,19 +421,22 @@ fn phase(gw: u16, label: &str, body: &str, n: u64, warm: u64) {
     let sampling = std::env::var_os("ALLOC_TOP").is_some();
     SAMPLE.store(sampling, Ordering::SeqCst);
     let before = counters();
+    let parses = openai_api_route::facts::parses();
     for _ in 0..n {
         check(c.post(body), label);
     }
+    let parses = openai_api_route::facts::parses() - parses;
     // The measured rows are written before the counters are read.
     std::thread::sleep(Duration::from_millis(400));
     let after = counters();
     SAMPLE.store(false, Ordering::SeqCst);
     let per = |i: usize| (after[i] - before[i]) as f64 / n as f64;
     println!(
-        "ALLOC {label} requests={n} allocs={:.1} reallocs={:.1} bytes={:.0}",
+        "ALLOC {label} requests={n} allocs={:.1} reallocs={:.1} bytes={:.0} body_parses={:.2}",
         per(0),
         per(1),
-        per(2)
+        per(2),
+        parses as f64 / n as f64
     );
     if sampling {
         let mut sites: Vec<(String, u64)> = SITES

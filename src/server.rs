@@ -285,7 +285,23 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 // actix-web-prom answers this path itself; the route keeps the proxy from seeing it.
                 .service(
                     web::resource("/v1/metrics")
+                        // Every `/v1/*` answer carries an `x-request-id` (see the observability
+                        // guide); this one is made here, around actix-web-prom's own answer.
                         .wrap(prom.clone())
+                        .wrap_fn(|req, srv| {
+                            use actix_web::dev::Service;
+                            let fut = srv.call(req);
+                            async move {
+                                let mut res = fut.await?;
+                                res.headers_mut().insert(
+                                    actix_web::http::header::HeaderName::from_static(
+                                        "x-request-id",
+                                    ),
+                                    crate::ledger::new_request_id(),
+                                );
+                                Ok(res)
+                            }
+                        })
                         .route(web::get().to(|| async {
                             HttpResponse::Ok()
                                 .insert_header(("access-control-allow-origin", "*"))

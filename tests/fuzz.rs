@@ -10,7 +10,13 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use openai_api_route::admission::path_problem;
 use openai_api_route::capture::Capture;
 use openai_api_route::config::{self, Pattern, UpstreamAuth};
-use openai_api_route::facts::read as body_meta;
+/// The one parse of a body, under the lock that keeps the parse-once test's count its own.
+fn body_meta(
+    body: &[u8],
+) -> Result<openai_api_route::facts::RequestFacts, openai_api_route::facts::Unreadable> {
+    let _only = crate::support::facts_lock();
+    openai_api_route::facts::read(body)
+}
 use openai_api_route::headers::{response_headers, upstream_request_headers};
 use openai_api_route::proxy::body::rewrite_model;
 

@@ -17,6 +17,7 @@ mod limits_ws;
 mod models;
 mod observability;
 mod operator;
+mod parse_once;
 mod postgres;
 mod realtime;
 mod records;

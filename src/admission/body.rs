@@ -117,6 +117,7 @@ pub async fn preflight(req: HttpRequest) -> HttpResponse {
         });
     HttpResponse::NoContent()
         .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .insert_header(("x-request-id", crate::ledger::new_request_id()))
         .insert_header((
             header::ACCESS_CONTROL_ALLOW_METHODS,
             "GET, POST, PUT, PATCH, DELETE, OPTIONS",

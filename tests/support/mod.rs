@@ -24,6 +24,13 @@ pub use mock::*;
 pub use provider::*;
 pub use python::*;
 
+/// Held by whatever parses request bodies in this test process (the fuzz tests) and by the test
+/// that counts the gateway's parses, so that the count is the gateway's alone.
+pub fn facts_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The value of `var`, which names a service a test needs (PostgreSQL, the Python SDK, Chromium,
 /// root). Such a test carries `#[cfg_attr(not(<cfg>), ignore = "…")]`, so `build.rs` leaves it
 /// ignored (and counted so in `cargo test`'s summary) when `var` was not set at build time; run
