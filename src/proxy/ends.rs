@@ -108,6 +108,15 @@ impl EndWatch {
         }
     }
 
+    /// Whether an in-band error event breaks this stream where it comes (see the rescue guide,
+    /// "Truthful ends": "One reader (0.4)"). In a chat or completions stream an error event is
+    /// no part of the answer: whatever the upstream sends after it (even `[DONE]`), the answer
+    /// is cut there. A Responses stream ends with its own `error` or `response.failed` event,
+    /// which is its protocol's end and is relayed as such.
+    pub fn breaks_on_error(&self) -> bool {
+        self.protocol == Protocol::Chat
+    }
+
     /// The stream ended cleanly: None when its protocol's end was reached, else why it is broken.
     pub fn broken_at_end(&self) -> Option<&'static str> {
         let ended = match self.protocol {

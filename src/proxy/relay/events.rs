@@ -85,6 +85,11 @@ impl Events {
         } = self;
         reader.feed(b, &mut |e| {
             let p = e.payload();
+            if let Some(reason) = in_band_break(resumer, ends, capture, &e, &p) {
+                held.clear();
+                broke = Some(reason);
+                return Flow::Stop;
+            }
             let terminal = ends.as_mut().is_some_and(|w| w.on_event(&e, &p));
             // The event's bytes: what was held of it, and its part of this chunk.
             let from = (e.start.max(base) - base) as usize;
@@ -175,6 +180,11 @@ impl Events {
         } = self;
         reader.finish(&mut |e| {
             let p = e.payload();
+            if let Some(reason) = in_band_break(resumer, ends, capture, &e, &p) {
+                held.clear();
+                broke = Some(reason);
+                return Flow::Stop;
+            }
             if let Some(w) = ends.as_mut() {
                 w.on_event(&e, &p);
             }
@@ -208,6 +218,30 @@ impl Events {
         }
         Ok(out.freeze())
     }
+}
+
+/// An in-band error event in a stream whose protocol it breaks (a chat or completions stream),
+/// read by no continuation's judge: the reason the stream breaks here. Every reader takes it so
+/// (issue 31: the capture recorded it while the end watch took a later `[DONE]` as whole): the
+/// capture notes it, the event is not relayed, and the client gets the gateway's error event
+/// naming it, as when a continuation's judge finds it (see the rescue guide, "Truthful ends":
+/// "One reader (0.4)").
+fn in_band_break(
+    resumer: &Option<Box<Resumer>>,
+    ends: &Option<EndWatch>,
+    capture: &mut Option<Capture>,
+    e: &sse::Event<'_>,
+    p: &sse::Payload<'_>,
+) -> Option<String> {
+    let judged_elsewhere = resumer.is_some();
+    let breaks = ends.as_ref().is_some_and(EndWatch::breaks_on_error);
+    if judged_elsewhere || !breaks || !e.is_error(p) {
+        return None;
+    }
+    if let Some(c) = capture.as_mut() {
+        c.on_event(e, p);
+    }
+    Some(format!("in-band error: {}", e.error_message(p)))
 }
 
 /// One held event judged: by the continuation's judge when the stream may be resumed, else by
