@@ -19,6 +19,7 @@ mod observability;
 mod operator;
 mod parse_once;
 mod postgres;
+mod probe3;
 mod realtime;
 mod records;
 mod reload;

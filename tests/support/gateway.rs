@@ -73,7 +73,7 @@ impl Gateway {
             args.push(db_path.display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_openai-api-route"))
+        let mut child = Command::new(binary())
             .args(&args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -164,6 +164,17 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The gateway binary the tests start: this build's, unless `OPENAI_API_ROUTE_TEST_BINARY`
+/// names another. That is how a test is shown to fail on an earlier version (an issue asks for
+/// tests "that failed before the change"): build the old commit in a worktree and point this at
+/// its `target/debug/openai-api-route`. Read when a test runs, so no rebuild is needed.
+pub fn binary() -> PathBuf {
+    match std::env::var_os("OPENAI_API_ROUTE_TEST_BINARY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_openai-api-route")),
     }
 }
 

@@ -66,6 +66,9 @@ pub enum Ending {
     Drop,
     /// Keep the connection open and send nothing more.
     Stall,
+    /// Send nothing more for this long, then the proper terminator: an upstream whose body
+    /// ends a while after its last event (a client may leave in between).
+    FinishAfter(Duration),
 }
 
 /// What the mock does with a request.
@@ -395,6 +398,15 @@ async fn serve_conn(
                 }
                 match ending {
                     Ending::Finish => {
+                        if sock.write_all(b"0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                    Ending::FinishAfter(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = wait_closed(&mut sock) => { *gone.lock().unwrap() += 1; return; }
+                        }
                         if sock.write_all(b"0\r\n\r\n").await.is_err() {
                             return;
                         }

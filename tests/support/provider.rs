@@ -1,7 +1,9 @@
 //! A mock upstream with state, like a real provider: it keeps the responses and files it created
 //! and knows nothing of any other upstream's. A `previous_response_id` it did not create is
 //! answered 400 `previous_response_not_found`, a file it does not have 404 — what OpenAI does.
-//! It can be taken down (503) and brought back.
+//! It can be taken down (503) and brought back, deletes what it is asked to delete, can make
+//! ids as long as LiteLLM's, and a test can answer some requests in its place
+//! ([`Provider::intercept`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,11 +13,17 @@ use serde_json::{json, Value};
 
 use super::mock::{Ending, Mock, Reply, Seen};
 
+/// A test's own answer to some requests, before the provider's: `None` lets the provider answer.
+type Intercept = Arc<Mutex<Option<Box<dyn Fn(&Seen) -> Option<Reply> + Send>>>>;
+
 /// A stateful mock provider (see the module docs).
 pub struct Provider {
     pub mock: Mock,
     pub name: String,
     down: Arc<AtomicBool>,
+    intercept: Intercept,
+    /// Length of the ids it makes from now on (0: `resp_{name}_{n}` as they come).
+    id_len: Arc<AtomicUsize>,
     /// Responses it created: id → the request body it got.
     pub responses: Arc<Mutex<HashMap<String, Value>>>,
     /// Files it holds: id → content.
@@ -36,25 +44,53 @@ impl Provider {
         let responses: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
         let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
         let n = Arc::new(AtomicUsize::new(0));
+        let intercept: Intercept = Arc::default();
+        let id_len = Arc::new(AtomicUsize::new(0));
         let (d, r, f, who) = (
             down.clone(),
             responses.clone(),
             files.clone(),
             name.to_string(),
         );
+        let (hook, len) = (intercept.clone(), id_len.clone());
         let mock = Mock::script(move |req, _| {
             if d.load(Ordering::SeqCst) {
                 return Reply::status(503);
             }
-            handle(&who, req, &r, &f, &n)
+            if let Some(reply) = hook.lock().unwrap().as_ref().and_then(|h| h(req)) {
+                return reply;
+            }
+            let ids = Ids {
+                who: &who,
+                n: &n,
+                len: len.load(Ordering::SeqCst),
+            };
+            handle(&ids, req, &r, &f)
         });
         Provider {
             mock,
             name: name.to_string(),
             down,
+            intercept,
+            id_len,
             responses,
             files,
         }
+    }
+
+    /// From now on `f` answers the requests it returns `Some` for; the provider the rest.
+    pub fn intercept(&self, f: impl Fn(&Seen) -> Option<Reply> + Send + 'static) {
+        *self.intercept.lock().unwrap() = Some(Box::new(f));
+    }
+
+    /// Ids it makes from now on are `len` bytes long (LiteLLM proxy's Responses ids are 409).
+    pub fn set_id_len(&self, len: usize) {
+        self.id_len.store(len, Ordering::SeqCst);
+    }
+
+    /// It loses every response it held (a restart without storage).
+    pub fn forget_responses(&self) {
+        self.responses.lock().unwrap().clear();
     }
 
     /// Answer 503 to everything (`true`) or serve again.
@@ -110,15 +146,45 @@ fn answer(who: &str, id: &str, body: &Value) -> Value {
            "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}})
 }
 
+/// How a provider names what it creates.
+struct Ids<'a> {
+    who: &'a str,
+    n: &'a AtomicUsize,
+    /// 0, or the length every id is padded to.
+    len: usize,
+}
+
+impl Ids<'_> {
+    /// The next sequence number (every request takes one).
+    fn next(&self) -> usize {
+        self.n.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// `{prefix}{seq}`, padded with base64-like text (as LiteLLM's encoded ids are) to `len`.
+    fn make(&self, prefix: &str, seq: usize) -> String {
+        let mut id = format!("{prefix}{seq}");
+        if self.len > id.len() {
+            id.push('_');
+            let pad = "bGl0ZWxsbTpjdXN0b21fbGxtX3Byb3ZpZGVyOm9wZW5haQ";
+            id.extend(pad.chars().cycle().take(self.len - id.len()));
+        }
+        id
+    }
+}
+
+fn deleted(id: &str, object: &str) -> Reply {
+    Reply::json(200, json!({"id": id, "object": object, "deleted": true}))
+}
+
 fn handle(
-    who: &str,
+    ids: &Ids<'_>,
     req: &Seen,
     responses: &Mutex<HashMap<String, Value>>,
     files: &Mutex<HashMap<String, Vec<u8>>>,
-    n: &AtomicUsize,
 ) -> Reply {
+    let who = ids.who;
     let path = req.target.split('?').next().unwrap_or("");
-    let seq = n.fetch_add(1, Ordering::SeqCst);
+    let seq = ids.next();
     match (req.method.as_str(), path) {
         ("POST", "/v1/responses") => {
             let body = req.json();
@@ -139,7 +205,7 @@ fn handle(
                     return not_found("file_not_found", "File");
                 }
             }
-            let id = format!("resp_{who}_{seq}");
+            let id = ids.make(&format!("resp_{who}_"), seq);
             responses.lock().unwrap().insert(id.clone(), body.clone());
             let out = answer(who, &id, &body);
             if body["stream"] == true {
@@ -174,8 +240,22 @@ fn handle(
                 None => not_found("response_not_found", "Response"),
             }
         }
+        ("DELETE", p) if p.starts_with("/v1/responses/") => {
+            let id = &p["/v1/responses/".len()..];
+            match responses.lock().unwrap().remove(id) {
+                Some(_) => deleted(id, "response"),
+                None => not_found("response_not_found", "Response"),
+            }
+        }
+        ("DELETE", p) if p.starts_with("/v1/files/") => {
+            let id = &p["/v1/files/".len()..];
+            match files.lock().unwrap().remove(id) {
+                Some(_) => deleted(id, "file"),
+                None => not_found("file_not_found", "File"),
+            }
+        }
         ("POST", "/v1/files") => {
-            let id = format!("file-{who}-{seq}");
+            let id = ids.make(&format!("file-{who}-"), seq);
             files.lock().unwrap().insert(id.clone(), req.body.clone());
             Reply::json(
                 200,
