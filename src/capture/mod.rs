@@ -290,14 +290,15 @@ impl Capture {
         if let Some(u) = p.reported_usage() {
             self.usage = u;
         }
+        // Read with recording off too: an in-band error counts for health either way.
+        if ev.is_error(p) {
+            self.error_event = true;
+        }
         if !self.keep_text {
             return;
         }
         if self.want_model && self.model.is_none() {
             self.model = p.named_model().map(|m| cut_bytes(m, MAX_MODEL).to_string());
-        }
-        if ev.is_error(p) {
-            self.error_event = true;
         }
         if let Some(r) = p.choices.finish_reason.as_deref() {
             self.saw_finish_reason(r);
@@ -381,6 +382,7 @@ impl Capture {
             }
             return Reply {
                 usage: self.usage,
+                error_event: self.error_event,
                 ..Reply::default()
             };
         }

@@ -191,6 +191,29 @@ impl Ledger {
                 );
                 c.ok.then_some("ok")
             }
+            // A Responses stream that ends with its protocol's `error` or `response.failed`
+            // event ended properly, but the upstream failed it: an in-band error counts for
+            // health (see the failover guide, "Which failures count").
+            BodyEnd::Complete if reply.error_event && c.ok && !c.broken => {
+                sinks.registry.report_for(
+                    &c.view,
+                    c.idx,
+                    self.info.model.as_deref(),
+                    AttemptResult::Failed {
+                        kind: FailKind::Stream,
+                        reason: "in-band error event".into(),
+                        cooldown: None,
+                    },
+                );
+                self.failures.push(Failure {
+                    upstream: upstream.to_string(),
+                    kind: FailKind::Stream,
+                    status: None,
+                    reason: "in-band error event at the end of the stream".into(),
+                    public: "in-band error event".into(),
+                });
+                Some(FailKind::Stream.label())
+            }
             BodyEnd::Complete => (c.ok && !c.broken).then_some("ok"),
             BodyEnd::Noted(note) => {
                 self.failures.push(Failure {
