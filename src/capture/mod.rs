@@ -18,7 +18,7 @@ mod openai;
 
 use self::openai::Whole;
 /// The quoted-key scanner of the reply readers, for the usage filter's cheap checks.
-pub(crate) use self::openai::{key_values, tail_finish_reason, tail_usage};
+use crate::sse::scan::{tail_finish_reason, tail_usage};
 use crate::sse::{self, Payload};
 
 /// Appended where a kept text was cut at `record_body_bytes`.
@@ -36,31 +36,7 @@ const MAX_MODEL: usize = 256;
 /// Longest `finish_reason` kept (the known ones are a few bytes; an upstream's is untrusted).
 const MAX_FINISH_REASON: usize = 64;
 
-/// Token counts from `usage`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt / input tokens.
-    pub prompt: Option<i64>,
-    /// Completion / output tokens.
-    pub completion: Option<i64>,
-    /// Total tokens.
-    pub total: Option<i64>,
-}
-
-impl Usage {
-    /// Both counts added (a side without a count adds nothing).
-    pub fn plus(self, other: Usage) -> Usage {
-        let add = |a: Option<i64>, b: Option<i64>| match (a, b) {
-            (None, None) => None,
-            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-        };
-        Usage {
-            prompt: add(self.prompt, other.prompt),
-            completion: add(self.completion, other.completion),
-            total: add(self.total, other.total),
-        }
-    }
-}
+pub use crate::sse::Usage;
 
 /// What a finished capture gives the record (SPEC §5 `response`, token columns,
 /// `finish_reason`, and what `complete` needs to know of the body itself).

@@ -8,7 +8,8 @@ use actix_web::http::StatusCode;
 use actix_web::web::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
-use super::attempt::Upstreamed;
+/// An upstream response, head read (named here too: this leaf knows nothing else of an attempt).
+type Upstreamed = awc::ClientResponse;
 
 /// The most of a 400 body read to find its `error.code`.
 const ERROR_BODY_MAX: usize = 64 << 10;

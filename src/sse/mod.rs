@@ -17,9 +17,11 @@
 //! [`EDGE`] bytes, which is where a chunk's type, `choices` and `usage` are.
 
 mod payload;
+pub mod scan;
 mod visit;
 
 pub use self::payload::{ChoiceView, Choices, ErrorView, Payload, ResponseView};
+pub use self::scan::Usage;
 
 /// What is kept of each end of a line too long to keep whole.
 pub const EDGE: usize = 4096;

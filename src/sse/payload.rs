@@ -9,12 +9,9 @@
 
 use std::borrow::Cow;
 
-use serde::de::Deserializer;
 use serde_json::value::RawValue;
 
-use super::visit::PayloadVisitor;
-
-use crate::capture::Usage;
+use super::scan::Usage;
 
 /// The most choice indices tracked (OpenAI allows `n` up to 128).
 pub const MAX_CHOICES: u32 = 128;
@@ -108,27 +105,10 @@ pub struct ChoiceView<'a> {
 }
 
 impl<'a> Payload<'a> {
-    /// Reads one whole payload. Anything that is not a JSON object (or `[DONE]`) gives the
-    /// default: no observer finds anything in it, and it is relayed as it came.
-    pub fn read(data: &'a [u8]) -> Payload<'a> {
-        let trimmed = data.trim_ascii();
-        if trimmed == b"[DONE]" {
-            return Payload {
-                done: true,
-                ..Payload::default()
-            };
-        }
-        if trimmed.first() != Some(&b'{') {
-            return Payload::default();
-        }
-        let mut de = serde_json::Deserializer::from_slice(trimmed);
-        de.deserialize_map(PayloadVisitor).unwrap_or_default()
-    }
-
     /// Reads a payload too long to keep from its first bytes (`head`: its type, whether it has
     /// choices, a top-level error) and its last (`tail`: `finish_reason`, `usage`).
     pub fn read_cut(head: &'a [u8], tail: &'a [u8]) -> Payload<'a> {
-        use crate::capture::{key_values, tail_finish_reason, tail_usage};
+        use super::scan::{key_values, tail_finish_reason, tail_usage};
         let first_string = |key: &'static [u8]| {
             key_values(head, key).next().and_then(|v| {
                 let v = v.strip_prefix(b"\"")?;

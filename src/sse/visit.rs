@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::payload::{ChoiceView, Choices, ErrorView, Payload, ResponseView, MAX_CHOICES};
-use crate::capture::Usage;
+use super::scan::{RawUsage, Usage};
 
 /// A string borrowed from the payload unless it had escapes.
 struct Str<'a>(Cow<'a, str>);
@@ -79,32 +79,6 @@ impl<'de> Deserialize<'de> for MaybeStr<'de> {
     }
 }
 
-/// `usage` in either API's words (`prompt_tokens` or `input_tokens`, …).
-#[derive(Deserialize)]
-struct RawUsage {
-    prompt_tokens: Option<i64>,
-    completion_tokens: Option<i64>,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    total_tokens: Option<i64>,
-}
-
-impl RawUsage {
-    fn to_usage(&self) -> Usage {
-        let prompt = self.prompt_tokens.or(self.input_tokens);
-        let completion = self.completion_tokens.or(self.output_tokens);
-        let total = self.total_tokens.or(match (prompt, completion) {
-            (Some(p), Some(c)) => Some(p + c),
-            _ => None,
-        });
-        Usage {
-            prompt,
-            completion,
-            total,
-        }
-    }
-}
-
 /// `usage` when it is an object of numbers; null or anything else is no usage.
 fn read_usage<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Usage>, A::Error> {
     let v: Option<&'de RawValue> = map.next_value()?;
@@ -114,8 +88,27 @@ fn read_usage<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Usage>, A::E
     )
 }
 
+impl<'a> Payload<'a> {
+    /// Reads one whole payload. Anything that is not a JSON object (or `[DONE]`) gives the
+    /// default: no observer finds anything in it, and it is relayed as it came.
+    pub fn read(data: &'a [u8]) -> Payload<'a> {
+        let trimmed = data.trim_ascii();
+        if trimmed == b"[DONE]" {
+            return Payload {
+                done: true,
+                ..Payload::default()
+            };
+        }
+        if trimmed.first() != Some(&b'{') {
+            return Payload::default();
+        }
+        let mut de = serde_json::Deserializer::from_slice(trimmed);
+        de.deserialize_map(PayloadVisitor).unwrap_or_default()
+    }
+}
+
 /// Reads an event's payload object.
-pub(super) struct PayloadVisitor;
+struct PayloadVisitor;
 
 impl<'de> Visitor<'de> for PayloadVisitor {
     type Value = Payload<'de>;
