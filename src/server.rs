@@ -15,11 +15,11 @@ use crate::cli::{bind_address, Cli};
 use crate::config::{self, Config, ConfigError, ConfigErrors};
 use crate::ledger::Sinks;
 use crate::metrics::Metrics;
-use crate::models::{self, ModelsActor, ModelsHandle};
+use crate::models::{self, ModelsActor};
 use crate::notify::{NotifierActor, Reconfigure};
 use crate::proxy::{proxy, UpstreamClient};
 use crate::records::{redact_database_url, DbError, Recorder, Store};
-use crate::registry::{RegistryHandle, SharedConfig, UpstreamRegistry};
+use crate::registry::{SharedConfig, UpstreamRegistry};
 use crate::state::AppState;
 use crate::status;
 use crate::transport::{tls_config, upstream_client};
@@ -187,16 +187,15 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         }
         None => None,
     };
-    // Owners known from the records, loaded before listening (bounded: SPEC 4f).
+    // Owners known from the records, loaded before listening, with their chain parts within
+    // `rebuild_memory` (docs/affinity.md, "Bounded reading").
     let owners = Arc::new(crate::affinity::Owners::default());
+    owners.set_budget(crate::affinity::reading::budget(&cfg));
     let owners_from = store
         .as_ref()
-        .map(|(s, _)| crate::affinity::owners::load_at_start(&owners, s, &cfg));
-    let poll_store = store
-        .as_ref()
-        .filter(|(s, _)| s.kind() == "PostgreSQL")
-        .map(|(s, _)| s.clone());
-    let read_store = store.as_ref().map(|(s, _)| s.clone());
+        .map(|(s, _)| crate::affinity::reading::load_at_start(&owners, s, &cfg));
+    let owners_store = store.as_ref().map(|(s, _)| s.clone());
+    let poll_store = owners_store.clone().filter(|s| s.kind() == "PostgreSQL");
     let tls = tls_config();
 
     let system = actix_rt::System::new();
@@ -225,8 +224,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         let shared = SharedConfig::new(Arc::new(cfg));
         if let Some(store) = poll_store {
             // Other replicas write owners too: read them off every request's path.
-            let from = owners_from.unwrap_or(0);
-            crate::affinity::owners::spawn_poll(owners.clone(), store, shared.clone(), from);
+            let from = owners_from.unwrap_or_default();
+            crate::affinity::reading::spawn_poll(owners.clone(), store, shared.clone(), from);
         }
         let registry = UpstreamRegistry::start_with(
             shared.clone(),
@@ -257,7 +256,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .map(redact_database_url)
                 .unwrap_or_else(|| "none".into()),
             realtime: sessions.clone(),
-            store: read_store,
+            store: owners_store,
         });
         let traces = state.clone();
 
@@ -375,9 +374,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 hup,
                 cli.clone(),
                 shared.get(),
-                registry.clone(),
+                traces.clone(),
                 notifier.clone(),
-                models.clone(),
             );
         }
         log::info!(
@@ -528,14 +526,15 @@ async fn tokio_select(
 
 /// Reloads the config on each SIGHUP. `started` is the config the process started with: keys
 /// read only at start that differ from it are named once per reload, as long as they differ.
+/// The new config goes to the registry, the notifier, the model lists and the owner map (its
+/// chain budget, see docs/affinity.md "Bounded reading").
 #[cfg(unix)]
 fn spawn_reload(
     mut hup: actix_rt::signal::unix::Signal,
     cli: Cli,
     started: Arc<Config>,
-    registry: RegistryHandle,
+    state: web::Data<AppState>,
     notifier: Addr<NotifierActor>,
-    models: ModelsHandle,
 ) {
     actix_rt::spawn(async move {
         while hup.recv().await.is_some() {
@@ -544,11 +543,14 @@ fn spawn_reload(
                     let pending = started.not_applied_on_reload(&cfg);
                     notifier.do_send(Reconfigure(cfg.notify.clone()));
                     // A member keeps what it used across a reload (see the members guide).
+                    let registry = &state.sinks.registry;
                     cfg.members.adopt(&registry.view().config.members);
                     let cfg = Arc::new(cfg);
                     let n = cfg.upstreams.len();
                     registry.reload(cfg.clone()).await;
-                    models.reload(cfg);
+                    let owners = &state.sinks.owners;
+                    crate::affinity::reading::reload(owners, state.store.as_ref(), &cfg);
+                    state.models.reload(cfg);
                     let file = cli.upstreams.display();
                     if pending.is_empty() {
                         log::info!("SIGHUP: reloaded {file} ({n} upstreams)");
@@ -572,15 +574,7 @@ fn spawn_reload(
 
 /// No SIGHUP here: nothing to reload on.
 #[cfg(not(unix))]
-fn spawn_reload(
-    _: (),
-    _: Cli,
-    _: Arc<Config>,
-    _: RegistryHandle,
-    _: Addr<NotifierActor>,
-    _: ModelsHandle,
-) {
-}
+fn spawn_reload(_: (), _: Cli, _: Arc<Config>, _: web::Data<AppState>, _: Addr<NotifierActor>) {}
 
 fn spawn_retention(rec: Recorder, shared: SharedConfig) {
     actix_rt::spawn(async move {

@@ -4,6 +4,7 @@ mod support;
 
 mod admission;
 mod affinity;
+mod chains;
 mod cli;
 mod docs;
 mod ends;

@@ -1,10 +1,13 @@
-//! State that lives on one upstream (SPEC 4f): who owns which object ([`owners`]), which objects
-//! a request refers to ([`refs`]), how a Responses chain is rebuilt as a stateless request when
-//! its owner cannot answer ([`rebuild`]), and the `sticky` ordering with `weight` ([`sticky`]).
+//! State that lives on one upstream (SPEC 4f): who owns which object ([`owners`]) and how owners
+//! and chain parts are read back from the record store within a budget ([`reading`]), which
+//! objects a request refers to ([`refs`]), how a Responses chain is rebuilt as a stateless
+//! request when its owner cannot answer ([`rebuild`]), and the `sticky` ordering with `weight`
+//! ([`sticky`]).
 //!
 //! Nothing here imports the proxy, the ledger or the capture: they call in with plain values.
 
 pub mod owners;
+pub mod reading;
 pub mod rebuild;
 pub mod refs;
 pub mod sticky;

@@ -1,13 +1,13 @@
-//! Who owns which object (SPEC 4f "Owners"): an in-memory map that the request path reads with
-//! one short lock and never a database round trip.
+//! Who owns which object (see the affinity guide, docs/affinity.md): an in-memory map that the
+//! request path reads with one short lock and never a database round trip.
 //!
 //! It is filled the moment the relaying replica reads an answer's id (so that replica knows at
-//! once), at start from the record store (the newest [`CAPACITY`] owners within
-//! `retention_days`), and — with PostgreSQL, where other replicas write — by a background poll
-//! every [`POLL`] that reads the owners recorded since the last one. With `-database none` the
-//! map is the only store. It keeps the newest [`CAPACITY`] owners; each Responses answer also
-//! keeps its chain link (request input and output items) for rebuilding, within
-//! [`CHAIN_BUDGET`] bytes in all (the oldest links go first).
+//! once), and from the record store by [`super::reading`]: at start, by the PostgreSQL poll
+//! (other replicas write there) and by a reload that turns `rebuild` on. With `-database none`
+//! the map is the only store. It keeps the newest [`CAPACITY`] owners; each Responses answer also
+//! keeps its chain link (request input and output items) for rebuilding, within a byte budget
+//! (`rebuild_memory`, see [`Owners::set_budget`]) that every way in shares: the oldest links go
+//! first, so memory stays bounded however many chains the store holds.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,25 +15,24 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::records::owners::{fill_chains, newest_owners, owners_after, OwnerRow};
-use crate::records::Store;
+use crate::records::owners::OwnerRow;
 
 use super::rebuild::Link;
 
-/// Owners kept in memory (SPEC 4f: "the last 100,000").
+/// Owners kept in memory (the affinity guide: "the last 100,000").
 pub const CAPACITY: usize = 100_000;
-/// Bytes of chain links (request inputs and output items) kept in memory in all.
-pub const CHAIN_BUDGET: usize = 64 << 20;
-/// How often the PostgreSQL poll reads owners written by other replicas.
-pub const POLL: Duration = Duration::from_millis(400);
-/// The poll re-reads this many ids before the last one it saw: a transaction that took an
-/// earlier id may commit after a later one.
-const POLL_OVERLAP: i64 = 2_000;
-/// Chain parts read at start (the newest): reading every stored request body would make a
-/// large database slow to start.
-const START_CHAINS: usize = 10_000;
 /// The longest chain followed back (a loop or an absurd chain is not rebuilt).
 pub const MAX_CHAIN: usize = 1_000;
+
+/// Where a link goes in the eviction order: links read back from the store are older than every
+/// link already held (a read goes newest first), links learned live or polled are the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Age {
+    /// Evicted last.
+    Newest,
+    /// Evicted first.
+    Oldest,
+}
 
 struct Entry {
     upstream: Arc<str>,
@@ -54,11 +53,26 @@ struct Inner {
 }
 
 /// See the module docs.
-#[derive(Default)]
 pub struct Owners {
     inner: Mutex<Inner>,
     /// Entries, readable without the lock: an empty map costs a request nothing.
     len: AtomicUsize,
+    /// Bytes of links held at most (`rebuild_memory`; 0 while `rebuild` is off).
+    budget: AtomicUsize,
+    /// Held by a read of chain parts from the store, so that two (a start-up read and a
+    /// reload's, or two reloads) never both fill the same room.
+    reading: Mutex<()>,
+}
+
+impl Default for Owners {
+    fn default() -> Self {
+        Owners {
+            inner: Mutex::default(),
+            len: AtomicUsize::new(0),
+            budget: AtomicUsize::new(crate::config::Limits::default().rebuild_memory),
+            reading: Mutex::new(()),
+        }
+    }
 }
 
 /// An owner as a request sees it.
@@ -74,6 +88,66 @@ impl Owners {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// Serialises reads of chain parts from the store (see [`Owners::reading`]).
+    pub(super) fn reading(&self) -> MutexGuard<'_, ()> {
+        match self.reading.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Holds at most `bytes` of chain links from now on, dropping the oldest beyond (0 drops
+    /// them all). Returns the budget it replaced.
+    pub fn set_budget(&self, bytes: usize) -> usize {
+        let mut g = self.lock();
+        let old = self.budget.swap(bytes, Ordering::Relaxed);
+        evict_links(&mut g, bytes);
+        old
+    }
+
+    /// The link budget in force.
+    pub fn budget(&self) -> usize {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of chain links held.
+    pub fn link_bytes(&self) -> usize {
+        self.lock().link_bytes
+    }
+
+    /// Whether `id` is owned by `upstream` without its chain link: only then is its part worth
+    /// reading from the store (an unknown id was forgotten or pushed out, a held link is held).
+    pub(super) fn wants_link(&self, id: &str, upstream: &str) -> bool {
+        self.lock()
+            .map
+            .get(id)
+            .is_some_and(|e| *e.upstream == *upstream && e.link.is_none())
+    }
+
+    /// Gives `id`, owned by `upstream`, its chain `link` read back from the store, placed in the
+    /// eviction order by `age`; nothing changes when it is no longer so owned or already has one.
+    pub(super) fn attach_link(&self, id: &str, upstream: &str, link: Link, age: Age) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some((key, e)) = g.map.get_key_value(id) else {
+            return;
+        };
+        if *e.upstream != *upstream || e.link.is_some() {
+            return;
+        }
+        let key = key.clone();
+        let link = Arc::new(link);
+        g.link_bytes += link.bytes();
+        if let Some(e) = g.map.get_mut(id) {
+            e.link = Some(link);
+        }
+        match age {
+            Age::Newest => g.links.push_back(key),
+            Age::Oldest => g.links.push_front(key),
+        }
+        evict_links(g, self.budget.load(Ordering::Relaxed));
     }
 
     /// Whether no owner is known (the request path skips every lookup then).
@@ -219,14 +293,7 @@ impl Owners {
                 }
             }
         }
-        while g.link_bytes > CHAIN_BUDGET {
-            let Some(old) = g.links.pop_front() else {
-                break;
-            };
-            if let Some(l) = g.map.get_mut(&old).and_then(|e| e.link.take()) {
-                g.link_bytes = g.link_bytes.saturating_sub(l.bytes());
-            }
-        }
+        evict_links(g, self.budget.load(Ordering::Relaxed));
         // Ids whose link was replaced stay queued; keep the queue from growing without bound.
         if g.links.len() > 2 * CAPACITY {
             let map = &g.map;
@@ -255,134 +322,41 @@ impl Owners {
         Some(out)
     }
 
-    /// Whether `row` adds nothing: its owner is known, with its chain part when it has one.
-    fn knows(&self, row: &OwnerRow) -> bool {
-        let g = self.lock();
-        g.map
-            .get(row.object_id.as_str())
-            .is_some_and(|e| *e.upstream == *row.upstream && (e.link.is_some() || !row.has_chain))
-    }
-
-    /// Owners read from the record store (start-up load and poll).
-    pub fn load(&self, rows: Vec<OwnerRow>) {
+    /// Owners read from the record store, oldest first (their chain parts are read apart, see
+    /// [`super::reading`]). Rows of one upstream share its name.
+    pub fn load(&self, rows: &[OwnerRow]) {
+        let mut names: Vec<Arc<str>> = Vec::new();
         for r in rows {
-            let upstream: Arc<str> = r.upstream.as_str().into();
-            let link = r
-                .chain
-                .as_ref()
-                .and_then(|(body, items)| Link::from_record(body, items))
-                .map(Arc::new);
-            self.put(&r.object_id, &upstream, r.created_at, link);
-            if let Some(m) = r.member {
+            let upstream = match names.iter().find(|n| ***n == *r.upstream) {
+                Some(n) => n.clone(),
+                None => {
+                    let n: Arc<str> = r.upstream.as_str().into();
+                    names.push(n.clone());
+                    n
+                }
+            };
+            self.put(&r.object_id, &upstream, r.created_at, None);
+            if let Some(m) = &r.member {
                 if let Some(e) = self.lock().map.get_mut(r.object_id.as_str()) {
-                    e.member.get_or_insert_with(|| m.into());
+                    e.member.get_or_insert_with(|| m.as_str().into());
                 }
             }
         }
     }
-
-    /// The rows of a read that add something, with their chain parts read (at most `chains`
-    /// of them, the newest).
-    fn take_new(
-        &self,
-        store: &Store,
-        mut rows: Vec<OwnerRow>,
-        chains: usize,
-    ) -> Result<Vec<OwnerRow>, crate::records::StoreError> {
-        if chains == 0 {
-            rows.iter_mut().for_each(|r| r.has_chain = false);
-        }
-        rows.retain(|r| !self.knows(r));
-        let with_chain = rows.iter().filter(|r| r.has_chain).count();
-        for r in rows
-            .iter_mut()
-            .filter(|r| r.has_chain)
-            .take(with_chain.saturating_sub(chains))
-        {
-            r.has_chain = false;
-        }
-        fill_chains(store, &mut rows)?;
-        Ok(rows)
-    }
 }
 
-/// How many chain parts to read: none unless `rebuild` is on (memory holds no links then).
-fn chains_wanted(cfg: &Config, n: usize) -> usize {
-    if cfg.rebuild {
-        n
-    } else {
-        0
-    }
-}
-
-/// The cut-off of the owners worth loading under `cfg` (`retention_days`; 0 = all).
-fn since(cfg: &Config) -> SystemTime {
-    match cfg.retention_days {
-        0 => SystemTime::UNIX_EPOCH,
-        d => SystemTime::now() - Duration::from_secs(u64::from(d) * 86_400),
-    }
-}
-
-/// Loads the newest owners from `store` (at start, before listening; bounded by [`CAPACITY`]).
-/// Returns the highest record id read, where the poll goes on from.
-pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> i64 {
-    let read = newest_owners(store, since(cfg), CAPACITY as i64)
-        .and_then(|rows| owners.take_new(store, rows, chains_wanted(cfg, START_CHAINS)));
-    match read {
-        Ok(rows) => {
-            let last = rows.iter().map(|r| r.row).max().unwrap_or(0);
-            let n = rows.len();
-            owners.load(rows);
-            if n > 0 {
-                log::info!("affinity: {n} object owners loaded from the records");
-            }
-            last
-        }
-        Err(e) => {
-            log::warn!("affinity: reading object owners failed: {}", e.message);
-            0
+/// Drops the oldest links until those held fit in `budget`.
+fn evict_links(g: &mut Inner, budget: usize) {
+    while g.link_bytes > budget {
+        let Some(old) = g.links.pop_front() else {
+            break;
+        };
+        if let Some(l) = g.map.get_mut(&old).and_then(|e| e.link.take()) {
+            g.link_bytes = g.link_bytes.saturating_sub(l.bytes());
         }
     }
-}
-
-/// Starts the PostgreSQL poll on its own thread: every [`POLL`], the owners other replicas
-/// recorded since the last read (off every request's path; a failed read is logged and retried
-/// at the next tick).
-pub fn spawn_poll(
-    owners: Arc<Owners>,
-    store: Store,
-    config: crate::config::SharedConfig,
-    mut last: i64,
-) {
-    let spawned = std::thread::Builder::new()
-        .name("owners-poll".into())
-        .spawn(move || {
-            let mut failing = false;
-            loop {
-                std::thread::sleep(POLL);
-                let cfg = config.get();
-                let from = last.saturating_sub(POLL_OVERLAP).max(0);
-                let read = owners_after(&store, from, since(&cfg), 10_000).and_then(|rows| {
-                    let top = rows.iter().map(|r| r.row).max();
-                    let chains = chains_wanted(&cfg, usize::MAX);
-                    Ok((top, owners.take_new(&store, rows, chains)?))
-                });
-                match read {
-                    Ok((top, rows)) => {
-                        failing = false;
-                        last = last.max(top.unwrap_or(0));
-                        owners.load(rows);
-                    }
-                    Err(e) if !failing => {
-                        failing = true;
-                        log::warn!("affinity: polling object owners failed: {}", e.message);
-                    }
-                    Err(_) => {}
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("affinity: cannot start the owners poll: {e}");
+    if g.link_bytes == 0 {
+        g.links.clear();
     }
 }
 
@@ -410,18 +384,14 @@ mod tests {
             created_at: SystemTime::now() - Duration::from_secs(days_ago * 86_400),
             member: None,
             has_chain: false,
-            chain: None,
+            chain_bytes: 0,
         }
     }
 
     #[test]
     fn owners_expire_with_retention_and_leave_with_their_upstream() {
         let o = Owners::default();
-        o.load(vec![
-            row("old", "a", 3),
-            row("new", "a", 0),
-            row("gone", "b", 0),
-        ]);
+        o.load(&[row("old", "a", 3), row("new", "a", 0), row("gone", "b", 0)]);
         assert_eq!(o.owner_of("new", &cfg(2, &["a"])).as_deref(), Some("a"));
         assert_eq!(
             o.owner_of("old", &cfg(0, &["a"])).as_deref(),
@@ -447,7 +417,7 @@ mod tests {
         let o = Owners::default();
         let c = cfg(0, &["a"]);
         let a: Arc<str> = "a".into();
-        let link = |body: &str| Link::from_record(body, "[]").unwrap();
+        let link = |body: &str| Link::from_record(body, "[]".into()).unwrap();
         o.learn_link("r1", &a, link(r#"{"input":"one"}"#));
         o.learn_link(
             "r2",
@@ -496,5 +466,47 @@ mod tests {
         let c = cfg(0, &["a"]);
         assert_eq!(o.owner_of("id0", &c), None);
         assert!(o.owner_of(&format!("id{}", CAPACITY + 9), &c).is_some());
+    }
+
+    #[test]
+    fn the_link_budget_keeps_the_newest_links_whatever_their_way_in() {
+        let o = Owners::default();
+        let c = cfg(0, &["a"]);
+        let a: Arc<str> = "a".into();
+        let link = || Link::from_record(r#"{"input":"0123456789"}"#, "[]".into()).unwrap();
+        let cost = link().bytes();
+        o.set_budget(3 * cost);
+        for id in ["r1", "r2", "r3"] {
+            o.learn_link(id, &a, link());
+        }
+        assert_eq!(o.link_bytes(), 3 * cost);
+        // A part read back from the store is older than every link held: it goes first.
+        o.learn("r0", &a).unwrap();
+        assert!(o.wants_link("r0", "a"));
+        o.set_budget(4 * cost);
+        o.attach_link("r0", "a", link(), Age::Oldest);
+        assert!(!o.wants_link("r0", "a"), "held");
+        o.learn_link("r4", &a, link());
+        let held = |o: &Owners| -> Vec<&str> {
+            ["r0", "r1", "r2", "r3", "r4"]
+                .into_iter()
+                .filter(|id| o.chain(id, &c).is_some())
+                .collect()
+        };
+        assert_eq!(held(&o), ["r1", "r2", "r3", "r4"]);
+        // A smaller budget drops the oldest at once; none drops them all.
+        assert_eq!(o.set_budget(2 * cost), 4 * cost);
+        assert_eq!(held(&o), ["r3", "r4"]);
+        assert_eq!(o.set_budget(0), 2 * cost);
+        assert_eq!(o.link_bytes(), 0);
+        assert!(held(&o).is_empty());
+        assert_eq!(o.len(), 5, "owners stay");
+        // A part is never attached to an id no longer owned (forgotten), nor to another owner.
+        o.set_budget(10 * cost);
+        o.forget("r1");
+        o.attach_link("r1", "a", link(), Age::Oldest);
+        o.attach_link("r2", "b", link(), Age::Oldest);
+        assert_eq!(o.owner_of("r1", &c), None);
+        assert_eq!(o.link_bytes(), 0);
     }
 }

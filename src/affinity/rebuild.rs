@@ -25,9 +25,16 @@ pub struct Link {
 }
 
 impl Link {
+    /// What a link costs beyond its text (the struct, its `Arc`, its place in the eviction
+    /// queue), counted so that many tiny links cannot exceed the budget by their overhead.
+    pub const OVERHEAD: usize = 64;
+
     /// Memory the link holds, for the owner map's budget.
     pub fn bytes(&self) -> usize {
-        self.input.len() + self.items.len() + self.previous.as_ref().map_or(0, String::len) + 64
+        self.input.len()
+            + self.items.len()
+            + self.previous.as_ref().map_or(0, String::len)
+            + Self::OVERHEAD
     }
 
     /// The link of a live request (its `body`, received whole, and what admission's one parse
@@ -70,11 +77,12 @@ impl Link {
         })
     }
 
-    /// The link from a stored record (its request body and `response_items`); None when the
-    /// body is not a whole JSON object (cut at `record_body_bytes`).
-    pub fn from_record(body: &str, items: &str) -> Option<Link> {
-        serde_json::from_str::<Vec<Box<RawValue>>>(items).ok()?;
-        Link::from_stored(body.as_bytes(), items.to_string())
+    /// The link from a stored record (its request body and `response_items`, taken as they
+    /// are: a read of many parts holds no second copy); None when the body is not a whole JSON
+    /// object (cut at `record_body_bytes`).
+    pub fn from_record(body: &str, items: String) -> Option<Link> {
+        serde_json::from_str::<Vec<Box<RawValue>>>(&items).ok()?;
+        Link::from_stored(body.as_bytes(), items)
     }
 }
 
@@ -319,8 +327,8 @@ mod tests {
 
     #[test]
     fn unreadable_parts_are_not_rebuilt() {
-        assert!(Link::from_record(r#"{"input":"cut…[truncated]"#, "[]").is_none());
-        assert!(Link::from_record(r#"{"input":"x"}"#, "[{").is_none());
+        assert!(Link::from_record(r#"{"input":"cut…[truncated]"#, "[]".into()).is_none());
+        assert!(Link::from_record(r#"{"input":"x"}"#, "[{".into()).is_none());
         assert!(rebuild_body(b"[1]", &[]).is_none());
     }
 }

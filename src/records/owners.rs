@@ -22,9 +22,13 @@ pub struct OwnerRow {
     pub created_at: SystemTime,
     /// A whole Responses answer whose chain part (request body, kept output items) is stored.
     pub has_chain: bool,
-    /// That part, once read by [`fill_chains`].
-    pub chain: Option<(String, String)>,
+    /// Bytes of that part as stored (request body plus `response_items`; 0 without one): what
+    /// reading it would cost, known before anything is read.
+    pub chain_bytes: u64,
 }
+
+/// One chain part read back: the record's id, its request body and its kept output items.
+pub type ChainPart = (i64, String, String);
 
 /// Adds the version-0.3 and 0.4 columns and their index to a SQLite table that lacks them (the check
 /// runs at every start, so a database from any earlier version gets them, whatever migration
@@ -76,59 +80,100 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
     )
 }
 
-/// The columns every owner read selects, in [`OwnerRow`] order: no bodies (a poll re-reads a
-/// window of rows; [`fill_chains`] reads the bodies of the new ones only).
+/// The columns every owner read selects, in [`OwnerRow`] order: no bodies, only their sizes
+/// (`octet_length` reads a TOAST pointer in PostgreSQL and the record header in SQLite, not the
+/// text), so the chain parts worth reading are chosen before any is read.
 const SELECT: &str = "SELECT id, object_id, upstream, created_epoch, \
      CASE WHEN path = '/v1/responses' AND complete = 1 AND response_items IS NOT NULL \
-     THEN 1 ELSE 0 END, member";
+     AND request_body IS NOT NULL THEN 1 ELSE 0 END, \
+     CASE WHEN path = '/v1/responses' AND complete = 1 AND response_items IS NOT NULL \
+     AND request_body IS NOT NULL \
+     THEN CAST(octet_length(request_body) AS BIGINT) + CAST(octet_length(response_items) AS BIGINT) \
+     ELSE 0 END, member";
 
-/// Reads the chain parts of the `rows` that have one (by record id, 500 per query).
-pub fn fill_chains(store: &Store, rows: &mut [OwnerRow]) -> Result<(), StoreError> {
-    let wanted: Vec<i64> = rows.iter().filter(|r| r.has_chain).map(|r| r.row).collect();
-    let mut found = std::collections::HashMap::new();
-    for ids in wanted.chunks(500) {
-        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-        let sql =
-            format!("SELECT id, request_body, response_items FROM records WHERE id IN ({list})");
-        match store {
-            Store::Sqlite(p) => {
-                let conn = p.get().map_err(StoreError::unreachable)?;
-                let mut stmt = conn.prepare(&sql).map_err(StoreError::failed)?;
-                let got = stmt
-                    .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?)))
-                    .map_err(StoreError::failed)?;
-                for g in got {
-                    let (id, body, items): (i64, Option<String>, Option<String>) =
-                        g.map_err(StoreError::failed)?;
-                    found.insert(id, body.zip(items));
-                }
-            }
-            Store::Postgres(p) => {
-                let mut conn = p.get().map_err(StoreError::unreachable)?;
-                for r in conn.query(&sql, &[]).map_err(StoreError::from_pg)? {
-                    let (body, items): (Option<String>, Option<String>) = (r.get(1), r.get(2));
-                    found.insert(r.get::<_, i64>(0), body.zip(items));
-                }
-            }
+/// Ids per `IN (…)` list.
+const IN_LIST: usize = 500;
+
+/// Reads the chain parts of records `ids` (one query; the caller sizes the batch). Rows that
+/// lost a part since (retention) are left out.
+pub fn chain_parts(store: &Store, ids: &[i64]) -> Result<Vec<ChainPart>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let sql = format!(
+        "SELECT id, request_body, response_items FROM records WHERE id IN ({list}) \
+         AND request_body IS NOT NULL AND response_items IS NOT NULL"
+    );
+    match store {
+        Store::Sqlite(p) => {
+            let conn = p.get().map_err(StoreError::unreachable)?;
+            let mut stmt = conn.prepare(&sql).map_err(StoreError::failed)?;
+            let got = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(StoreError::failed)?;
+            got.collect::<Result<_, _>>().map_err(StoreError::failed)
+        }
+        Store::Postgres(p) => {
+            let mut conn = p.get().map_err(StoreError::unreachable)?;
+            let rows = conn.query(&sql, &[]).map_err(StoreError::from_pg)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect())
         }
     }
-    for r in rows.iter_mut().filter(|r| r.has_chain) {
-        r.chain = found.remove(&r.row).flatten();
-    }
-    Ok(())
 }
 
-/// Owners written after record `after` (the poll), oldest first, at most `limit`, created at or
-/// after `since`.
-pub fn owners_after(
+/// The ids of the owner records after record `after`, oldest first, at most `limit`: the
+/// poll's one query when nothing is new (a few integers; no row is read beyond its id and its
+/// `object_id`/`upstream` test).
+pub fn owner_ids_after(store: &Store, after: i64, limit: i64) -> Result<Vec<i64>, StoreError> {
+    const Q: &str = "SELECT id FROM records WHERE object_id IS NOT NULL AND upstream IS NOT NULL \
+                     AND id > {a} ORDER BY id LIMIT {l}";
+    match store {
+        Store::Sqlite(p) => {
+            let conn = p.get().map_err(StoreError::unreachable)?;
+            let mut stmt = conn
+                .prepare_cached(&Q.replace("{a}", "?1").replace("{l}", "?2"))
+                .map_err(StoreError::failed)?;
+            let got = stmt
+                .query_map([after, limit], |r| r.get(0))
+                .map_err(StoreError::failed)?;
+            got.collect::<Result<_, _>>().map_err(StoreError::failed)
+        }
+        Store::Postgres(p) => {
+            let mut conn = p.get().map_err(StoreError::unreachable)?;
+            let sql = Q.replace("{a}", "$1").replace("{l}", "$2");
+            let rows = conn
+                .query(&sql, &[&after, &limit])
+                .map_err(StoreError::from_pg)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        }
+    }
+}
+
+/// The owner records `ids` (no bodies), oldest first, created at or after `since`.
+pub fn owners_by_ids(
     store: &Store,
-    after: i64,
+    ids: &[i64],
     since: SystemTime,
-    limit: i64,
 ) -> Result<Vec<OwnerRow>, StoreError> {
-    let filter = "object_id IS NOT NULL AND upstream IS NOT NULL AND id > {after} \
-                  AND {created} >= {since} ORDER BY id LIMIT {limit}";
-    read(store, filter, after, since, limit)
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_LIST) {
+        let list = chunk
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let filter = format!(
+            "object_id IS NOT NULL AND upstream IS NOT NULL AND id IN ({list}) \
+             AND {{created}} >= {{since}} ORDER BY id"
+        );
+        out.extend(read(store, &filter, 0, since, 0)?);
+    }
+    out.sort_by_key(|r| r.row);
+    Ok(out)
 }
 
 /// The newest `limit` owners created at or after `since` (the start-up load), oldest first.
@@ -193,21 +238,26 @@ fn read(
                 .replace("{limit}", &limit.to_string())
         )
     };
-    let row = |id: i64, o: String, u: String, at: i64, has_chain: bool, member| OwnerRow {
+    let row = |id: i64,
+               o: String,
+               u: String,
+               at: i64,
+               (has_chain, size, member): (bool, i64, Option<String>)| OwnerRow {
         row: id,
         object_id: o,
         upstream: u,
         member,
         created_at: UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0)),
         has_chain,
-        chain: None,
+        chain_bytes: u64::try_from(size).unwrap_or(0),
     };
     match store {
         Store::Sqlite(p) => {
             let e = "CAST(strftime('%s', created_at) AS INTEGER)";
             let sql = fill(e, e);
             let conn = p.get().map_err(StoreError::unreachable)?;
-            let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::failed)?;
+            // Not cached: an id list makes each text new.
+            let mut stmt = conn.prepare(&sql).map_err(StoreError::failed)?;
             let rows = stmt
                 .query_map([], |r| {
                     Ok(row(
@@ -215,8 +265,11 @@ fn read(
                         r.get(1)?,
                         r.get(2)?,
                         r.get::<_, Option<i64>>(3)?.unwrap_or(0),
-                        r.get::<_, i64>(4)? != 0,
-                        r.get(5)?,
+                        (
+                            r.get::<_, i64>(4)? != 0,
+                            r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                            r.get(6)?,
+                        ),
                     ))
                 })
                 .map_err(StoreError::failed)?;
@@ -235,8 +288,11 @@ fn read(
                         r.get(1),
                         r.get(2),
                         r.get(3),
-                        r.get::<_, i32>(4) != 0,
-                        r.get(5),
+                        (
+                            r.get::<_, i32>(4) != 0,
+                            r.get::<_, Option<i64>>(5).unwrap_or(0),
+                            r.get(6),
+                        ),
                     )
                 })
                 .collect())
