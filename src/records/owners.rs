@@ -81,8 +81,8 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
 }
 
 /// The columns every owner read selects, in [`OwnerRow`] order: no bodies, only their sizes
-/// (`octet_length` reads a TOAST pointer in PostgreSQL and the record header in SQLite, not the
-/// text), so the chain parts worth reading are chosen before any is read.
+/// (`octet_length` materialises no text: PostgreSQL answers it from the TOAST pointer, SQLite
+/// from the record header), so the chain parts worth reading are chosen before any is read.
 const SELECT: &str = "SELECT id, object_id, upstream, created_epoch, \
      CASE WHEN path = '/v1/responses' AND complete = 1 AND response_items IS NOT NULL \
      AND request_body IS NOT NULL THEN 1 ELSE 0 END, \
