@@ -80,6 +80,7 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         response_items: None,
         request_id: None,
         member: None,
+        forgets: None,
     }
 }
 

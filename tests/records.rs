@@ -902,6 +902,7 @@ fn plain_record(i: usize) -> openai_api_route::records::Record {
         response_items: None,
         request_id: None,
         member: None,
+        forgets: None,
     }
 }
 

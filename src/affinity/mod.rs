@@ -24,6 +24,9 @@ pub struct Marks {
     pub not_here: bool,
 }
 
+/// An object a request deleted at its owner, for its record to forget.
+pub type Forgotten = Option<std::sync::Arc<str>>;
+
 /// Whether `body` holds one of `keys` as a quoted JSON key (`"key"`): one pass that jumps from
 /// quote to quote, so a body naming none of them costs a byte scan and no parse.
 pub fn names_a_key(body: &[u8], keys: &[&[u8]]) -> bool {

@@ -314,6 +314,7 @@ impl Ledger {
             response_items: None,
             request_id: Some(self.request_id),
             member: info.member,
+            forgets: self.forgets,
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct Ledger {
     request_id: HeaderValue,
     /// The member who sent it (none with `-noauth`).
     member: Option<MemberRef>,
+    /// An object it deleted (its record makes the creating record forget it).
+    pub forgets: crate::affinity::Forgotten,
     /// Its spans, None when tracing is off.
     trace: Trace,
 }
@@ -130,6 +132,7 @@ impl Ledger {
             marks: Default::default(),
             request_id: new_request_id(),
             member: None,
+            forgets: None,
         }
     }
 

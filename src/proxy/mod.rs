@@ -300,9 +300,14 @@ fn learned(ledger: &mut Ledger, plan: &Plan, upstream: &Arc<str>) {
     let owners = ledger.sinks().owners.clone();
     let info = ledger.info();
     if info.method == Method::DELETE {
-        let path = info.uri.path().to_string();
-        for id in crate::affinity::refs::path_ids(&path) {
-            owners.forget(id);
+        // The object deleted is the one the path ends with (`DELETE /v1/files/{id}`); a
+        // `DELETE /v1/vector_stores/{vs}/files/{file}` removes a file from a store, not the store.
+        let path = info.uri.path().trim_end_matches('/').to_string();
+        let last = crate::affinity::refs::path_ids(&path).last();
+        if let Some(id) = last.filter(|id| path.ends_with(&format!("/{id}"))) {
+            if owners.forget(id) {
+                ledger.forgets = Some(id.into());
+            }
         }
         return;
     }

@@ -105,6 +105,10 @@ pub struct Record {
     pub request_id: Option<actix_web::http::header::HeaderValue>,
     /// The member who sent the request (see the members guide), None with `-noauth`.
     pub member: Option<Arc<str>>,
+    /// An object this request deleted at its owner (a 2xx `DELETE`): the record that created it
+    /// no longer names it, so a restart does not bring its owner back (see the affinity guide,
+    /// "Deleted is gone"). Not a column.
+    pub forgets: Option<Arc<str>>,
 }
 
 /// The insert's column list, in the order both backends bind values.

@@ -241,6 +241,13 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
         writer.write(&values).map_err(StoreError::from_pg)?;
     }
     writer.finish().map_err(StoreError::from_pg)?;
+    for id in batch.iter().filter_map(|r| r.forgets.as_deref()) {
+        tx.execute(
+            "UPDATE records SET object_id = NULL WHERE object_id = $1",
+            &[&id],
+        )
+        .map_err(StoreError::from_pg)?;
+    }
     tx.commit().map_err(StoreError::from_pg)
 }
 

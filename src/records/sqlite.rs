@@ -334,6 +334,13 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             stmt.raw_execute().map_err(StoreError::failed)?;
         }
     }
+    for id in batch.iter().filter_map(|r| r.forgets.as_deref()) {
+        tx.execute(
+            "UPDATE records SET object_id = NULL WHERE object_id = ?1",
+            [id],
+        )
+        .map_err(StoreError::failed)?;
+    }
     tx.commit().map_err(StoreError::failed)
 }
 

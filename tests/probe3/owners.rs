@@ -405,3 +405,42 @@ async fn a_deleted_object_is_forgotten() {
     );
     assert_eq!(continuing(&a, &rid), 1);
 }
+
+/// Deleted stays gone after a restart: the record that created the object no longer names it,
+/// so the owners read back at start do not bring it back.
+#[actix_rt::test]
+async fn a_deleted_object_stays_forgotten_after_a_restart() {
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    let cfg = config(
+        STEADY,
+        &[
+            upstream("a", &a.endpoint(), ""),
+            upstream("b", &b.endpoint(), ""),
+        ],
+    );
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("records.sqlite").display().to_string();
+    let gw = Gateway::start_with(&cfg, &["-database", &db]);
+    let kept = id_of(&made_on_b(&a, upload(&gw, "kept")).await);
+    let gone = id_of(&made_on_b(&a, upload(&gw, "deleted")).await);
+    let deleted = delete(&gw, &format!("/v1/files/{gone}")).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    // The records are written in batches: give the writer its tick, then restart on the file.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    gw.signal("TERM");
+    drop(gw);
+    let gw = Gateway::start_with(&cfg, &["-database", &db]);
+    let read = get(&gw, &format!("/v1/files/{kept}")).await;
+    assert_eq!(
+        read.header("x-upstream-attempts"),
+        Some("1"),
+        "still owned by b"
+    );
+    let read = get(&gw, &format!("/v1/files/{gone}")).await;
+    assert_eq!(read.status, 404, "{}", read.text());
+    assert_eq!(
+        read.header("x-upstream-attempts"),
+        Some("2"),
+        "routed as an unseen id: a asked first"
+    );
+}
