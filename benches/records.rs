@@ -81,6 +81,7 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         request_id: None,
         member: None,
         forgets: None,
+        learned: Vec::new(),
     }
 }
 

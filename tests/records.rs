@@ -903,6 +903,7 @@ fn plain_record(i: usize) -> openai_api_route::records::Record {
         request_id: None,
         member: None,
         forgets: None,
+        learned: Vec::new(),
     }
 }
 

@@ -146,3 +146,48 @@ async fn a_chain_relayed_by_one_replica_is_rebuilt_by_the_other() {
         texts[0].contains("hello") && texts[2].contains("more") && texts[4].contains("and now?")
     );
 }
+
+#[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
+async fn an_owner_learned_through_not_here_is_known_to_the_other_replica() {
+    let admin = admin_url();
+    let _guard = lock();
+    let db = TestDb::new(&admin);
+    let (a, b) = (Provider::new("a"), Provider::new("b"));
+    // A file made outside the gateway: no record names it, only asking finds its owner.
+    b.add_file("file-made-elsewhere", b"hello");
+    let one = replica(&db.url, "", &[("a", &a), ("b", &b)]);
+    let two = replica(&db.url, "", &[("a", &a), ("b", &b)]);
+    let got = get(&one, "/v1/files/file-made-elsewhere").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.header("x-upstream"), Some("b"));
+    assert_eq!(
+        got.header("x-upstream-attempts"),
+        Some("2"),
+        "a said not here"
+    );
+    // SPEC 4f: every replica knows an owner at most 1 s after the answer ended.
+    actix_rt::time::sleep(Duration::from_millis(1000)).await;
+    let got = get(&two, "/v1/files/file-made-elsewhere").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.header("x-upstream"), Some("b"));
+    assert_eq!(
+        got.header("x-upstream-attempts"),
+        Some("1"),
+        "the second replica asked the owner first"
+    );
+    assert_eq!(
+        a.seen_on("/v1/files").len(),
+        1,
+        "a was asked once, by the first"
+    );
+    // A restarted replica reads it back too.
+    drop(two);
+    let three = replica(&db.url, "", &[("a", &a), ("b", &b)]);
+    let got = get(&three, "/v1/files/file-made-elsewhere").await;
+    assert_eq!(got.header("x-upstream-attempts"), Some("1"));
+    assert_eq!(a.seen_on("/v1/files").len(), 1);
+}

@@ -343,6 +343,18 @@ impl Owners {
             }
         }
     }
+
+    /// Owners another replica learned through "not here" (see the affinity guide, "Several
+    /// replicas"): each is taken only where no owner is known, as the first owner wins.
+    pub fn load_learned(&self, rows: &[OwnerRow]) {
+        for r in rows {
+            if self.lock().map.contains_key(r.object_id.as_str()) {
+                continue;
+            }
+            let upstream: Arc<str> = r.upstream.as_str().into();
+            self.put(&r.object_id, &upstream, r.created_at, None);
+        }
+    }
 }
 
 /// Drops the oldest links until those held fit in `budget`.

@@ -13,6 +13,8 @@
 //! returns the ids of the recent owner records, a window of [`POLL_OVERLAP`] ids back (a
 //! transaction that took an earlier id may commit after a later one), and only ids it has not
 //! seen are read further. An idle replica therefore reads a few integers per tick and no body.
+//! Owners a replica learned through "not here" live in a table of their own (they have no
+//! record naming them); the poll reads it the same way, with a cursor of its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -20,7 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, SharedConfig};
 use crate::records::owners::{
-    chain_parts, newest_owners, owner_ids_after, owners_by_ids, OwnerRow,
+    chain_parts, learned_by_ids, learned_ids_after, newest_learned, newest_owners, owner_ids_after,
+    owners_by_ids, OwnerRow,
 };
 use crate::records::{Store, StoreError};
 
@@ -183,25 +186,40 @@ impl Cursor {
     }
 }
 
+/// Where the poll goes on from in each table it reads: the records, and the owners learned
+/// through "not here".
+#[derive(Debug, Default, Clone)]
+pub struct Cursors {
+    records: Cursor,
+    learned: Cursor,
+}
+
 /// Loads the newest owners from `store` (at start, before listening; bounded by [`CAPACITY`])
 /// and their chain parts within the budget already set ([`Owners::set_budget`]). Returns where
 /// the poll goes on from.
-pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> Cursor {
+pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> Cursors {
+    let mut cursors = Cursors::default();
     let rows = match newest_owners(store, since(cfg), CAPACITY as i64) {
         Ok(rows) => rows,
         Err(e) => {
             log::warn!("affinity: reading object owners failed: {}", e.message);
-            return Cursor::default();
+            return cursors;
         }
     };
     owners.load(&rows);
-    let mut cursor = Cursor::default();
-    cursor.saw(rows.iter().map(|r| r.row));
+    cursors.records.saw(rows.iter().map(|r| r.row));
     if !rows.is_empty() {
         log::info!(
             "affinity: {} object owners loaded from the records",
             rows.len()
         );
+    }
+    match newest_learned(store, since(cfg), CAPACITY as i64) {
+        Ok(learned) => {
+            owners.load_learned(&learned);
+            cursors.learned.saw(learned.iter().map(|r| r.row));
+        }
+        Err(e) => log::warn!("affinity: reading learned owners failed: {}", e.message),
     }
     if owners.budget() > 0 {
         match read_chains(owners, store, &rows, Age::Oldest) {
@@ -210,42 +228,52 @@ pub fn load_at_start(owners: &Owners, store: &Store, cfg: &Config) -> Cursor {
             Err(e) => log::warn!("affinity: reading chain parts failed: {}", e.message),
         }
     }
-    cursor
+    cursors
 }
 
-/// One poll: the owner records not read before, and their chain parts within the budget.
-/// Returns how many records it read beyond their ids (0 when nothing is new).
+/// One poll: the owner records not read before, and their chain parts within the budget; then
+/// the owners learned through "not here" not read before. Returns how many rows it read beyond
+/// their ids (0 when nothing is new).
 fn poll_once(
     owners: &Owners,
     store: &Store,
     cfg: &Config,
-    cursor: &mut Cursor,
+    cursors: &mut Cursors,
 ) -> Result<usize, StoreError> {
-    let ids = owner_ids_after(store, cursor.from(), POLL_LIMIT)?;
-    let new = cursor.unseen(&ids);
-    if new.is_empty() {
-        return Ok(0);
+    let mut read = 0;
+    let ids = owner_ids_after(store, cursors.records.from(), POLL_LIMIT)?;
+    let new = cursors.records.unseen(&ids);
+    if !new.is_empty() {
+        let rows = owners_by_ids(store, &new, since(cfg))?;
+        owners.load(&rows);
+        if owners.budget() > 0 {
+            read_chains(owners, store, &rows, Age::Newest)?;
+        }
+        cursors.records.saw(new);
+        read += rows.len();
     }
-    let rows = owners_by_ids(store, &new, since(cfg))?;
-    owners.load(&rows);
-    if owners.budget() > 0 {
-        read_chains(owners, store, &rows, Age::Newest)?;
+    let ids = learned_ids_after(store, cursors.learned.from(), POLL_LIMIT)?;
+    let new = cursors.learned.unseen(&ids);
+    if !new.is_empty() {
+        let rows = learned_by_ids(store, &new, since(cfg))?;
+        owners.load_learned(&rows);
+        cursors.learned.saw(new);
+        read += rows.len();
     }
-    cursor.saw(new);
-    Ok(rows.len())
+    Ok(read)
 }
 
 /// Starts the PostgreSQL poll on its own thread: every [`POLL`], the owners other replicas
 /// recorded since the last read (off every request's path; a failed read is logged and retried
 /// at the next tick).
-pub fn spawn_poll(owners: Arc<Owners>, store: Store, config: SharedConfig, mut cursor: Cursor) {
+pub fn spawn_poll(owners: Arc<Owners>, store: Store, config: SharedConfig, mut cursors: Cursors) {
     let spawned = std::thread::Builder::new()
         .name("owners-poll".into())
         .spawn(move || {
             let mut failing = false;
             loop {
                 std::thread::sleep(POLL);
-                match poll_once(&owners, &store, &config.get(), &mut cursor) {
+                match poll_once(&owners, &store, &config.get(), &mut cursors) {
                     Ok(_) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
@@ -415,7 +443,7 @@ mod tests {
         assert_eq!(o.len(), 40, "every owner is known");
         assert_eq!(held(&o, &c, 40), (31..=40).collect::<Vec<_>>());
         assert!(o.link_bytes() <= 11_000);
-        assert_eq!(cursor.last, 79);
+        assert_eq!(cursor.records.last, 79);
         // Without rebuild nothing is read, and turning it on reads the newest.
         let c = cfg("");
         let o = Owners::default();

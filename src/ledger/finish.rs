@@ -315,6 +315,7 @@ impl Ledger {
             request_id: Some(self.request_id),
             member: info.member,
             forgets: self.forgets,
+            learned: self.learned,
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct Ledger {
     member: Option<MemberRef>,
     /// An object it deleted (its record makes the creating record forget it).
     pub forgets: crate::affinity::Forgotten,
+    /// Ids whose owner it learned through "not here" (its record shares them with replicas).
+    pub learned: Vec<Arc<str>>,
     /// Its spans, None when tracing is off.
     trace: Trace,
 }
@@ -133,6 +135,7 @@ impl Ledger {
             request_id: new_request_id(),
             member: None,
             forgets: None,
+            learned: Vec::new(),
         }
     }
 

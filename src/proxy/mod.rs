@@ -316,7 +316,10 @@ fn learned(ledger: &mut Ledger, plan: &Plan, upstream: &Arc<str>) {
     }
     for id in &plan.learn {
         match owners.learn(id, upstream) {
-            Ok(()) => ledger.affinity("learned"),
+            Ok(()) => {
+                ledger.affinity("learned");
+                ledger.learned.push(Arc::from(&**id));
+            }
             Err(first) => {
                 ledger.affinity("conflict");
                 log::warn!(

@@ -109,6 +109,9 @@ pub struct Record {
     /// no longer names it, so a restart does not bring its owner back (see the affinity guide,
     /// "Deleted is gone"). Not a column.
     pub forgets: Option<Arc<str>>,
+    /// Ids whose owner this request learned through "not here" (the answering upstream): shared
+    /// with the other replicas of a PostgreSQL store. Not a column.
+    pub learned: Vec<Arc<str>>,
 }
 
 /// The insert's column list, in the order both backends bind values.

@@ -76,7 +76,12 @@ pub(super) fn postgres_columns(conn: &mut postgres::Client) -> Result<(), postgr
          CREATE INDEX IF NOT EXISTS records_object_id ON records(object_id)
             WHERE object_id IS NOT NULL;
          CREATE INDEX IF NOT EXISTS records_member ON records(member, created_at)
-            WHERE member IS NOT NULL;",
+            WHERE member IS NOT NULL;
+         CREATE TABLE IF NOT EXISTS openai_api_route_learned (
+            id BIGSERIAL PRIMARY KEY,
+            object_id TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now());",
     )
 }
 
@@ -187,6 +192,87 @@ pub fn newest_owners(
     let mut rows = read(store, filter, 0, since, limit)?;
     rows.reverse();
     Ok(rows)
+}
+
+/// Ids of the owners learned through "not here" (see the affinity guide) written after row
+/// `after` of the shared table, lowest first, at most `limit` (the poll's cheap first query).
+/// PostgreSQL only: with SQLite one process learns, and what it learned lives in its memory.
+pub fn learned_ids_after(store: &Store, after: i64, limit: i64) -> Result<Vec<i64>, StoreError> {
+    let Store::Postgres(p) = store else {
+        return Ok(Vec::new());
+    };
+    let mut conn = p.get().map_err(StoreError::unreachable)?;
+    let rows = conn
+        .query(
+            "SELECT id FROM openai_api_route_learned WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&after, &limit],
+        )
+        .map_err(StoreError::from_pg)?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// The learned owners `ids` as owner rows (no member, no chain part), created at or after
+/// `since`.
+pub fn learned_by_ids(
+    store: &Store,
+    ids: &[i64],
+    since: SystemTime,
+) -> Result<Vec<OwnerRow>, StoreError> {
+    let Store::Postgres(p) = store else {
+        return Ok(Vec::new());
+    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = p.get().map_err(StoreError::unreachable)?;
+    let rows = conn
+        .query(
+            "SELECT id, object_id, upstream, \
+             (EXTRACT(EPOCH FROM created_at) * 1000)::BIGINT \
+             FROM openai_api_route_learned WHERE id = ANY($1) AND created_at >= $2 ORDER BY id",
+            &[&ids, &since],
+        )
+        .map_err(StoreError::from_pg)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let ms: i64 = r.get(3);
+            OwnerRow {
+                row: r.get(0),
+                object_id: r.get(1),
+                upstream: r.get(2),
+                member: None,
+                created_at: UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+                has_chain: false,
+                chain_bytes: 0,
+            }
+        })
+        .collect())
+}
+
+/// The newest learned owners created at or after `since`, at most `limit`, oldest first (the
+/// start-up read).
+pub fn newest_learned(
+    store: &Store,
+    since: SystemTime,
+    limit: i64,
+) -> Result<Vec<OwnerRow>, StoreError> {
+    let Store::Postgres(p) = store else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<i64> = {
+        let mut conn = p.get().map_err(StoreError::unreachable)?;
+        conn.query(
+            "SELECT id FROM openai_api_route_learned WHERE created_at >= $1 \
+             ORDER BY id DESC LIMIT $2",
+            &[&since, &limit],
+        )
+        .map_err(StoreError::from_pg)?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    learned_by_ids(store, &ids, since)
 }
 
 /// One owner looked up by the index, as the request path would if it asked the store (the

@@ -247,6 +247,24 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             &[&id],
         )
         .map_err(StoreError::from_pg)?;
+        tx.execute(
+            "DELETE FROM openai_api_route_learned WHERE object_id = $1",
+            &[&id],
+        )
+        .map_err(StoreError::from_pg)?;
+    }
+    // Owners learned through "not here": the other replicas read them within a poll.
+    for r in batch.iter().filter(|r| !r.learned.is_empty()) {
+        let Some(up) = r.upstream.as_deref() else {
+            continue;
+        };
+        for id in &r.learned {
+            tx.execute(
+                "INSERT INTO openai_api_route_learned (object_id, upstream) VALUES ($1, $2)",
+                &[&clean(id).as_ref(), &up],
+            )
+            .map_err(StoreError::from_pg)?;
+        }
     }
     tx.commit().map_err(StoreError::from_pg)
 }
@@ -263,6 +281,11 @@ pub fn count(pool: &Pool) -> u64 {
 /// Deletes records created before `cutoff`; returns how many.
 pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
+    conn.execute(
+        "DELETE FROM openai_api_route_learned WHERE created_at < $1",
+        &[&cutoff],
+    )
+    .map_err(StoreError::from_pg)?;
     conn.execute("DELETE FROM records WHERE created_at < $1", &[&cutoff])
         .map_err(StoreError::from_pg)
 }
