@@ -261,6 +261,9 @@ pub struct FailedAttempt {
     pub upstream: String,
     /// The request's model (from the client: cut and escaped).
     pub model: Option<String>,
+    /// The request's API family (`chat/completions`, `responses` … `other`: the `endpoint`
+    /// label's set, never the client's path).
+    pub family: &'static str,
     /// The `outcome` label: `http_error`, `timeout`, `connect_error`, `stream_error`.
     pub outcome: &'static str,
     /// Why (may quote an upstream: cut and escaped).
@@ -431,6 +434,7 @@ mod tests {
                 at: UNIX_EPOCH,
                 upstream: format!("u{i}"),
                 model: None,
+                family: "chat/completions",
                 outcome: "timeout",
                 reason: String::new(),
             });

@@ -52,7 +52,7 @@ pub struct ListState {
     pub configured: bool,
     /// Last successful fetch.
     pub fetched_at: Option<SystemTime>,
-    /// Last failed fetch and why (escaped, cut, no key).
+    /// The latest fetch's failure and why (escaped, cut, no key); None once a fetch succeeds.
     pub error: Option<(SystemTime, String)>,
 }
 
@@ -399,6 +399,8 @@ impl ModelsActor {
                 );
                 l.ids = Some(Arc::new(ids));
                 l.fetched_at = Some(SystemTime::now());
+                // The status page shows an error only while it is the latest fetch's.
+                l.error = None;
             }
             Err(e) => {
                 let e = clean(&e);

@@ -229,6 +229,13 @@ async fn lists_refresh_on_the_interval_and_on_sighup_and_a_failed_fetch_keeps_th
     gw.signal("HUP");
     wait_for_ids(&gw, "reload", |ids| ids == ["after-reload"]).await;
     assert!(!gw.log().contains("sk-upstream-"));
+    // Version 0.4: the error is shown only while it is the latest fetch's.
+    let page = send("GET", &gw.url("/"), &[], b"").await.text();
+    assert!(
+        page.contains("1 id<br>"),
+        "the new list on the page: {page}"
+    );
+    assert!(!page.contains("HTTP 500"), "an error a later fetch cured");
     // Fetches are not attempts: no upstream request counted, health untouched.
     let m = metrics(&gw).await;
     assert!(

@@ -302,3 +302,39 @@ async fn history_survives_a_reload_and_a_removed_upstream_disappears() {
     );
     assert!(html.contains("24<br><small>10 prompt · 14 completion</small>"));
 }
+
+/// Version 0.4: each failed attempt names its request's API family — one of the `endpoint`
+/// label's values, never the client's path.
+#[actix_rt::test]
+async fn failed_attempts_name_the_api_family_not_the_path() {
+    let bad = Mock::always(Reply::status(503));
+    let gw = Gateway::start(&config(
+        "cooldown: {failures: 100, seconds: 1}",
+        &[upstream("bad", &bad.endpoint(), "")],
+    ));
+    post(&gw, "/v1/chat/completions", chat_body(false)).await;
+    post(
+        &gw,
+        "/v1/embeddings",
+        serde_json::json!({"model": "emb", "input": "x"}),
+    )
+    .await;
+    get(&gw, "/v1/files/file-marker%3Cb%3E").await;
+    get(&gw, "/v1/zz-unknown-marker").await;
+    let html = send("GET", &gw.url("/"), &[], b"").await.text();
+    let section = &html[html
+        .find("Last 20 failed attempts")
+        .expect("no failure list")..];
+    let families: Vec<&str> = section
+        .split("<td data-label=\"API\" class=\"mono\">")
+        .skip(1)
+        .map(|s| &s[..s.find("</td>").unwrap()])
+        .collect();
+    let plain: Vec<String> = families.iter().map(|f| f.replace("<wbr>", "")).collect();
+    assert_eq!(
+        plain,
+        ["other", "files", "embeddings", "chat/completions"],
+        "newest first: {section}"
+    );
+    assert!(!html.contains("marker"), "a client's path on the page");
+}

@@ -168,7 +168,7 @@ impl Ledger {
                 sinks.registry.report_for(
                     &c.view,
                     c.idx,
-                    self.info.model.as_deref(),
+                    self.info.subject(),
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: public.clone(),
@@ -198,7 +198,7 @@ impl Ledger {
                 sinks.registry.report_for(
                     &c.view,
                     c.idx,
-                    self.info.model.as_deref(),
+                    self.info.subject(),
                     AttemptResult::Failed {
                         kind: FailKind::Stream,
                         reason: "in-band error event".into(),

@@ -237,7 +237,7 @@ impl Ledger {
                 self.sinks.registry.report_for(
                     view,
                     idx,
-                    self.info.model.as_deref(),
+                    self.info.subject(),
                     AttemptResult::Failed {
                         kind: f.kind,
                         reason: f.public.clone(),
@@ -319,7 +319,7 @@ impl Ledger {
         self.sinks.registry.report_for(
             view,
             idx,
-            self.info.model.as_deref(),
+            self.info.subject(),
             AttemptResult::Ok { first_byte },
         );
     }

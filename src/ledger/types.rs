@@ -53,6 +53,15 @@ impl RequestInfo {
     pub fn path(&self) -> &str {
         crate::records::cut_path(self.uri.path())
     }
+
+    /// What the status page's failed attempts say the request was about: its model and its
+    /// API family.
+    pub fn subject(&self) -> (Option<&str>, &'static str) {
+        (
+            self.model.as_deref(),
+            crate::http_metrics::family(self.uri.path()),
+        )
+    }
 }
 
 /// One failed attempt as the request path reports it to the ledger.

@@ -39,18 +39,14 @@ impl RegistryHandle {
         view.candidates(model, &self.rr, key)
     }
 
-    /// Reports one attempt against `view.config.upstreams[idx]` (no model known).
-    pub fn report(&self, view: &RegistryView, idx: usize, result: AttemptResult) {
-        self.report_for(view, idx, None, result);
-    }
-
-    /// Reports one attempt for a request about `model`: health, the status page's last hour and,
-    /// for a failure, the list of recent failed attempts. Every attempt is counted once here.
+    /// Reports one attempt for a request about `model` of the API `family` (the `endpoint`
+    /// label's value): health, the status page's last hour and, for a failure, the list of
+    /// recent failed attempts. Every attempt is counted once here.
     pub fn report_for(
         &self,
         view: &RegistryView,
         idx: usize,
-        model: Option<&str>,
+        (model, family): (Option<&str>, &'static str),
         result: AttemptResult,
     ) {
         let (Some(up), Some(stats)) = (view.config.upstreams.get(idx), view.stats.get(idx)) else {
@@ -63,6 +59,7 @@ impl RegistryHandle {
                 at: SystemTime::now(),
                 upstream: up.name.to_string(),
                 model: model.map(|m| clip(m, TEXT_MAX)),
+                family,
                 outcome: kind.label(),
                 reason: clip(reason, TEXT_MAX),
             });

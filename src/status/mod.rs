@@ -153,6 +153,7 @@ mod tests {
                 at: SystemTime::now(),
                 upstream: "\"><b>u".into(),
                 model: Some("<svg onload=x>".into()),
+                family: "chat/completions",
                 outcome: "http_error",
                 reason: "HTTP 500 <iframe>&".into(),
             }],
@@ -198,6 +199,7 @@ mod tests {
                 at: SystemTime::now(),
                 upstream: format!("upstream-{i}"),
                 model: Some("gpt-4o".into()),
+                family: "chat/completions",
                 outcome: "timeout",
                 reason: "x".repeat(200),
             })

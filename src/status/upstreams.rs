@@ -156,7 +156,7 @@ pub fn failures_table(out: &mut String, failures: &[FailedAttempt]) {
     }
     out.push_str(
         "<table class=\"failures\"><thead><tr><th>Time</th><th>Upstream</th><th>Model</th>\
-         <th>Outcome</th><th>Reason</th></tr></thead><tbody>",
+         <th>API</th><th>Outcome</th><th>Reason</th></tr></thead><tbody>",
     );
     for f in failures {
         let _ = write!(
@@ -164,6 +164,7 @@ pub fn failures_table(out: &mut String, failures: &[FailedAttempt]) {
             "<tr><td data-label=\"Time\" class=\"mono\">{}</td>\
              <td data-label=\"Upstream\" class=\"name\">{}</td>\
              <td data-label=\"Model\" class=\"mono model\">{}</td>\
+             <td data-label=\"API\" class=\"mono\">{}</td>\
              <td data-label=\"Outcome\"><span class=\"outcome\">{}</span></td>\
              <td data-label=\"Reason\" class=\"err\">{}</td></tr>",
             timestamp(&rfc3339(f.at)),
@@ -172,6 +173,7 @@ pub fn failures_table(out: &mut String, failures: &[FailedAttempt]) {
                 .as_deref()
                 .map(breakable)
                 .unwrap_or_else(|| "—".into()),
+            breakable(f.family),
             esc(f.outcome),
             esc(&f.reason),
         );
