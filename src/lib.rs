@@ -37,6 +37,7 @@ pub mod realtime;
 pub mod records;
 pub mod registry;
 pub mod reject_gate;
+pub mod replicas;
 pub mod series;
 pub mod server;
 pub mod sse;

@@ -36,6 +36,8 @@ pub struct Metrics {
     member_tokens: IntCounterVec,
     member_in_flight: IntGaugeVec,
     member_limited: IntCounterVec,
+    probes: IntCounterVec,
+    replicas: prometheus::IntGauge,
     /// The HTTP request series with bounded labels (see [`crate::http_metrics`]).
     pub http: crate::http_metrics::HttpMetrics,
 }
@@ -186,6 +188,19 @@ impl Metrics {
             &["member", "limit"],
         )?;
         registry.register(Box::new(member_limited.clone()))?;
+        let probes = IntCounterVec::new(
+            opts(
+                "probes_total",
+                "Probes of upstreams in cooldown (probe_interval), by result",
+            ),
+            &["upstream", "result"],
+        )?;
+        registry.register(Box::new(probes.clone()))?;
+        let replicas = prometheus::IntGauge::with_opts(opts(
+            "replicas",
+            "Replicas sharing the PostgreSQL store, seen in the last minute",
+        ))?;
+        registry.register(Box::new(replicas.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(first_byte.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
@@ -220,6 +235,8 @@ impl Metrics {
             member_tokens,
             member_in_flight,
             member_limited,
+            probes,
+            replicas,
         })
     }
 
@@ -303,6 +320,16 @@ impl Metrics {
         self.healthy
             .with_label_values(&[upstream])
             .set(i64::from(healthy));
+    }
+
+    /// One probe of an upstream in cooldown (`ok`, `http_error`, `timeout`, `connect_error`).
+    pub fn probe(&self, upstream: &str, result: &str) {
+        self.probes.with_label_values(&[upstream, result]).inc();
+    }
+
+    /// The replicas sharing the store, as the roster last read them.
+    pub fn set_replicas(&self, n: usize) {
+        self.replicas.set(n as i64);
     }
 
     /// Removes the series of an upstream that a reload removed.

@@ -231,6 +231,15 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             shared.clone(),
             metrics.clone(),
             Some(notifier.clone().recipient()),
+            Some(upstream_client(tls.clone())),
+        );
+        // Replicas on one PostgreSQL share health and a roster (see the operations guide).
+        let replicas = crate::replicas::start(
+            database.as_deref(),
+            &local,
+            registry.store_inbox(),
+            shared.clone(),
+            metrics.clone(),
         );
         // Model lists are fetched in the background: nothing here waits for an upstream.
         let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
@@ -257,6 +266,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 .unwrap_or_else(|| "none".into()),
             realtime: sessions.clone(),
             store: owners_store,
+            replicas,
         });
         let traces = state.clone();
 

@@ -29,4 +29,6 @@ pub struct AppState {
     pub database: String,
     /// The record store, for the reads of the usage page (None with `-database none`).
     pub store: Option<crate::records::Store>,
+    /// The replicas sharing the PostgreSQL store (None without PostgreSQL).
+    pub replicas: Option<crate::replicas::Roster>,
 }

@@ -212,6 +212,9 @@ pub struct Config {
     pub cooldown_failures: u32,
     /// Cooldown length.
     pub cooldown: Duration,
+    /// How often an upstream in cooldown is asked `GET /models` (see the operations guide,
+    /// "Probes"); None = never.
+    pub probe_interval: Option<Duration>,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Alert channels.

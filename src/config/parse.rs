@@ -60,6 +60,7 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "model_timeouts",
     "rebuild_memory",
     "members",
+    "probe_interval",
 ];
 /// The keys of one `upstreams` entry; any other one is warned about and ignored.
 pub(super) const UPSTREAM_KEYS: &[&str] = &[
@@ -388,6 +389,11 @@ impl Parser<'_> {
             get("models_refresh"),
             Duration::from_secs(600),
         );
+        // 0 (the default) is off; negative values are refused like any other bad number.
+        let probe_interval = get("probe_interval")
+            .and_then(|v| self.number("probe_interval", v))
+            .filter(|s| *s > 0.0)
+            .map(Duration::from_secs_f64);
         let route_by_models = self.boolean("route_by_models", get("route_by_models"), false);
         let force_usage = self.boolean("force_usage", get("force_usage"), true);
         let retries = self.retries("retries", get("retries"), 0);
@@ -441,6 +447,7 @@ impl Parser<'_> {
             dbtype_postgres,
             upstreams,
             models_refresh,
+            probe_interval,
             route_by_models,
             retry_after_max,
             deadline,

@@ -14,6 +14,7 @@ mod columns;
 pub mod owners;
 mod postgres;
 mod priority;
+pub mod shared;
 mod sqlite;
 pub mod target;
 mod ticker;
@@ -251,6 +252,21 @@ impl StoreError {
             unreachable: e.is_closed(),
             message: postgres::explain(&e),
         }
+    }
+}
+
+/// A PostgreSQL error in the server's or the system's own words, without a password (for the
+/// replicas' own connection, which is not the writer's).
+pub fn explain_pg(e: &::postgres::Error) -> String {
+    postgres::explain(e)
+}
+
+/// The connection string of a PostgreSQL `target`, for a connection of its own (the replicas'
+/// shared health, see the operations guide); None for SQLite.
+pub fn postgres_target(target: &str) -> Option<String> {
+    match target::classify(target) {
+        Ok(target::Target::Postgres(t)) => Some(t),
+        _ => None,
     }
 }
 

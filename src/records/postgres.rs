@@ -146,7 +146,8 @@ fn migrate(conn: &mut postgres::Client) -> Result<(), postgres::Error> {
         )?;
         tx.commit()?;
     }
-    super::owners::postgres_columns(conn)
+    super::owners::postgres_columns(conn)?;
+    super::shared::postgres_tables(conn)
 }
 
 /// PostgreSQL text cannot hold NUL: borrowed unless there is one to replace.

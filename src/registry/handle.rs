@@ -108,6 +108,12 @@ impl RegistryHandle {
         self.addr.send(GetSnapshot).await.unwrap_or_default()
     }
 
+    /// Where the replicas' store thread sends what other replicas shared (see the operations
+    /// guide, "Several replicas").
+    pub fn store_inbox(&self) -> Recipient<super::FromStore> {
+        self.addr.clone().recipient()
+    }
+
     /// Applies a new config (SIGHUP).
     pub async fn reload(&self, config: Arc<Config>) {
         // Awaited: when this returns, new requests see the new config (the reload log line

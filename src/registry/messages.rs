@@ -93,6 +93,10 @@ pub struct UpstreamStatus {
     pub cooling_until: Option<SystemTime>,
     /// Whether it is below the failure threshold.
     pub healthy: bool,
+    /// `probe_interval`, when probes are on.
+    pub probes: Option<Duration>,
+    /// The last probe's end and result (`ok`, `http_error`, `timeout`, `connect_error`).
+    pub last_probe: Option<(SystemTime, &'static str)>,
     /// Successful attempts since start.
     pub ok: u64,
     /// Failed attempts since start.

@@ -8,10 +8,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, LbPolicy};
+use crate::config::{Config, LbPolicy, Upstream};
 use crate::history::UpstreamHistory;
 
 pub(super) const RECENT: usize = 32;
+
+/// Added to an attempt's longest wait for how long a half-open probe may be held: a request
+/// that took the probe and never reported (its client left) frees it after this.
+const PROBE_SLACK: Duration = Duration::from_secs(5);
 
 /// Per-upstream counters shared by the request path and the actor.
 #[derive(Debug, Default)]
@@ -23,6 +27,20 @@ pub struct LiveStats {
     pub(super) recent: Mutex<VecDeque<Duration>>,
     /// The status page's last hour and tokens (see [`crate::history`]).
     pub(super) history: Arc<UpstreamHistory>,
+    /// The local half-open probe: until when (ms after [`epoch`]) one request holds it; 0 or
+    /// past = free. One request on this replica probes a recovering upstream, the others keep
+    /// it at the back (see the operations guide, "Health memory").
+    pub(super) probe_gate: AtomicU64,
+}
+
+/// The instant the probe gates count from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn millis(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
 impl LiveStats {
@@ -37,6 +55,28 @@ impl LiveStats {
         r.push_back(d);
     }
 
+    /// Takes the half-open probe for one request until `now + hold`, unless another request
+    /// holds it.
+    pub(super) fn claim_probe(&self, now: Instant, hold: Duration) -> bool {
+        let (at, until) = (millis(now), millis(now + hold));
+        let held = self.probe_gate.load(Ordering::Acquire);
+        held < at
+            && self
+                .probe_gate
+                .compare_exchange(held, until, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Whether a request holds the half-open probe now.
+    pub(super) fn probe_held(&self, now: Instant) -> bool {
+        self.probe_gate.load(Ordering::Acquire) >= millis(now)
+    }
+
+    /// Frees the half-open probe (its result arrived, or a new cooldown started).
+    pub(super) fn free_probe(&self) {
+        self.probe_gate.store(0, Ordering::Release);
+    }
+
     pub(super) fn median_latency(&self) -> Option<Duration> {
         let r = match self.recent.lock() {
             Ok(g) => g,
@@ -48,12 +88,22 @@ impl LiveStats {
     }
 }
 
+/// How long a request holds a half-open probe of `up`: the longest its attempt may wait, and
+/// some.
+pub(super) fn probe_hold(up: &Upstream) -> Duration {
+    up.timeout.max(up.stream_timeout) + PROBE_SLACK
+}
+
 /// What ordering needs, published by the actor whenever it changes (cooldowns, reloads).
 pub struct RegistryView {
     /// The config the indices refer to.
     pub config: Arc<Config>,
     /// Per upstream (index-aligned with `config.upstreams`): end of its cooldown.
     pub(super) cooling_until: Vec<Option<Instant>>,
+    /// Per upstream: when replicas share health, a half-open probe may start here only before
+    /// this instant (this replica holds the group's claim until then; with no claim it is the
+    /// cooldown's end itself). None: local rules, any time after the cooldown.
+    pub(super) window: Vec<Option<Instant>>,
     /// Per upstream counters.
     pub(super) stats: Vec<Arc<LiveStats>>,
     /// What was learned about the upstreams under this config (reset by a reload).
@@ -208,20 +258,44 @@ impl RegistryView {
             }
         }
         if self.cooling_until.iter().any(Option::is_some) {
-            let now = Instant::now();
-            let cooling = |i: &usize| self.cooling_until[*i].is_some_and(|until| until > now);
-            if order.iter().any(cooling) {
-                let mut sorted = Order::default();
-                for &i in order.iter().filter(|i| !cooling(i)) {
-                    sorted.push(i);
-                }
-                for &i in order.iter().filter(|i| cooling(i)) {
-                    sorted.push(i);
-                }
-                order = sorted;
-            }
+            order = self.cooling_to_the_back(order, Instant::now());
         }
         order
+    }
+
+    /// Moves upstreams in cooldown to the back. One whose cooldown ran out (half-open) stays in
+    /// place for one request only: the first one that would try it first, while no other
+    /// request holds its probe (and, when replicas share health, while this replica holds the
+    /// group's claim). Every other request keeps it at the back until the probe's result is in.
+    fn cooling_to_the_back(&self, order: Order, now: Instant) -> Order {
+        let (mut ahead, mut back) = (Order::default(), Order::default());
+        for &i in order.iter() {
+            let stays = match self.cooling_until[i] {
+                None => true,
+                Some(until) if until > now => false,
+                Some(_) => {
+                    ahead.is_empty()
+                        && self.window[i].is_none_or(|end| now < end)
+                        && self.stats[i].claim_probe(now, self.probe_hold(i))
+                }
+            };
+            if stays {
+                ahead.push(i);
+            } else {
+                back.push(i);
+            }
+        }
+        for &i in back.iter() {
+            ahead.push(i);
+        }
+        ahead
+    }
+
+    fn probe_hold(&self, idx: usize) -> Duration {
+        self.config
+            .upstreams
+            .get(idx)
+            .map_or(PROBE_SLACK, probe_hold)
     }
 }
 

@@ -6,6 +6,7 @@
 //! `upstreams` draws one card per upstream, `charts` its last hour, `text` how values read.
 
 mod charts;
+mod replicas;
 mod text;
 mod upstreams;
 
@@ -50,6 +51,10 @@ pub fn render(state: &AppState, upstreams: &[UpstreamStatus]) -> String {
         upstreams::models_cell(models.list(name))
     });
     let mut failures = String::new();
+    if let Some(roster) = &state.replicas {
+        let (list, reachable) = roster.list();
+        replicas::replicas_table(&mut failures, &list, reachable);
+    }
     failures_table(&mut failures, &state.sinks.registry.recent_failures());
     let uptime = dur(state.started.elapsed());
     let rescue = state.sinks.metrics.rescue_totals();
@@ -134,6 +139,8 @@ mod tests {
             consecutive_failures: 0,
             cooling_until: None,
             healthy: true,
+            probes: None,
+            last_probe: None,
             ok: 1,
             failed: 1,
             last_error: Some((SystemTime::now(), "<script>alert(1)</script>".into())),

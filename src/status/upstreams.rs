@@ -71,6 +71,7 @@ fn card(out: &mut String, u: &UpstreamStatus, pos: usize, models: &str) {
     );
     fact(out, "", "Tokens since start", &tokens(u));
     fact(out, "", "Models", models);
+    fact(out, "", "Probes", &probes(u));
     let last_error = match &u.last_error {
         Some((t, e)) => format!(
             "<div><span class=\"err\">{}</span><br><small>{}</small></div>",
@@ -83,6 +84,23 @@ fn card(out: &mut String, u: &UpstreamStatus, pos: usize, models: &str) {
     out.push_str("</dl><div class=\"hist\"><h4>Last 60 minutes</h4>");
     charts::last_hour(out, &u.history.last_hour());
     out.push_str("</div></div></article>");
+}
+
+/// Whether probes are on (`probe_interval`) and the last probe's result and time.
+fn probes(u: &UpstreamStatus) -> String {
+    let Some(every) = u.probes else {
+        return "off".into();
+    };
+    let last = match u.last_probe {
+        Some((t, "ok")) => format!("last: ok {}", timestamp(&rfc3339(t))),
+        Some((t, result)) => format!(
+            "last: <span class=\"err\">{}</span> {}",
+            esc(result),
+            timestamp(&rfc3339(t))
+        ),
+        None => "no probe yet".into(),
+    };
+    format!("<div>every {}<br><small>{last}</small></div>", secs(every))
 }
 
 fn tokens(u: &UpstreamStatus) -> String {
