@@ -475,3 +475,77 @@ async fn postgres_cut_mid_run_keeps_requests_flowing_with_health_local_then_shar
     let counted = |gw: &Gateway| gw.log().matches("PostgreSQL cannot be reached").count();
     assert_eq!(counted(&a), 1, "said once:\n{}", a.log());
 }
+
+#[actix_rt::test]
+#[cfg_attr(
+    not(test_postgres),
+    ignore = "needs PostgreSQL: set OPENAI_API_ROUTE_TEST_POSTGRES"
+)]
+async fn cooldown_and_recovery_alerts_fire_once_for_the_group() {
+    let admin = admin_url();
+    let _guard = lock();
+    let db = TestDb::new(&admin);
+    let hook = Mock::always(Reply::json(200, serde_json::json!({"code": 0})));
+    let down = Arc::new(AtomicBool::new(true));
+    let (primary, fallback) = (
+        switchable(&down),
+        Mock::always(Reply::chat("from fallback")),
+    );
+    let cfg = two(
+        &format!(
+            "cooldown: {{failures: 2, seconds: 2}}\nnotify: {{min_interval: 0, feishu: {{webhook: \"http://{}/hook\"}}}}",
+            hook.addr
+        ),
+        &primary,
+        &fallback,
+    );
+    let (a, b) = (replica(&cfg, &db.url), replica(&cfg, &db.url));
+    both_listed(&a, &b).await;
+    // Both replicas reach the threshold at the same moment, each on its own.
+    let sent: Vec<_> = [&a, &b, &a, &b]
+        .into_iter()
+        .map(|gw| post(gw, "/v1/chat/completions", chat_body(false)))
+        .collect();
+    for got in futures_util::future::join_all(sent).await {
+        assert_eq!(got.header("x-upstream"), Some("fallback"));
+    }
+    let alerts = |what: &str| {
+        hook.seen()
+            .iter()
+            .filter(|s| {
+                s.json()["content"]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(what)
+            })
+            .count()
+    };
+    assert!(eventually(Duration::from_secs(2), || alerts(
+        "cooling down"
+    ) >= 1));
+    down.store(false, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut i = 0u32;
+    while alerts("recovered") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(8), "never recovered");
+        let gw = if i.is_multiple_of(2) { &a } else { &b };
+        i += 1;
+        post(gw, "/v1/chat/completions", chat_body(false)).await;
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    actix_rt::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        alerts("cooling down"),
+        1,
+        "A:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(alerts("recovered"), 1);
+    let went_down = |gw: &Gateway| gw.log().contains("failed 2 times in a row");
+    eprintln!(
+        "replicas that reached the threshold themselves: A {} B {}",
+        went_down(&a),
+        went_down(&b)
+    );
+}

@@ -301,7 +301,46 @@ impl RegistryView {
 
 #[cfg(test)]
 mod tests {
-    use super::Order;
+    use super::*;
+
+    fn view(window: Option<Instant>) -> RegistryView {
+        let text = "authorization: x\nupstreams:\n  - name: a\n    endpoint: http://127.0.0.1:9/v1\n  - name: b\n    endpoint: http://127.0.0.1:9/v1\n";
+        let config = crate::config::parse(std::path::Path::new("t.yaml"), text, false, &|_| None)
+            .unwrap()
+            .0;
+        let past = Instant::now() - Duration::from_millis(10);
+        RegistryView {
+            config: Arc::new(config),
+            cooling_until: vec![Some(past), None],
+            window: vec![window, None],
+            stats: vec![Arc::default(), Arc::default()],
+            learned: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn one_request_at_a_time_probes_a_half_open_upstream() {
+        let (v, rr) = (view(None), AtomicUsize::new(0));
+        assert_eq!(&*v.candidates(None, &rr, None), &[0, 1], "the probe");
+        assert_eq!(&*v.candidates(None, &rr, None), &[1, 0], "while it is out");
+        assert!(v.stats[0].probe_held(Instant::now()));
+        v.stats[0].free_probe();
+        assert_eq!(&*v.candidates(None, &rr, None), &[0, 1], "the next probe");
+    }
+
+    #[test]
+    fn a_replica_without_the_groups_claim_keeps_it_at_the_back() {
+        let (v, rr) = (view(Some(Instant::now())), AtomicUsize::new(0));
+        for _ in 0..3 {
+            assert_eq!(&*v.candidates(None, &rr, None), &[1, 0]);
+        }
+        let v = view(Some(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(
+            &*v.candidates(None, &rr, None),
+            &[0, 1],
+            "it holds the claim"
+        );
+    }
 
     #[test]
     fn order_keeps_its_indices_inline_and_spilled() {
