@@ -29,6 +29,8 @@ const TABLES: &str = "
         opener TEXT,
         open_until TIMESTAMPTZ,
         next_probe TIMESTAMPTZ,
+        last_probe TEXT,
+        probed TIMESTAMPTZ,
         changed_by TEXT NOT NULL DEFAULT '',
         changed TIMESTAMPTZ NOT NULL DEFAULT now()
     );";

@@ -10,6 +10,9 @@ use crate::attempt::FailKind;
 use crate::config::Config;
 use crate::history::UpstreamHistory;
 
+/// What a probe (`probe_interval`) can come to: the `result` label of `probes_total`.
+pub const PROBE_RESULTS: [&str; 4] = ["ok", "http_error", "timeout", "connect_error"];
+
 /// What one attempt against one upstream came to.
 #[derive(Debug, Clone)]
 pub enum AttemptResult {

@@ -94,6 +94,11 @@ impl UpstreamRegistry {
         let h = &mut self.health[i];
         h.probing = false;
         h.last_probe = Some((SystemTime::now(), result));
+        self.write(SharedWrite::Probed {
+            upstream: name.to_string(),
+            result,
+        });
+        let h = &mut self.health[i];
         if h.cooldown_until.is_none() {
             // It recovered meanwhile.
             return;

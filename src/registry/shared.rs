@@ -53,6 +53,10 @@ pub struct SharedRow {
     pub next_probe_left: Option<f64>,
     /// The replica that made the last cooldown or recovery.
     pub changed_by: String,
+    /// The last probe's result, made by any replica.
+    pub last_probe: Option<String>,
+    /// Seconds from now to that probe's end (negative).
+    pub probed_left: Option<f64>,
 }
 
 /// What the registry asks the store thread to write.
@@ -91,6 +95,13 @@ pub enum SharedWrite {
     Release {
         /// Upstream name.
         upstream: String,
+    },
+    /// A probe's result, for every replica's status page.
+    Probed {
+        /// Upstream name.
+        upstream: String,
+        /// `ok`, `http_error`, `timeout` or `connect_error`.
+        result: &'static str,
     },
     /// This replica would make the probe that is due.
     ClaimProbe {
@@ -165,7 +176,7 @@ impl UpstreamRegistry {
         self.share.as_ref().is_some_and(|s| s.reachable)
     }
 
-    fn write(&self, w: SharedWrite) {
+    pub(super) fn write(&self, w: SharedWrite) {
         if let Some(s) = self.share.as_ref().filter(|s| s.reachable) {
             s.write(w);
         }
@@ -213,6 +224,12 @@ impl UpstreamRegistry {
         }
         h.version = row.version;
         h.epoch = row.epoch;
+        if let (Some(result), Some(left)) = (row.last_probe.as_deref(), row.probed_left) {
+            let result = super::messages::PROBE_RESULTS
+                .iter()
+                .find(|r| **r == result);
+            h.last_probe = result.map(|r| (wall(left), *r)).or(h.last_probe);
+        }
         let name = &row.upstream;
         let by = crate::escape::untrusted(&row.changed_by);
         match row.until_left {

@@ -384,6 +384,9 @@ impl Link {
                 let preclaim = crate::registry::PRECLAIM.as_secs_f64();
                 sql::claim_half_open(c, &upstream, hold, &id, preclaim).map(|r| (r, None))
             }
+            SharedWrite::Probed { upstream, result } => {
+                sql::probed(c, &upstream, result).map(|r| (r, None))
+            }
             SharedWrite::Release { upstream } => sql::release(c, &upstream, &id).map(|r| (r, None)),
             SharedWrite::ClaimProbe { upstream, every } => sql::claim_probe(c, &upstream, every)
                 .map(|r| {

@@ -13,7 +13,8 @@ use crate::registry::SharedRow;
 const COLUMNS: &str = "upstream, version, epoch, down, \
     EXTRACT(EPOCH FROM until - now())::float8, opener, \
     EXTRACT(EPOCH FROM open_until - now())::float8, \
-    EXTRACT(EPOCH FROM next_probe - now())::float8, changed_by";
+    EXTRACT(EPOCH FROM next_probe - now())::float8, changed_by, last_probe, \
+    EXTRACT(EPOCH FROM probed - now())::float8";
 
 fn row(r: &postgres::Row) -> SharedRow {
     SharedRow {
@@ -26,6 +27,8 @@ fn row(r: &postgres::Row) -> SharedRow {
         open_left: r.get(6),
         next_probe_left: r.get(7),
         changed_by: r.get(8),
+        last_probe: r.get(9),
+        probed_left: r.get(10),
     }
 }
 
@@ -69,7 +72,7 @@ pub(super) fn cooldown(
          WHERE h.upstream = $1 RETURNING {COLUMNS}, o.was_down"
     );
     let r = c.query_opt(&sql, &[&upstream, &secs, &down, &me, &probe_every])?;
-    Ok(r.map(|r| (row(&r), r.get(9))))
+    Ok(r.map(|r| (row(&r), r.get(11))))
 }
 
 /// The cooldown of generation `epoch` ends (or the last change was this replica's own); returns
@@ -92,7 +95,7 @@ pub(super) fn recovered(
          RETURNING {COLUMNS}, o.was_down"
     );
     let r = c.query_opt(&sql, &[&upstream, &epoch, &me])?;
-    Ok(r.map(|r| (row(&r), r.get(9))))
+    Ok(r.map(|r| (row(&r), r.get(11))))
 }
 
 /// Takes the half-open claim of a cooldown ending within `preclaim`, unless another replica
@@ -146,6 +149,20 @@ pub(super) fn claim_probe(
          RETURNING {COLUMNS}"
     );
     Ok(c.query_opt(&sql, &[&upstream, &every])?.map(|r| row(&r)))
+}
+
+/// A probe's result, for every replica's status page; the row.
+pub(super) fn probed(
+    c: &mut Client,
+    upstream: &str,
+    result: &str,
+) -> Result<Option<SharedRow>, postgres::Error> {
+    let sql = format!(
+        "UPDATE openai_api_route_health SET \
+           version = nextval('openai_api_route_health_version'), last_probe = $2, probed = now() \
+         WHERE upstream = $1 RETURNING {COLUMNS}"
+    );
+    Ok(c.query_opt(&sql, &[&upstream, &result])?.map(|r| row(&r)))
 }
 
 /// This replica's heartbeat, and the replicas seen in the last minute (as of before this
