@@ -157,8 +157,8 @@ impl UpstreamRegistry {
         self.config.upstreams.iter().position(|u| &*u.name == name)
     }
 
-    /// Sends an alert now (health local), or with the shared write that decides whether this
-    /// replica's transition is the group's (then the store thread sends it back if so).
+    /// Sends a health alert. With shared health it comes back from the store thread first,
+    /// and only when this replica's transition was the group's (see `shared.rs`).
     fn alert(&self, event: HealthEvent) {
         if let Some(ev) = &self.events {
             ev.do_send(event);

@@ -185,7 +185,7 @@ impl UpstreamRegistry {
     /// Upstream `i` is in cooldown until `until` (its end on this replica): claims its
     /// half-open probe shortly before, or gives back a claim no request used.
     pub(super) fn claim_step(&mut self, i: usize, now: Instant, until: Instant) {
-        let hold = probe_hold(&self.config.upstreams[i]);
+        let hold = probe_hold(&self.config, &self.config.upstreams[i]);
         let name = self.config.upstreams[i].name.to_string();
         let held = self.stats[i].probe_held(now);
         let h = &mut self.health[i];
@@ -216,7 +216,7 @@ impl UpstreamRegistry {
         let Some(me) = self.share.as_ref().map(|s| s.id.clone()) else {
             return false;
         };
-        let hold = probe_hold(&self.config.upstreams[i]);
+        let hold = probe_hold(&self.config, &self.config.upstreams[i]);
         let stats = self.stats[i].clone();
         let h = &mut self.health[i];
         if row.version <= h.version {

@@ -88,10 +88,16 @@ impl LiveStats {
     }
 }
 
-/// How long a request holds a half-open probe of `up`: the longest its attempt may wait, and
-/// some.
-pub(super) fn probe_hold(up: &Upstream) -> Duration {
-    up.timeout.max(up.stream_timeout) + PROBE_SLACK
+/// How long a request holds a half-open probe of `up`: the longest its attempt may wait
+/// (`model_timeouts` included), and some.
+pub(super) fn probe_hold(config: &Config, up: &Upstream) -> Duration {
+    let longest = config
+        .model_timeouts
+        .iter()
+        .flat_map(|t| [t.timeout, t.stream_timeout])
+        .flatten()
+        .fold(up.timeout.max(up.stream_timeout), Duration::max);
+    longest + PROBE_SLACK
 }
 
 /// What ordering needs, published by the actor whenever it changes (cooldowns, reloads).
@@ -295,7 +301,7 @@ impl RegistryView {
         self.config
             .upstreams
             .get(idx)
-            .map_or(PROBE_SLACK, probe_hold)
+            .map_or(PROBE_SLACK, |up| probe_hold(&self.config, up))
     }
 }
 
