@@ -41,7 +41,7 @@ const FORGET_EVERY: u32 = 120;
 /// One replica in the roster, as the status page shows it.
 #[derive(Debug, Clone)]
 pub struct Replica {
-    /// Unique per process (host, listen address, process id and start time).
+    /// Unique per process: host name, process id and start time (see [`local_id`]).
     pub id: String,
     /// Host name.
     pub host: String,
@@ -54,7 +54,7 @@ pub struct Replica {
 }
 
 /// The replicas seen in the last minute, as last read (shared with the status page).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Roster(Arc<RwLock<(Vec<Replica>, bool)>>);
 
 impl Roster {
@@ -134,7 +134,8 @@ pub fn start(
         id: id.clone(),
         writes: tx,
     });
-    let roster = Roster::default();
+    // Reachable until a statement says otherwise: the start-up already connected.
+    let roster = Roster(Arc::new(RwLock::new((Vec::new(), true))));
     let me = Replica {
         id: id.to_string(),
         host: host_name(),
