@@ -925,18 +925,19 @@ async fn a_short_backlog_is_written_in_short_transactions_and_whole() {
     }
     recorder.flush().await;
     let db = rusqlite::Connection::open(&path).unwrap();
-    let bodies: Vec<String> = db
-        .prepare("SELECT request_body FROM records ORDER BY id")
+    // Rows go in 16 to a statement: each row's values stay together, in order.
+    let rows: Vec<(String, String)> = db
+        .prepare("SELECT request_body, response FROM records ORDER BY id")
         .unwrap()
-        .query_map([], |r| r.get(0))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(bodies.len(), 300);
-    assert!(bodies
+    assert_eq!(rows.len(), 300);
+    assert!(rows
         .iter()
         .enumerate()
-        .all(|(i, b)| *b == format!("{{\"n\":{i}}}")));
+        .all(|(i, (b, r))| *b == format!("{{\"n\":{i}}}") && *r == format!("reply {i}")));
     let families = metrics.registry.gather();
     let batches = families
         .iter()
