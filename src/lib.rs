@@ -40,6 +40,7 @@ pub mod reject_gate;
 pub mod replicas;
 pub mod series;
 pub mod server;
+pub mod shared_limits;
 pub mod sse;
 pub mod state;
 pub mod status;

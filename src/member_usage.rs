@@ -137,7 +137,16 @@ pub async fn usage(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             }
         },
     };
-    let used = member.state.used(Instant::now(), SystemTime::now());
+    let mut used = member.state.used(Instant::now(), SystemTime::now());
+    // Replicas sharing a PostgreSQL store: the group's numbers (see the operations guide).
+    if let Some(s) = &state.sinks.sharing {
+        if let Some(o) = s.others_use(&member.name, &member.limits).await {
+            used.requests_last_minute += o.requests_last_minute;
+            used.tokens_last_minute += o.tokens_last_minute;
+            used.tokens_today += o.tokens_today;
+            used.in_flight += o.in_flight;
+        }
+    }
     let since = SystemTime::now() - Duration::from_secs(u64::from(days - 1) * 86_400);
     let since = day_start(since);
     let days = match state.store.clone() {

@@ -196,6 +196,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .map(|(s, _)| crate::affinity::reading::load_at_start(&owners, s, &cfg));
     let owners_store = store.as_ref().map(|(s, _)| s.clone());
     let poll_store = owners_store.clone().filter(|s| s.kind() == "PostgreSQL");
+    let pg = poll_store.is_some();
     let tls = tls_config();
 
     let system = actix_rt::System::new();
@@ -244,6 +245,9 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         // Model lists are fetched in the background: nothing here waits for an upstream.
         let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
         let sessions = crate::realtime::Sessions::default();
+        // With PostgreSQL, members' limits hold for all replicas together (operations guide).
+        let sharing = crate::shared_limits::Sharing::start_if(database.as_deref(), pg, &local)
+            .map_err(StartError::Other)?;
         let sinks = Arc::new(Sinks {
             metrics: metrics.clone(),
             registry: registry.clone(),
@@ -252,6 +256,7 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             reject_gate: Default::default(),
             owners: owners.clone(),
             tracer,
+            sharing,
         });
         let state = web::Data::new(AppState {
             config: shared.clone(),

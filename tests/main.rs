@@ -31,6 +31,7 @@ mod rescue;
 mod resume;
 mod routing;
 mod sdk;
+mod shared_limits;
 mod status_browser;
 mod sticky;
 mod streaming;

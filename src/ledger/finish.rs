@@ -230,6 +230,8 @@ impl Ledger {
             sinks.metrics.attempt(upstream, outcome);
         }
         let usage = reply.usage;
+        // The member's tokens count now that the answer ended (see the members guide).
+        self.member_ended(usage, reply.text.as_ref().map_or(0, String::len));
         sinks
             .metrics
             .tokens(upstream, usage.prompt, usage.completion);

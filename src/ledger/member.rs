@@ -1,7 +1,8 @@
 //! The member a request belongs to, as its ledger keeps it (see the members guide): its limits
 //! checked before the body is read and counted once the request is admitted, its place in flight
 //! held until the answer ends, the tokens it used counted at the end, and OpenAI's rate-limit
-//! headers on every answer to a member with `rpm` or `tpm`.
+//! headers on every answer to a member with `rpm` or `tpm`. With replicas sharing a PostgreSQL
+//! store, the group's counters come on top of this replica's own (see the operations guide).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -11,8 +12,9 @@ use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::capture::Usage;
 use crate::config::{Member, Objects};
 use crate::error::GatewayError;
-use crate::member_limits::{Limited, MemberLimits, MemberState, Permit};
+use crate::member_limits::{Limit, Limited, MemberLimits, MemberState, Permit};
 use crate::metrics::Metrics;
+use crate::shared_limits::GroupPlace;
 
 use super::Ledger;
 
@@ -34,6 +36,8 @@ pub struct MemberRef {
 /// An admitted request's place: the member's counter, and its `member_in_flight` series.
 struct Place {
     _permit: Permit,
+    /// Its place among the group's `concurrent`, when replicas share the limits.
+    _group: Option<GroupPlace>,
     metrics: Metrics,
     name: Arc<str>,
 }
@@ -63,29 +67,65 @@ impl Ledger {
         self.member.as_ref()
     }
 
+    /// The limits this replica's own counters enforce for `l` now: the member's, or its share
+    /// while the replicas cannot share through PostgreSQL.
+    fn local_limits(&self, l: &MemberLimits) -> MemberLimits {
+        self.sinks
+            .sharing
+            .as_ref()
+            .map_or(*l, |s| s.local_limits(l))
+    }
+
     /// Whether the member may send one more request now (nothing is counted yet): the check
-    /// made before the body is read.
+    /// made before the body is read, from what this replica knows without waiting.
     pub fn check_limits(&self) -> Result<(), GatewayError> {
         let Some(m) = &self.member else {
             return Ok(());
         };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let limits = self.local_limits(&m.limits);
         m.state
-            .check(&m.limits, Instant::now(), SystemTime::now())
-            .map_err(|l| self.limited(m, l))
+            .check(&limits, now, wall)
+            .map_err(|l| self.limited(m, l))?;
+        match &self.sinks.sharing {
+            Some(s) => s
+                .check(&m.name, &m.limits, || m.state.used(now, wall))
+                .map_err(|l| self.limited(m, l)),
+            None => Ok(()),
+        }
     }
 
     /// Admits the request for its member: counted in its limits, and in flight until the answer
-    /// ends (a refused request counts toward no limit).
-    pub fn take_place(&mut self) -> Result<(), GatewayError> {
+    /// ends (a refused request counts toward no limit). With shared limits this may wait on
+    /// PostgreSQL, for a second at most.
+    pub async fn take_place(&mut self) -> Result<(), GatewayError> {
         let Some(m) = &self.member else {
             return Ok(());
         };
-        match m.state.admit(&m.limits, Instant::now(), SystemTime::now()) {
+        let shared = self.sinks.sharing.as_ref().filter(|_| m.limits.any());
+        let group = match shared {
+            Some(s) => {
+                let state = &m.state;
+                let local = || state.used(Instant::now(), SystemTime::now());
+                match s.admit(&m.name, &m.limits, local).await {
+                    Ok(g) => g,
+                    Err(l) => return Err(self.limited(m, l)),
+                }
+            }
+            None => None,
+        };
+        // Asked again: PostgreSQL may have gone away while the request waited.
+        let limits = self.local_limits(&m.limits);
+        match m.state.admit(&limits, Instant::now(), SystemTime::now()) {
             Ok(permit) => {
+                if let Some(s) = &self.sinks.sharing {
+                    s.admitted(&m.name, &m.limits);
+                }
                 let metrics = self.sinks.metrics.clone();
                 metrics.member_admitted(&m.name);
                 let place = Place {
                     _permit: permit,
+                    _group: group,
                     metrics,
                     name: m.name.clone(),
                 };
@@ -94,11 +134,24 @@ impl Ledger {
                 }
                 Ok(())
             }
-            Err(l) => Err(self.limited(m, l)),
+            Err(l) => {
+                if let Some(s) = shared {
+                    s.unadmit(&m.name, &m.limits);
+                }
+                Err(self.limited(m, l))
+            }
         }
     }
 
-    fn limited(&self, m: &MemberRef, l: Limited) -> GatewayError {
+    /// The refusal, naming the member's own limit (not its share of it).
+    fn limited(&self, m: &MemberRef, mut l: Limited) -> GatewayError {
+        let own = match l.limit {
+            Limit::Rpm => m.limits.rpm,
+            Limit::Tpm => m.limits.tpm,
+            Limit::TokensPerDay => m.limits.tokens_per_day,
+            Limit::Concurrent => m.limits.concurrent,
+        };
+        l.value = own.unwrap_or(l.value);
         self.sinks.metrics.member_limited(&m.name, l.limit.label());
         GatewayError::RateLimited {
             member: m.name.clone(),
@@ -129,7 +182,11 @@ impl Ledger {
                 (i, o, (body + text_bytes as u64) / 4)
             }
         };
-        m.state.add_tokens(total, Instant::now(), SystemTime::now());
+        let wall = SystemTime::now();
+        m.state.add_tokens(total, Instant::now(), wall);
+        if let Some(s) = &self.sinks.sharing {
+            s.ended(&m.name, &m.limits, total, wall);
+        }
         self.sinks.metrics.member_tokens(&m.name, input, output);
     }
 
@@ -158,7 +215,15 @@ impl Ledger {
             headers.remove(k);
         }
         let now = Instant::now();
-        let used = m.state.used(now, SystemTime::now());
+        let mut used = m.state.used(now, SystemTime::now());
+        if let Some(s) = &self.sinks.sharing {
+            // The group's numbers as this replica last saw them.
+            let (tokens, _) = s.others_tokens(&m.name);
+            used.tokens_last_minute += tokens;
+            if let Some(group) = s.group_requests(&m.name) {
+                used.requests_last_minute = used.requests_last_minute.max(group);
+            }
+        }
         let (reset_requests, reset_tokens) = m.state.resets(now);
         let mut put = |name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {

@@ -11,6 +11,7 @@ use crate::notify::RequestFailed;
 use crate::records::Recorder;
 use crate::registry::RegistryHandle;
 use crate::reject_gate::RejectGate;
+use crate::shared_limits::Sharing;
 use crate::trace::Tracer;
 
 /// The sinks of every request's ledger, built once at start.
@@ -29,4 +30,7 @@ pub struct Sinks {
     pub owners: Arc<Owners>,
     /// The trace exporter, None when tracing is off.
     pub tracer: Option<Tracer>,
+    /// Members' limits shared with the other replicas of a PostgreSQL store (see the operations
+    /// guide), None with another database.
+    pub sharing: Option<Arc<Sharing>>,
 }

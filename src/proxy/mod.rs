@@ -105,7 +105,11 @@ async fn admit_request(
     info.stream = facts.stream;
     info.facts = facts;
     // The member's rules, then its place (a refused request counts toward no limit).
-    if let Err(e) = member_rules(&ledger, &cfg).and_then(|()| ledger.take_place()) {
+    let placed = match member_rules(&ledger, &cfg) {
+        Ok(()) => ledger.take_place().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = placed {
         return Err((ledger, e));
     }
     Ok(ledger)

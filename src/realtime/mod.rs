@@ -255,7 +255,11 @@ pub async fn session(
     let cfg = state.config.get();
     // The member's rules and place: a session counts toward `rpm` and, until it ends,
     // `concurrent` (see the members guide).
-    if let Err(e) = member_rules(&ledger, &cfg).and_then(|()| ledger.take_place()) {
+    let placed = match member_rules(&ledger, &cfg) {
+        Ok(()) => ledger.take_place().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = placed {
         return ledger.finish_local(e);
     }
     // The session's place, taken before any upstream is tried and held until it ends; the

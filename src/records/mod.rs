@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
 use self::columns::{cut, request_body_text};
+pub use self::postgres::explain as explain_postgres;
 pub use self::priority::can_switch as writer_can_idle;
 pub use self::target::redact as redact_database_url;
 pub use self::writer::DbActor;

@@ -59,7 +59,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// its kind ("db error", "error connecting to server"); what an operator can act on (`database
 /// "x" does not exist`, `password authentication failed for user "u"`, `Connection refused`) is
 /// in the server's error or the error's sources. None of them holds the password.
-pub(super) fn explain(e: &postgres::Error) -> String {
+pub fn explain(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!("{}: {}", db.severity(), db.message());
         for (label, part) in [("detail", db.detail()), ("hint", db.hint())] {
