@@ -166,6 +166,7 @@ async fn tpm_holds_for_two_replicas_together() {
     let ok = admitted(&got, "tokens");
     // Admitted while the group's tokens are below 120; the bound allows one request more per
     // replica (5 % of 120 is less than a request).
+    eprintln!("tpm: alice admitted {ok} of 16 in turn");
     assert!((10..=12).contains(&ok), "alice admitted {ok} of 16");
     let now = &usage(&a, ALICE).await["now"];
     assert_eq!(now["tokens_last_minute"], (ok * 12) as u64, "{now}");
@@ -175,6 +176,29 @@ async fn tpm_holds_for_two_replicas_together() {
         .collect();
     let ok = admitted(&join_all(sent).await, "tokens");
     assert!(ok >= 1, "{ok}");
+    // A member without limits leaves no row anywhere: it never reaches PostgreSQL's sharing.
+    for gw in [&a, &b] {
+        assert_eq!(
+            post(gw, "/v1/chat/completions", chat_body(false))
+                .await
+                .status,
+            200
+        );
+    }
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    let names: Vec<String> = db.with(|c| {
+        c.query(
+            "SELECT member FROM openai_api_route_member_tokens \
+             UNION SELECT member FROM openai_api_route_member_slots \
+             UNION SELECT member FROM openai_api_route_member_places ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+    });
+    assert_eq!(names, ["alice", "bob"]);
 }
 
 #[actix_rt::test]

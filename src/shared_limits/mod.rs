@@ -199,7 +199,11 @@ impl Drop for GroupPlace {
             s.spare_since = Some(Instant::now());
         }
         drop(s);
-        self.sharing.send(Job::Wake);
+        // Nothing to give back while PostgreSQL cannot be reached: places are stated again
+        // when it answers.
+        if self.sharing.reachable() {
+            self.sharing.send(Job::Wake);
+        }
     }
 }
 
@@ -373,27 +377,28 @@ impl Sharing {
         }
     }
 
-    /// Whether the others' token sums must be read before admitting: too old, or the member is
-    /// past half a token limit (where an old sum could let too much in).
+    /// Whether the others' token sums must be read before admitting: too old, or the member may
+    /// be past half a token limit, where a sum 100 ms old could let too much in. "May be": the
+    /// others are taken to have used at least as much as this replica since their last write
+    /// (with two replicas alternating, the others' sum lags by as much as this one's grows).
+    /// Past half, what ends here is also written at once.
     fn tokens_stale(&self, g: &Group, limits: &MemberLimits, local: &Used) -> bool {
         let others = lock(&g.state).others;
-        let Some(at) = others.at else { return true };
-        if at.elapsed() > FRESH {
-            return true;
-        }
         let (day, _) = utc_day(SystemTime::now());
         let today = if others.day == day {
             others.tokens_today
         } else {
             0
         };
+        let rest = self.replicas().saturating_sub(1);
+        let guess = |mine: u64, theirs: u64| mine + theirs.max(mine * rest);
         let past_half = |limit: Option<u64>, used: u64| limit.is_some_and(|n| used * 2 >= n);
         let near = past_half(
             limits.tpm,
-            local.tokens_last_minute + others.tokens_last_minute,
-        ) || past_half(limits.tokens_per_day, local.tokens_today + today);
+            guess(local.tokens_last_minute, others.tokens_last_minute),
+        ) || past_half(limits.tokens_per_day, guess(local.tokens_today, today));
         lock(&g.state).near = near;
-        near
+        near || others.at.is_none_or(|at| at.elapsed() > FRESH)
     }
 
     /// Waits for the thread's answer until `deadline`; none in time means PostgreSQL cannot be
@@ -512,7 +517,7 @@ impl Sharing {
             Some((sec, t)) if *sec == second => *t += tokens,
             _ => s.pending.push((second, tokens)),
         }
-        if s.near {
+        if s.near && self.reachable() {
             drop(s);
             self.send(Job::Wake);
         }

@@ -12,6 +12,7 @@ use super::{
 
 /// Counts the replicas seen in the last minute (the share's divisor).
 pub(super) fn count_replicas(c: &mut Conn, s: &Sharing) -> Result<(), postgres::Error> {
+    c.count();
     let n: i64 = c.client.query_one(&c.st.count, &[])?.get(0);
     s.replicas
         .store(n.max(1) as u64, std::sync::atomic::Ordering::Relaxed);
@@ -48,6 +49,7 @@ pub(super) fn lease_slots(
     }
     let want = block(limit, s.replicas()).max(waiting);
     let asked = Instant::now();
+    c.count();
     let row = c.client.query_one(
         &c.st.slots,
         &[
@@ -108,6 +110,7 @@ pub(super) fn claim_places(
     let b = block(limit, s.replicas());
     let spare = if b >= 2 { b } else { 0 };
     let want = in_flight + waiting.max(1) + spare;
+    c.count();
     let h: i32 = c
         .client
         .query_one(
@@ -149,6 +152,7 @@ pub(super) fn push_tokens(
     if members.is_empty() {
         return Ok(());
     }
+    c.count();
     let result = c
         .client
         .execute(&c.st.push, &[&s.id, &members, &seconds, &tokens]);
@@ -176,6 +180,7 @@ pub(super) fn read_others(
     let now = unix(wall) as i64;
     let (day, start) = utc_day(wall);
     let names: Vec<String> = groups.iter().map(|g| g.name.to_string()).collect();
+    c.count();
     let rows = c
         .client
         .query(&c.st.others, &[&names, &s.id, &(now - 60), &(start as i64)])?;
@@ -205,6 +210,7 @@ pub(super) fn others_use(
     let wall = SystemTime::now();
     let now = unix(wall) as i64;
     let (_, start) = utc_day(wall);
+    c.count();
     let row = c.client.query_one(
         &c.st.usage,
         &[&&*g.name, &s.id, &(now - 60), &(start as i64)],
@@ -253,10 +259,12 @@ pub(super) fn settle(c: &mut Conn, s: &Sharing, g: &Group) -> Result<(), postgre
         (ended, release)
     };
     for l in ended {
+        c.count();
         c.client
             .execute(&c.st.give_back, &[&l.id, &clamp(l.left)])?;
     }
     if let Some(held) = release {
+        c.count();
         c.client
             .execute(&c.st.release, &[&&*g.name, &s.id, &clamp(held)])?;
     }
@@ -295,11 +303,13 @@ impl Sharing {
                 (st.limits.concurrent, st.in_flight, alone)
             };
             if let Some((n, secs)) = alone {
+                c.count();
                 c.client
                     .execute(&c.st.alone, &[&&*g.name, &self.id, &clamp(n as u64), &secs])?;
                 lock(&g.state).alone.clear();
             }
             let Some(limit) = limit else { continue };
+            c.count();
             let h: i32 = c
                 .client
                 .query_one(

@@ -58,6 +58,7 @@ pub(super) fn spawn(
                 counted: None,
                 pruned: None,
                 synced: None,
+                reported: (Instant::now(), 0),
                 connected_once: false,
             };
             w.connect();
@@ -73,6 +74,15 @@ pub(super) fn spawn(
 pub(super) struct Conn {
     pub(super) client: Client,
     pub(super) st: Statements,
+    /// Statements run on it, for the debug log's rate (the benchmarks guide quotes it).
+    statements: std::cell::Cell<u64>,
+}
+
+impl Conn {
+    /// Counts one statement about to run.
+    pub(super) fn count(&self) {
+        self.statements.set(self.statements.get() + 1);
+    }
 }
 
 struct Worker {
@@ -88,6 +98,8 @@ struct Worker {
     pruned: Option<Instant>,
     /// The last write of tokens and read of the others' sums.
     synced: Option<Instant>,
+    /// When the statement rate was last logged, and the count then.
+    reported: (Instant, u64),
     connected_once: bool,
 }
 
@@ -175,7 +187,11 @@ impl Worker {
         let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK]);
         made?;
         let st = prepare(&mut client)?;
-        let mut c = Conn { client, st };
+        let mut c = Conn {
+            client,
+            st,
+            statements: std::cell::Cell::new(0),
+        };
         roster::heartbeat(
             &mut c.client,
             &c.st.heartbeat,
@@ -193,6 +209,15 @@ impl Worker {
             return Ok(());
         };
         let s = &self.sharing;
+        let (since, before) = self.reported;
+        if since.elapsed() >= Duration::from_secs(10) {
+            let now = c.statements.get();
+            log::debug!(
+                "members' limits: {:.1} PostgreSQL statements per second (roster heartbeat apart)",
+                (now.saturating_sub(before)) as f64 / since.elapsed().as_secs_f64()
+            );
+            self.reported = (Instant::now(), now);
+        }
         if due(self.heartbeat, Duration::from_secs(1)) {
             self.heartbeat = Some(Instant::now());
             roster::heartbeat(
@@ -211,6 +236,7 @@ impl Worker {
             self.pruned = Some(Instant::now());
             let two_days_ago = unix(SystemTime::now()).saturating_sub(2 * 86_400) as i64;
             let prune = PRUNE.replace("$1", &two_days_ago.to_string());
+            c.count();
             c.client.batch_execute(&prune)?;
         }
         let groups = s.all_groups();
