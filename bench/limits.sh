@@ -69,9 +69,10 @@ lat() { BENCH_TOKEN=$2 taskset -c 1 wrk -t1 -c1 -d"${DUR}s" -s bench/post.lua "h
   awk '/^WRK/ {for (i = 1; i <= NF; i++) {split($i, kv, "="); v[kv[1]] = kv[2]}; printf "%d %d %d\n", v["p50_us"], v["p99_us"], v["err_status"]}'; }
 declare -A P50 P99
 run() { # label addr token [addr2 token2: the same load on a second replica at once]
-  local r
-  if [ $# -gt 3 ]; then lat "$4" "$5" > "$OUT/other.txt" & fi
-  r=$(lat "$2" "$3"); wait
+  local r other=
+  if [ $# -gt 3 ]; then lat "$4" "$5" > "$OUT/other.txt" & other=$!; fi
+  r=$(lat "$2" "$3")
+  [ -z "$other" ] || wait "$other"
   set -- "$1" $r
   P50[$1]="${P50[$1]:-} $2"; P99[$1]="${P99[$1]:-} $3"
   [ "$4" = 0 ] || echo "  ($1: $4 answers were not 2xx)"

@@ -88,9 +88,7 @@ impl Ledger {
             .check(&limits, now, wall)
             .map_err(|l| self.limited(m, l))?;
         match &self.sinks.sharing {
-            Some(s) => s
-                .check(&m.name, &m.limits, || m.state.used(now, wall))
-                .map_err(|l| self.limited(m, l)),
+            Some(s) => s.check(&m.name, &m.limits).map_err(|l| self.limited(m, l)),
             None => Ok(()),
         }
     }
@@ -104,14 +102,10 @@ impl Ledger {
         };
         let shared = self.sinks.sharing.as_ref().filter(|_| m.limits.any());
         let group = match shared {
-            Some(s) => {
-                let state = &m.state;
-                let local = || state.used(Instant::now(), SystemTime::now());
-                match s.admit(&m.name, &m.limits, local).await {
-                    Ok(g) => g,
-                    Err(l) => return Err(self.limited(m, l)),
-                }
-            }
+            Some(s) => match s.admit(&m.name, &m.limits).await {
+                Ok(g) => g,
+                Err(l) => return Err(self.limited(m, l)),
+            },
             None => None,
         };
         // Asked again: PostgreSQL may have gone away while the request waited.

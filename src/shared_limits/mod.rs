@@ -60,6 +60,45 @@ struct Others {
     at: Option<Instant>,
 }
 
+/// This replica's own tokens of a member.
+#[derive(Debug, Default)]
+struct Mine {
+    /// (Unix second, tokens), oldest first, at most 60 s old.
+    seconds: VecDeque<(u64, u64)>,
+    /// UTC day and its tokens.
+    day: (u64, u64),
+}
+
+impl Mine {
+    fn add(&mut self, second: u64, tokens: u64) {
+        match self.seconds.back_mut() {
+            Some((s, t)) if *s == second => *t += tokens,
+            _ => self.seconds.push_back((second, tokens)),
+        }
+        let day = second / 86_400;
+        if self.day.0 != day {
+            self.day = (day, 0);
+        }
+        self.day.1 += tokens;
+    }
+
+    /// Tokens of the last 60 s and of this UTC day, at `now` (Unix seconds).
+    fn used(&mut self, now: u64) -> Used {
+        while self.seconds.front().is_some_and(|(s, _)| s + 60 <= now) {
+            self.seconds.pop_front();
+        }
+        Used {
+            tokens_last_minute: self.seconds.iter().map(|(_, t)| t).sum(),
+            tokens_today: if self.day.0 == now / 86_400 {
+                self.day.1
+            } else {
+                0
+            },
+            ..Used::default()
+        }
+    }
+}
+
 /// One `rpm` lease: slots left and until when they may be used.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
@@ -88,6 +127,9 @@ struct GroupState {
     others: Others,
     /// Tokens ended here and not yet written: (Unix second, tokens).
     pending: Vec<(u64, u64)>,
+    /// Tokens ended here: per second of the last minute, and of the UTC day (kept here so that a
+    /// check never walks the member's `rpm` window to read them).
+    mine: Mine,
     /// The last request of the member here (the token sums are refreshed while it is recent).
     active: Option<Instant>,
     /// Past half a token limit: what ends here is written at once, not at the next tick.
@@ -293,19 +335,13 @@ impl Sharing {
 
     /// The check made before the body is read, from what is already known (no wait): the
     /// others' tokens as last read, and whether the group's `rpm` slots are all taken.
-    /// `local` is this replica's own use of the member.
-    pub fn check(
-        &self,
-        name: &Arc<str>,
-        limits: &MemberLimits,
-        local: impl FnOnce() -> Used,
-    ) -> Result<(), Limited> {
+    pub fn check(&self, name: &Arc<str>, limits: &MemberLimits) -> Result<(), Limited> {
         if !limits.any() || !self.reachable() {
             return Ok(());
         }
         let g = self.group(name);
         let now = Instant::now();
-        let s = lock(&g.state);
+        let mut s = lock(&g.state);
         if let Some(n) = limits.rpm {
             let leased = s.leases.iter().any(|l| l.left > 0 && l.deadline > now);
             if let Some(until) = s.rpm_full_until.filter(|u| *u > now && !leased) {
@@ -313,9 +349,9 @@ impl Sharing {
             }
         }
         if limits.tpm.is_some() || limits.tokens_per_day.is_some() {
-            let others = s.others;
-            drop(s);
-            tokens_check(limits, &local(), &others, SystemTime::now())?;
+            let wall = SystemTime::now();
+            let mine = s.mine.used(unix(wall));
+            tokens_check(limits, &mine, &s.others, wall)?;
         }
         Ok(())
     }
@@ -328,7 +364,6 @@ impl Sharing {
         self: &Arc<Self>,
         name: &Arc<str>,
         limits: &MemberLimits,
-        local: impl Fn() -> Used,
     ) -> Result<Option<GroupPlace>, Limited> {
         if !limits.any() {
             return Ok(None);
@@ -341,14 +376,16 @@ impl Sharing {
             s.active = Some(Instant::now());
         }
         if self.reachable() && (limits.tpm.is_some() || limits.tokens_per_day.is_some()) {
-            if self.tokens_stale(&g, limits, &local()) {
+            if self.tokens_stale(&g, limits) {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 self.send(Job::Tokens(g.clone(), tx));
                 self.wait(rx, deadline).await;
             }
             if self.reachable() {
-                let others = lock(&g.state).others;
-                tokens_check(limits, &local(), &others, SystemTime::now())?;
+                let wall = SystemTime::now();
+                let mut s = lock(&g.state);
+                let mine = s.mine.used(unix(wall));
+                tokens_check(limits, &mine, &s.others, wall)?;
             }
         }
         // The place first: a request refused for want of one has taken no `rpm` slot (and one
@@ -382,8 +419,11 @@ impl Sharing {
     /// others are taken to have used at least as much as this replica since their last write
     /// (with two replicas alternating, the others' sum lags by as much as this one's grows).
     /// Past half, what ends here is also written at once.
-    fn tokens_stale(&self, g: &Group, limits: &MemberLimits, local: &Used) -> bool {
-        let others = lock(&g.state).others;
+    fn tokens_stale(&self, g: &Group, limits: &MemberLimits) -> bool {
+        let (others, local) = {
+            let mut s = lock(&g.state);
+            (s.others, s.mine.used(unix(SystemTime::now())))
+        };
         let (day, _) = utc_day(SystemTime::now());
         let today = if others.day == day {
             others.tokens_today
@@ -517,6 +557,7 @@ impl Sharing {
             Some((sec, t)) if *sec == second => *t += tokens,
             _ => s.pending.push((second, tokens)),
         }
+        s.mine.add(second, tokens);
         if s.near && self.reachable() {
             drop(s);
             self.send(Job::Wake);

@@ -40,7 +40,10 @@ pub(super) fn spawn(
 ) -> Result<(), String> {
     // A statement or connection slower than the wait of a request is PostgreSQL unreachable.
     config.connect_timeout(super::WAIT);
-    config.options("-c statement_timeout=1000 -c lock_timeout=1000");
+    // Leases and places are short-lived: a commit need not wait for its WAL flush (an fsync per
+    // lease was most of its round trip; a crash of PostgreSQL can lose the last fraction of a
+    // second of them, see the operations guide).
+    config.options("-c statement_timeout=1000 -c lock_timeout=1000 -c synchronous_commit=off");
     config.tcp_user_timeout(Duration::from_secs(2));
     config.keepalives_idle(Duration::from_secs(5));
     let (first_tx, first_rx) = std::sync::mpsc::channel();
