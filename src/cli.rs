@@ -111,6 +111,37 @@ pub fn bind_address(addr: &str) -> String {
     }
 }
 
+/// The `-list` output: one line per upstream, never a key.
+pub fn list_text(cfg: &crate::config::Config) -> String {
+    let mut out = String::new();
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        let auth = match u.auth {
+            crate::config::UpstreamAuth::None => "none",
+            crate::config::UpstreamAuth::Bearer(_) => "key (hidden)",
+            crate::config::UpstreamAuth::AsIs => "client's own (asis)",
+        };
+        let pats = |v: &[crate::config::Pattern]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(",")
+            }
+        };
+        out.push_str(&format!(
+            "{}. {}  endpoint={}  timeout={}s  stream_timeout={}s  allow={}  deny={}  auth={}\n",
+            i + 1,
+            u.name,
+            u.display,
+            u.timeout.as_secs_f64(),
+            u.stream_timeout.as_secs_f64(),
+            pats(&u.allow),
+            pats(&u.deny),
+            auth
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use openai_api_route::cli::Cli;
+use openai_api_route::cli::{list_text, Cli};
 use openai_api_route::server::{self, StartError};
 
 fn main() -> ExitCode {
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.list {
-        print!("{}", server::list_text(&cfg));
+        print!("{}", list_text(&cfg));
         return ExitCode::SUCCESS;
     }
     match server::run(cli, cfg) {

@@ -113,37 +113,6 @@ fn dbaddr_error(cfg: &Config) -> Option<ConfigError> {
     })
 }
 
-/// The `-list` output: one line per upstream, never a key.
-pub fn list_text(cfg: &Config) -> String {
-    let mut out = String::new();
-    for (i, u) in cfg.upstreams.iter().enumerate() {
-        let auth = match u.auth {
-            config::UpstreamAuth::None => "none",
-            config::UpstreamAuth::Bearer(_) => "key (hidden)",
-            config::UpstreamAuth::AsIs => "client's own (asis)",
-        };
-        let pats = |v: &[config::Pattern]| {
-            if v.is_empty() {
-                "-".to_string()
-            } else {
-                v.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(",")
-            }
-        };
-        out.push_str(&format!(
-            "{}. {}  endpoint={}  timeout={}s  stream_timeout={}s  allow={}  deny={}  auth={}\n",
-            i + 1,
-            u.name,
-            u.display,
-            u.timeout.as_secs_f64(),
-            u.stream_timeout.as_secs_f64(),
-            pats(&u.allow),
-            pats(&u.deny),
-            auth
-        ));
-    }
-    out
-}
-
 fn database_target(cli: &Cli, cfg: &Config) -> Result<Option<String>, StartError> {
     if let Some(t) = cli.dbtype.as_deref().map(str::trim) {
         if !t.eq_ignore_ascii_case("sqlite") && !t.eq_ignore_ascii_case("postgres") {
@@ -196,7 +165,6 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .map(|(s, _)| crate::affinity::reading::load_at_start(&owners, s, &cfg));
     let owners_store = store.as_ref().map(|(s, _)| s.clone());
     let poll_store = owners_store.clone().filter(|s| s.kind() == "PostgreSQL");
-    let pg = poll_store.is_some();
     let tls = tls_config();
 
     let system = actix_rt::System::new();
@@ -246,8 +214,10 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         let models = ModelsActor::start_with(shared.get(), upstream_client(tls.clone()));
         let sessions = crate::realtime::Sessions::default();
         // With PostgreSQL, members' limits hold for all replicas together (operations guide).
-        let sharing = crate::shared_limits::Sharing::start_if(database.as_deref(), pg, &local)
-            .map_err(StartError::Other)?;
+        let sharing = crate::shared_limits::Sharing::start_if(
+            database.as_deref(),
+            crate::replicas::local_id(),
+        );
         let sinks = Arc::new(Sinks {
             metrics: metrics.clone(),
             registry: registry.clone(),

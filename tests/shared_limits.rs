@@ -318,7 +318,7 @@ async fn postgres_down_mid_run_each_replica_enforces_its_share_then_sharing_resu
     actix_rt::time::sleep(Duration::from_millis(1200)).await;
 
     relay.cut();
-    let down = "PostgreSQL cannot be reached";
+    let down = "members' limits: PostgreSQL cannot be reached";
     for gw in [&a, &b] {
         wait_log(gw, down, Duration::from_secs(5)).await;
     }
@@ -345,7 +345,7 @@ async fn postgres_down_mid_run_each_replica_enforces_its_share_then_sharing_resu
     );
 
     relay.restore();
-    let back = "limits are shared by the 2 replicas seen in the last minute again";
+    let back = "shared by the 2 replicas seen in the last minute again";
     for gw in [&a, &b] {
         wait_log(gw, back, Duration::from_secs(5)).await;
         assert_eq!(lines(gw, down), 1, "said once:\n{}", gw.log());

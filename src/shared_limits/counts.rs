@@ -1,6 +1,7 @@
 //! The arithmetic of the sharing, apart from its state and its thread: shares, block sizes,
 //! UTC days, and the checks made from numbers already known.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::member_limits::{Limit, Limited, MemberLimits, Used};
@@ -83,6 +84,45 @@ pub(super) fn tokens_check(
     Ok(())
 }
 
+/// This replica's own tokens of a member.
+#[derive(Debug, Default)]
+pub(super) struct Mine {
+    /// (Unix second, tokens), oldest first, at most 60 s old.
+    seconds: VecDeque<(u64, u64)>,
+    /// UTC day and its tokens.
+    day: (u64, u64),
+}
+
+impl Mine {
+    pub(super) fn add(&mut self, second: u64, tokens: u64) {
+        match self.seconds.back_mut() {
+            Some((s, t)) if *s == second => *t += tokens,
+            _ => self.seconds.push_back((second, tokens)),
+        }
+        let day = second / 86_400;
+        if self.day.0 != day {
+            self.day = (day, 0);
+        }
+        self.day.1 += tokens;
+    }
+
+    /// Tokens of the last 60 s and of this UTC day, at `now` (Unix seconds).
+    pub(super) fn used(&mut self, now: u64) -> Used {
+        while self.seconds.front().is_some_and(|(s, _)| s + 60 <= now) {
+            self.seconds.pop_front();
+        }
+        Used {
+            tokens_last_minute: self.seconds.iter().map(|(_, t)| t).sum(),
+            tokens_today: if self.day.0 == now / 86_400 {
+                self.day.1
+            } else {
+                0
+            },
+            ..Used::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +194,18 @@ mod tests {
         // Yesterday's sum is not today's.
         others.day = day - 1;
         assert!(tokens_check(&l, &local, &others, wall).is_ok());
+    }
+
+    #[test]
+    fn own_tokens_leave_the_minute_and_the_day() {
+        let mut m = Mine::default();
+        let t0 = 86_400 * 20_000 + 100;
+        m.add(t0, 10);
+        m.add(t0, 5);
+        m.add(t0 + 30, 7);
+        assert_eq!(m.used(t0 + 30).tokens_last_minute, 22);
+        assert_eq!(m.used(t0 + 60).tokens_last_minute, 7);
+        assert_eq!(m.used(t0 + 60).tokens_today, 22);
+        assert_eq!(m.used(t0 + 86_400).tokens_today, 0);
     }
 }

@@ -24,7 +24,6 @@
 mod counts;
 mod ops;
 mod pg;
-mod roster;
 mod sql;
 
 use std::collections::{HashMap, VecDeque};
@@ -33,10 +32,10 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::member_limits::{Limit, Limited, MemberLimits, Used};
+use crate::member_limits::{Limit, Limited, MemberLimits};
 
 pub use self::counts::{block, share};
-use self::counts::{limited, take_leased, tokens_check, unix, utc_day};
+use self::counts::{limited, take_leased, tokens_check, unix, utc_day, Mine};
 
 /// Longest a request waits on PostgreSQL.
 pub const WAIT: Duration = Duration::from_secs(1);
@@ -58,45 +57,6 @@ struct Others {
     oldest: Option<u64>,
     /// When read.
     at: Option<Instant>,
-}
-
-/// This replica's own tokens of a member.
-#[derive(Debug, Default)]
-struct Mine {
-    /// (Unix second, tokens), oldest first, at most 60 s old.
-    seconds: VecDeque<(u64, u64)>,
-    /// UTC day and its tokens.
-    day: (u64, u64),
-}
-
-impl Mine {
-    fn add(&mut self, second: u64, tokens: u64) {
-        match self.seconds.back_mut() {
-            Some((s, t)) if *s == second => *t += tokens,
-            _ => self.seconds.push_back((second, tokens)),
-        }
-        let day = second / 86_400;
-        if self.day.0 != day {
-            self.day = (day, 0);
-        }
-        self.day.1 += tokens;
-    }
-
-    /// Tokens of the last 60 s and of this UTC day, at `now` (Unix seconds).
-    fn used(&mut self, now: u64) -> Used {
-        while self.seconds.front().is_some_and(|(s, _)| s + 60 <= now) {
-            self.seconds.pop_front();
-        }
-        Used {
-            tokens_last_minute: self.seconds.iter().map(|(_, t)| t).sum(),
-            tokens_today: if self.day.0 == now / 86_400 {
-                self.day.1
-            } else {
-                0
-            },
-            ..Used::default()
-        }
-    }
 }
 
 /// One `rpm` lease: slots left and until when they may be used.
@@ -250,11 +210,20 @@ impl Drop for GroupPlace {
 }
 
 impl Sharing {
-    /// Starts the PostgreSQL thread for `url` (the records' own database); `listen` is what the
-    /// replica roster shows. Nothing here waits for PostgreSQL: the thread connects in the
+    /// Starts the sharing when `database` (the `-database` value) is a PostgreSQL, as the
+    /// replica `id` of the roster (the places of a replica count while its roster row is
+    /// fresh). None with SQLite, or when the thread cannot start (logged: each replica then
+    /// enforces the whole limit alone). Nothing here waits long: the thread connects in the
     /// background, and until it has, each replica enforces its share.
-    pub fn start(url: &str, listen: &str) -> Result<Arc<Sharing>, String> {
-        let config: postgres::Config = url.parse().map_err(|e: postgres::Error| e.to_string())?;
+    pub fn start_if(database: Option<&str>, id: &str) -> Option<Arc<Sharing>> {
+        let target = crate::records::postgres_target(database?)?;
+        let config: postgres::Config = match target.parse() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("members' limits will not be shared: {e}");
+                return None;
+            }
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let sharing = Arc::new(Sharing {
             jobs: Mutex::new(tx),
@@ -262,23 +231,14 @@ impl Sharing {
             // Until the first attempt says otherwise (it logs when it fails).
             reachable: AtomicBool::new(true),
             replicas: AtomicU64::new(1),
-            id: roster::replica_id(),
+            id: id.to_string(),
         });
-        pg::spawn(config, rx, sharing.clone(), listen.to_string())?;
-        Ok(sharing)
-    }
-
-    /// [`Sharing::start`] when the records' database `url` is a PostgreSQL one (`pg`).
-    pub fn start_if(
-        url: Option<&str>,
-        pg: bool,
-        listen: &str,
-    ) -> Result<Option<Arc<Sharing>>, String> {
-        match url.filter(|_| pg) {
-            Some(url) => Sharing::start(url, listen)
-                .map(Some)
-                .map_err(|e| format!("members' limits: {e}")),
-            None => Ok(None),
+        match pg::spawn(config, rx, sharing.clone()) {
+            Ok(()) => Some(sharing),
+            Err(e) => {
+                log::error!("members' limits will not be shared: {e}");
+                None
+            }
         }
     }
 
@@ -463,8 +423,9 @@ impl Sharing {
     fn set_unreachable(&self, why: &str) {
         if self.reachable.swap(false, Ordering::AcqRel) {
             log::warn!(
-                "PostgreSQL cannot be reached ({why}): members' limits are no longer shared; \
-                 this replica enforces its share of each (limit ÷ {} replicas) until it answers",
+                "members' limits: PostgreSQL cannot be reached ({why}); they are no longer \
+                 shared: this replica enforces its share of each (limit ÷ {} replicas) until it \
+                 answers",
                 self.replicas()
             );
         }

@@ -19,7 +19,7 @@ use super::ops::{
     claim_places, count_replicas, lease_slots, others_use, push_tokens, read_others, settle,
 };
 use super::sql::{prepare, Statements, PRUNE, SCHEMA};
-use super::{lock, roster, unix, Answer, Group, Job, Placed, Sharing};
+use super::{lock, unix, Answer, Group, Job, Placed, Sharing};
 
 /// How often the thread writes and refreshes without being asked.
 const TICK: Duration = Duration::from_millis(100);
@@ -36,7 +36,6 @@ pub(super) fn spawn(
     mut config: postgres::Config,
     rx: Receiver<Job>,
     sharing: Arc<Sharing>,
-    listen: String,
 ) -> Result<(), String> {
     // A statement or connection slower than the wait of a request is PostgreSQL unreachable.
     config.connect_timeout(super::WAIT);
@@ -52,12 +51,9 @@ pub(super) fn spawn(
         .spawn(move || {
             let mut w = Worker {
                 config,
-                host: roster::host(),
                 sharing,
-                listen,
                 conn: None,
                 tried: None,
-                heartbeat: None,
                 counted: None,
                 pruned: None,
                 synced: None,
@@ -90,13 +86,10 @@ impl Conn {
 
 struct Worker {
     config: postgres::Config,
-    host: String,
     sharing: Arc<Sharing>,
-    listen: String,
     conn: Option<Conn>,
     /// The last connection attempt.
     tried: Option<Instant>,
-    heartbeat: Option<Instant>,
     counted: Option<Instant>,
     pruned: Option<Instant>,
     /// The last write of tokens and read of the others' sums.
@@ -164,7 +157,6 @@ impl Worker {
             return;
         }
         self.conn = Some(c);
-        self.heartbeat = Some(Instant::now());
         self.counted = Some(Instant::now());
         let was = self
             .sharing
@@ -172,8 +164,8 @@ impl Worker {
             .swap(true, std::sync::atomic::Ordering::AcqRel);
         if !was || !self.connected_once {
             log::info!(
-                "PostgreSQL answers: members' limits are shared by the {} replicas seen in the \
-                 last minute{}",
+                "members' limits: PostgreSQL answers; they are shared by the {} replicas seen in \
+                 the last minute{}",
                 self.sharing.replicas(),
                 if self.connected_once { " again" } else { "" }
             );
@@ -184,9 +176,7 @@ impl Worker {
     fn open(&mut self) -> Result<Conn, postgres::Error> {
         let mut client = self.config.connect(NoTls)?;
         client.execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK])?;
-        let made = client
-            .batch_execute(roster::TABLE)
-            .and_then(|()| client.batch_execute(SCHEMA));
+        let made = client.batch_execute(SCHEMA);
         let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK]);
         made?;
         let st = prepare(&mut client)?;
@@ -195,13 +185,6 @@ impl Worker {
             st,
             statements: std::cell::Cell::new(0),
         };
-        roster::heartbeat(
-            &mut c.client,
-            &c.st.heartbeat,
-            &self.sharing.id,
-            &self.host,
-            &self.listen,
-        )?;
         count_replicas(&mut c, &self.sharing)?;
         Ok(c)
     }
@@ -216,20 +199,10 @@ impl Worker {
         if since.elapsed() >= Duration::from_secs(10) {
             let now = c.statements.get();
             log::debug!(
-                "members' limits: {:.1} PostgreSQL statements per second (roster heartbeat apart)",
+                "members' limits: {:.1} PostgreSQL statements per second ",
                 (now.saturating_sub(before)) as f64 / since.elapsed().as_secs_f64()
             );
             self.reported = (Instant::now(), now);
-        }
-        if due(self.heartbeat, Duration::from_secs(1)) {
-            self.heartbeat = Some(Instant::now());
-            roster::heartbeat(
-                &mut c.client,
-                &c.st.heartbeat,
-                &s.id,
-                &self.host,
-                &self.listen,
-            )?;
         }
         if due(self.counted, Duration::from_secs(1)) && s.has_groups() {
             self.counted = Some(Instant::now());

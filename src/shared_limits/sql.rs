@@ -4,8 +4,6 @@
 
 use postgres::{Client, Statement};
 
-use super::roster;
-
 /// The tables and the two functions that take slots and places. Each function takes a
 /// transaction-scoped advisory lock on the member first, so that two replicas asking for the
 /// same member's last slot are served one after the other; every statement after the lock sees
@@ -84,7 +82,6 @@ pub(super) struct Statements {
     pub(super) push: Statement,
     pub(super) others: Statement,
     pub(super) usage: Statement,
-    pub(super) heartbeat: Statement,
     pub(super) count: Statement,
     pub(super) alone: Statement,
 }
@@ -123,6 +120,10 @@ pub(super) const PRUNE: &str = "DELETE FROM openai_api_route_member_tokens WHERE
      (SELECT 1 FROM openai_api_route_replicas r WHERE r.id = p.replica \
       AND r.seen > now() - interval '1 minute')";
 
+/// Replicas seen in the last minute in the roster (the share's divisor).
+pub(super) const COUNT: &str =
+    "SELECT count(*) FROM openai_api_route_replicas WHERE seen > now() - interval '1 minute'";
+
 /// Prepares every statement on a new connection.
 pub(super) fn prepare(client: &mut Client) -> Result<Statements, postgres::Error> {
     Ok(Statements {
@@ -133,8 +134,7 @@ pub(super) fn prepare(client: &mut Client) -> Result<Statements, postgres::Error
         push: client.prepare(PUSH)?,
         others: client.prepare(OTHERS)?,
         usage: client.prepare(USAGE)?,
-        heartbeat: client.prepare(roster::HEARTBEAT)?,
-        count: client.prepare(roster::COUNT)?,
+        count: client.prepare(COUNT)?,
         alone: client.prepare(ALONE)?,
     })
 }
