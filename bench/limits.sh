@@ -4,7 +4,7 @@
 # sharing one PostgreSQL database, against a member without limits, against local limits only
 # (-database none), and against a place claimed per request (concurrent: 1, what a PostgreSQL
 # round trip per request costs); then the PostgreSQL statements per second the sharing makes on
-# an idle and on a loaded replica (from the gateway's debug log, the roster heartbeat apart).
+# an idle and on a loaded replica (from the gateway's debug log).
 # Needs a PostgreSQL server (default: the machine's, trust auth); creates and drops its own
 # database. Gateways and the mock on core 0, wrk on core 1.
 #
@@ -31,7 +31,11 @@ echo "== building (release)"
 cargo build --release --locked --examples --bins -q
 
 FREE=sk-bench-client-token
-LIMITED=sk-bench-limited-token-0123456789
+# One member per kind of run: a member's rpm window holds its admissions of the last minute, and
+# walking it is part of every request's cost, so no run inherits another's.
+LOCAL=sk-bench-local-token-0123456789
+SOLO=sk-bench-solo-token-0123456789
+PAIR=sk-bench-pair-token-0123456789
 ONE=sk-bench-one-place-token-0123456789
 target/release/examples/bench_mock 127.0.0.1:0 > "$OUT/mock.log" 2>&1 & PIDS+=($!)
 sleep 0.3
@@ -42,8 +46,16 @@ taskset -a -p -c 0 "${PIDS[0]}" >/dev/null
 cat > "$OUT/gw.yaml" <<YAML
 authorization: $FREE
 members:
-  - name: limited
-    key: $LIMITED
+  - name: local
+    key: $LOCAL
+    rpm: 10000000
+    tpm: 10000000000
+  - name: solo
+    key: $SOLO
+    rpm: 10000000
+    tpm: 10000000000
+  - name: pair
+    key: $PAIR
     rpm: 10000000
     tpm: 10000000000
   - name: one_place
@@ -79,16 +91,16 @@ run() { # label addr token [addr2 token2: the same load on a second replica at o
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
 echo "== c=1, ${DUR}s each, ${ROUNDS} rounds alternating (gateways on core 0, wrk on core 1)"
-lat "$A" "$LIMITED" >/dev/null; lat "$NONE" "$FREE" >/dev/null   # warm-up
+lat "$A" "$FREE" >/dev/null; lat "$NONE" "$FREE" >/dev/null   # warm-up
 for r in $(seq "$ROUNDS"); do
   run "none, no limits" "$NONE" "$FREE"
-  run "none, rpm+tpm (local only)" "$NONE" "$LIMITED"
+  run "none, rpm+tpm (local only)" "$NONE" "$LOCAL"
   run "1 replica, no limits" "$A" "$FREE"
-  run "1 replica, rpm+tpm" "$A" "$LIMITED"
+  run "1 replica, rpm+tpm" "$A" "$SOLO"
   run "1 replica, concurrent: 1" "$A" "$ONE"
-  [ "$r" = 1 ] && { start_gw b "$URL"; B=$GW_ADDR; lat "$B" "$LIMITED" >/dev/null; }
+  [ "$r" = 1 ] && { start_gw b "$URL"; B=$GW_ADDR; lat "$B" "$FREE" >/dev/null; }
   run "2 replicas, no limits" "$A" "$FREE" "$B" "$FREE"
-  run "2 replicas, rpm+tpm" "$A" "$LIMITED" "$B" "$LIMITED"
+  run "2 replicas, rpm+tpm" "$A" "$PAIR" "$B" "$PAIR"
   echo "round $r done"
 done
 for k in "none, no limits" "none, rpm+tpm (local only)" "1 replica, no limits" "1 replica, rpm+tpm" \
@@ -99,11 +111,11 @@ done
 
 # Statements per second, from the sharing thread's own count (logged every 10 s at debug).
 rate() { grep -o 'members.* limits: [0-9.]* PostgreSQL statements' "$OUT/$1.log" | tail -1 | awk '{print $3}'; }
-echo "== PostgreSQL statements per second of the sharing (roster heartbeat apart)"
-sleep 21; echo "idle: replica a $(rate a)/s, replica b $(rate b)/s"
+echo "== PostgreSQL statements per second of the sharing (the roster's own apart)"
+sleep 31; echo "idle: replica a $(rate a)/s, replica b $(rate b)/s"
 load() { BENCH_TOKEN=$2 taskset -c 1 wrk -t2 -c16 -d"$3s" -s bench/post.lua "http://$1/v1/chat/completions" 2>/dev/null | awk '/Requests\/sec/ {print int($2)}'; }
 sleep 10   # a log line covering only the load comes next
-rps=$(load "$A" "$LIMITED" 21)
+rps=$(load "$A" "$SOLO" 21)
 echo "loaded (c=16, $rps req/s of the member with rpm+tpm on a): replica a $(rate a)/s, replica b $(rate b)/s"
 
 # What per-request atomic updates would cost: one call of the slot function per request, the
@@ -111,6 +123,6 @@ echo "loaded (c=16, $rps req/s of the member with rpm+tpm on a): replica a $(rat
 PGBENCH=$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench | tail -1)
 echo "SELECT * FROM openai_api_route_take_slots('bench', 'bench-replica', 1000000000, 1, 2000);" > "$OUT/claim.sql"
 for c in 1 4; do
-  taskset -c 1 "$PGBENCH" -n -f "$OUT/claim.sql" -T "$DUR" -c "$c" -j 1 -M prepared "$URL" 2>/dev/null |
+  PGOPTIONS="-c synchronous_commit=off" taskset -c 1 "$PGBENCH" -n -f "$OUT/claim.sql" -T "$DUR" -c "$c" -j 1 -M prepared "$URL" 2>/dev/null |
     awk -v c="$c" '/latency average/ {l = $4} /^tps/ {t = int($3)} END {printf "one slot per request, %d clients: %s ms per call, %d calls/s\n", c, l, t}'
 done
