@@ -1,14 +1,17 @@
 //! What one member has used, and whether it may send one more request (see the members guide,
 //! "Limits").
 //!
-//! Each member's counters sit behind their own short lock, so members never wait on each other:
-//! a sliding window of the last `rpm` admissions (a ring of their times: "at most `rpm` in any
-//! 60-second window" exactly), the tokens of the last 60 seconds in one-second buckets, the
-//! tokens of the current UTC day, and an atomic count of requests in flight. A request over a
-//! limit is refused before its body is read.
+//! Each member's counters sit behind their own short lock, so members never wait on each other,
+//! and every operation is O(1) amortized whatever the limits are (a member with a huge `rpm`
+//! costs no more per request than one with 60): a sliding window of the admissions of the last
+//! 60 seconds (their times, oldest first: "at most `rpm` in any 60-second window" exactly, and
+//! never more than `rpm` of them kept), the tokens of the last 60 seconds in one-second buckets
+//! with their running sum, the tokens of the current UTC day, and an atomic count of requests in
+//! flight. A request over a limit is refused before its body is read.
 //!
 //! Replicas sharing a PostgreSQL store extend these counters with what the others used (the
-//! shared counters of the replicas guide); the checks here stay the same.
+//! shared counters of the replicas guide); the interface here — [`MemberState::check`],
+//! [`MemberState::admit`], [`MemberState::add_tokens`], [`MemberState::used`] — stays the same.
 //!
 //! A leaf module: the config holds each member's state, and everything else reads it.
 
@@ -103,43 +106,86 @@ pub struct Used {
     pub tokens_today: u64,
     /// Requests and sessions in flight.
     pub in_flight: u64,
+    /// Until the request window is empty again (OpenAI's `x-ratelimit-reset-requests`: back to
+    /// the initial state).
+    pub requests_reset: Duration,
+    /// Until the token window is empty again (`x-ratelimit-reset-tokens`).
+    pub tokens_reset: Duration,
 }
 
-/// Tokens per second of the last minute.
+/// The counters of one member, under its one lock.
 #[derive(Debug, Default)]
-struct Tokens {
-    /// (second since start, tokens), oldest first, at most 60 seconds old.
-    seconds: VecDeque<(u64, u64)>,
+struct Window {
+    /// Times of the admissions of the last 60 s, oldest first (kept for a member with `rpm`,
+    /// never more than `rpm`).
+    admitted: VecDeque<Instant>,
+    /// Admissions per second of the last 60 s, oldest first, for a member without `rpm` (its
+    /// usage still shows its requests of the last minute): (second since the epoch, count).
+    requests: VecDeque<(u64, u64)>,
+    /// Tokens per second of the last 60 s, oldest first: (second since the epoch, tokens).
+    tokens: VecDeque<(u64, u64)>,
+    /// The sum of `tokens`.
+    tokens_minute: u64,
     /// UTC day number and its tokens.
     day: (u64, u64),
+}
+
+impl Window {
+    /// Drops what left the 60-second window by `now` (`second` since the epoch).
+    fn expire(&mut self, now: Instant, second: u64) {
+        while self
+            .admitted
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
+        {
+            self.admitted.pop_front();
+        }
+        while self.requests.front().is_some_and(|(s, _)| s + 60 <= second) {
+            self.requests.pop_front();
+        }
+        while let Some(&(s, v)) = self.tokens.front() {
+            if s + 60 > second {
+                break;
+            }
+            self.tokens.pop_front();
+            self.tokens_minute -= v;
+        }
+    }
+
+    /// Tokens of the UTC day `day`.
+    fn today(&self, day: u64) -> u64 {
+        if self.day.0 == day {
+            self.day.1
+        } else {
+            0
+        }
+    }
+}
+
+/// Adds `n` to the bucket of `second` (the last one, or a new one).
+fn bump(buckets: &mut VecDeque<(u64, u64)>, second: u64, n: u64) {
+    match buckets.back_mut() {
+        Some((s, v)) if *s == second => *v += n,
+        _ => buckets.push_back((second, n)),
+    }
 }
 
 /// One member's counters; see the module docs.
 #[derive(Debug)]
 pub struct MemberState {
-    /// Times of the admissions of the last 60 s (at most `rpm` kept).
-    admitted: Mutex<VecDeque<Instant>>,
-    tokens: Mutex<Tokens>,
+    window: Mutex<Window>,
     in_flight: AtomicU64,
-    /// When the counters started (the seconds of the token buckets count from it).
+    /// When the counters started (the seconds of the buckets count from it).
     epoch: Instant,
 }
 
 impl Default for MemberState {
     fn default() -> Self {
         MemberState {
-            admitted: Mutex::default(),
-            tokens: Mutex::default(),
+            window: Mutex::default(),
             in_flight: AtomicU64::new(0),
             epoch: Instant::now(),
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
@@ -158,8 +204,22 @@ fn at_least_a_second(d: Duration) -> Duration {
 }
 
 impl MemberState {
+    fn lock(&self, now: Instant) -> MutexGuard<'_, Window> {
+        let mut w = match self.window.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        w.expire(now, self.second(now));
+        w
+    }
+
     fn second(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Until the bucket of `second` leaves the window.
+    fn leaves(&self, second: u64, now: Instant) -> Duration {
+        Duration::from_secs(second + 60).saturating_sub(now.saturating_duration_since(self.epoch))
     }
 
     /// Whether a request may be admitted now under `limits` (nothing is counted): the check made
@@ -172,16 +232,31 @@ impl MemberState {
     ) -> Result<(), Limited> {
         if let Some(n) = limits.concurrent {
             if self.in_flight.load(Ordering::Relaxed) >= n {
-                return Err(Limited {
-                    limit: Limit::Concurrent,
-                    value: n,
-                    retry_after: Duration::from_secs(1),
-                });
+                return Err(concurrent(n));
             }
         }
+        if limits.rpm.is_none() && limits.tpm.is_none() && limits.tokens_per_day.is_none() {
+            return Ok(());
+        }
+        let w = self.lock(now);
+        self.window_check(&w, limits, now, wall)
+    }
+
+    /// The checks of `rpm`, `tpm` and `tokens_per_day` on the (expired) window.
+    fn window_check(
+        &self,
+        w: &Window,
+        limits: &MemberLimits,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(), Limited> {
         if let Some(n) = limits.rpm {
-            let q = lock(&self.admitted);
-            if let Some(wait) = rpm_wait(&q, n, now) {
+            if w.admitted.len() as u64 >= n {
+                // The oldest admission in the window leaves it first.
+                let wait = w
+                    .admitted
+                    .front()
+                    .map_or(WINDOW, |t| (*t + WINDOW).saturating_duration_since(now));
                 return Err(Limited {
                     limit: Limit::Rpm,
                     value: n,
@@ -189,88 +264,61 @@ impl MemberState {
                 });
             }
         }
-        if limits.tpm.is_some() || limits.tokens_per_day.is_some() {
-            let mut t = lock(&self.tokens);
-            let second = self.second(now);
-            expire(&mut t, second);
-            if let Some(n) = limits.tpm {
-                let used: u64 = t.seconds.iter().map(|(_, v)| v).sum();
-                if used >= n {
-                    // Until enough of the oldest seconds leave the window.
-                    let mut left = used;
-                    let mut wait = WINDOW;
-                    for &(s, v) in &t.seconds {
-                        left -= v;
-                        if left < n {
-                            wait = Duration::from_secs(s + 60)
-                                .saturating_sub(now.saturating_duration_since(self.epoch));
-                            break;
-                        }
+        if let Some(n) = limits.tpm {
+            if w.tokens_minute >= n {
+                // Until enough of the oldest seconds leave the window.
+                let mut left = w.tokens_minute;
+                let mut wait = WINDOW;
+                for &(s, v) in &w.tokens {
+                    left -= v;
+                    if left < n {
+                        wait = self.leaves(s, now);
+                        break;
                     }
-                    return Err(Limited {
-                        limit: Limit::Tpm,
-                        value: n,
-                        retry_after: at_least_a_second(wait),
-                    });
                 }
+                return Err(Limited {
+                    limit: Limit::Tpm,
+                    value: n,
+                    retry_after: at_least_a_second(wait),
+                });
             }
-            if let Some(n) = limits.tokens_per_day {
-                let (day, until_midnight) = utc_day(wall);
-                let today = if t.day.0 == day { t.day.1 } else { 0 };
-                if today >= n {
-                    return Err(Limited {
-                        limit: Limit::TokensPerDay,
-                        value: n,
-                        retry_after: at_least_a_second(until_midnight),
-                    });
-                }
+        }
+        if let Some(n) = limits.tokens_per_day {
+            let (day, until_midnight) = utc_day(wall);
+            if w.today(day) >= n {
+                return Err(Limited {
+                    limit: Limit::TokensPerDay,
+                    value: n,
+                    retry_after: at_least_a_second(until_midnight),
+                });
             }
         }
         Ok(())
     }
 
     /// Admits one request: checked again and counted (its `rpm` slot and, until the returned
-    /// permit is dropped, its place among `concurrent`).
+    /// permit is dropped, its place among `concurrent`). A refused request counts toward nothing.
     pub fn admit(
         self: &Arc<Self>,
         limits: &MemberLimits,
         now: Instant,
         wall: SystemTime,
     ) -> Result<Permit, Limited> {
-        if let Some(n) = limits.concurrent {
-            // Taken first: two requests racing for the last place cannot both get it.
-            let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-            if before >= n {
-                self.in_flight.fetch_sub(1, Ordering::AcqRel);
-                return Err(Limited {
-                    limit: Limit::Concurrent,
-                    value: n,
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-        } else {
-            self.in_flight.fetch_add(1, Ordering::AcqRel);
-        }
+        // Taken first: two requests racing for the last place cannot both get it.
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         let permit = Permit(self.clone());
-        let no_rpm = MemberLimits {
-            concurrent: None,
-            rpm: None,
-            ..*limits
-        };
-        self.check(&no_rpm, now, wall)?;
-        if let Some(n) = limits.rpm {
-            let mut q = lock(&self.admitted);
-            if let Some(wait) = rpm_wait(&q, n, now) {
-                return Err(Limited {
-                    limit: Limit::Rpm,
-                    value: n,
-                    retry_after: at_least_a_second(wait),
-                });
+        if let Some(n) = limits.concurrent {
+            if before >= n {
+                return Err(concurrent(n));
             }
-            while q.len() as u64 >= n {
-                q.pop_front();
-            }
-            q.push_back(now);
+        }
+        let mut w = self.lock(now);
+        self.window_check(&w, limits, now, wall)?;
+        if limits.rpm.is_some() {
+            w.admitted.push_back(now);
+        } else {
+            let second = self.second(now);
+            bump(&mut w.requests, second, 1);
         }
         Ok(permit)
     }
@@ -280,75 +328,48 @@ impl MemberState {
         if tokens == 0 {
             return;
         }
-        let mut t = lock(&self.tokens);
         let second = self.second(now);
-        expire(&mut t, second);
-        match t.seconds.back_mut() {
-            Some((s, v)) if *s == second => *v += tokens,
-            _ => t.seconds.push_back((second, tokens)),
-        }
+        let mut w = self.lock(now);
+        bump(&mut w.tokens, second, tokens);
+        w.tokens_minute += tokens;
         let (day, _) = utc_day(wall);
-        if t.day.0 != day {
-            t.day = (day, 0);
+        if w.day.0 != day {
+            w.day = (day, 0);
         }
-        t.day.1 += tokens;
+        w.day.1 += tokens;
     }
 
-    /// What the member used, now.
+    /// What the member used, now, and when its windows are empty again.
     pub fn used(&self, now: Instant, wall: SystemTime) -> Used {
-        let requests_last_minute = {
-            let q = lock(&self.admitted);
-            q.iter()
-                .filter(|t| now.saturating_duration_since(**t) < WINDOW)
-                .count() as u64
-        };
-        let mut t = lock(&self.tokens);
-        expire(&mut t, self.second(now));
+        let w = self.lock(now);
         let (day, _) = utc_day(wall);
+        let requests_reset = match (w.admitted.back(), w.requests.back()) {
+            (Some(t), _) => (*t + WINDOW).saturating_duration_since(now),
+            (None, Some((s, _))) => self.leaves(*s, now),
+            (None, None) => Duration::ZERO,
+        };
+        let tokens_reset = w
+            .tokens
+            .back()
+            .map_or(Duration::ZERO, |(s, _)| self.leaves(*s, now));
         Used {
-            requests_last_minute,
-            tokens_last_minute: t.seconds.iter().map(|(_, v)| v).sum(),
-            tokens_today: if t.day.0 == day { t.day.1 } else { 0 },
+            requests_last_minute: w.admitted.len() as u64
+                + w.requests.iter().map(|(_, n)| n).sum::<u64>(),
+            tokens_last_minute: w.tokens_minute,
+            tokens_today: w.today(day),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            requests_reset,
+            tokens_reset,
         }
     }
-
-    /// When the request window and the token window would be empty again (OpenAI's
-    /// `x-ratelimit-reset-*`: back to the initial state).
-    pub fn resets(&self, now: Instant) -> (Duration, Duration) {
-        let requests = lock(&self.admitted).back().map_or(Duration::ZERO, |t| {
-            (*t + WINDOW).saturating_duration_since(now)
-        });
-        let mut t = lock(&self.tokens);
-        let second = self.second(now);
-        expire(&mut t, second);
-        let tokens = t.seconds.back().map_or(Duration::ZERO, |(s, _)| {
-            Duration::from_secs(s + 60).saturating_sub(now.saturating_duration_since(self.epoch))
-        });
-        (requests, tokens)
-    }
 }
 
-/// How long until one more request fits an `rpm` of `n`, or None when it fits now.
-fn rpm_wait(q: &VecDeque<Instant>, n: u64, now: Instant) -> Option<Duration> {
-    let in_window = q
-        .iter()
-        .filter(|t| now.saturating_duration_since(**t) < WINDOW)
-        .count() as u64;
-    if in_window < n {
-        return None;
-    }
-    // The oldest admission in the window leaves it first.
-    let oldest = q
-        .iter()
-        .find(|t| now.saturating_duration_since(**t) < WINDOW)?;
-    Some((*oldest + WINDOW).saturating_duration_since(now))
-}
-
-/// Drops the token seconds that left the window.
-fn expire(t: &mut Tokens, second: u64) {
-    while t.seconds.front().is_some_and(|(s, _)| s + 60 <= second) {
-        t.seconds.pop_front();
+/// The refusal of a member with `n` requests in flight.
+fn concurrent(n: u64) -> Limited {
+    Limited {
+        limit: Limit::Concurrent,
+        value: n,
+        retry_after: Duration::from_secs(1),
     }
 }
 
@@ -396,11 +417,54 @@ mod tests {
         // The first admission leaves the window at 60 s.
         assert!(s.admit(&l, t0 + Duration::from_secs(60), wall).is_ok());
         assert!(s.admit(&l, t0 + Duration::from_secs(61), wall).is_err());
-        assert_eq!(
-            s.used(t0 + Duration::from_secs(61), wall)
-                .requests_last_minute,
-            3
+        let used = s.used(t0 + Duration::from_secs(61), wall);
+        assert_eq!(used.requests_last_minute, 3);
+        // The newest admission (at 60 s) leaves at 120 s.
+        assert_eq!(used.requests_reset, Duration::from_secs(59));
+        assert_eq!(used.in_flight, 0);
+    }
+
+    #[test]
+    fn a_refused_request_counts_toward_nothing() {
+        let s = Arc::new(MemberState::default());
+        let l = limits(Some(1), None, None, Some(5));
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        let _held = s.admit(&l, t0, wall).unwrap();
+        for _ in 0..10 {
+            assert!(s.admit(&l, t0, wall).is_err());
+        }
+        let used = s.used(t0, wall);
+        assert_eq!((used.requests_last_minute, used.in_flight), (1, 1));
+    }
+
+    #[test]
+    fn a_large_rpm_costs_no_more_per_request() {
+        let s = Arc::new(MemberState::default());
+        let l = limits(Some(1_000_000), Some(u64::MAX / 2), None, None);
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        for i in 0..200_000u64 {
+            let now = t0 + Duration::from_micros(i * 500);
+            drop(s.admit(&l, now, wall).unwrap());
+        }
+        // 200,000 admissions in 100 s: only those of the last 60 s are kept.
+        let used = s.used(t0 + Duration::from_secs(100), wall);
+        assert!(
+            (119_000..=120_001).contains(&used.requests_last_minute),
+            "{used:?}"
         );
+    }
+
+    #[test]
+    fn members_without_rpm_still_show_their_requests() {
+        let s = Arc::new(MemberState::default());
+        let l = limits(None, None, None, None);
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        for i in 0..5 {
+            drop(s.admit(&l, t0 + Duration::from_secs(i * 20), wall).unwrap());
+        }
+        // At 90 s the admissions at 40, 60 and 80 s are in the window.
+        let used = s.used(t0 + Duration::from_millis(90_500), wall);
+        assert_eq!(used.requests_last_minute, 3);
     }
 
     #[test]
@@ -432,7 +496,15 @@ mod tests {
         assert_eq!(e.limit, Limit::Tpm);
         // The first 60 tokens leave the window 60 s after they came.
         assert_eq!(e.retry_after, Duration::from_secs(40));
+        let used = s.used(t0 + Duration::from_secs(20), wall);
+        assert_eq!(used.tokens_last_minute, 100);
+        assert_eq!(used.tokens_reset, Duration::from_secs(50));
         assert!(s.check(&l, t0 + Duration::from_secs(61), wall).is_ok());
+        assert_eq!(
+            s.used(t0 + Duration::from_secs(61), wall)
+                .tokens_last_minute,
+            40
+        );
         s.add_tokens(200, t0 + Duration::from_secs(130), wall);
         let e = s
             .check(&l, t0 + Duration::from_secs(200), wall)
@@ -443,5 +515,8 @@ mod tests {
             s.used(t0 + Duration::from_secs(200), wall).tokens_today,
             300
         );
+        // A new UTC day starts from nothing.
+        let tomorrow = wall + Duration::from_secs(86_400);
+        assert!(s.check(&l, t0 + Duration::from_secs(200), tomorrow).is_ok());
     }
 }

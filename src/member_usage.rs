@@ -73,9 +73,11 @@ fn query(req: &HttpRequest) -> Result<(Option<String>, u32), &'static str> {
     let mut days = DAYS.0;
     for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = crate::escape::percent_decode(v.as_bytes())
-            .and_then(|b| String::from_utf8(b).ok())
-            .unwrap_or_default();
+        // Decoded when escaped (a label-named member's `…`), as written otherwise.
+        let v = match crate::escape::percent_decode(v.as_bytes()) {
+            Some(bytes) => String::from_utf8(bytes).unwrap_or_default(),
+            None => v.to_string(),
+        };
         match k {
             "member" => member = Some(v),
             "days" => {

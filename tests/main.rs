@@ -16,6 +16,7 @@ mod health_shared;
 mod layout;
 mod limits;
 mod limits_ws;
+mod members;
 mod models;
 mod observability;
 mod operator;

@@ -278,15 +278,21 @@ impl Parser<'_> {
         out
     }
 
-    /// A limit: absent, or a positive whole number.
+    /// A limit: absent, or a positive whole number (`${ENV}` included).
     fn limit(&mut self, key: &str, v: Option<&Value>) -> Option<u64> {
-        let v = v.filter(|v| !v.is_null())?;
-        let n = self.number(key, v)?;
-        if n.fract() != 0.0 || !(1.0..=1e15).contains(&n) {
-            self.err(key, "must be a positive whole number");
-            return None;
+        let n = match v? {
+            Value::Null => return None,
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => self.subst(key, s).trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if n.fract() == 0.0 && (1.0..=1e15).contains(&n) => Some(n as u64),
+            _ => {
+                self.err(key, "must be a positive whole number");
+                None
+            }
         }
-        Some(n as u64)
     }
 }
 

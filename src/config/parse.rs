@@ -279,10 +279,15 @@ impl Parser<'_> {
         let get = |k: &str| map.get(k);
 
         let tokens = self.list("authorization", get("authorization"));
-        if tokens.is_empty() && !noauth {
+        let no_members = match get("members") {
+            None | Some(Value::Null) => true,
+            Some(Value::Sequence(s)) => s.is_empty(),
+            Some(_) => false,
+        };
+        if tokens.is_empty() && no_members && !noauth {
             self.err(
                 "authorization",
-                "no client token configured: set `authorization` or run with -noauth",
+                "no client token configured: set `authorization` or `members`, or run with -noauth",
             );
         }
         let timeout = self.seconds("timeout", get("timeout"), Duration::from_secs(60));

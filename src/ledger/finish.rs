@@ -67,7 +67,11 @@ impl Ledger {
                 HeaderValue::from(self.attempts),
             );
         }
-        self.member_ended(Default::default(), 0);
+        // An answer no upstream saw cost nothing; one the upstreams saw (and failed) counts by
+        // its body.
+        if self.attempts > 0 {
+            self.member_ended(Default::default(), 0);
+        }
         self.rate_headers(resp.headers_mut());
         let (error, reply) = match err.rejection() {
             Some(reason) => {
@@ -106,7 +110,6 @@ impl Ledger {
     /// like any other (counted; recorded without a body within the per-reason bound).
     pub fn finish_answered(mut self, status: StatusCode) {
         let (status_code, complete) = (status.as_u16(), status.as_u16() < 400);
-        self.member_ended(Default::default(), 0);
         self.end_trace(|| End {
             status: status_code,
             complete,

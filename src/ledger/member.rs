@@ -184,6 +184,14 @@ impl Ledger {
         self.sinks.metrics.member_tokens(&m.name, input, output);
     }
 
+    /// Whether the answer's text must be read even when nothing is recorded: the member has a
+    /// token limit, and an answer without a reported usage counts by its text's bytes.
+    pub fn counts_text(&self) -> bool {
+        self.member
+            .as_ref()
+            .is_some_and(|m| m.limits.tpm.is_some() || m.limits.tokens_per_day.is_some())
+    }
+
     /// Whether the answers carry the member's own rate-limit headers (it has `rpm` or `tpm`).
     pub fn has_rate_limits(&self) -> bool {
         self.member
@@ -208,8 +216,7 @@ impl Ledger {
         for k in remove {
             headers.remove(k);
         }
-        let now = Instant::now();
-        let mut used = m.state.used(now, SystemTime::now());
+        let mut used = m.state.used(Instant::now(), SystemTime::now());
         if let Some(s) = &self.sinks.sharing {
             // The group's numbers as this replica last saw them.
             let (tokens, _) = s.others_tokens(&m.name);
@@ -218,7 +225,6 @@ impl Ledger {
                 used.requests_last_minute = used.requests_last_minute.max(group);
             }
         }
-        let (reset_requests, reset_tokens) = m.state.resets(now);
         let mut put = |name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(HeaderName::from_static(name), v);
@@ -230,14 +236,17 @@ impl Ledger {
             put("x-ratelimit-remaining-requests", left.to_string());
             put(
                 "x-ratelimit-reset-requests",
-                openai_duration(reset_requests),
+                openai_duration(used.requests_reset),
             );
         }
         if let Some(n) = m.limits.tpm {
             put("x-ratelimit-limit-tokens", n.to_string());
             let left = n.saturating_sub(used.tokens_last_minute);
             put("x-ratelimit-remaining-tokens", left.to_string());
-            put("x-ratelimit-reset-tokens", openai_duration(reset_tokens));
+            put(
+                "x-ratelimit-reset-tokens",
+                openai_duration(used.tokens_reset),
+            );
         }
     }
 }

@@ -157,8 +157,9 @@ pub fn respond(
         .headers()
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok());
-    // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it.
-    let mut capture = if ledger.recording() {
+    // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it. A
+    // member with a token limit needs the text too: without a reported usage, its bytes count.
+    let mut capture = if ledger.recording() || ledger.counts_text() {
         Capture::new(content_type, encoding, cfg.record_body_bytes)
     } else {
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)

@@ -236,8 +236,8 @@ pub async fn session(
     state: web::Data<AppState>,
     client: web::Data<UpstreamClient>,
 ) -> HttpResponse {
-    let mut ledger = match crate::admission::admit(&req, &state, Counting::Counted) {
-        Ok(admitted) => admitted.ledger,
+    let (mut ledger, cfg) = match crate::admission::admit(&req, &state, Counting::Counted) {
+        Ok(admitted) => (admitted.ledger, admitted.config),
         Err(refused) => return refused.answer(),
     };
     ledger.info_mut().websocket = true;
@@ -252,7 +252,6 @@ pub async fn session(
     if let Err(e) = actix_http::ws::verify_handshake(req.head()) {
         return ledger.finish_local(GatewayError::BadHandshake(e.to_string()));
     }
-    let cfg = state.config.get();
     // The member's rules and place: a session counts toward `rpm` and, until it ends,
     // `concurrent` (see the members guide).
     let placed = match member_rules(&ledger, &cfg) {
@@ -491,8 +490,11 @@ fn open(
     let accept = actix_http::ws::hash_key(key.as_bytes());
     let mut builder = HttpResponse::build(StatusCode::SWITCHING_PROTOCOLS);
     builder.upgrade("websocket");
+    // A member with its own limits is told about them, not about the shared account's.
+    let own_limits = ledger.has_rate_limits();
     for (name, value) in headers::response_headers(&opened.headers) {
-        if !handshake_header(name) {
+        let theirs = own_limits && name.as_str().starts_with("x-ratelimit-");
+        if !handshake_header(name) && !theirs {
             builder.append_header((name.clone(), value.clone()));
         }
     }

@@ -13,19 +13,24 @@ impl Gateway {
 
     /// Waits until the table has at least `n` rows, then returns all rows as JSON objects.
     pub fn records(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let rows = read_rows(&self.db_path);
-            if rows.len() >= n || Instant::now() > deadline {
-                assert!(
-                    rows.len() >= n,
-                    "expected {n} records, found {}: {rows:#?}",
-                    rows.len()
-                );
-                return rows;
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        records_in(&self.db_path, n)
+    }
+}
+
+/// [`Gateway::records`] of the database file `db` (a gateway started with its own `-database`).
+pub fn records_in(db: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = read_rows(db);
+        if rows.len() >= n || Instant::now() > deadline {
+            assert!(
+                rows.len() >= n,
+                "expected {n} records, found {}: {rows:#?}",
+                rows.len()
+            );
+            return rows;
         }
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

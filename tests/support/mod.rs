@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 mod alert;
+mod browser;
 mod client;
 mod db;
 mod gateway;
@@ -16,6 +17,7 @@ mod provider;
 mod python;
 
 pub use alert::*;
+pub use browser::*;
 pub use client::*;
 pub use db::*;
 pub use gateway::*;

@@ -1,9 +1,10 @@
 //! A mock upstream with state, like a real provider: it keeps the responses and files it created
 //! and knows nothing of any other upstream's. A `previous_response_id` it did not create is
 //! answered 400 `previous_response_not_found`, a file it does not have 404 — what OpenAI does.
-//! It can be taken down (503) and brought back, deletes what it is asked to delete, can make
-//! ids as long as LiteLLM's, and a test can answer some requests in its place
-//! ([`Provider::intercept`]).
+//! It can be taken down (503) and brought back, deletes what it is asked to delete, lists its
+//! files and batches (`GET /v1/files`, `GET /v1/batches`, newest first, `limit` and `after` as
+//! OpenAI pages them), can make ids as long as LiteLLM's, and a test can answer some requests in
+//! its place ([`Provider::intercept`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +29,8 @@ pub struct Provider {
     pub responses: Arc<Mutex<HashMap<String, Value>>>,
     /// Files it holds: id → content.
     pub files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// Batches it created: id → the batch object.
+    pub batches: Arc<Mutex<HashMap<String, Value>>>,
 }
 
 fn not_found(code: &str, what: &str) -> Reply {
@@ -43,13 +46,15 @@ impl Provider {
         let down = Arc::new(AtomicBool::new(false));
         let responses: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
         let files: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+        let batches: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
         let n = Arc::new(AtomicUsize::new(0));
         let intercept: Intercept = Arc::default();
         let id_len = Arc::new(AtomicUsize::new(0));
-        let (d, r, f, who) = (
+        let (d, r, f, b, who) = (
             down.clone(),
             responses.clone(),
             files.clone(),
+            batches.clone(),
             name.to_string(),
         );
         let (hook, len) = (intercept.clone(), id_len.clone());
@@ -65,7 +70,12 @@ impl Provider {
                 n: &n,
                 len: len.load(Ordering::SeqCst),
             };
-            handle(&ids, req, &r, &f)
+            let held = Held {
+                responses: &r,
+                files: &f,
+                batches: &b,
+            };
+            handle(&ids, req, held)
         });
         Provider {
             mock,
@@ -75,6 +85,7 @@ impl Provider {
             id_len,
             responses,
             files,
+            batches,
         }
     }
 
@@ -176,12 +187,61 @@ fn deleted(id: &str, object: &str) -> Reply {
     Reply::json(200, json!({"id": id, "object": object, "deleted": true}))
 }
 
-fn handle(
-    ids: &Ids<'_>,
-    req: &Seen,
-    responses: &Mutex<HashMap<String, Value>>,
-    files: &Mutex<HashMap<String, Vec<u8>>>,
-) -> Reply {
+/// What a provider holds.
+struct Held<'a> {
+    responses: &'a Mutex<HashMap<String, Value>>,
+    files: &'a Mutex<HashMap<String, Vec<u8>>>,
+    batches: &'a Mutex<HashMap<String, Value>>,
+}
+
+/// A file object as OpenAI shows it.
+fn file_object(id: &str, bytes: usize) -> Value {
+    json!({"id": id, "object": "file", "bytes": bytes, "created_at": 1700000000,
+           "filename": "notes.jsonl", "purpose": "batch", "status": "processed"})
+}
+
+/// An OpenAI list page of `objects` (id, object), newest first (ids end with a sequence
+/// number): at most `limit` (query, default 20) after the id `after`, with `first_id`,
+/// `last_id` and `has_more`.
+fn list_page(target: &str, mut objects: Vec<(String, Value)>) -> Reply {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let param = |k: &str| {
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.to_string())
+    };
+    let seq = |id: &str| -> u64 {
+        id.rsplit(['-', '_'])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    objects.sort_by_key(|(id, _)| std::cmp::Reverse(seq(id)));
+    if let Some(after) = param("after") {
+        if let Some(at) = objects.iter().position(|(id, _)| *id == after) {
+            objects.drain(..=at);
+        }
+    }
+    let limit: usize = param("limit").and_then(|l| l.parse().ok()).unwrap_or(20);
+    let has_more = objects.len() > limit;
+    objects.truncate(limit);
+    let data: Vec<Value> = objects.into_iter().map(|(_, v)| v).collect();
+    let id_at = |v: Option<&Value>| v.map_or(Value::Null, |v| v["id"].clone());
+    Reply::json(
+        200,
+        json!({"object": "list", "data": data, "first_id": id_at(data.first()),
+               "last_id": id_at(data.last()), "has_more": has_more}),
+    )
+}
+
+fn handle(ids: &Ids<'_>, req: &Seen, held: Held<'_>) -> Reply {
+    let Held {
+        responses,
+        files,
+        batches,
+    } = held;
     let who = ids.who;
     let path = req.target.split('?').next().unwrap_or("");
     let seq = ids.next();
@@ -257,11 +317,38 @@ fn handle(
         ("POST", "/v1/files") => {
             let id = ids.make(&format!("file-{who}-"), seq);
             files.lock().unwrap().insert(id.clone(), req.body.clone());
-            Reply::json(
-                200,
-                json!({"id": id, "object": "file", "bytes": req.body.len(), "created_at": 1700000000,
-                       "filename": "notes.jsonl", "purpose": "batch", "status": "processed"}),
-            )
+            Reply::json(200, file_object(&id, req.body.len()))
+        }
+        ("GET", "/v1/files") => {
+            let all = files
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, b)| (id.clone(), file_object(id, b.len())))
+                .collect();
+            list_page(&req.target, all)
+        }
+        ("POST", "/v1/batches") => {
+            let body = req.json();
+            if let Some(input) = body["input_file_id"].as_str() {
+                if !files.lock().unwrap().contains_key(input) {
+                    return not_found("file_not_found", "File");
+                }
+            }
+            let id = ids.make(&format!("batch_{who}_"), seq);
+            let batch = json!({"id": id, "object": "batch", "endpoint": body["endpoint"],
+                               "input_file_id": body["input_file_id"], "status": "validating"});
+            batches.lock().unwrap().insert(id.clone(), batch.clone());
+            Reply::json(200, batch)
+        }
+        ("GET", "/v1/batches") => {
+            let all = batches
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, b)| (id.clone(), b.clone()))
+                .collect();
+            list_page(&req.target, all)
         }
         ("GET", p) if p.starts_with("/v1/files/") => {
             let rest = &p["/v1/files/".len()..];
@@ -285,11 +372,7 @@ fn handle(
                         .chain(bytes)
                         .collect(),
                 },
-                (Some(bytes), false) => Reply::json(
-                    200,
-                    json!({"id": id, "object": "file", "bytes": bytes.len(), "created_at": 1700000000,
-                           "filename": "notes.jsonl", "purpose": "batch", "status": "processed"}),
-                ),
+                (Some(bytes), false) => Reply::json(200, file_object(id, bytes.len())),
             }
         }
         _ => Reply::chat(&format!("{who} chat")),
