@@ -109,6 +109,27 @@ pub fn sha256_hex(key: &str) -> String {
     hex
 }
 
+/// The UTC date (`YYYY-MM-DD`) of `secs` since the epoch (Howard Hinnant's civil_from_days).
+pub fn utc_date(secs: u64) -> String {
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[test]
+fn utc_dates() {
+    assert_eq!(utc_date(0), "1970-01-01");
+    assert_eq!(utc_date(1_796_659_200), "2026-12-07");
+    assert_eq!(utc_date(951_782_400), "2000-02-29");
+}
+
 /// Whether `v` is a duration in OpenAI's rate-limit form: `250ms`, `6s`, `1m30s`, `2m`, `1h0m5s`.
 pub fn openai_duration(v: &str) -> bool {
     if let Some(ms) = v.strip_suffix("ms") {
