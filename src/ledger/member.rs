@@ -202,20 +202,29 @@ impl Ledger {
     /// OpenAI's rate-limit headers for the member's own limits, when it has `rpm` or `tpm`; the
     /// upstream's own `x-ratelimit-*` are removed then (they describe the shared account).
     pub fn rate_headers(&self, headers: &mut HeaderMap) {
-        let Some(m) = &self.member else {
-            return;
-        };
-        if !m.limits.rate_headers() {
+        if !self.has_rate_limits() {
             return;
         }
-        let remove: Vec<HeaderName> = headers
+        let theirs: Vec<HeaderName> = headers
             .keys()
             .filter(|k| k.as_str().starts_with("x-ratelimit-"))
             .cloned()
             .collect();
-        for k in remove {
+        for k in theirs {
             headers.remove(k);
         }
+        self.each_rate_header(|name, value| {
+            headers.insert(name, value);
+        });
+    }
+
+    /// Hands each of the member's own rate-limit headers to `put` (none without `rpm` and
+    /// `tpm`): one look at its counters, and no text built on the way (the values are written
+    /// straight into the header values).
+    pub fn each_rate_header(&self, mut put: impl FnMut(HeaderName, HeaderValue)) {
+        let Some(m) = self.member.as_ref().filter(|m| m.limits.rate_headers()) else {
+            return;
+        };
         let mut used = m.state.used(Instant::now(), SystemTime::now());
         if let Some(s) = &self.sinks.sharing {
             // The group's numbers as this replica last saw them.
@@ -225,44 +234,68 @@ impl Ledger {
                 used.requests_last_minute = used.requests_last_minute.max(group);
             }
         }
-        let mut put = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(name), v);
-            }
-        };
         if let Some(n) = m.limits.rpm {
-            put("x-ratelimit-limit-requests", n.to_string());
             let left = n.saturating_sub(used.requests_last_minute);
-            put("x-ratelimit-remaining-requests", left.to_string());
             put(
-                "x-ratelimit-reset-requests",
-                openai_duration(used.requests_reset),
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                n.into(),
+            );
+            put(
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                left.into(),
+            );
+            put(
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+                duration_value(used.requests_reset),
             );
         }
         if let Some(n) = m.limits.tpm {
-            put("x-ratelimit-limit-tokens", n.to_string());
             let left = n.saturating_sub(used.tokens_last_minute);
-            put("x-ratelimit-remaining-tokens", left.to_string());
             put(
-                "x-ratelimit-reset-tokens",
-                openai_duration(used.tokens_reset),
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                n.into(),
+            );
+            put(
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                left.into(),
+            );
+            put(
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+                duration_value(used.tokens_reset),
             );
         }
     }
 }
 
+/// [`openai_duration`] as a header value, written on the stack.
+fn duration_value(d: std::time::Duration) -> HeaderValue {
+    let mut buf = [0u8; 32];
+    let mut w = &mut buf[..];
+    let _ = write_duration(&mut w, d);
+    let len = 32 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("0ms"))
+}
+
 /// A duration as OpenAI's rate-limit headers write it: `6s`, `1m30s`, `250ms`.
 pub fn openai_duration(d: std::time::Duration) -> String {
+    let mut out = Vec::with_capacity(16);
+    let _ = write_duration(&mut out, d);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Writes `d` in OpenAI's form: milliseconds under a second, else whole seconds (rounded) as
+/// `1h2m3s` without the leading zero units and without trailing zero seconds after minutes.
+fn write_duration(w: &mut impl std::io::Write, d: std::time::Duration) -> std::io::Result<()> {
     let ms = d.as_millis();
     if ms < 1000 {
-        return format!("{ms}ms");
+        return write!(w, "{ms}ms");
     }
     let secs = d.as_secs() + u64::from(d.subsec_millis() >= 500);
     match (secs / 3600, secs % 3600 / 60, secs % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, 0) => format!("{m}m"),
-        (0, m, s) => format!("{m}m{s}s"),
-        (h, m, s) => format!("{h}h{m}m{s}s"),
+        (0, 0, s) => write!(w, "{s}s"),
+        (0, m, 0) => write!(w, "{m}m"),
+        (0, m, s) => write!(w, "{m}m{s}s"),
+        (h, m, s) => write!(w, "{h}h{m}m{s}s"),
     }
 }
 
@@ -278,5 +311,8 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(openai_duration(Duration::from_secs(120)), "2m");
         assert_eq!(openai_duration(Duration::ZERO), "0ms");
+        assert_eq!(openai_duration(Duration::from_millis(59_600)), "1m");
+        assert_eq!(openai_duration(Duration::from_secs(3_725)), "1h2m5s");
+        assert_eq!(super::duration_value(Duration::from_secs(90)), "1m30s");
     }
 }

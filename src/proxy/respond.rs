@@ -98,13 +98,9 @@ pub fn respond(
         }
         builder.append_header((name.clone(), value.clone()));
     }
-    if own_limits {
-        let mut mine = actix_web::http::header::HeaderMap::new();
-        ledger.rate_headers(&mut mine);
-        for (name, value) in mine.iter() {
-            builder.insert_header((name.clone(), value.clone()));
-        }
-    }
+    ledger.each_rate_header(|name, value| {
+        builder.insert_header((name, value));
+    });
     builder.insert_header((
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),

@@ -465,11 +465,9 @@ fn status_answer(
         b.insert_header(("x-upstream", v));
     }
     b.insert_header(("x-request-id", ledger.request_id().clone()));
-    let mut own = HeaderMap::new();
-    ledger.rate_headers(&mut own);
-    for (name, value) in own.iter() {
-        b.insert_header((name.clone(), value.clone()));
-    }
+    ledger.each_rate_header(|name, value| {
+        b.insert_header((name, value));
+    });
     ledger.finish_body(BodyEnd::Complete, Reply::with_text(Some(body.clone())));
     b.body(body)
 }
@@ -507,11 +505,9 @@ fn open(
     }
     builder.insert_header(("x-upstream-attempts", HeaderValue::from(ledger.attempts())));
     builder.insert_header(("x-request-id", ledger.request_id().clone()));
-    let mut own = HeaderMap::new();
-    ledger.rate_headers(&mut own);
-    for (name, value) in own.iter() {
-        builder.insert_header((name.clone(), value.clone()));
-    }
+    ledger.each_rate_header(|name, value| {
+        builder.insert_header((name, value));
+    });
 
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     log::debug!(
