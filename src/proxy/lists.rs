@@ -20,6 +20,11 @@ pub const LIST_PATHS: [&str; 8] = [
 /// The largest list answer read to be filtered; a longer one is refused rather than shown whole.
 pub const LIST_MAX: usize = 32 << 20;
 
+/// What a member that sees only its own objects gets for a list answer the gateway cannot read
+/// (not a JSON object): an empty page, never the unfiltered one.
+pub const EMPTY: &[u8] =
+    br#"{"object":"list","data":[],"first_id":null,"last_id":null,"has_more":false}"#;
+
 /// Whether `path` (without query) is one of the filtered lists.
 pub fn is_list(path: &str) -> bool {
     LIST_PATHS.contains(&path.trim_end_matches('/'))
@@ -65,6 +70,8 @@ mod tests {
         let v: Value = serde_json::from_slice(&none).unwrap();
         assert_eq!(v["first_id"], Value::Null);
         assert!(keep_own(b"[1]", |_| true).is_none());
+        let empty: Value = serde_json::from_slice(EMPTY).unwrap();
+        assert_eq!(empty["data"], serde_json::json!([]));
         assert!(is_list("/v1/files/") && !is_list("/v1/files/file-a"));
     }
 }

@@ -292,7 +292,8 @@ async fn own_list(
     body.extend_from_slice(&rest);
     let owners = &ledger.sinks().owners;
     let keep = |id: &str| owners.member_of(id, cfg).is_some_and(|o| o == m.name);
-    let kept = lists::keep_own(&body, keep).unwrap_or_default();
+    // A list that is not a JSON object shows nothing rather than everything.
+    let kept = lists::keep_own(&body, keep).unwrap_or_else(|| lists::EMPTY.to_vec());
     let len = kept.len() as u64;
     *first = Some(Bytes::from(kept));
     Ok((tried, Some(len)))
