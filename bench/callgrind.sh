@@ -6,6 +6,8 @@
 # counts; the total is divided by wrk's request count.
 #
 #   bench/callgrind.sh [json|stream] [none|sqlite] [SECONDS] [GATEWAY_BINARY]
+#   MEMBERS=1 bench/callgrind.sh …   # the config of bench/members.sh: 1,000 members, the
+#                                    # benchmark's key one of them with rpm and tpm
 #
 # Defaults: json sqlite 8 bench/out/bin/openai-api-route (run bench/run.sh once to build it, or
 # pass a binary). Streams are 10 chunks with no gap (`?chunks=10&gap_ms=0`). Needs valgrind and
@@ -16,7 +18,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 KIND=${1:-json}; DB=${2:-sqlite}; SECS=${3:-8}; GW=${4:-$ROOT/bench/out/bin/openai-api-route}
 MOCK_BIN=$ROOT/bench/out/bin/bench_mock
 for b in "$GW" "$MOCK_BIN"; do [[ -x $b ]] || { echo "callgrind.sh: $b missing (run bench/run.sh once)" >&2; exit 1; }; done
-D=$ROOT/bench/out/callgrind/$KIND-$DB
+D=$ROOT/bench/out/callgrind/$KIND-$DB${MEMBERS:+-members}
 rm -rf "$D"; mkdir -p "$D"
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null' EXIT
@@ -25,7 +27,13 @@ PIDS+=($!)
 for _ in $(seq 100); do grep -q '^port ' "$D/mock.out" && break; sleep 0.05; done
 MP=$(awk '/^port /{print $2}' "$D/mock.out")
 GP=$((20000 + RANDOM % 20000))
-printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: sk-bench-upstream-key\n' "$MP" >"$D/gw.yaml"
+if [[ ${MEMBERS:-0} == 1 ]]; then
+  # shellcheck source=bench/lib.sh
+  . "$ROOT/bench/lib.sh"
+  members_yaml "$MP" sk-bench-client-token >"$D/gw.yaml"
+else
+  printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: sk-bench-upstream-key\n' "$MP" >"$D/gw.yaml"
+fi
 [[ $DB == sqlite ]] && DBARG=$D/records.sqlite || DBARG=none
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out" \
   "$GW" -addr "127.0.0.1:$GP" -config "$D/gw.yaml" -database "$DBARG" >"$D/gw.out" 2>"$D/gw.log" &

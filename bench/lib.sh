@@ -24,3 +24,21 @@ pids_of() { case $1 in nginx) echo $NPID $(pgrep -P $NPID);; *) echo ${GP[$1]};;
 
 # User + system CPU ticks summed over the given pids.
 ticks() { local t=0 p v; for p in "$@"; do v=$(sed 's/^.*) //' /proc/$p/stat | awk '{print $12+$13}'); t=$((t+v)); done; echo $t; }
+
+# members_yaml MOCK_PORT TOKEN: the config of bench/members.sh and `MEMBERS=1 bench/callgrind.sh`:
+# 1,000 members (every third with limits of its own), the one whose key is TOKEN in the middle with
+# `rpm` and `tpm` too high ever to refuse, and the mock as the one upstream.
+members_yaml() {
+  local mp=$1 token=$2 i
+  echo "members:"
+  for i in $(seq 1 1000); do
+    if ((i == 500)); then
+      echo "  - {name: bench, key: $token, rpm: 100000000, tpm: 1000000000000}"
+    elif ((i % 3 == 0)); then
+      printf '  - {name: member-%04d, key: sk-member-key-%04d-abcdefghij, rpm: 60, tpm: 200000, concurrent: 8}\n' "$i" "$i"
+    else
+      printf '  - {name: member-%04d, key: sk-member-key-%04d-abcdefghij}\n' "$i" "$i"
+    fi
+  done
+  printf 'upstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$mp"
+}

@@ -116,9 +116,9 @@ pub struct Used {
 /// The counters of one member, under its one lock.
 #[derive(Debug, Default)]
 struct Window {
-    /// Times of the admissions of the last 60 s, oldest first (kept for a member with `rpm`,
-    /// never more than `rpm`).
-    admitted: VecDeque<Instant>,
+    /// Times of the admissions of the last 60 s in nanoseconds since the epoch, oldest first
+    /// (kept for a member with `rpm`, never more than `rpm`).
+    admitted: VecDeque<u64>,
     /// Admissions per second of the last 60 s, oldest first, for a member without `rpm` (its
     /// usage still shows its requests of the last minute): (second since the epoch, count).
     requests: VecDeque<(u64, u64)>,
@@ -131,15 +131,12 @@ struct Window {
 }
 
 impl Window {
-    /// Drops what left the 60-second window by `now` (`second` since the epoch).
-    fn expire(&mut self, now: Instant, second: u64) {
-        while self
-            .admitted
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
-        {
+    /// Drops what left the 60-second window by `at` (nanoseconds since the epoch).
+    fn expire(&mut self, at: u64) {
+        while self.admitted.front().is_some_and(|t| t + WINDOW_NS <= at) {
             self.admitted.pop_front();
         }
+        let second = at / SECOND_NS;
         while self.requests.front().is_some_and(|(s, _)| s + 60 <= second) {
             self.requests.pop_front();
         }
@@ -160,6 +157,15 @@ impl Window {
             0
         }
     }
+}
+
+/// [`WINDOW`] and a second in nanoseconds (the window's arithmetic is on integers).
+const WINDOW_NS: u64 = 60 * SECOND_NS;
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// Nanoseconds as a duration.
+fn ns(n: u64) -> Duration {
+    Duration::from_nanos(n)
 }
 
 /// Adds `n` to the bucket of `second` (the last one, or a new one).
@@ -204,22 +210,24 @@ fn at_least_a_second(d: Duration) -> Duration {
 }
 
 impl MemberState {
-    fn lock(&self, now: Instant) -> MutexGuard<'_, Window> {
+    /// The counters, with what left the window by `at` dropped.
+    fn lock(&self, at: u64) -> MutexGuard<'_, Window> {
         let mut w = match self.window.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        w.expire(now, self.second(now));
+        w.expire(at);
         w
     }
 
-    fn second(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_secs()
+    /// `now` in nanoseconds since the epoch.
+    fn at(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Until the bucket of `second` leaves the window.
-    fn leaves(&self, second: u64, now: Instant) -> Duration {
-        Duration::from_secs(second + 60).saturating_sub(now.saturating_duration_since(self.epoch))
+    fn leaves(second: u64, at: u64) -> Duration {
+        ns(((second + 60) * SECOND_NS).saturating_sub(at))
     }
 
     /// Whether a request may be admitted now under `limits` (nothing is counted): the check made
@@ -238,16 +246,16 @@ impl MemberState {
         if limits.rpm.is_none() && limits.tpm.is_none() && limits.tokens_per_day.is_none() {
             return Ok(());
         }
-        let w = self.lock(now);
-        self.window_check(&w, limits, now, wall)
+        let at = self.at(now);
+        let w = self.lock(at);
+        Self::window_check(&w, limits, at, wall)
     }
 
     /// The checks of `rpm`, `tpm` and `tokens_per_day` on the (expired) window.
     fn window_check(
-        &self,
         w: &Window,
         limits: &MemberLimits,
-        now: Instant,
+        at: u64,
         wall: SystemTime,
     ) -> Result<(), Limited> {
         if let Some(n) = limits.rpm {
@@ -256,7 +264,7 @@ impl MemberState {
                 let wait = w
                     .admitted
                     .front()
-                    .map_or(WINDOW, |t| (*t + WINDOW).saturating_duration_since(now));
+                    .map_or(WINDOW, |t| ns((t + WINDOW_NS).saturating_sub(at)));
                 return Err(Limited {
                     limit: Limit::Rpm,
                     value: n,
@@ -272,7 +280,7 @@ impl MemberState {
                 for &(s, v) in &w.tokens {
                     left -= v;
                     if left < n {
-                        wait = self.leaves(s, now);
+                        wait = Self::leaves(s, at);
                         break;
                     }
                 }
@@ -312,13 +320,13 @@ impl MemberState {
                 return Err(concurrent(n));
             }
         }
-        let mut w = self.lock(now);
-        self.window_check(&w, limits, now, wall)?;
+        let at = self.at(now);
+        let mut w = self.lock(at);
+        Self::window_check(&w, limits, at, wall)?;
         if limits.rpm.is_some() {
-            w.admitted.push_back(now);
+            w.admitted.push_back(at);
         } else {
-            let second = self.second(now);
-            bump(&mut w.requests, second, 1);
+            bump(&mut w.requests, at / SECOND_NS, 1);
         }
         Ok(permit)
     }
@@ -328,9 +336,9 @@ impl MemberState {
         if tokens == 0 {
             return;
         }
-        let second = self.second(now);
-        let mut w = self.lock(now);
-        bump(&mut w.tokens, second, tokens);
+        let at = self.at(now);
+        let mut w = self.lock(at);
+        bump(&mut w.tokens, at / SECOND_NS, tokens);
         w.tokens_minute += tokens;
         let (day, _) = utc_day(wall);
         if w.day.0 != day {
@@ -341,17 +349,18 @@ impl MemberState {
 
     /// What the member used, now, and when its windows are empty again.
     pub fn used(&self, now: Instant, wall: SystemTime) -> Used {
-        let w = self.lock(now);
+        let at = self.at(now);
+        let w = self.lock(at);
         let (day, _) = utc_day(wall);
         let requests_reset = match (w.admitted.back(), w.requests.back()) {
-            (Some(t), _) => (*t + WINDOW).saturating_duration_since(now),
-            (None, Some((s, _))) => self.leaves(*s, now),
+            (Some(t), _) => ns((t + WINDOW_NS).saturating_sub(at)),
+            (None, Some((s, _))) => Self::leaves(*s, at),
             (None, None) => Duration::ZERO,
         };
         let tokens_reset = w
             .tokens
             .back()
-            .map_or(Duration::ZERO, |(s, _)| self.leaves(*s, now));
+            .map_or(Duration::ZERO, |(s, _)| Self::leaves(*s, at));
         Used {
             requests_last_minute: w.admitted.len() as u64
                 + w.requests.iter().map(|(_, n)| n).sum::<u64>(),

@@ -30,6 +30,12 @@ pub fn member_rules(ledger: &Ledger, cfg: &Config) -> Result<(), GatewayError> {
     }
     let owners = &ledger.sinks().owners;
     let path = info.uri.path();
+    // The creating paths (`/v1/responses`, `/v1/chat/completions`, …) hold no id: most requests.
+    let path = if refs::OWNING_PATHS.contains(&path) {
+        ""
+    } else {
+        path
+    };
     let ids = refs::path_ids(path).chain(info.facts.refs.iter().map(|r| &**r));
     for id in ids {
         let mine = id.len() <= MAX_ID_BYTES

@@ -107,6 +107,8 @@ pub struct Capture {
     want_model: bool,
     /// The model the first SSE event that names one gave.
     model: Option<String>,
+    /// The text is wanted only when the answer reports no usage ([`Capture::usage_or_text`]).
+    text_without_usage: bool,
 }
 
 impl Capture {
@@ -159,7 +161,21 @@ impl Capture {
             want_model: false,
             model: None,
             objects: None,
+            text_without_usage: false,
         }
+    }
+
+    /// A capture for an answer that is not recorded but whose text counts when it reports no
+    /// usage (a member's tokens, see the members guide): the text is kept as for a record, but a
+    /// JSON answer whose `usage` is found at its end is not parsed whole.
+    pub fn usage_or_text(
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        limit: usize,
+    ) -> Capture {
+        let mut c = Capture::new(content_type, content_encoding, limit);
+        c.text_without_usage = true;
+        c
     }
 
     /// Watch this answer for the id of the object it creates (SPEC 4f).
@@ -370,6 +386,14 @@ impl Capture {
             return self.reply(text, usage, finish_reason);
         }
         let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
+        if self.text_without_usage && self.kind == Kind::Json {
+            if let Some(usage) = tail_usage(body) {
+                return Reply {
+                    usage,
+                    ..Reply::default()
+                };
+            }
+        }
         let text = match self.kind {
             Kind::Binary => {
                 return Reply {
@@ -477,6 +501,28 @@ mod tests {
         fn parts(self) -> (Option<String>, Usage) {
             (self.text, self.usage)
         }
+    }
+
+    #[test]
+    fn usage_or_text_parses_a_json_answer_only_without_usage() {
+        let with = br#"{"choices":[{"message":{"content":"hello"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let mut c = Capture::usage_or_text(Some("application/json"), None, 1 << 20);
+        c.feed_shared(&Bytes::from_static(with));
+        assert_eq!(
+            c.finish().parts(),
+            (
+                None,
+                Usage {
+                    prompt: Some(3),
+                    completion: Some(2),
+                    total: Some(5)
+                }
+            )
+        );
+        let without = br#"{"choices":[{"message":{"content":"hello"}}]}"#;
+        let mut c = Capture::usage_or_text(Some("application/json"), None, 1 << 20);
+        c.feed_shared(&Bytes::from_static(without));
+        assert_eq!(c.finish().parts(), (Some("hello".into()), Usage::default()));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use actix_web::http::header::HeaderValue;
 use serde_yaml::Value;
 
 use super::parse::Parser;
@@ -62,6 +63,9 @@ pub struct Member {
     pub admin: bool,
     /// What it used: kept across a reload for a member of the same name.
     pub state: Arc<MemberState>,
+    /// Its `rpm` and `tpm` as the values of `x-ratelimit-limit-requests` and `-tokens`, made once
+    /// (every answer to it carries them).
+    pub limit_values: [Option<HeaderValue>; 2],
 }
 
 impl Member {
@@ -235,6 +239,10 @@ impl Parser<'_> {
                 name: name.into(),
                 digest,
                 label,
+                limit_values: [
+                    limits.rpm.map(HeaderValue::from),
+                    limits.tpm.map(HeaderValue::from),
+                ],
                 limits,
                 allow,
                 deny,
@@ -273,6 +281,7 @@ impl Parser<'_> {
                 objects: Objects::All,
                 admin: false,
                 state: Arc::default(),
+                limit_values: [None, None],
             });
         }
         out

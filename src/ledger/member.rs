@@ -29,6 +29,8 @@ pub struct MemberRef {
     /// Which objects it sees.
     pub objects: Objects,
     state: Arc<MemberState>,
+    /// Its `rpm` and `tpm` as header values.
+    limit_values: [Option<HeaderValue>; 2],
     /// Its place among the member's requests in flight, once admitted.
     place: Option<Place>,
 }
@@ -58,6 +60,7 @@ impl Ledger {
             limits: m.limits,
             objects: m.objects,
             state: m.state.clone(),
+            limit_values: m.limit_values.clone(),
             place: None,
         });
     }
@@ -219,8 +222,9 @@ impl Ledger {
     }
 
     /// Hands each of the member's own rate-limit headers to `put` (none without `rpm` and
-    /// `tpm`): one look at its counters, and no text built on the way (the values are written
-    /// straight into the header values).
+    /// `tpm`): one look at its counters, and nothing formatted on the heap (the limits were made
+    /// with the config, a reset in whole seconds is a static value, a count is written straight
+    /// into its value).
     pub fn each_rate_header(&self, mut put: impl FnMut(HeaderName, HeaderValue)) {
         let Some(m) = self.member.as_ref().filter(|m| m.limits.rate_headers()) else {
             return;
@@ -234,46 +238,70 @@ impl Ledger {
                 used.requests_last_minute = used.requests_last_minute.max(group);
             }
         }
-        if let Some(n) = m.limits.rpm {
-            let left = n.saturating_sub(used.requests_last_minute);
-            put(
-                HeaderName::from_static("x-ratelimit-limit-requests"),
-                n.into(),
-            );
-            put(
-                HeaderName::from_static("x-ratelimit-remaining-requests"),
-                left.into(),
-            );
-            put(
-                HeaderName::from_static("x-ratelimit-reset-requests"),
-                duration_value(used.requests_reset),
-            );
-        }
-        if let Some(n) = m.limits.tpm {
-            let left = n.saturating_sub(used.tokens_last_minute);
-            put(
-                HeaderName::from_static("x-ratelimit-limit-tokens"),
-                n.into(),
-            );
-            put(
-                HeaderName::from_static("x-ratelimit-remaining-tokens"),
-                left.into(),
-            );
-            put(
-                HeaderName::from_static("x-ratelimit-reset-tokens"),
-                duration_value(used.tokens_reset),
-            );
+        let [rpm_value, tpm_value] = &m.limit_values;
+        let kinds = [
+            (
+                m.limits.rpm,
+                rpm_value,
+                used.requests_last_minute,
+                used.requests_reset,
+                REQUESTS,
+            ),
+            (
+                m.limits.tpm,
+                tpm_value,
+                used.tokens_last_minute,
+                used.tokens_reset,
+                TOKENS,
+            ),
+        ];
+        for (limit, value, used, reset, [limit_name, left_name, reset_name]) in kinds {
+            let Some(n) = limit else { continue };
+            put(limit_name, value.clone().unwrap_or_else(|| n.into()));
+            put(left_name, n.saturating_sub(used).into());
+            put(reset_name, duration_value(reset));
         }
     }
 }
 
-/// [`openai_duration`] as a header value, written on the stack.
+/// The header names of the request limit and of the token limit: limit, remaining, reset
+/// (made at compile time).
+const REQUESTS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
+/// Whole seconds up to a minute in OpenAI's form, `1s` … `59s`, `1m`: what a reset of the
+/// 60-second windows nearly always is.
+const SECONDS: [&str; 60] = [
+    "1m", "1s", "2s", "3s", "4s", "5s", "6s", "7s", "8s", "9s", "10s", "11s", "12s", "13s", "14s",
+    "15s", "16s", "17s", "18s", "19s", "20s", "21s", "22s", "23s", "24s", "25s", "26s", "27s",
+    "28s", "29s", "30s", "31s", "32s", "33s", "34s", "35s", "36s", "37s", "38s", "39s", "40s",
+    "41s", "42s", "43s", "44s", "45s", "46s", "47s", "48s", "49s", "50s", "51s", "52s", "53s",
+    "54s", "55s", "56s", "57s", "58s", "59s",
+];
+
+/// [`openai_duration`] as a header value: static for whole seconds up to a minute, else written
+/// on the stack.
 fn duration_value(d: std::time::Duration) -> HeaderValue {
+    if d.as_millis() >= 1000 {
+        let secs = d.as_secs() + u64::from(d.subsec_millis() >= 500);
+        if (1..=60).contains(&secs) {
+            return HeaderValue::from_static(SECONDS[(secs % 60) as usize]);
+        }
+    }
     let mut buf = [0u8; 32];
     let mut w = &mut buf[..];
     let _ = write_duration(&mut w, d);
     let len = 32 - w.len();
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("0ms"))
+    HeaderValue::from_bytes(buf.get(..len).unwrap_or_default())
+        .unwrap_or(HeaderValue::from_static("0ms"))
 }
 
 /// A duration as OpenAI's rate-limit headers write it: `6s`, `1m30s`, `250ms`.
@@ -313,6 +341,13 @@ mod tests {
         assert_eq!(openai_duration(Duration::ZERO), "0ms");
         assert_eq!(openai_duration(Duration::from_millis(59_600)), "1m");
         assert_eq!(openai_duration(Duration::from_secs(3_725)), "1h2m5s");
-        assert_eq!(super::duration_value(Duration::from_secs(90)), "1m30s");
+        for ms in (0..200_000).step_by(97) {
+            let d = Duration::from_millis(ms);
+            assert_eq!(
+                super::duration_value(d),
+                openai_duration(d).as_str(),
+                "{ms} ms"
+            );
+        }
     }
 }

@@ -98,8 +98,9 @@ pub fn respond(
         }
         builder.append_header((name.clone(), value.clone()));
     }
+    // Appended: the upstream's `x-ratelimit-*` were left out above.
     ledger.each_rate_header(|name, value| {
-        builder.insert_header((name, value));
+        builder.append_header((name, value));
     });
     builder.insert_header((
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -155,8 +156,10 @@ pub fn respond(
         .and_then(|v| v.to_str().ok());
     // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it. A
     // member with a token limit needs the text too: without a reported usage, its bytes count.
-    let mut capture = if ledger.recording() || ledger.counts_text() {
+    let mut capture = if ledger.recording() {
         Capture::new(content_type, encoding, cfg.record_body_bytes)
+    } else if ledger.counts_text() {
+        Capture::usage_or_text(content_type, encoding, cfg.record_body_bytes)
     } else {
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
