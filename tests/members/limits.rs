@@ -341,7 +341,7 @@ async fn tokens_per_day_refuses_until_utc_midnight() {
 async fn concurrent_counts_requests_and_websocket_sessions() {
     let slow = Mock::script(|_, n| {
         if n == 0 {
-            Reply::Delay(Duration::from_millis(1500), Box::new(Reply::chat("slow")))
+            Reply::Delay(Duration::from_millis(3000), Box::new(Reply::chat("slow")))
         } else {
             Reply::chat("ok")
         }
