@@ -40,7 +40,10 @@ RUN sh deploy/cargo-stand-ins.sh write \
  && sh deploy/cargo-stand-ins.sh drop
 
 # 2) The real sources. static/ must be present before the build: the stylesheet is compiled in.
+#    build.rs only tells the integration tests which outside services exist (it sets no cfg the
+#    binary reads), but cargo compiles and runs it for every build, so it is the checkout's own here.
 COPY static ./static
+COPY build.rs ./
 COPY src ./src
 RUN cargo build --release --locked
 

@@ -7,7 +7,7 @@
 //! broken). The README's "Two commands" section names every variable; `.ci/run` sets all of them.
 //!
 //! Only the tests read these cfgs: the binary and the library build the same with or without
-//! them (the Docker image does not even copy this file).
+//! them (the Docker image copies this file only because cargo runs it for every build).
 
 /// Each variable that enables tests, and the cfg it sets when present and not empty.
 const SERVICES: &[(&str, &str)] = &[

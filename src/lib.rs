@@ -3,7 +3,7 @@
 //!
 //! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`admission`] the first step of every
 //! `/v1/*` route (auth, paths, loop guard; 4d), [`proxy`] (admit → attempt → respond → relay)
-//! and [`headers`] §4 and 4d, [`attempt`] the failover vocabulary, [`ledger`]
+//! and [`headers`] §4 and 4d, [`failure`] the failover vocabulary, [`ledger`]
 //! one per request (the only writer of metrics, health reports, alerts and records),
 //! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
 //! [`models`]/[`usage`] §4b, [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8,
@@ -14,13 +14,13 @@
 
 pub mod admission;
 pub mod affinity;
-pub mod attempt;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod escape;
 pub mod facts;
+pub mod failure;
 pub mod headers;
 pub mod history;
 pub mod http_metrics;

@@ -298,7 +298,7 @@ impl Metrics {
             .map_err(|e| e.to_string())
     }
 
-    /// One attempt's outcome (`ok` or a [`crate::attempt::FailKind`] label).
+    /// One attempt's outcome (`ok` or a [`crate::failure::FailKind`] label).
     pub fn attempt(&self, upstream: &str, outcome: &str) {
         self.upstream_requests
             .with_label_values(&[upstream, outcome])

@@ -6,8 +6,8 @@ use std::time::{Instant, SystemTime};
 
 use crate::config::SharedConfig;
 use crate::ledger::Sinks;
-use crate::models::ModelsHandle;
-use crate::realtime::Sessions;
+use crate::models::lists::ModelsHandle;
+use crate::realtime::sessions::Sessions;
 
 /// Shared application state (`web::Data<AppState>`); everything in it is `Send + Sync`.
 pub struct AppState {

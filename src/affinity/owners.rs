@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::records::owners::OwnerRow;
+use crate::records::owner_rows::OwnerRow;
 
 use super::rebuild::Link;
 

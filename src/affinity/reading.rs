@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, SharedConfig};
-use crate::records::owners::{
+use crate::records::owner_rows::{
     chain_parts, learned_by_ids, learned_ids_after, newest_learned, newest_owners, owner_ids_after,
     owners_by_ids, OwnerRow,
 };

@@ -11,10 +11,10 @@ use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 
 use crate::affinity::rebuild;
-use crate::attempt::{summary, FailKind, Failure};
 use crate::capture::Reply;
 use crate::error::{GatewayError, Rejection};
 use crate::escape::untrusted;
+use crate::failure::{summary, FailKind, Failure};
 use crate::notify::RequestFailed;
 use crate::records::Record;
 use crate::registry::AttemptResult;
@@ -32,7 +32,7 @@ impl Ledger {
         // A span shows the gateway's own words, never an upstream's (see the tracing guide).
         let span_error = match &err {
             GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. } => {
-                crate::attempt::public_summary(&self.failures)
+                crate::failure::public_summary(&self.failures)
             }
             other => other.to_string(),
         };
@@ -154,7 +154,7 @@ impl Ledger {
     /// Ends a relayed response when its body ends, breaks, or the client goes away, with what
     /// the capture read of it.
     pub fn finish_body(mut self, end: BodyEnd, reply: Reply) {
-        let Some(c) = self.committed.take() else {
+        let Some(c) = self.answered.take() else {
             return;
         };
         let sinks = self.sinks.clone();

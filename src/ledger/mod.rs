@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::HeaderValue;
 use actix_web::http::StatusCode;
 
-use crate::attempt::{FailKind, Failure};
 use crate::escape::untrusted;
+use crate::failure::{FailKind, Failure};
 use crate::policy::Counts;
 use crate::registry::{AttemptResult, RegistryView};
 use crate::trace::Trace;
@@ -55,7 +55,7 @@ pub enum Verdict {
 }
 
 /// The upstream whose answer went to the client.
-struct Committed {
+struct Answered {
     view: Arc<RegistryView>,
     idx: usize,
     status: u16,
@@ -72,7 +72,7 @@ pub struct Ledger {
     info: RequestInfo,
     failures: Vec<Failure>,
     attempts: u32,
-    committed: Option<Committed>,
+    answered: Option<Answered>,
     /// Continuations of a broken stream (see the rescue guide, "Resume").
     resumed: u32,
     /// Cooldowns this request's own failures start (upstream index and end): what a relayed
@@ -128,7 +128,7 @@ impl Ledger {
             info,
             failures: Vec::new(),
             attempts: 0,
-            committed: None,
+            answered: None,
             resumed: 0,
             cooling: Vec::new(),
             marks: Default::default(),
@@ -299,7 +299,7 @@ impl Ledger {
                 }
             }
         }
-        self.committed = Some(Committed {
+        self.answered = Some(Answered {
             view: view.clone(),
             idx,
             status: status.as_u16(),
@@ -327,7 +327,7 @@ impl Ledger {
     /// The committed stream broke; a continuation is about to be tried (see the rescue guide).
     /// The break counts now (health, `stream_error`), and once.
     pub fn stream_broke(&mut self, reason: String, public: &str) {
-        let Some(c) = self.committed.as_mut() else {
+        let Some(c) = self.answered.as_mut() else {
             return;
         };
         c.broken = true;
@@ -345,7 +345,7 @@ impl Ledger {
         self.trace.committed(up, 200, first_byte, true);
         self.answered(view, idx, first_byte);
         self.resumed += 1;
-        if let Some(c) = self.committed.as_mut() {
+        if let Some(c) = self.answered.as_mut() {
             c.view = view.clone();
             c.idx = idx;
             c.ok = true;
@@ -362,13 +362,13 @@ impl Ledger {
 
     /// Whether the committed stream broke and its break is accounted for.
     pub fn is_broken(&self) -> bool {
-        self.committed.as_ref().is_some_and(|c| c.broken)
+        self.answered.as_ref().is_some_and(|c| c.broken)
     }
 
     /// The committed stream cannot be finished, for a reason that is not the upstream's fault
     /// (a regeneration that diverged): kept in the record's `error`, not a health event.
     pub fn unfinished(&mut self, view: &RegistryView, idx: usize, reason: String) {
-        if let Some(c) = self.committed.as_mut() {
+        if let Some(c) = self.answered.as_mut() {
             c.broken = true;
         }
         self.trace.unfinished(&reason);

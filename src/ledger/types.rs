@@ -9,7 +9,7 @@ use actix_web::http::header::HeaderValue;
 use actix_web::http::{Method, Uri};
 use actix_web::web::Bytes;
 
-use crate::attempt::FailKind;
+use crate::failure::FailKind;
 use crate::policy::Counts;
 
 /// What is known about a request before any upstream is tried; becomes its record.

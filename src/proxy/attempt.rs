@@ -11,8 +11,8 @@ use actix_web::HttpRequest;
 use awc::error::SendRequestError;
 use futures_util::StreamExt;
 
-use crate::attempt::{is_failover_status, FailKind};
 use crate::config::{ModelTimeout, Upstream, LONG_PROMPT_BYTES, LONG_PROMPT_MIN_WAIT};
+use crate::failure::{is_failover_status, FailKind};
 use crate::headers;
 use crate::ledger::http_reason;
 use crate::policy::{self, Outcome};

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use actix_web::web::Bytes;
 use actix_web::HttpRequest;
 
-use crate::attempt::{is_failover_status, FailKind};
 use crate::config::{Prefill, Upstream};
 use crate::facts::RequestFacts;
+use crate::failure::{is_failover_status, FailKind};
 use crate::include_usage::UsageEdit;
 use crate::ledger::{Accounts, AttemptFailure, Ledger};
 use crate::policy::Counts;

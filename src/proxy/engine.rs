@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::attempt::FailKind;
 use crate::config::Upstream;
+use crate::failure::FailKind;
 pub use crate::ledger::Accounts;
 use crate::ledger::AttemptFailure;
 use crate::policy::{self, Budget, Counts, Next, Outcome, Pin};

@@ -27,11 +27,11 @@ use actix_web::{HttpRequest, HttpResponse};
 
 use crate::admission::member::member_rules;
 use crate::admission::{body as read, Admitted, Counting};
-use crate::attempt::FailKind;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::facts;
+use crate::failure::FailKind;
 use crate::include_usage::{self, UsageEdit};
 use crate::ledger::{Ledger, Verdict};
 use crate::policy::{Counts, Next, Outcome, Pin};
@@ -180,7 +180,7 @@ async fn forward(
         Ended::AllFailed { timed_out } => {
             let err = GatewayError::AllFailed {
                 timed_out: timed_out || ledger.last_failure() == Some(FailKind::Timeout),
-                summary: crate::attempt::summary(ledger.failures()),
+                summary: crate::failure::summary(ledger.failures()),
             };
             ledger.finish_local(err)
         }

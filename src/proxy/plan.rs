@@ -15,7 +15,7 @@ use crate::error::GatewayError;
 use crate::escape::untrusted;
 use crate::facts::MAX_ID_BYTES;
 use crate::ledger::{Ledger, RequestInfo};
-use crate::models::ModelsHandle;
+use crate::models::lists::ModelsHandle;
 use crate::policy::Pin;
 use crate::registry::{Order, RegistryHandle, RegistryView};
 
@@ -276,8 +276,8 @@ pub fn owner_failed(ledger: &Ledger, plan: &Plan) -> GatewayError {
     ledger.affinity("owner_failed");
     let failures = ledger.failures();
     let status = match failures.last() {
-        Some(f) if f.kind == crate::attempt::FailKind::Http => f.status.unwrap_or(502),
-        Some(f) if f.kind == crate::attempt::FailKind::Timeout => 504,
+        Some(f) if f.kind == crate::failure::FailKind::Http => f.status.unwrap_or(502),
+        Some(f) if f.kind == crate::failure::FailKind::Timeout => 504,
         _ => 502,
     };
     GatewayError::OwnerFailed {
@@ -285,7 +285,7 @@ pub fn owner_failed(ledger: &Ledger, plan: &Plan) -> GatewayError {
         message: format!(
             "{:?} lives on upstream {upstream}, which failed ({}); no other upstream has it",
             untrusted(object),
-            crate::attempt::summary(failures)
+            crate::failure::summary(failures)
         ),
     }
 }

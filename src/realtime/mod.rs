@@ -26,22 +26,24 @@ use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 use awc::error::WsClientError;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 mod limits;
 mod query;
 mod session;
+pub mod sessions;
 
 pub use self::query::{query_model, rewrite_query_model};
 use self::session::{relay, ClientBody, Live};
+pub use self::sessions::Sessions;
 
 use crate::admission::member::member_rules;
 use crate::admission::Counting;
-use crate::attempt::FailKind;
 use crate::capture::Reply;
 use crate::config::Upstream;
 use crate::error::GatewayError;
 use crate::escape::untrusted;
+use crate::failure::FailKind;
 use crate::headers;
 use crate::ledger::{BodyEnd, Ledger, Verdict};
 use crate::policy::{Next, Outcome};
@@ -69,41 +71,6 @@ pub fn is_upgrade(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
                 v.split(',')
                     .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
             })
-}
-
-/// Every session's shared state: the shutdown signal (SIGTERM/SIGINT), the open-session counts
-/// and the buffer budget (SPEC 4d). Cheap to clone; lives in [`AppState`].
-#[derive(Clone)]
-pub struct Sessions {
-    shutdown: Arc<watch::Sender<bool>>,
-    counts: Arc<limits::SessionCounts>,
-    budget: Arc<limits::BufferBudget>,
-}
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Sessions {
-            shutdown: Arc::new(watch::channel(false).0),
-            counts: Arc::default(),
-            budget: Arc::default(),
-        }
-    }
-}
-
-impl Sessions {
-    /// Sends every open (and any later) session a close frame with code 1001 on both sides.
-    pub fn close_all(&self) {
-        self.shutdown.send_replace(true);
-    }
-
-    fn subscribe(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    /// Bytes that partly received frames of all sessions hold now.
-    pub fn buffered(&self) -> usize {
-        self.budget.used()
-    }
 }
 
 /// Client handshake headers that belong to the client's own connection: awc makes its own key,
@@ -336,7 +303,7 @@ pub async fn session(
                             Verdict::Failure { counts, cooldown },
                             format!(
                                 "all upstreams refused the WebSocket handshake: {}",
-                                crate::attempt::summary(ledger.failures())
+                                crate::failure::summary(ledger.failures())
                             ),
                         ),
                         _ => (
@@ -359,7 +326,7 @@ pub async fn session(
         Ended::OwnerFailed | Ended::AllFailed { .. } => {
             let err = GatewayError::AllFailed {
                 timed_out: ledger.last_failure() == Some(FailKind::Timeout),
-                summary: crate::attempt::summary(ledger.failures()),
+                summary: crate::failure::summary(ledger.failures()),
             };
             ledger.finish_local(err)
         }

@@ -71,7 +71,7 @@ enum End {
 
 /// Why a source's next frame is refused.
 #[derive(Debug)]
-enum Refusal {
+enum FrameRefusal {
     /// A protocol error, or a frame over [`MAX_FRAME_BYTES`].
     Protocol(ProtocolError),
     /// The frame does not fit in what is left of the buffer budget.
@@ -102,25 +102,25 @@ fn decoded(
     codec: &mut Codec,
     buf: &mut BytesMut,
     held: &mut Reservation,
-) -> Option<Result<Frame, Refusal>> {
+) -> Option<Result<Frame, FrameRefusal>> {
     match codec.decode(buf) {
         Ok(Some(f)) => return Some(Ok(f)),
         Ok(None) => {}
-        Err(e) => return Some(Err(Refusal::Protocol(e))),
+        Err(e) => return Some(Err(FrameRefusal::Protocol(e))),
     }
     if too_large(buf) {
-        return Some(Err(Refusal::Protocol(ProtocolError::Overflow)));
+        return Some(Err(FrameRefusal::Protocol(ProtocolError::Overflow)));
     }
-    (!held.resize(pending_frame_bytes(buf))).then_some(Err(Refusal::OverBudget))
+    (!held.resize(pending_frame_bytes(buf))).then_some(Err(FrameRefusal::OverBudget))
 }
 
 /// A source of frames; `None` when the connection ended.
 trait Frames {
-    async fn next(&mut self) -> Option<Result<Frame, Refusal>>;
+    async fn next(&mut self) -> Option<Result<Frame, FrameRefusal>>;
 }
 
 impl Frames for ClientFrames {
-    async fn next(&mut self) -> Option<Result<Frame, Refusal>> {
+    async fn next(&mut self) -> Option<Result<Frame, FrameRefusal>> {
         loop {
             if let Some(ready) = decoded(&mut self.codec, &mut self.buf, &mut self.held) {
                 return Some(ready);
@@ -136,7 +136,7 @@ impl Frames for ClientFrames {
 }
 
 impl Frames for UpstreamFrames {
-    async fn next(&mut self) -> Option<Result<Frame, Refusal>> {
+    async fn next(&mut self) -> Option<Result<Frame, FrameRefusal>> {
         loop {
             if let Some(ready) = decoded(&mut self.codec, &mut self.buf, &mut self.held) {
                 return Some(ready);
@@ -280,13 +280,13 @@ async fn pump<F: Frames, S: Sink>(
             }
             Some(Err(e)) => {
                 let (code, why) = match &e {
-                    Refusal::Protocol(ProtocolError::Overflow) => {
+                    FrameRefusal::Protocol(ProtocolError::Overflow) => {
                         (CloseCode::Size, "protocol error on the other side")
                     }
-                    Refusal::Protocol(_) => {
+                    FrameRefusal::Protocol(_) => {
                         (CloseCode::Protocol, "protocol error on the other side")
                     }
-                    Refusal::OverBudget => {
+                    FrameRefusal::OverBudget => {
                         (CloseCode::Size, "the gateway's frame buffers are full")
                     }
                 };
@@ -301,8 +301,8 @@ async fn pump<F: Frames, S: Sink>(
                     let _ = dst.send(encode(close_frame(code, why), S::MASK)).await;
                 }
                 return match e {
-                    Refusal::Protocol(e) => End::Protocol(e.to_string()),
-                    Refusal::OverBudget => End::OverBudget,
+                    FrameRefusal::Protocol(e) => End::Protocol(e.to_string()),
+                    FrameRefusal::OverBudget => End::OverBudget,
                 };
             }
             None => {

@@ -11,7 +11,7 @@
 //! rest of the program only sees [`Recorder`].
 
 mod columns;
-pub mod owners;
+pub mod owner_rows;
 mod postgres;
 mod priority;
 pub mod shared;
@@ -265,7 +265,7 @@ pub fn explain_pg(e: &::postgres::Error) -> String {
 /// The connection string of a PostgreSQL `target`, for a connection of its own (the replicas'
 /// shared health, see the operations guide); None for SQLite.
 pub fn postgres_target(target: &str) -> Option<String> {
-    match target::classify(target) {
+    match target::parse(target) {
         Ok(target::Target::Postgres(t)) => Some(t),
         _ => None,
     }
@@ -274,7 +274,7 @@ pub fn postgres_target(target: &str) -> Option<String> {
 /// Whether `target` names a PostgreSQL database: a `postgres://` URL, or a libpq key/value string
 /// like the Go tool's `host=127.0.0.1 port=5432 user=… dbname=…` (any spacing around `=`).
 pub fn is_postgres_target(target: &str) -> bool {
-    matches!(target::classify(target), Ok(target::Target::Postgres(_)))
+    matches!(target::parse(target), Ok(target::Target::Postgres(_)))
 }
 
 /// Where records go. The only place that knows which database is in use.
@@ -289,7 +289,7 @@ pub enum Store {
 impl Store {
     /// Opens `target`: a `postgres://` / `postgresql://` URL, else a SQLite file path.
     pub fn open(target: &str) -> Result<Store, DbError> {
-        match target::classify(target) {
+        match target::parse(target) {
             Ok(target::Target::Postgres(t)) => postgres::open(&t).map(Store::Postgres),
             Ok(target::Target::Sqlite(path)) => sqlite::open(&path).map(Store::Sqlite),
             Err(e) => Err(DbError::Refused(e)),

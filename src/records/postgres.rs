@@ -146,7 +146,7 @@ fn migrate(conn: &mut postgres::Client) -> Result<(), postgres::Error> {
         )?;
         tx.commit()?;
     }
-    super::owners::postgres_columns(conn)?;
+    super::owner_rows::postgres_columns(conn)?;
     super::shared::postgres_tables(conn)
 }
 

@@ -156,7 +156,7 @@ pub fn open(path: &str) -> Result<Pool, DbError> {
         ))
         .map_err(write_err)?;
     }
-    super::owners::sqlite_columns(&conn).map_err(write_err)?;
+    super::owner_rows::sqlite_columns(&conn).map_err(write_err)?;
     // A read-only file opens fine; prove we can write before we listen.
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
         .map_err(write_err)?;

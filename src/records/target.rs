@@ -71,8 +71,8 @@ pub enum Target {
 #[error("-database: {0} (the value is not shown: it may hold a password)")]
 pub struct TargetError(pub String);
 
-/// Classifies a `-database` value (already trimmed, not `none`).
-pub fn classify(target: &str) -> Result<Target, TargetError> {
+/// Parses a `-database` value (already trimmed, not `none`).
+pub fn parse(target: &str) -> Result<Target, TargetError> {
     let t = target.trim();
     if is_url(t) {
         return Ok(Target::Postgres(t.to_string()));
@@ -272,17 +272,14 @@ mod tests {
             assert_eq!(redact(input), shown, "{input}");
             assert!(!redact(input).contains("hunter2"));
             assert!(!redact(input).contains("ss@h"));
-            assert!(
-                matches!(classify(input), Ok(Target::Postgres(_))),
-                "{input}"
-            );
+            assert!(matches!(parse(input), Ok(Target::Postgres(_))), "{input}");
         }
     }
 
     #[test]
     fn sqlite_paths_and_refused_strings() {
         assert_eq!(
-            classify("./db.sqlite"),
+            parse("./db.sqlite"),
             Ok(Target::Sqlite("./db.sqlite".into()))
         );
         for bad in [
@@ -292,7 +289,7 @@ mod tests {
             "./data/a=hunter2.sqlite",
             "=hunter2",
         ] {
-            let e = classify(bad).unwrap_err();
+            let e = parse(bad).unwrap_err();
             assert!(!e.to_string().contains("hunter2"), "{bad}: {e}");
         }
     }

@@ -10,8 +10,8 @@ use actix::prelude::*;
 use super::messages::{AttemptDone, AttemptResult, GetSnapshot, Reload, UpstreamStatus};
 use super::view::{Order, RegistryView};
 use super::UpstreamRegistry;
-use crate::attempt::FailKind;
 use crate::config::Config;
+use crate::failure::FailKind;
 use crate::history::{clip, FailedAttempt, FailureLog, TEXT_MAX};
 
 /// The request path's handle on the registry: candidates from the published view, outcomes to

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use crate::attempt::FailKind;
 use crate::config::Config;
+use crate::failure::FailKind;
 use crate::history::UpstreamHistory;
 
 /// What a probe (`probe_interval`) can come to: the `result` label of `probes_total`.

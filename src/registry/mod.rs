@@ -35,9 +35,9 @@ pub use self::messages::{
 };
 pub use self::shared::{FromStore, SharedRow, SharedWrite, PRECLAIM};
 pub use self::view::{LiveStats, Order, RegistryView};
-pub use crate::attempt::FailKind;
 use crate::config::Config;
 pub use crate::config::SharedConfig;
+pub use crate::failure::FailKind;
 use crate::metrics::Metrics;
 
 /// How often the actor looks at cooldowns that end soon (half-open claims) and probes that are

@@ -5,10 +5,30 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::pg::{Conn, SPARE};
+use postgres::Client;
+
+use super::sql::Statements;
 use super::{
     block, lock, unix, utc_day, Answer, Group, GroupUse, Lease, Placed, Sharing, LEASE_LIFE,
 };
+
+/// How long spare places are kept after they were last needed.
+pub(super) const SPARE: Duration = Duration::from_secs(1);
+
+/// A connection and its prepared statements.
+pub(super) struct Conn {
+    pub(super) client: Client,
+    pub(super) st: Statements,
+    /// Statements run on it, for the debug log's rate (the benchmarks guide quotes it).
+    pub(super) statements: std::cell::Cell<u64>,
+}
+
+impl Conn {
+    /// Counts one statement about to run.
+    pub(super) fn count(&self) {
+        self.statements.set(self.statements.get() + 1);
+    }
+}
 
 /// Counts the replicas seen in the last minute (the share's divisor).
 pub(super) fn count_replicas(c: &mut Conn, s: &Sharing) -> Result<(), postgres::Error> {

@@ -13,20 +13,18 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use postgres::{Client, NoTls};
+use postgres::NoTls;
 
 use super::ops::{
-    claim_places, count_replicas, lease_slots, others_use, push_tokens, read_others, settle,
+    claim_places, count_replicas, lease_slots, others_use, push_tokens, read_others, settle, Conn,
 };
-use super::sql::{prepare, Statements, PRUNE, SCHEMA};
+use super::sql::{prepare, PRUNE, SCHEMA};
 use super::{lock, unix, Answer, Group, Job, Placed, Sharing};
 
 /// How often the thread writes and refreshes without being asked.
 const TICK: Duration = Duration::from_millis(100);
 /// How long an idle member's token sums keep being refreshed.
 const ACTIVE: Duration = Duration::from_secs(10);
-/// How long spare places are kept after they were last needed.
-pub(super) const SPARE: Duration = Duration::from_secs(1);
 /// Key of the advisory lock held while creating the tables (any constant unique to them).
 const SCHEMA_LOCK: i64 = 0x006f_6172_6c69_6d74;
 
@@ -67,21 +65,6 @@ pub(super) fn spawn(
         .map_err(|e| e.to_string())?;
     let _ = first_rx.recv_timeout(Duration::from_secs(3));
     Ok(())
-}
-
-/// A connection and its prepared statements.
-pub(super) struct Conn {
-    pub(super) client: Client,
-    pub(super) st: Statements,
-    /// Statements run on it, for the debug log's rate (the benchmarks guide quotes it).
-    statements: std::cell::Cell<u64>,
-}
-
-impl Conn {
-    /// Counts one statement about to run.
-    pub(super) fn count(&self) {
-        self.statements.set(self.statements.get() + 1);
-    }
 }
 
 struct Worker {

@@ -114,7 +114,7 @@ fn tokens(u: &UpstreamStatus) -> String {
 }
 
 /// The upstream's model list (SPEC §4b): how many ids, when fetched, the last fetch error.
-pub fn models_cell(list: Option<&crate::models::ListState>) -> String {
+pub fn models_cell(list: Option<&crate::models::lists::ListState>) -> String {
     let Some(l) = list else {
         return "—".into();
     };
