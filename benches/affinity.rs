@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use openai_api_route::affinity::{refs, Owners};
 use openai_api_route::facts;
-use openai_api_route::records::owners::owner_by_index;
+use openai_api_route::records::owner_rows::owner_by_index;
 use openai_api_route::records::Store;
 
 const OWNERS: usize = 100_000;
