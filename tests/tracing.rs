@@ -849,3 +849,53 @@ async fn a_kept_connection_the_receiver_closed_is_replaced_without_losing_spans(
         Some(0.0)
     );
 }
+
+/// An upstream's error text may quote the prompt: the public status page and the exported spans
+/// show the gateway's own words for the failure, only the operator's record holds the upstream's
+/// (see the security guide, "Upstream text stays with the operator").
+#[actix_rt::test]
+async fn upstream_error_text_reaches_the_record_but_not_the_page_or_the_spans() {
+    use crate::rescue::{chat_stream, sse};
+    const QUOTE: &str = "PROMPT-QUOTE-7731";
+    let event = format!(
+        "data: {{\"error\":{{\"message\":\"too long: {QUOTE} ...\",\"type\":\"server_error\"}}}}\n\n"
+    );
+    let r = Receiver::start(Duration::ZERO);
+    let quoting = Mock::always(sse(vec![event.into_bytes()], Ending::Finish));
+    let good = Mock::always(chat_stream("good", &["fine"]));
+    let gw = traced(
+        &config(
+            "cooldown: {failures: 100, seconds: 1}",
+            &[
+                upstream("quoting", &quoting.endpoint(), ""),
+                upstream("good", &good.endpoint(), ""),
+            ],
+        ),
+        &r,
+        &[],
+    );
+    let got = chat(&gw, &[], chat_body(true)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(quoting.hits(), 1, "the in-band error moved on");
+
+    let rows = gw.records(1);
+    let error = rows[0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains(QUOTE),
+        "the record keeps the upstream's words: {error}"
+    );
+    let html = send("GET", &gw.url("/"), &[], b"").await.text();
+    assert!(
+        html.contains("Last 20 failed attempts") && html.contains("in-band error event"),
+        "the page lists the failure in the gateway's words: {html}"
+    );
+    assert!(!html.contains(QUOTE), "upstream text on the public page");
+    let spans = r.wait_spans(3);
+    let raw = String::from_utf8_lossy(&r.raw()).into_owned();
+    assert!(
+        raw.contains("in-band error event"),
+        "the failed attempt's span names it in the gateway's words: {}",
+        render(&spans)
+    );
+    assert!(!raw.contains(QUOTE), "upstream text in an exported span");
+}
