@@ -1,19 +1,22 @@
-//! The attempt policy (SPEC §4 "Failover", 4a): after each upstream attempt, what happens next —
-//! relay this answer, try the same upstream again (now or after a pause), move on to the next
-//! candidate, or give up — decided in one pure function, [`decide`], over the attempt's
-//! classified [`Outcome`] and the request's [`Budget`].
+//! The attempt policy (see the rescue guide, "How failover and cooldown decide" and "When an
+//! upstream breaks a stream"): after each upstream attempt, what happens next — relay this
+//! answer, try the same upstream again (now or after a pause), move on to the next candidate, or
+//! give up — decided in one pure function, [`decide`], over the attempt's classified [`Outcome`]
+//! and the request's [`Budget`].
 //!
 //! Deciding and doing are kept apart on purpose: the attempt loop in `proxy` only performs I/O
-//! and executes the [`Next`] it is given, so every rule of the SPEC is a row of the table test
-//! below rather than a branch hidden between awaits (linkerd2-proxy's `classify` is the model: an
-//! answer is classified once, and retries, health and metrics all read that class). New rules
-//! (4e broken streams, 4f owners and "not here") are new inputs and rows, not new branches.
+//! and executes the [`Next`] it is given, so every rule of the rescue guide is a row of the table
+//! test below rather than a branch hidden between awaits (linkerd2-proxy's `classify` is the
+//! model: an answer is classified once, and retries, health and metrics all read that class). New
+//! rules (broken streams of the rescue guide's "Truthful ends (0.3)", the affinity guide's owners
+//! and "not here") are new inputs and rows, not new branches.
 //!
 //! A leaf module: it imports nothing of the gateway's, so anything may import it.
 
 use std::time::Duration;
 
-/// The longest cooldown a `Retry-After` can set (SPEC 4a: capped at 3600 s).
+/// The longest cooldown a `Retry-After` can set (3600 s: see the rescue guide, "When an upstream
+/// breaks a stream").
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// One attempt's result, classified once: the facts the rules need, no I/O handles.
@@ -171,7 +174,8 @@ pub enum Next {
     },
 }
 
-/// Statuses after which the next upstream is tried (SPEC §4).
+/// Statuses after which the next upstream is tried (see the rescue guide, "How failover and
+/// cooldown decide").
 pub fn is_failover_status(status: u16) -> bool {
     matches!(status, 401 | 403 | 404 | 408 | 409 | 429) || (500..600).contains(&status)
 }
@@ -224,7 +228,8 @@ pub fn client_retry(status: u16, retry_after: Option<f64>) -> ClientRetry {
 }
 
 /// How long the next attempt may wait for its first byte: its own wait cut to what is left of
-/// the deadline; `None` when nothing is left (the all-failed answer is due, SPEC 4a `deadline`).
+/// the deadline; `None` when nothing is left (the all-failed answer is due: `deadline` in the
+/// rescue guide).
 pub fn attempt_wait(wait: Duration, time_left: Option<Duration>) -> Option<Duration> {
     match time_left {
         Some(left) if left.is_zero() => None,
@@ -497,7 +502,9 @@ mod tests {
         }
     }
 
-    /// One row per rule of SPEC §4 "Failover" and "Which failures count", 4a, 4e and 4f.
+    /// One row per rule of the rescue guide ("How failover and cooldown decide" with "Which
+    /// failures count (0.4)", "When an upstream breaks a stream", "Truthful ends (0.3)") and of
+    /// the affinity guide.
     #[test]
     fn every_rule_is_a_row() {
         let b = budget();

@@ -145,7 +145,8 @@ pub fn respond(
             }
         }
     }
-    // SPEC 4e: a chat, completions or Responses stream is whole only at its protocol's end.
+    // A chat, completions or Responses stream is whole only at its protocol's end (see the rescue
+    // guide, "Truthful ends (0.3)").
     let protocol = (sse && status.is_success())
         .then(|| Protocol::of_path(ledger.info().path()))
         .flatten();
@@ -164,16 +165,18 @@ pub fn respond(
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
     if ledger.traced() {
-        // SPEC 6a: `gen_ai.response.model`.
+        // The trace's `gen_ai.response.model` (see the tracing guide).
         capture.watch_model();
     }
-    // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
+    // The object a 2xx answer creates is owned by this upstream from its first read (see the
+    // affinity guide, "What is pinned").
     if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
         if let Some(w) = object_watch(&ledger, &up.name, cfg.record_body_bytes) {
             capture.watch_objects(w);
         }
     }
-    // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
+    // A HEAD answer has a head only, whatever its Content-Length says (see the observability
+    // guide, "Routes").
     let head_request = ledger.info().method == actix_web::http::Method::HEAD;
     let no_body = head_request
         || status == StatusCode::NO_CONTENT
