@@ -202,7 +202,7 @@ impl GatewayError {
 
     /// Seconds a client should wait before it tries again, when it should (`x-should-retry:
     /// true` with this `Retry-After`): the owner's 429, 503 or 408, which a direct call would
-    /// have retried too (see the failover guide, "A client's own retry").
+    /// have retried too (see the rescue guide, "A client's own retry where it helps (0.4)").
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             GatewayError::OwnerFailed {

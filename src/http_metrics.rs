@@ -42,8 +42,8 @@ use prometheus::{
 
 use crate::series::{LATENCY_BUCKETS, NAMESPACE};
 
-/// The `endpoint` values of `/v1/*` requests, in the order of the observability guide, "Metrics"
-/// (`other` last).
+/// The `endpoint` values of `/v1/*` requests, in order as the observability guide lists them
+/// ("Metrics"; `other` last).
 pub const FAMILIES: [&str; 10] = [
     "chat/completions",
     "completions",

@@ -45,7 +45,7 @@ pub enum Outcome {
     TimedOut,
 }
 
-/// Who hears of a failed attempt (see the failover guide, "Which failures count").
+/// Who hears of a failed attempt (see the rescue guide, "Which failures count (0.4)").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counts {
     /// It says something about the upstream itself (connection and TLS errors, timeouts, broken
@@ -203,8 +203,8 @@ pub fn wants_400_body_pinned(status: u16, last: bool, has_codes: bool, pin: Pin)
     status == 400 && (not_found_matters || (!last && has_codes))
 }
 
-/// What a relayed last failure tells the client's SDK (see the failover guide, "A client's own
-/// retry"): whether to retry, and after how long.
+/// What a relayed last failure tells the client's SDK (see the rescue guide, "A client's own
+/// retry where it helps (0.4)"): whether to retry, and after how long.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ClientRetry {
     /// `x-should-retry: false`: every candidate was tried; a retry would only start them over.

@@ -1,6 +1,6 @@
-//! Reading a request body before its one parse: bounded in size (`max_body_bytes`), in an
-//! encoding the gateway can read, and JSON in UTF-8 (see the security guide, "JSON bodies are read
-//! or refused"); plus the local CORS preflight, which needs none of it.
+//! Reading a request body before its one parse: bounded in size (`max_body_bytes`), in an encoding
+//! the gateway can read, and JSON in UTF-8 (see the security guide, "JSON is UTF-8"); plus the
+//! local CORS preflight, which needs none of it.
 //!
 //! Each rule exists because the looser one let a client past a filter: a UTF-16 body passed
 //! `deny` and a Python upstream decoded it anyway; a compressed body hid its model.

@@ -265,7 +265,7 @@ impl Capture {
     }
 
     /// How long an SSE line may be read whole: the capture's bound, less the text it kept
-    /// (see the security guide, "Bounded capture").
+    /// (see the security guide).
     pub fn line_room(&self) -> usize {
         (self.limit + SLACK).saturating_sub(self.text.len())
     }

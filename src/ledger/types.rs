@@ -81,7 +81,7 @@ pub struct AttemptFailure {
     pub moving_on: bool,
     /// The `Retry-After` the upstream announced, as a cooldown.
     pub cooldown: Option<Duration>,
-    /// Who hears of it (see the failover guide, "Which failures count").
+    /// Who hears of it (see the rescue guide, "Which failures count (0.4)").
     pub counts: Counts,
 }
 

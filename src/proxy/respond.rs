@@ -128,8 +128,9 @@ pub fn respond(
         ));
     }
     if all_tried {
-        // See the failover guide, "A client's own retry": an SDK retries what it would retry
-        // against the upstream directly, and never starts a second round over every candidate.
+        // See the rescue guide, "A client's own retry where it helps (0.4)": an SDK retries what it
+        // would retry against the upstream directly, and never starts a second round over every
+        // candidate.
         let own = super::rescue::retry_after(&resp, status).map(|d| d.as_secs_f64());
         match policy::client_retry(status.as_u16(), own) {
             policy::ClientRetry::No => {
@@ -262,8 +263,7 @@ fn object_watch(ledger: &Ledger, upstream: &Arc<str>, limit: usize) -> Option<Ob
     Some(ObjectWatch::new(Box::new(on_id), want_output, limit))
 }
 
-/// The longest SSE line read whole: the capture's own bound (see the security guide, "Bounded
-/// capture").
+/// The longest SSE line read whole: the capture's own bound (see the security guide).
 fn capture_bound(record_body_bytes: usize) -> usize {
     match record_body_bytes {
         0 => crate::capture::UNLIMITED_CAPTURE,

@@ -29,7 +29,7 @@ pub struct LiveStats {
     pub(super) history: Arc<UpstreamHistory>,
     /// The local half-open probe: until when (ms after [`epoch`]) one request holds it; 0 or
     /// past = free. One request on this replica probes a recovering upstream, the others keep
-    /// it at the back (see the operations guide, "Health memory").
+    /// it at the back (see the rescue guide, "How failover and cooldown decide").
     pub(super) probe_gate: AtomicU64,
 }
 
