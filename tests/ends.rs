@@ -1,7 +1,7 @@
-//! SPEC 4e "Truthful ends": a stream is whole only at its protocol's end; a continuation that
-//! starts over is read as a regeneration (never relayed twice); answers given after every
-//! candidate was tried tell the SDK not to retry; the added usage chunk stays hidden in every
-//! shape.
+//! Truthful ends (see the rescue guide, "Truthful ends (0.3)"): a stream is whole only at its
+//! protocol's end; a continuation that starts over is read as a regeneration (never relayed twice);
+//! answers given after every candidate was tried tell the SDK not to retry; the added usage chunk
+//! stays hidden in every shape.
 //!
 //! Each test asserts what a user sees: the bytes the client got, headers, the record, metrics.
 

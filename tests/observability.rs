@@ -1,4 +1,5 @@
-//! Metrics (SPEC §6), alerts (§7) and the status page (§8) as an operator sees them.
+//! Metrics and the status page (see the observability guide) and alerts (see the operations guide,
+//! "Alerts") as an operator sees them.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
