@@ -293,7 +293,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                                 .finish()
                         })),
                 )
-                // 4b: the model list is the gateway's own; other methods are proxied as before.
+                // The model list is the gateway's own (see the observability guide, "Models and
+                // token usage (0.2)"); other methods are proxied as before.
                 // In a `/v1/models` scope: its static prefix keeps other paths from running the
                 // `{id:.*}` regex (5% of a proxied request's instructions when it was app-level).
                 .service(

@@ -182,7 +182,7 @@ async fn completions_and_responses_streams_are_judged_by_their_own_ends() {
         ),
         ("/v1/responses", vec![delta.clone()], false),
         ("/v1/responses", vec![delta.clone(), completed], true),
-        // Other paths keep the behaviour of section 4: a clean end is an end.
+        // Other paths keep the failover rules' behaviour: a clean end is an end.
         ("/v1/other/stream", vec![delta], true),
     ];
     for (path, parts, whole) in cases {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Keys every gateway here starts with: no health-based reordering (so only the rule under test
-/// moves an upstream), no added `stream_options` (so bodies are exactly what 4a adds).
+/// moves an upstream), no added `stream_options` (so bodies are exactly what rescue adds).
 pub(crate) const QUIET: &str = "cooldown: {failures: 100, seconds: 30}\nforce_usage: false\n";
 
 /// Short timers for the resume tests.
@@ -243,7 +243,7 @@ fn http_dates_are_imf_fixdates() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Defaults keep section 4.
+// The defaults keep the failover rules (see the rescue guide, "How failover and cooldown decide").
 
 #[actix_rt::test]
 async fn defaults_keep_section_4_behaviour() {

@@ -25,7 +25,8 @@ pub struct Limits {
     /// Bytes that partly received frames of all sessions together may hold; a session that
     /// would need more is closed with 1009.
     pub realtime_buffer_bytes: usize,
-    /// A broken stream whose text already sent is longer than this is not resumed (4a).
+    /// A broken stream whose text already sent is longer than this is not resumed (see the
+    /// security guide, "Second probe (0.3): limits").
     pub resume_max_bytes: usize,
     /// Bytes of chain parts (request inputs and output items) held in memory for rebuilding
     /// (see the affinity guide, "Bounded reading"), wherever they were read from.

@@ -197,7 +197,7 @@ fn verdict<A>(next: &Next, tried: &Tried<A>, pin: Pin) -> Verdict {
         }
     );
     match *next {
-        // 4f (0.4): the owner's own "not found" is its answer, not a failure.
+        // 0.4: the owner's own "not found" is its answer, not a failure (see the affinity guide).
         Next::Relay if not_found && matches!(pin, Pin::Owner { .. }) => Verdict::Neutral {
             counts: Counts::Request,
         },

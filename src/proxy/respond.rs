@@ -31,11 +31,12 @@ pub struct Committed<'a> {
     pub idx: usize,
     /// Attempt start to response head (and first chunk, for streams).
     pub first_byte: Duration,
-    /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
+    /// The gateway added `stream_options.include_usage` (`force_usage`): the usage-only chunk is
+    /// not relayed.
     pub usage_added: bool,
     /// How the answer counts for its upstream.
     pub verdict: Verdict,
-    /// How to continue the stream if it breaks (4a `resume`), when it may be continued.
+    /// How to continue the stream if it breaks (`resume`), when it may be continued.
     pub resume: Option<ResumePlan>,
     /// The body was read and rewritten (a member's own list): its length; `first` holds it.
     pub replaced: Option<u64>,

@@ -93,7 +93,7 @@ pub struct Record {
     pub body_limit: usize,
     /// The last `finish_reason` of the reply (JSON or SSE), bounded by the capture.
     pub finish_reason: Option<crate::capture::FinishReason>,
-    /// Continuations of a broken stream (4a `resume`).
+    /// Continuations of a broken stream (`resume`: see the rescue guide).
     pub resumed: u32,
     /// Whether the client received the whole answer.
     pub complete: bool,
