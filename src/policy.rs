@@ -107,7 +107,7 @@ pub struct Budget {
 /// What the objects a request refers to make of one candidate (see the affinity guide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pin {
-    /// No object, or a candidate after the owner (a rebuilt chain): the rules of the rescue guide.
+    /// No object, or a candidate after the owner (a rebuilt chain): the rescue guide's rules.
     #[default]
     Free,
     /// This candidate owns the request's objects.
