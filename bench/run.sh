@@ -475,7 +475,7 @@ RES=$OUT/results.md
   echo "|---|---|---|---|---|---|---|---|---|"
   for s in direct nginx gw_on gw_off; do wrk_row "$s" "" "$(mb "${PEAK[$s]}")"; done
   echo
-  echo "Stream requests (the same body with \`\"stream\": true\`, 10 SSE chunks without a gap, usage in the last; the gateway adds \`stream_options\` and filters the usage chunk, SPEC 4b), same layout:"
+  echo "Stream requests (the same body with \`\"stream\": true\`, 10 SSE chunks without a gap, usage in the last; the gateway adds \`stream_options\` and filters the usage chunk: \`force_usage\`), same layout:"
   echo
   echo "| system | c1 p50 | c1 p99 | added p50 vs direct | c64 req/s | c64 p99 | ratio to nginx | CPU µs/req |"
   echo "|---|---|---|---|---|---|---|---|"

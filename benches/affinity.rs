@@ -1,4 +1,5 @@
-//! What SPEC 4f's lookups cost a request (docs/affinity.md quotes these figures).
+//! What the owner lookups cost a request (the affinity guide quotes these figures, "What the
+//! lookup costs").
 //!
 //! ```text
 //! cargo bench --bench affinity

@@ -1,4 +1,5 @@
-//! Command line (SPEC §2): the Go tool's flags in every spelling Go's `flag` package accepts.
+//! Command line (see the configuration guide, "Command line"): the Go tool's flags in every
+//! spelling Go's `flag` package accepts.
 //!
 //! clap only knows `--long`; Go users type `-addr :8080` and `-noauth=true`. We rewrite the
 //! single-dash spelling of our own long flags to the double-dash one before clap sees them, so

@@ -20,10 +20,11 @@ pub enum GatewayError {
     /// The client's body could not be read.
     #[error("could not read the request body: {0}")]
     BadBody(String),
-    /// The request is malformed in a way the gateway refuses to forward (SPEC 4d).
+    /// The request is malformed in a way the gateway refuses to forward (see the security guide).
     #[error("{0}")]
     BadRequest(String),
-    /// A WebSocket upgrade without a valid handshake (SPEC 4c).
+    /// A WebSocket upgrade without a valid handshake (see the observability guide, "Realtime API
+    /// (WebSocket)").
     #[error("not a valid WebSocket handshake: {0}")]
     BadHandshake(String),
     /// The body did not arrive within `body_timeout`.
@@ -44,17 +45,19 @@ pub enum GatewayError {
         summary: String,
     },
     /// A WebSocket handshake beyond `realtime_max_sessions` or `realtime_max_sessions_per_token`
-    /// (SPEC 4d); the text names which.
+    /// (see the security guide, "Second probe (0.3): limits"); the text names which.
     #[error("{0}")]
     TooManySessions(&'static str),
     /// Something inside the gateway broke (an actor went away).
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
-    /// The request refers to objects that live on two different upstreams (SPEC 4f).
+    /// The request refers to objects that live on two different upstreams (see the affinity
+    /// guide, "How a request is routed").
     #[error("{0}")]
     ObjectConflict(String),
-    /// The only upstream holding the object the request refers to failed (SPEC 4f); `status`
-    /// is its failure's HTTP status, else 502 (or 504 after a timeout).
+    /// The only upstream holding the object the request refers to failed (see the affinity guide,
+    /// "How a request is routed"); `status` is its failure's HTTP status, else 502 (or 504 after a
+    /// timeout).
     #[error("{message}")]
     OwnerFailed {
         /// Status sent to the client.
@@ -187,8 +190,8 @@ impl GatewayError {
         })
     }
 
-    /// An answer given after every candidate the request may go to was tried (SPEC 4e: the
-    /// client must not try them all again).
+    /// An answer given after every candidate the request may go to was tried (the client must not
+    /// try them all again: see the rescue guide, "Truthful ends (0.3)").
     pub fn after_every_candidate(&self) -> bool {
         match self {
             GatewayError::AllFailed { .. } => true,
@@ -199,7 +202,7 @@ impl GatewayError {
 
     /// Seconds a client should wait before it tries again, when it should (`x-should-retry:
     /// true` with this `Retry-After`): the owner's 429, 503 or 408, which a direct call would
-    /// have retried too (see the failover guide, "A client's own retry").
+    /// have retried too (see the rescue guide, "A client's own retry where it helps (0.4)").
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             GatewayError::OwnerFailed {

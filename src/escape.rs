@@ -1,4 +1,5 @@
-//! Text that came from a client or an upstream, made safe for a log line or an alert (SPEC 4d).
+//! Text that came from a client or an upstream, made safe for a log line or an alert (see the
+//! security guide, "Escaping").
 //!
 //! A model name with a newline could forge a line in an alert; an alert sink's answer with ANSI
 //! escapes could forge or hide log lines. Everything foreign goes through [`untrusted`] first:
@@ -15,7 +16,7 @@ pub const MAX_CHARS: usize = 200;
 
 /// Whether `c` is shown as a visible escape: a control character (C0, DEL, C1), the line and
 /// paragraph separators U+2028/U+2029, or a bidirectional control (U+061C, U+200E, U+200F,
-/// U+202A–U+202E, U+2066–U+2069) (SPEC 4d).
+/// U+202A–U+202E, U+2066–U+2069) (see the security guide, "Escaping").
 pub fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(

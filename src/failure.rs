@@ -1,5 +1,6 @@
 //! The vocabulary of one upstream attempt, shared by the request path, the ledger and the
-//! registry: how an attempt failed, and which answers are failures at all (SPEC §4, 4a).
+//! registry: how an attempt failed, and which answers are failures at all (see the rescue guide,
+//! "How failover and cooldown decide").
 //!
 //! Nearly a leaf: it imports only the pure attempt policy, so everything else may import it.
 
@@ -68,8 +69,8 @@ pub fn summary(failures: &[Failure]) -> String {
     out
 }
 
-/// `name: description; …` in the gateway's own words: what a span may show of the failures
-/// (see the security guide, "Upstream text stays with the operator").
+/// (never text an upstream sent: see the security guide, "Upstream text stays with the operator").
+/// (never text an upstream sent: see the observability guide, "Status page").
 pub fn public_summary(failures: &[Failure]) -> String {
     let mut out = String::new();
     for (i, f) in failures.iter().enumerate() {
@@ -83,7 +84,8 @@ pub fn public_summary(failures: &[Failure]) -> String {
     out
 }
 
-/// Statuses after which the next upstream is tried (SPEC §4).
+/// Statuses after which the next upstream is tried (see the rescue guide, "How failover and
+/// cooldown decide").
 pub fn is_failover_status(s: StatusCode) -> bool {
     crate::policy::is_failover_status(s.as_u16())
 }

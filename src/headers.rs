@@ -1,4 +1,5 @@
-//! Header rewriting between client and upstream (SPEC §4 "Forwarding").
+//! Header rewriting between client and upstream (see the observability guide, "Routes":
+//! "Forwarding").
 //!
 //! Kept apart from the proxy loop so the rules read as one list and can be tested (and fuzzed)
 //! without sockets: what passes, what is dropped, what is replaced.
@@ -7,7 +8,8 @@ use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::UpstreamAuth;
 
-/// The `Via` token this gateway adds to every upstream request (SPEC 4a: loop detection).
+/// The `Via` token this gateway adds to every upstream request, for loop detection (see the
+/// security guide).
 pub const VIA: &str = "1.1 openai-api-route";
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Keep-Alive`
@@ -57,7 +59,8 @@ fn dropped_towards_upstream(name: &HeaderName) -> bool {
 }
 
 /// Client headers that name the client's address or identity to a front proxy, or ask a server
-/// to treat the request as another method or path: an upstream must see neither (SPEC 4d).
+/// to treat the request as another method or path: an upstream must see neither (see the
+/// security guide, "Headers").
 const CLIENT_IDENTITY_AND_OVERRIDES: &[&str] = &[
     "cookie",
     "true-client-ip",
@@ -102,7 +105,8 @@ pub fn upstream_request_headers(client: &HeaderMap, auth: &UpstreamAuth, out: &m
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    // Lets a chain of gateways see a loop (SPEC 4a): the client's own `Via` values passed above.
+    // Lets a chain of gateways see a loop (see the security guide): the client's own `Via`
+    // values passed above.
     out.append(header::VIA, HeaderValue::from_static(VIA));
 }
 

@@ -1,6 +1,7 @@
-//! What the status page shows of the recent past (SPEC §8, version 0.2): per upstream, the last
-//! 60 minutes at one-minute resolution (attempts, failed attempts, median first-byte latency)
-//! and the tokens used since start; and the last 20 failed attempts.
+//! What the status page shows of the recent past (version 0.2; see the observability guide,
+//! "Status page"): per upstream, the last 60 minutes at one-minute resolution (attempts, failed
+//! attempts, median first-byte latency) and the tokens used since start; and the last 20 failed
+//! attempts.
 //!
 //! The per-minute history is a fixed ring of 60 slots (`minute % 60`), so its memory never grows
 //! with traffic. Every counter is one `AtomicU64` holding the minute it belongs to in its high
@@ -22,7 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MINUTES: usize = 60;
 /// Failed attempts kept for the page.
 pub const RECENT_FAILURES: usize = 20;
-/// Longest reason or model text kept (characters), as for logs and alerts (SPEC §4d).
+/// Longest reason or model text kept (characters), as for logs and alerts (see the security
+/// guide, "Escaping").
 pub const TEXT_MAX: usize = 200;
 
 /// Latency buckets: bucket 0 is ≤ 5 ms, bucket i ≤ 5 ms × √2ⁱ, the last is open-ended.

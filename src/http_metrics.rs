@@ -1,6 +1,6 @@
 //! The HTTP request series (`openai_api_route_http_requests_total` and
 //! `openai_api_route_http_requests_duration_seconds`, labels `endpoint`, `method`, `status`) with
-//! bounded labels only (SPEC §4d, §6).
+//! bounded labels only (see the observability guide, "Metrics").
 //!
 //! Why our own middleware rather than actix-web-prom's series: actix-web-prom takes the `endpoint`
 //! label from the route pattern (every proxied request would be `/v1/{tail}*`, so chat and
@@ -14,8 +14,8 @@
 //! - `method`: one of `GET POST PUT PATCH DELETE HEAD OPTIONS`, else `other`;
 //! - `status`: the status sent when it is one of [`STATUSES`], else its class `1xx`…`5xx`
 //!   (anything outside 100–599 is `5xx`): an upstream answering with made-up statuses adds at
-//!   most five series per endpoint and method (SPEC 4d, version 0.3; before, 40,000 odd statuses
-//!   made 26,893 series and a 17.9 s scrape).
+//!   most five series per endpoint and method (version 0.3, see the security guide, "Second
+//!   probe (0.3): limits"; before, 40,000 odd statuses made 26,893 series and a 17.9 s scrape).
 //!
 //! actix-web-prom still serves `/v1/metrics` (see [`crate::metrics::Metrics::http_middleware`]);
 //! its own two series are renamed and never receive a sample, so they never appear and never clash.
@@ -42,7 +42,8 @@ use prometheus::{
 
 use crate::series::{LATENCY_BUCKETS, NAMESPACE};
 
-/// The `endpoint` values of `/v1/*` requests, in SPEC §6's order (`other` last).
+/// The `endpoint` values of `/v1/*` requests, in order as the observability guide lists them
+/// ("Metrics"; `other` last).
 pub const FAMILIES: [&str; 10] = [
     "chat/completions",
     "completions",
@@ -74,7 +75,8 @@ pub const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
 ];
 
-/// Statuses that are their own `status` label (SPEC 4d); every other status is its class.
+/// Statuses that are their own `status` label (see the observability guide, "Metrics"); every
+/// other status is its class.
 pub const STATUSES: [u16; 26] = [
     200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431,
     499, 500, 501, 502, 503, 504, 508,

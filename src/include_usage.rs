@@ -1,4 +1,5 @@
-//! Token usage for every stream (SPEC 4b, `force_usage`).
+//! Token usage for every stream (`force_usage`: see the observability guide, "Models and token
+//! usage (0.2)").
 //!
 //! OpenAI-style APIs only report a stream's token counts when the request asks for
 //! `stream_options.include_usage`; most clients do not, so their streams would be recorded and

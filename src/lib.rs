@@ -1,13 +1,19 @@
 //! openai-api-route: an OpenAI API gateway that tries an ordered list of OpenAI-compatible
 //! upstreams until one answers, streaming the answer through and recording every request.
 //!
-//! The modules follow SPEC.md: [`cli`] §2, [`config`] §3, [`admission`] the first step of every
-//! `/v1/*` route (auth, paths, loop guard; 4d), [`proxy`] (admit → attempt → respond → relay)
-//! and [`headers`] §4 and 4d, [`failure`] the failover vocabulary, [`ledger`]
-//! one per request (the only writer of metrics, health reports, alerts and records),
-//! [`registry`] failover order and health, [`records`]/[`capture`] §5, [`metrics`] §6,
-//! [`models`]/[`usage`] §4b, [`notify`] §7, [`realtime`] §4c (WebSocket sessions), [`status`] §8,
-//! [`server`] start-up, reload and shutdown (§9), [`trace`] OpenTelemetry traces (§6a).
+//! The modules, by the guide in `docs/` that tells users what they do:
+//! - the configuration guide: [`cli`], [`config`];
+//! - the security guide: [`admission`], the first step of every `/v1/*` route (auth, paths, loop
+//!   guard);
+//! - the rescue guide: [`proxy`] (admit → attempt → respond → relay), [`failure`] (the failover
+//!   vocabulary), [`registry`] (failover order and health);
+//! - the observability guide: [`headers`] ("Routes": forwarding), [`records`]/[`capture`],
+//!   [`metrics`], [`models`]/[`include_usage`], [`realtime`] (WebSocket sessions), [`status`] (the
+//!   status page);
+//! - the operations guide: [`notify`] ("Alerts"), [`server`] (start-up, reload and shutdown);
+//! - the tracing guide: [`trace`] (OpenTelemetry traces).
+//!
+//! [`ledger`], one per request, is the only writer of metrics, health reports, alerts and records.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

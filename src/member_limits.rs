@@ -9,9 +9,10 @@
 //! with their running sum, the tokens of the current UTC day, and an atomic count of requests in
 //! flight. A request over a limit is refused before its body is read.
 //!
-//! Replicas sharing a PostgreSQL store extend these counters with what the others used (the
-//! shared counters of the replicas guide); the interface here — [`MemberState::check`],
-//! [`MemberState::admit`], [`MemberState::add_tokens`], [`MemberState::used`] — stays the same.
+//! Replicas sharing a PostgreSQL store extend these counters with what the others used (see the
+//! operations guide, "Members' limits across replicas"); the interface here —
+//! [`MemberState::check`], [`MemberState::admit`], [`MemberState::add_tokens`],
+//! [`MemberState::used`] — stays the same.
 //!
 //! A leaf module: the config holds each member's state, and everything else reads it.
 

@@ -1,5 +1,5 @@
-//! Prometheus metrics (SPEC §6): the gateway's own series, registered in the same registry that
-//! actix-web-prom exposes on `/v1/metrics`.
+//! Prometheus metrics (see the observability guide, "Metrics"): the gateway's own series,
+//! registered in the same registry that actix-web-prom exposes on `/v1/metrics`.
 //!
 //! Every label value is an upstream name from the config or one of a fixed set, so no client can
 //! create a new series. Counters are atomics: updating them on the request path costs nanoseconds
@@ -122,7 +122,7 @@ impl Metrics {
         let retries = IntCounterVec::new(
             opts(
                 "retries_total",
-                "Extra attempts on the same upstream after a retryable failure (SPEC 4a)",
+                "Extra attempts on the same upstream after a retryable failure (see the rescue guide)",
             ),
             &["upstream"],
         )?;
@@ -145,13 +145,13 @@ impl Metrics {
         registry.register(Box::new(websocket_sessions.clone()))?;
         let spans_dropped = IntCounter::with_opts(opts(
             "spans_dropped_total",
-            "Trace spans lost: the exporter queue was full, or the export failed (SPEC 6a)",
+            "Trace spans lost: the exporter queue was full, or the export failed (see the tracing guide)",
         ))?;
         registry.register(Box::new(spans_dropped.clone()))?;
         let affinity = IntCounterVec::new(
             opts(
                 "affinity_total",
-                "Requests routed by the object they refer to (SPEC 4f), by result",
+                "Requests routed by the object they refer to (see the affinity guide), by result",
             ),
             &["result"],
         )?;
@@ -371,20 +371,22 @@ impl Metrics {
         self.record_batch_size.observe(n as f64);
     }
 
-    /// A same-upstream retry (SPEC 4a).
+    /// A same-upstream retry (`retries`: see the rescue guide).
     pub fn retry(&self, upstream: &str) {
         self.retries.with_label_values(&[upstream]).inc();
     }
 
     /// A continuation of a broken stream on `upstream`: `ok`, `rejected` (prefill refused, so
     /// regenerated), `diverged` (the regeneration did not begin with the text sent), `failed`,
-    /// or `restarted` (it ignored the prefill and answered from the start, SPEC 4e).
+    /// or `restarted` (it ignored the prefill and answered from the start: see the rescue guide,
+    /// "Truthful ends (0.3)").
     pub fn resume(&self, upstream: &str, result: &str) {
         self.resumes.with_label_values(&[upstream, result]).inc();
     }
 
-    /// One routing decision of SPEC 4f: `owner`, `not_here`, `learned`, `owner_failed`,
-    /// `rebuilt` or `conflict` (a fixed set: never a value from a request).
+    /// One routing decision by owner (see the affinity guide, "The metric"): `owner`, `not_here`,
+    /// `learned`, `owner_failed`, `rebuilt` or `conflict` (a fixed set: never a value from a
+    /// request).
     pub fn affinity(&self, result: &'static str) {
         self.affinity.with_label_values(&[result]).inc();
     }
@@ -412,7 +414,8 @@ impl Metrics {
         (sum(&self.retries, None), results)
     }
 
-    /// A request the gateway refused by itself (SPEC 4d); every one is counted, recorded or not.
+    /// A request the gateway refused by itself (see the security guide); every one is counted,
+    /// recorded or not.
     pub fn rejected(&self, reason: crate::error::Rejection) {
         self.rejected.with_label_values(&[reason.label()]).inc();
     }
@@ -431,7 +434,7 @@ impl Metrics {
             .inc();
     }
 
-    /// `openai_api_route_spans_dropped_total`, for the trace exporter (SPEC 6a).
+    /// `openai_api_route_spans_dropped_total`, for the trace exporter (see the tracing guide).
     pub fn spans_dropped(&self) -> IntCounter {
         self.spans_dropped.clone()
     }

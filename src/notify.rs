@@ -1,4 +1,5 @@
-//! Alerts (SPEC §7): the `NotifierActor` posts to Feishu and/or Matrix, off the request path.
+//! Alerts (see the operations guide, "Alerts"): the `NotifierActor` posts to Feishu and/or
+//! Matrix, off the request path.
 //!
 //! Requests and the registry `do_send` events here and move on. Same-kind alerts inside
 //! `notify.min_interval` are held and sent as one "and N more" message when the interval ends.
@@ -199,7 +200,7 @@ async fn send_json(req: awc::ClientRequest, body: serde_json::Value) -> Result<(
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
         if let Some(code) = v.get("code").and_then(|c| c.as_i64()).filter(|c| *c != 0) {
             let msg = v.get("msg").and_then(|m| m.as_str()).unwrap_or("");
-            // The sink's own words: escaped before they reach a log line (SPEC 4d).
+            // The sink's own words: escaped before they reach a log line (see the security guide).
             return Err(format!("rejected: code {code} {}", untrusted(msg)));
         }
     }

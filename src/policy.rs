@@ -1,19 +1,22 @@
-//! The attempt policy (SPEC §4 "Failover", 4a): after each upstream attempt, what happens next —
-//! relay this answer, try the same upstream again (now or after a pause), move on to the next
-//! candidate, or give up — decided in one pure function, [`decide`], over the attempt's
-//! classified [`Outcome`] and the request's [`Budget`].
+//! The attempt policy (see the rescue guide, "How failover and cooldown decide" and "When an
+//! upstream breaks a stream"): after each upstream attempt, what happens next — relay this
+//! answer, try the same upstream again (now or after a pause), move on to the next candidate, or
+//! give up — decided in one pure function, [`decide`], over the attempt's classified [`Outcome`]
+//! and the request's [`Budget`].
 //!
 //! Deciding and doing are kept apart on purpose: the attempt loop in `proxy` only performs I/O
-//! and executes the [`Next`] it is given, so every rule of the SPEC is a row of the table test
-//! below rather than a branch hidden between awaits (linkerd2-proxy's `classify` is the model: an
-//! answer is classified once, and retries, health and metrics all read that class). New rules
-//! (4e broken streams, 4f owners and "not here") are new inputs and rows, not new branches.
+//! and executes the [`Next`] it is given, so every rule of the rescue guide is a row of the table
+//! test below rather than a branch hidden between awaits (linkerd2-proxy's `classify` is the
+//! model: an answer is classified once, and retries, health and metrics all read that class). New
+//! rules (broken streams of the rescue guide's "Truthful ends (0.3)", the affinity guide's owners
+//! and "not here") are new inputs and rows, not new branches.
 //!
 //! A leaf module: it imports nothing of the gateway's, so anything may import it.
 
 use std::time::Duration;
 
-/// The longest cooldown a `Retry-After` can set (SPEC 4a: capped at 3600 s).
+/// The longest cooldown a `Retry-After` can set (3600 s: see the rescue guide, "When an upstream
+/// breaks a stream").
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// One attempt's result, classified once: the facts the rules need, no I/O handles.
@@ -23,12 +26,12 @@ pub enum Outcome {
     Answered {
         /// The status of the head.
         status: u16,
-        /// A 400 whose `error.code` (else `error.type`) is one of `failover_codes` (4a).
+        /// A 400 whose `error.code` (else `error.type`) is one of `failover_codes`.
         failover_code: bool,
         /// A usable `Retry-After` of a 429 or 503.
         retry_after: Option<Duration>,
-        /// The answer says the object is not there (4f): a 404, or a 400 whose `error.code`
-        /// ends in `_not_found`.
+        /// The answer says the object is not there ("not here" in the affinity guide): a 404, or
+        /// a 400 whose `error.code` ends in `_not_found`.
         not_found: bool,
     },
     /// No usable head: connection or TLS error, a connection closed before the head, an
@@ -42,7 +45,7 @@ pub enum Outcome {
     TimedOut,
 }
 
-/// Who hears of a failed attempt (see the failover guide, "Which failures count").
+/// Who hears of a failed attempt (see the rescue guide, "Which failures count (0.4)").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counts {
     /// It says something about the upstream itself (connection and TLS errors, timeouts, broken
@@ -94,17 +97,17 @@ pub struct Budget {
     pub time_left: Option<Duration>,
     /// `retry_after_max`: a longer `Retry-After` moves on instead of waiting.
     pub retry_after_max: Duration,
-    /// What the request's references make of this candidate (4f).
+    /// What the request's references make of this candidate (see the affinity guide).
     pub pin: Pin,
-    /// The client already has part of the answer (a continuation of a broken stream, 4a): only
-    /// a 2xx can take over, anything else moves on.
+    /// The client already has part of the answer (a continuation of a broken stream): only a 2xx
+    /// can take over, anything else moves on.
     pub committed: bool,
 }
 
 /// What the objects a request refers to make of one candidate (see the affinity guide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pin {
-    /// No object, or a candidate after the owner (a rebuilt chain): the rules of §4 and 4a.
+    /// No object, or a candidate after the owner (a rebuilt chain): the rescue guide's rules.
     #[default]
     Free,
     /// This candidate owns the request's objects.
@@ -144,21 +147,21 @@ pub enum Next {
         /// Who hears of the failure.
         counts: Counts,
     },
-    /// 4f: the candidate does not have the object. Kept in the record only, and the next
+    /// "Not here": the candidate does not have the object. Kept in the record only, and the next
     /// candidate is tried.
     NotHere,
-    /// 4f: the last candidate does not have the object either: its answer is relayed, without a
-    /// health penalty.
+    /// "Not here": the last candidate does not have the object either: its answer is relayed,
+    /// without a health penalty.
     RelayNotHere,
-    /// 4f: the owner of the request's objects failed and nothing else has them: count the failure
-    /// and answer with it, naming the object and its owner.
+    /// The owner of the request's objects failed and nothing else has them: count the failure and
+    /// answer with it, naming the object and its owner.
     OwnerFailed {
         /// Cooldown to start from the announced `Retry-After`.
         cooldown: Option<Duration>,
         /// Who hears of the failure.
         counts: Counts,
     },
-    /// 4f: the owner is up but lost the object, and the chain is held: send the rebuilt chain
+    /// The owner is up but lost the object, and the chain is held: send the rebuilt chain
     /// to the same upstream now (not a retry: no `retries` spent), then to the next candidates.
     Rebuild,
     /// Count the failure and go on with the next candidate (or, after the last one, give the
@@ -171,12 +174,13 @@ pub enum Next {
     },
 }
 
-/// Statuses after which the next upstream is tried (SPEC §4).
+/// Statuses after which the next upstream is tried (see the rescue guide, "How failover and
+/// cooldown decide").
 pub fn is_failover_status(status: u16) -> bool {
     matches!(status, 401 | 403 | 404 | 408 | 409 | 429) || (500..600).contains(&status)
 }
 
-/// Statuses after which the same upstream may be asked again (4a `retries`): 5xx, 408, 409,
+/// Statuses after which the same upstream may be asked again (`retries`): 5xx, 408, 409,
 /// 429 — never 401, 403 or 404 (a wrong upstream stays so).
 pub fn is_retryable_status(status: u16) -> bool {
     matches!(status, 408 | 409 | 429) || (500..600).contains(&status)
@@ -189,7 +193,8 @@ pub fn wants_400_body(status: u16, last: bool, has_codes: bool) -> bool {
 }
 
 /// Whether an attempt's 400 must be read under `pin`: for `failover_codes` (above), or for a
-/// `*_not_found` code when "not here" or the owner's own "not found" applies (4f).
+/// `*_not_found` code when "not here" or the owner's own "not found" applies (see the affinity
+/// guide).
 pub fn wants_400_body_pinned(status: u16, last: bool, has_codes: bool, pin: Pin) -> bool {
     let not_found_matters = match pin {
         Pin::Unknown => !last,
@@ -199,8 +204,8 @@ pub fn wants_400_body_pinned(status: u16, last: bool, has_codes: bool, pin: Pin)
     status == 400 && (not_found_matters || (!last && has_codes))
 }
 
-/// What a relayed last failure tells the client's SDK (see the failover guide, "A client's own
-/// retry"): whether to retry, and after how long.
+/// What a relayed last failure tells the client's SDK (see the rescue guide, "A client's own
+/// retry where it helps (0.4)"): whether to retry, and after how long.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ClientRetry {
     /// `x-should-retry: false`: every candidate was tried; a retry would only start them over.
@@ -224,7 +229,8 @@ pub fn client_retry(status: u16, retry_after: Option<f64>) -> ClientRetry {
 }
 
 /// How long the next attempt may wait for its first byte: its own wait cut to what is left of
-/// the deadline; `None` when nothing is left (the all-failed answer is due, SPEC 4a `deadline`).
+/// the deadline; `None` when nothing is left (the all-failed answer is due: `deadline` in the
+/// rescue guide).
 pub fn attempt_wait(wait: Duration, time_left: Option<Duration>) -> Option<Duration> {
     match time_left {
         Some(left) if left.is_zero() => None,
@@ -262,7 +268,7 @@ pub fn decide(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next {
     }
 }
 
-/// The rows of 4f (owners and "not here") before the rules of §4 and 4a.
+/// The rows of the affinity guide (owners and "not here") before those of the rescue guide.
 fn decide_pinned(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next {
     let not_found = matches!(
         outcome,
@@ -272,7 +278,7 @@ fn decide_pinned(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next 
         }
     );
     match budget.pin {
-        // 4f: "not here" moves on quietly; from the last candidate it is the answer.
+        // "Not here" moves on quietly; from the last candidate it is the answer.
         Pin::Unknown if not_found => {
             if budget.last {
                 Next::RelayNotHere
@@ -280,11 +286,11 @@ fn decide_pinned(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next 
                 Next::NotHere
             }
         }
-        // 4f (0.4): the owner's "not found" is an answer — or, when its chain is held, the
+        // 0.4: the owner's "not found" is an answer — or, when its chain is held, the
         // rebuilt chain goes to it first.
         Pin::Owner { rebuild: true, .. } if not_found => Next::Rebuild,
         Pin::Owner { .. } if not_found => Next::Relay,
-        // 4f: the owner's failure is the answer (a retry on the owner is still a retry).
+        // The owner's failure is the answer (a retry on the owner is still a retry).
         Pin::Owner { alone: true, .. } => match decide_free(outcome, budget, backoff) {
             Next::RelayFailure { cooldown, counts } | Next::MoveOn { cooldown, counts } => {
                 Next::OwnerFailed { cooldown, counts }
@@ -295,7 +301,7 @@ fn decide_pinned(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next 
     }
 }
 
-/// The rules of §4 and 4a, for a request whose objects do not pin it.
+/// The rules of the rescue guide, for a request whose objects do not pin it.
 fn decide_free(outcome: &Outcome, budget: &Budget, backoff: Duration) -> Next {
     let counts = counts_of(outcome);
     // A pause is taken only when a retry is allowed and the deadline leaves time after it.
@@ -444,7 +450,7 @@ mod tests {
         }
     }
 
-    /// Moves on without a health event (404, 408, 409: about the request, §4 0.4).
+    /// Moves on without a health event (404, 408, 409: about the request, 0.4).
     fn move_on_request() -> Next {
         Next::MoveOn {
             cooldown: None,
@@ -497,14 +503,16 @@ mod tests {
         }
     }
 
-    /// One row per rule of SPEC §4 "Failover" and "Which failures count", 4a, 4e and 4f.
+    /// One row per rule of the rescue guide ("How failover and cooldown decide" with "Which
+    /// failures count (0.4)", "When an upstream breaks a stream", "Truthful ends (0.3)") and of
+    /// the affinity guide.
     #[test]
     fn every_rule_is_a_row() {
         let b = budget();
         let h = Counts::Health;
         #[rustfmt::skip]
         let rows: Vec<(&str, Outcome, Budget, Next)> = vec![
-            // §4: the answer is relayed as is for 2xx, 3xx, 400, 413, 422 and other 4xx.
+            // Failover: the answer is relayed as is for 2xx, 3xx, 400, 413, 422 and other 4xx.
             ("2xx is the answer", status(200), b, Next::Relay),
             ("201 is the answer", status(201), b, Next::Relay),
             ("3xx is the answer", status(302), b, Next::Relay),
@@ -513,29 +521,29 @@ mod tests {
             ("422 is the answer", status(422), b, Next::Relay),
             ("418 is the answer", status(418), b, Next::Relay),
             ("400 on the last candidate is the answer", status(400), last(b), Next::Relay),
-            // §4: failover statuses move on (no retries configured) ...
+            // Failover: failover statuses move on (no retries configured) ...
             ("401 fails over", status(401), no_retries(b), move_on()),
             ("403 fails over", status(403), no_retries(b), move_on()),
             ("429 fails over", status(429), no_retries(b), move_on()),
             ("500 fails over", status(500), no_retries(b), move_on()),
             ("503 fails over", status(503), no_retries(b), move_on()),
             ("599 fails over", status(599), no_retries(b), move_on()),
-            // ... §4 (0.4): 404, 408 and 409 too, but they are about the request: never health.
+            // ... (0.4) 404, 408 and 409 too, but they are about the request: never health.
             ("404 fails over, not counted for health", status(404), no_retries(b), move_on_request()),
             ("408 fails over, not counted for health", status(408), no_retries(b), move_on_request()),
             ("409 fails over, not counted for health", status(409), no_retries(b), move_on_request()),
             ("last 404 relayed as sent, not counted for health", status(404), last(b), relay_failure(Counts::Request)),
             ("last 409 relayed, not counted for health", status(409), last(no_retries(b)), relay_failure(Counts::Request)),
-            // §4: the last candidate's HTTP failure is relayed.
+            // Failover: the last candidate's HTTP failure is relayed.
             ("last 500 is relayed", status(500), last(no_retries(b)), relay_failure(h)),
             ("last 401 is relayed", status(401), last(b), relay_failure(h)),
-            // §4: connect errors and timeouts move on; after the last, the all-failed answer.
+            // Failover: connect errors and timeouts move on; after the last, the all-failed answer.
             ("connect error moves on", failed(false), no_retries(b), move_on()),
             ("timeout moves on", Outcome::TimedOut, b, move_on()),
             ("last timeout gives up", Outcome::TimedOut, last(b), move_on()),
             ("last refused gives up", failed(false), last(b), move_on()),
             ("in-band error moves on", failed(false), b, move_on()),
-            // 4a retries: 5xx, 408, 409, 429, closed before the head are retried with backoff.
+            // `retries`: 5xx, 408, 409, 429, closed before the head are retried with backoff.
             ("500 retried", status(500), b, retry(B)),
             ("502 retried", status(502), b, retry(B)),
             ("408 retried", status(408), b, retry_request(B)),
@@ -543,22 +551,22 @@ mod tests {
             ("429 retried", status(429), b, retry(B)),
             ("closed before head retried", failed(true), b, retry(B)),
             ("last candidate retried too", status(500), last(b), retry(B)),
-            // 4a: never retried after a timeout, a refused connection, 401, 403, 404.
+            // `retries`: never after a timeout, a refused connection, 401, 403, 404.
             ("timeout never retried", Outcome::TimedOut, b, move_on()),
             ("refused never retried", failed(false), b, move_on()),
             ("401 never retried", status(401), b, move_on()),
             ("403 never retried", status(403), b, move_on()),
             ("404 never retried", status(404), b, move_on_request()),
-            // 4a: retries run out.
+            // `retries` run out.
             ("retries used up", status(500), Budget { tries: 1, ..b }, move_on()),
             ("retries used up on last", status(500), last(Budget { tries: 1, ..b }), relay_failure(h)),
             ("2 of 3 retries used", status(500), Budget { tries: 2, retries: 3, ..b }, retry(B)),
-            // 4a: no same-upstream retry on a half-open probe or when a cooldown just started.
+            // `retries`: none on a half-open probe or when a cooldown just started.
             ("no retry when half-open", status(500), Budget { half_open: true, ..b }, move_on()),
             ("no retry of a closed connection half-open", failed(true), Budget { half_open: true, ..b }, move_on()),
             ("no retry when a cooldown starts", status(500), Budget { at_threshold: true, ..b }, move_on()),
             ("409 retried although a counted failure would start a cooldown", status(409), Budget { at_threshold: true, ..b }, retry_request(B)),
-            // 4a Retry-After: ≤ retry_after_max is waited out (and is a cooldown) ...
+            // Retry-After: ≤ retry_after_max is waited out (and is a cooldown) ...
             ("429 Retry-After 2 waited", status_after(429, 2), b, Next::Retry { pause: secs(2), cooldown: Some(secs(2)), counts: h }),
             ("503 Retry-After 5 waited", status_after(503, 5), b, Next::Retry { pause: secs(5), cooldown: Some(secs(5)), counts: h }),
             // ... a longer one moves on at once, still a cooldown ...
@@ -568,22 +576,22 @@ mod tests {
             // ... and a cooldown whatever `retries` says.
             ("Retry-After without retries", status_after(429, 2), no_retries(b), Next::MoveOn { cooldown: Some(secs(2)), counts: h }),
             ("Retry-After on last relayed", status_after(503, 2), last(no_retries(b)), Next::RelayFailure { cooldown: Some(secs(2)), counts: h }),
-            // 4a failover_codes: a 400 with a listed code moves on quietly, unless nothing follows.
+            // `failover_codes`: a 400 with a listed code moves on quietly, unless nothing follows.
             ("failover code moves on quietly", code_400(), b, Next::MoveOn { cooldown: None, counts: Counts::Record }),
             ("failover code on last is relayed", code_400(), last(b), Next::Relay),
-            // 4a deadline: a pause that does not fit before the deadline is not taken.
+            // `deadline`: a pause that does not fit before the deadline is not taken.
             ("backoff past deadline moves on", status(500), Budget { time_left: Some(Duration::from_millis(200)), ..b }, move_on()),
             ("backoff within deadline retried", status(500), Budget { time_left: Some(secs(1)), ..b }, retry(B)),
             ("Retry-After past deadline moves on", status_after(429, 2), Budget { time_left: Some(secs(1)), ..b }, Next::MoveOn { cooldown: Some(secs(2)), counts: h }),
             ("Retry-After past deadline on last relayed", status_after(429, 2), last(Budget { time_left: Some(secs(1)), ..b }), Next::RelayFailure { cooldown: Some(secs(2)), counts: h }),
-            // 4a resume (and 4e broken ends): a continuation takes only a 2xx, retries as any attempt.
+            // `resume` (and broken ends): a continuation takes only a 2xx, retries as any attempt.
             ("continuation 2xx takes over", status(200), committed(b), Next::Relay),
             ("continuation 400 moves on", status(400), committed(b), Next::MoveOn { cooldown: None, counts: Counts::Request }),
             ("continuation 500 retried", status(500), committed(b), retry(B)),
             ("continuation last 500 moves on", status(500), committed(last(no_retries(b))), move_on()),
             ("continuation Retry-After waited", status_after(429, 1), committed(b), Next::Retry { pause: secs(1), cooldown: Some(secs(1)), counts: h }),
             ("continuation last 404 moves on", status(404), committed(last(b)), move_on_request()),
-            // 4f: a request naming only unseen objects: "not found" is "not here".
+            // Affinity: a request naming only unseen objects: "not found" is "not here".
             ("404 is not here", status(404), pinned(Pin::Unknown, b), Next::NotHere),
             ("400 *_not_found is not here", not_found_400(), pinned(Pin::Unknown, b), Next::NotHere),
             ("not here on last is the answer", status(404), last(pinned(Pin::Unknown, b)), Next::RelayNotHere),
@@ -591,7 +599,7 @@ mod tests {
             ("unseen objects: other failures as before", status(503), pinned(Pin::Unknown, no_retries(b)), move_on()),
             ("unseen objects: 2xx relayed", status(200), pinned(Pin::Unknown, b), Next::Relay),
             ("without objects a 400 *_not_found is the answer", not_found_400(), b, Next::Relay),
-            // 4f: the owner only: its failure is the answer; retries still apply.
+            // Affinity: the owner only: its failure is the answer; retries still apply.
             ("owner 503 is the owner's failure", status(503), last(pinned(OWNER, no_retries(b))), owner_failed(None)),
             ("owner timeout is the owner's failure", Outcome::TimedOut, last(pinned(OWNER, b)), owner_failed(None)),
             ("owner refused is the owner's failure", failed(false), last(pinned(OWNER, b)), owner_failed(None)),
@@ -599,7 +607,7 @@ mod tests {
             ("owner Retry-After kept", status_after(429, 9), last(pinned(OWNER, b)), owner_failed(Some(secs(9)))),
             ("owner 2xx relayed", status(200), last(pinned(OWNER, b)), Next::Relay),
             ("owner 400 relayed", status(400), last(pinned(OWNER, b)), Next::Relay),
-            // 4f (0.4): the owner's "not found" is an answer, relayed as sent, not a failure ...
+            // Affinity (0.4): the owner's "not found" is its answer, relayed as sent ...
             ("owner 404 is its answer", status(404), last(pinned(OWNER, b)), Next::Relay),
             ("owner 400 *_not_found is its answer", not_found_400(), last(pinned(OWNER, b)), Next::Relay),
             // ... unless the chain is held: then it gets the rebuilt chain first.
@@ -613,8 +621,8 @@ mod tests {
         }
     }
 
-    /// 4e (0.4): one SDK call through the gateway is retried as it would be against the
-    /// upstream directly, and never more.
+    /// One SDK call through the gateway is retried as it would be against the upstream directly,
+    /// and never more (see the rescue guide, "A client's own retry where it helps (0.4)").
     #[test]
     fn relayed_last_failures_tell_the_client_whether_to_retry() {
         #[rustfmt::skip]

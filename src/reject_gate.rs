@@ -1,5 +1,6 @@
-//! How many records of rejected requests are written (SPEC 4d, version 0.3): at most
-//! [`PER_SECOND`] a second and [`PER_HOUR`] an hour, for each rejection reason on its own.
+//! How many records of rejected requests are written (version 0.3; see the security guide, "Second
+//! probe (0.3): limits"): at most [`PER_SECOND`] a second and [`PER_HOUR`] an hour, for each
+//! rejection reason on its own.
 //!
 //! Why per reason: with one shared budget a flood of one kind (a client hammering with a wrong
 //! token) used up every slot, so no other refused request — a body the gateway could not read,

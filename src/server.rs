@@ -142,7 +142,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
         .or_else(|| cfg.address.clone())
         .unwrap_or_else(|| ":8888".to_string());
     let database = database_target(&cli, &cfg)?;
-    // Trace settings (SPEC 6a) are resolved before anything listens: a bad one stops the start.
+    // Trace settings (see the tracing guide) are resolved before anything listens: a bad one
+    // stops the start.
     let file = cfg.file.display().to_string();
     let trace_settings =
         crate::trace::settings::resolve(&cfg.otel, &file, &|k| std::env::var(k).ok())
@@ -292,7 +293,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                                 .finish()
                         })),
                 )
-                // 4b: the model list is the gateway's own; other methods are proxied as before.
+                // The model list is the gateway's own (see the observability guide, "Models and
+                // token usage (0.2)"); other methods are proxied as before.
                 // In a `/v1/models` scope: its static prefix keeps other paths from running the
                 // `{id:.*}` regex (5% of a proxied request's instructions when it was app-level).
                 .service(
@@ -312,8 +314,9 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
                 // The catch-all `/v1/*`: prefix scopes, whose static prefix match costs no regex
                 // (a `/v1/{tail}*` resource ran the router's regex on every request: a quarter of
                 // the gateway's instructions with two such resources). Guards pick, in order,
-                // WebSocket upgrades (SPEC §4c), CORS preflight, then the proxy; plain function
-                // guards, as actix's method guard allocates on each check. `/v1` alone stays 404.
+                // WebSocket upgrades (see the observability guide, "Realtime API (WebSocket)"),
+                // CORS preflight, then the proxy; plain function guards, as actix's method guard
+                // allocates on each check. `/v1` alone stays 404.
                 .service(
                     web::scope("/v1")
                         .guard(actix_web::guard::fn_guard(|ctx| {
@@ -340,11 +343,12 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
             }
         })
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        // actix treats SIGINT as "stop now"; SPEC §5 wants both signals to drain gracefully.
+        // actix treats SIGINT as "stop now"; both signals must drain gracefully (see the
+        // operations guide, "Reload, shutdown, logs and the database").
         .disable_signals()
         // A client that closes its connection while the gateway waits (a Retry-After, a backoff,
         // a slow upstream) ends the request there: every upstream request and wait is cancelled
-        // with it (SPEC 4a), instead of going on for nobody.
+        // with it (see the rescue guide, `deadline`), instead of going on for nobody.
         .h1_allow_half_closed(false)
         .listen(listener)
         .map_err(|source| StartError::Bind {
@@ -390,7 +394,8 @@ pub fn run(cli: Cli, cfg: Config) -> Result<(), StartError> {
     })
 }
 
-/// The trace exporter (SPEC 6a) when an OTLP endpoint is set in the environment or the config.
+/// The trace exporter (see the tracing guide) when an OTLP endpoint is set in the environment or
+/// the config.
 fn start_tracer(
     settings: Option<crate::trace::settings::Settings>,
     metrics: &Metrics,

@@ -1,8 +1,9 @@
-//! SPEC 4d "Version 0.3 additions" (second probe), admission and input: one admission step for
-//! the HTTP proxy, the model list and WebSocket upgrades; the new path rules; JSON that is not
-//! UTF-8; more override headers; escaping of line separators and bidi controls; `retries` bound.
-//! Every attack goes through the real binary; a refusal is only believed when the upstream saw
-//! nothing and a well-formed request through the same gateway still works.
+//! The second probe's rules of version 0.3 for admission and input (see the security guide, "Second
+//! probe (0.3): admission and input"): one admission step for the HTTP proxy, the model list and
+//! WebSocket upgrades; the new path rules; JSON that is not UTF-8; more override headers; escaping
+//! of line separators and bidi controls; `retries` bound. Every attack goes through the real
+//! binary; a refusal is only believed when the upstream saw nothing and a well-formed request
+//! through the same gateway still works.
 
 use std::time::{Duration, Instant};
 
@@ -344,7 +345,7 @@ async fn json_in_utf16_or_utf32_cannot_pass_deny() {
     assert_eq!(m.hits(), 1);
 }
 
-/// Headers the second probe found forwarded (SPEC 4d, 0.3).
+/// Headers the second probe found forwarded (0.3; see the security guide, "Headers").
 const OVERRIDES: &[&str] = &[
     "x-http-method",
     "x-method-override",

@@ -1,6 +1,6 @@
-//! State that lives on one upstream (SPEC 4f): owners, references, owner-only routing, "not
-//! here", rebuilt chains, and `sticky` with `weight` — through the real binary, against mock
-//! providers that know only the objects they created.
+//! State that lives on one upstream (see the affinity guide): owners, references, owner-only
+//! routing, "not here", rebuilt chains, and `sticky` with `weight` — through the real binary,
+//! against mock providers that know only the objects they created.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The command line and config validation as a user meets them (SPEC §2, §3).
+//! The command line and config validation as a user meets them (see the configuration guide).
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
-//! SPEC 4e "Truthful ends": a stream is whole only at its protocol's end; a continuation that
-//! starts over is read as a regeneration (never relayed twice); answers given after every
-//! candidate was tried tell the SDK not to retry; the added usage chunk stays hidden in every
-//! shape.
+//! Truthful ends (see the rescue guide, "Truthful ends (0.3)"): a stream is whole only at its
+//! protocol's end; a continuation that starts over is read as a regeneration (never relayed twice);
+//! answers given after every candidate was tried tell the SDK not to retry; the added usage chunk
+//! stays hidden in every shape.
 //!
 //! Each test asserts what a user sees: the bytes the client got, headers, the record, metrics.
 
@@ -182,7 +182,7 @@ async fn completions_and_responses_streams_are_judged_by_their_own_ends() {
         ),
         ("/v1/responses", vec![delta.clone()], false),
         ("/v1/responses", vec![delta.clone(), completed], true),
-        // Other paths keep the behaviour of section 4: a clean end is an end.
+        // Other paths keep the failover rules' behaviour: a clean end is an end.
         ("/v1/other/stream", vec![delta], true),
     ];
     for (path, parts, whole) in cases {

@@ -1,4 +1,5 @@
-//! Failover rules of SPEC §4: what fails over, what is relayed, what the client gets when all fail.
+//! Failover rules (see the rescue guide, "How failover and cooldown decide"): what fails over,
+//! what is relayed, what the client gets when all fail.
 
 use std::time::{Duration, Instant};
 

@@ -99,7 +99,8 @@ async fn malformed_sse_chunks_pass_through_and_a_missing_done_is_a_break() {
         got.body.starts_with(&expected),
         "malformed chunks must be relayed verbatim"
     );
-    // SPEC 4e: a chat stream that ends cleanly without [DONE] or a finish_reason is cut.
+    // A chat stream that ends cleanly without [DONE] or a finish_reason is cut (see the rescue
+    // guide, "Truthful ends (0.3)").
     let tail = String::from_utf8_lossy(&got.body[expected.len()..]).into_owned();
     assert!(
         tail.starts_with("data: {\"error\"") && tail.contains("ended before [DONE]"),
@@ -224,8 +225,9 @@ async fn hostile_authorization_headers_get_401() {
     still_healthy(&gw).await;
 }
 
-/// Plain text and a string `"stream"` pass as before. Since SPEC 4d a body that starts with `{`
-/// but is not JSON is refused with a 400 instead of being proxied as is (docs/changelog.md).
+/// Plain text and a string `"stream"` pass as before. Since 0.2 a body that starts with `{` but
+/// is not JSON is refused with a 400 instead of being proxied as is (see the security guide and
+/// docs/changelog.md).
 #[actix_rt::test]
 async fn odd_bodies_are_proxied_as_is_and_string_stream_is_not_a_stream() {
     let m = Mock::always(Reply::Delay(

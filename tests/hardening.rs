@@ -1,7 +1,7 @@
-//! SPEC 4d, each rule as the attack that broke it, through the real binary: flooding without a
-//! token, bodies the gateway cannot read, dot segments, slow bodies, an endless SSE line, alert
-//! and log injection, database passwords, HEAD, forwarded headers, an ambiguous upstream head, and
-//! gateways chained into a loop.
+//! Hardening (see the security guide), each rule as the attack that broke it, through the real
+//! binary: flooding without a token, bodies the gateway cannot read, dot segments, slow bodies, an
+//! endless SSE line, alert and log injection, database passwords, HEAD, forwarded headers, an
+//! ambiguous upstream head, and gateways chained into a loop.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

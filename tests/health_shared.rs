@@ -1,10 +1,10 @@
-//! Replicas act as one (SPEC 4h, health and roster): two gateway processes on one PostgreSQL
-//! database share cooldowns and their ends within a second, only one request of the two
-//! probes a recovering upstream, and each lists the other. The fault test puts a TCP relay of
-//! its own in front of the shared server and cuts it: requests keep flowing with health local,
-//! and sharing resumes when the relay is back, without a restart. Runs when
-//! `OPENAI_API_ROUTE_TEST_POSTGRES` is set at build time (else ignored), each test on a database
-//! of its own, under the PostgreSQL tests' lock.
+//! Replicas act as one (see the operations guide, "Health, probes and the roster"): two gateway
+//! processes on one PostgreSQL database share cooldowns and their ends within a second, only one
+//! request of the two probes a recovering upstream, and each lists the other. The fault test puts a
+//! TCP relay of its own in front of the shared server and cuts it: requests keep flowing with
+//! health local, and sharing resumes when the relay is back, without a restart. Runs when
+//! `OPENAI_API_ROUTE_TEST_POSTGRES` is set at build time (else ignored), each test on a database of
+//! its own, under the PostgreSQL tests' lock.
 #![allow(clippy::await_holding_lock)]
 
 use std::io::{Read, Write};

@@ -1,7 +1,7 @@
-//! SPEC 4d, version 0.3 "limits nobody can talk the gateway out of", each as the attack of the
-//! second probe through the real binary: floods of local answers and of refused requests against
-//! the records, made-up statuses against the metrics' series, and (in `limits_ws`) WebSocket
-//! sessions against memory.
+//! Version 0.3's limits nobody can talk the gateway out of (see the security guide, "Second probe
+//! (0.3): limits"), each as the attack of the second probe through the real binary: floods of local
+//! answers and of refused requests against the records, made-up statuses against the metrics'
+//! series, and (in `limits_ws`) WebSocket sessions against memory.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};

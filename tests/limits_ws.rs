@@ -1,6 +1,7 @@
-//! SPEC 4d (version 0.3) WebSocket limits through the real binary with a real WebSocket client:
-//! session caps in all and per token (429 before any upstream), the idle timeout (1001 both ways),
-//! and the shared budget of partly received frames (1009) with the gateway's memory measured.
+//! The WebSocket limits of version 0.3 (see the security guide, "Second probe (0.3): limits")
+//! through the real binary with a real WebSocket client: session caps in all and per token (429
+//! before any upstream), the idle timeout (1001 both ways), and the shared budget of partly
+//! received frames (1009) with the gateway's memory measured.
 
 use std::time::{Duration, Instant};
 

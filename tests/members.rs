@@ -1,7 +1,7 @@
-//! Members (SPEC 4g, see docs/members.md) through the real binary: the config's rules, each
-//! limit and its 429, the rate-limit headers, models per member, private objects and lists, the
-//! usage route and its page, the member metrics and the `member` column, and the official Python
-//! SDK against a member's limits and lists.
+//! Members (see the members guide) through the real binary: the config's rules, each limit and its
+//! 429, the rate-limit headers, models per member, private objects and lists, the usage route and
+//! its page, the member metrics and the `member` column, and the official Python SDK against a
+//! member's limits and lists.
 //!
 //! A refusal is believed only when the upstream saw nothing of it.
 

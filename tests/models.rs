@@ -1,5 +1,6 @@
-//! SPEC 4b: `/v1/models` answered by the gateway from every upstream's list, `route_by_models`,
-//! and `force_usage` (usage for every stream, the usage-only chunk kept from the client).
+//! Models and usage (see the observability guide, "Models and token usage (0.2)"): `/v1/models`
+//! answered by the gateway from every upstream's list, `route_by_models`, and `force_usage`
+//! (usage for every stream, the usage-only chunk kept from the client).
 
 use std::time::{Duration, Instant};
 
@@ -622,7 +623,8 @@ fn openai_python_sdk_models_and_streams_with_forced_usage() {
     assert!(stdout.contains("MISSING:model_not_found"), "{stdout}");
     assert!(stdout.contains("STREAM:Hello world EMPTY:0"), "{stdout}");
     assert!(stdout.contains("USAGE:13"), "{stdout}");
-    // The model list answers are not recorded (SPEC 4d 0.3); the 404 and the two streams are.
+    // The model list answers are not recorded (0.3; see the security guide, "Second probe (0.3):
+    // limits"); the 404 and the two streams are.
     let recs = gw.records(3);
     let streams: Vec<_> = recs.iter().filter(|r| r["stream"] == 1).collect();
     assert_eq!(streams.len(), 2);

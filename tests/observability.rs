@@ -1,4 +1,5 @@
-//! Metrics (SPEC §6), alerts (§7) and the status page (§8) as an operator sees them.
+//! Metrics and the status page (see the observability guide) and alerts (see the operations guide,
+//! "Alerts") as an operator sees them.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -151,7 +152,7 @@ async fn tokens_are_counted_with_recording_off() {
 async fn random_paths_create_no_new_series_and_metrics_are_never_proxied() {
     let m = Mock::always(Reply::chat("ok"));
     let gw = Gateway::start(&config("", &[upstream("u", &m.endpoint(), "")]));
-    // A proxied GET (the catch-all's series); /v1/models is answered by the gateway (4b).
+    // A proxied GET (the catch-all's series); /v1/models is answered by the gateway.
     get(&gw, "/v1/files").await;
     // The `other` API family (every unknown /v1 path) exists from here on.
     get(&gw, "/v1/warm-up").await;

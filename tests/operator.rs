@@ -1,5 +1,6 @@
 //! The operator's view of version 0.2: the status page's last hour, tokens and failed attempts
-//! (SPEC §8), latency buckets and bounded HTTP labels in the metrics (SPEC §6, §4d).
+//! (see the observability guide, "Status page"), latency buckets and bounded HTTP labels in the
+//! metrics (its "Metrics").
 
 use std::time::Duration;
 

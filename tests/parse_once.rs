@@ -1,7 +1,7 @@
-//! A proxied request's body is parsed as JSON exactly once (see the architecture guide, "The
-//! request parsed once"): the gateway runs in this process, so its whole-body parse counter
-//! (`facts::parses`) can be read before and after a mix of requests that each used to parse the
-//! body again (a `model_map` rewrite, the added `stream_options`, the sticky key, references).
+//! A proxied request's body is parsed as JSON exactly once: the gateway runs in this process, so
+//! its whole-body parse counter (`facts::parses`) can be read before and after a mix of requests
+//! that each used to parse the body again (a `model_map` rewrite, the added `stream_options`, the
+//! sticky key, references).
 
 use std::time::Duration;
 

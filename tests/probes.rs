@@ -1,8 +1,8 @@
-//! Probes and the half-open probe on one replica (SPEC 4h "Probes", §4 "Health memory"), with
-//! the default SQLite database: an upstream in cooldown is asked `GET /models` every
-//! `probe_interval`, a 2xx ends the cooldown before any client request is risked on it, and
-//! probes count only in `probes_total`. After a cooldown, one request probes the upstream while
-//! the others keep it at the back.
+//! Probes and the half-open probe on one replica (see the operations guide, "Probes", and the
+//! rescue guide, "How failover and cooldown decide"), with the default SQLite database: an upstream
+//! in cooldown is asked `GET /models` every `probe_interval`, a 2xx ends the cooldown before any
+//! client request is risked on it, and probes count only in `probes_total`. After a cooldown, one
+//! request probes the upstream while the others keep it at the back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! Realtime API / WebSocket sessions (SPEC §4c), end to end: a tungstenite client through the real
-//! gateway binary to a tungstenite echo upstream (and HTTP mocks that refuse the handshake).
+//! Realtime API / WebSocket sessions (see the observability guide, "Realtime API (WebSocket)"),
+//! end to end: a tungstenite client through the real gateway binary to a tungstenite echo
+//! upstream (and HTTP mocks that refuse the handshake).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,6 @@
-//! Request records (SPEC §5): one row per request with reply text and usage, no secrets, a
-//! bounded queue that drops instead of blocking, and nothing lost at SIGTERM.
+//! Request records (see the observability guide, "Request records"): one row per request with
+//! reply text and usage, no secrets, a bounded queue that drops instead of blocking, and nothing
+//! lost at SIGTERM.
 
 use std::time::Duration;
 
@@ -763,7 +764,8 @@ async fn finish_reason_complete_and_resumed_columns() {
     drop(resp);
     drop(client);
 
-    // The model list is answered locally and not recorded (SPEC 4d, 0.3): seven rows.
+    // The model list is answered locally and not recorded (0.3; see the security guide, "Second
+    // probe (0.3): limits"): seven rows.
     let rows = gw.records(7);
     let row = |what: &str| {
         rows.iter()

@@ -1,5 +1,6 @@
-//! SIGHUP reload (SPEC §9): new config for new requests, in-flight ones untouched, bad files
-//! rejected with the running config kept, no failed request while it happens.
+//! SIGHUP reload (see the operations guide, "Reload, shutdown, logs and the database"): new config
+//! for new requests, in-flight ones untouched, bad files rejected with the running config kept, no
+//! failed request while it happens.
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
-//! Several replicas (SPEC 4f): two gateway processes sharing one PostgreSQL database know each
-//! other's object owners within a second, and `sticky` orders every key the same way in both.
-//! Runs when `OPENAI_API_ROUTE_TEST_POSTGRES` is set at build time (else ignored), like
-//! `postgres.rs` (whose database helper and lock it shares).
+//! Several replicas (see the affinity guide, "Several replicas"): two gateway processes sharing one
+//! PostgreSQL database know each other's object owners within a second, and `sticky` orders every
+//! key the same way in both. Runs when `OPENAI_API_ROUTE_TEST_POSTGRES` is set at build time (else
+//! ignored), like `postgres.rs` (whose database helper and lock it shares).
 #![allow(clippy::await_holding_lock)]
 
 use std::time::Duration;
@@ -46,7 +46,8 @@ async fn a_chain_started_through_one_replica_continues_through_the_other() {
         assert_eq!(got.header("x-upstream"), Some("a"), "turn {i}");
         assert_eq!(got.header("x-upstream-attempts"), Some("1"), "turn {i}");
         prev = Some(got.json()["id"].as_str().unwrap().to_string());
-        // SPEC 4f: every replica knows an owner at most 1 s after the answer ended.
+        // Every replica knows an owner at most 1 s after the answer ended (see the affinity
+        // guide, "Several replicas").
         actix_rt::time::sleep(Duration::from_millis(1000)).await;
     }
     assert!(
@@ -169,7 +170,8 @@ async fn an_owner_learned_through_not_here_is_known_to_the_other_replica() {
         Some("2"),
         "a said not here"
     );
-    // SPEC 4f: every replica knows an owner at most 1 s after the answer ended.
+    // Every replica knows an owner at most 1 s after the answer ended (see the affinity guide,
+    // "Several replicas").
     actix_rt::time::sleep(Duration::from_millis(1000)).await;
     let got = get(&two, "/v1/files/file-made-elsewhere").await;
     assert_eq!(got.status, 200, "{}", got.text());

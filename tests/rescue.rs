@@ -1,6 +1,7 @@
-//! SPEC 4a "Rescue beyond the first attempt": same-upstream retries and their waits, Retry-After
-//! as a cooldown, `deadline`, `failover_codes`, in-band errors before commit, and `resume` of a
-//! chat stream that breaks after its first byte (prefill shapes, regeneration, divergence).
+//! Rescue beyond the first attempt (see the rescue guide, "When an upstream breaks a stream"):
+//! same-upstream retries and their waits, Retry-After as a cooldown, `deadline`, `failover_codes`,
+//! in-band errors before commit, and `resume` of a chat stream that breaks after its first byte
+//! (prefill shapes, regeneration, divergence).
 //!
 //! Each test asserts what a user sees: the status and bytes the client got, how long it took,
 //! which mock saw which request, the record, and the metrics.
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Keys every gateway here starts with: no health-based reordering (so only the rule under test
-/// moves an upstream), no added `stream_options` (so bodies are exactly what 4a adds).
+/// moves an upstream), no added `stream_options` (so bodies are exactly what rescue adds).
 pub(crate) const QUIET: &str = "cooldown: {failures: 100, seconds: 30}\nforce_usage: false\n";
 
 /// Short timers for the resume tests.
@@ -142,7 +143,8 @@ pub(crate) fn content(body: &str) -> String {
         .collect()
 }
 
-/// Whether the stream's last event is the gateway's SSE error event (SPEC §4).
+/// Whether the stream's last event is the gateway's SSE error event (see the rescue guide, "How
+/// failover and cooldown decide").
 pub(crate) fn ends_with_error_event(body: &str) -> bool {
     data_lines(body)
         .last()
@@ -241,7 +243,7 @@ fn http_dates_are_imf_fixdates() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Defaults keep section 4.
+// The defaults keep the failover rules (see the rescue guide, "How failover and cooldown decide").
 
 #[actix_rt::test]
 async fn defaults_keep_section_4_behaviour() {

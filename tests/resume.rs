@@ -1,5 +1,5 @@
-//! Resume (SPEC 4a): a chat stream broken mid-answer continues on the next candidate within the
-//! same client stream, exactly.
+//! Resume (see the rescue guide, "When an upstream breaks a stream"): a chat stream broken
+//! mid-answer continues on the next candidate within the same client stream, exactly.
 
 use std::time::Duration;
 

@@ -64,8 +64,9 @@ except openai.APIStatusError as e:
     print("STATUS:%d" % e.status_code)
 "#;
 
-/// SPEC 4e: when every upstream failed, the SDK (which retries a 5xx twice by default) does not
-/// start a second round: one call costs at most 1 + `retries` requests per upstream.
+/// When every upstream failed, the SDK (which retries a 5xx twice by default) does not start a
+/// second round: one call costs at most 1 + `retries` requests per upstream (see the rescue guide,
+/// "A client's own retry where it helps (0.4)").
 #[test]
 #[cfg_attr(
     not(test_sdk_python),
@@ -109,8 +110,9 @@ for i in range(2):
         print("FILE:%s:%s" % (f.id, body.strip()))
 "#;
 
-/// SPEC 4f with the official SDK: a Responses chain over several turns and files written then
-/// read, under `round_robin` across two upstreams that each know only their own objects.
+/// State on one upstream (see the affinity guide) with the official SDK: a Responses chain over
+/// several turns and files written then read, under `round_robin` across two upstreams that each
+/// know only their own objects.
 #[test]
 #[cfg_attr(
     not(test_sdk_python),

@@ -1,6 +1,7 @@
-//! The status page in a real browser (SPEC §8, version 0.3): at 1280 px and on a 390 px phone,
-//! with three upstreams with long names and endpoints, the page needs no sideways scroll, every
-//! 60-minute chart is visible, and names and endpoints wrap only at natural break points.
+//! The status page in a real browser (version 0.3; see the observability guide, "Status page"): at
+//! 1280 px and on a 390 px phone, with three upstreams with long names and endpoints, the page
+//! needs no sideways scroll, every 60-minute chart is visible, and names and endpoints wrap only at
+//! natural break points.
 //!
 //! Headless Chromium (Debian's `chromium`, named by `OPENAI_API_ROUTE_TEST_CHROMIUM`; `.ci/run`
 //! installs it) is driven over the DevTools protocol: the page has no JavaScript of its own, so

@@ -1,6 +1,6 @@
-//! `lb_policy: sticky` and `weight` (SPEC §3, 4f) through the real binary: a key stays on one
-//! upstream while it is healthy, keys spread by weight, and a cooldown or a reload that removes
-//! an upstream moves only the keys that preferred it.
+//! `lb_policy: sticky` and `weight` (see the affinity guide, "Sticky and weight") through the real
+//! binary: a key stays on one upstream while it is healthy, keys spread by weight, and a cooldown
+//! or a reload that removes an upstream moves only the keys that preferred it.
 
 use std::collections::HashMap;
 use std::time::Duration;

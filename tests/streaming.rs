@@ -16,7 +16,8 @@ fn sse_chunks(n: usize, gap: Duration, ending: Ending) -> (Reply, Vec<u8>) {
         })
         .collect();
     if matches!(ending, Ending::Finish) {
-        // A whole chat stream ends with `[DONE]` (SPEC 4e); without it, it is broken.
+        // A whole chat stream ends with `[DONE]` (see the rescue guide, "Truthful ends (0.3)");
+        // without it, it is broken.
         chunks.push((Duration::ZERO, b"data: [DONE]\n\n".to_vec()));
     }
     let all = chunks.iter().flat_map(|(_, c)| c.clone()).collect();

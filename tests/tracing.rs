@@ -1,5 +1,6 @@
-//! Traces (SPEC 6a): what the gateway exports, decoded by an in-test OTLP/HTTP receiver with the
-//! `opentelemetry-proto` crate's own message types, and what each upstream attempt receives.
+//! Traces (see the tracing guide): what the gateway exports, decoded by an in-test OTLP/HTTP
+//! receiver with the `opentelemetry-proto` crate's own message types, and what each upstream
+//! attempt receives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

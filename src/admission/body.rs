@@ -1,6 +1,6 @@
-//! Reading a request body before its one parse: bounded in size (`max_body_bytes`), in an
-//! encoding the gateway can read, and JSON in UTF-8 (see the security guide, "JSON bodies are read
-//! or refused"); plus the local CORS preflight, which needs none of it.
+//! Reading a request body before its one parse: bounded in size (`max_body_bytes`), in an encoding
+//! the gateway can read, and JSON in UTF-8 (see the security guide, "JSON is UTF-8"); plus the
+//! local CORS preflight, which needs none of it.
 //!
 //! Each rule exists because the looser one let a client past a filter: a UTF-16 body passed
 //! `deny` and a Python upstream decoded it anyway; a compressed body hid its model.
@@ -30,7 +30,8 @@ fn json_or_absent(content_type: Option<&HeaderValue>) -> bool {
 /// JSON between systems is UTF-8 (RFC 8259 §8.1). A body that is JSON by its `Content-Type`
 /// (or has none) and whose first four bytes hold a NUL or a UTF-16/UTF-32 byte order mark is
 /// JSON in another encoding: the meta reader cannot see its `model`, while a Python upstream
-/// (`json.loads` detects the encoding) reads it — a way past `deny` and `model_map` (SPEC 4d).
+/// (`json.loads` detects the encoding) reads it — a way past `deny` and `model_map` (see the
+/// security guide, "JSON is UTF-8").
 pub fn not_utf8_json(content_type: Option<&HeaderValue>, body: &[u8]) -> Option<Unreadable> {
     let head = &body[..body.len().min(4)];
     let wide = head.contains(&0) || head.starts_with(b"\xFF\xFE") || head.starts_with(b"\xFE\xFF");
@@ -87,7 +88,7 @@ pub async fn read_body(
 }
 
 /// The request's `Content-Encoding`, unless absent or `identity`: the gateway reads no other,
-/// and a body it cannot read could carry a model past `allow`/`deny` (SPEC 4d).
+/// and a body it cannot read could carry a model past `allow`/`deny` (see the security guide).
 pub fn unreadable_encoding(req: &HttpRequest) -> Option<&str> {
     let mut found = None;
     for v in req.headers().get_all(header::CONTENT_ENCODING) {

@@ -1,5 +1,5 @@
-//! Admission: the one step every `/v1/*` route takes before any upstream is tried (SPEC 4d,
-//! "One admission for every route").
+//! Admission: the one step every `/v1/*` route takes before any upstream is tried (see the
+//! security guide, "One admission for every route").
 //!
 //! The HTTP proxy, the model list and WebSocket upgrades each used to run their own checks, and
 //! the second probe found a rule that held on one route but not another: a WebSocket upgrade to
@@ -130,7 +130,8 @@ pub fn via_hops(headers: &HeaderMap) -> usize {
 /// field shares what the request already holds (the URI's and the header's bytes, the method);
 /// nothing is copied or formatted here: the record's writer does that, off the request path.
 pub fn request_info(req: &HttpRequest, cfg: &Config) -> RequestInfo {
-    // A header lookup when the client sends none; parsed strictly when it does (SPEC 6a).
+    // A header lookup when the client sends none; parsed strictly when it does (see the tracing
+    // guide).
     let (trace_parent, tracestate) = crate::trace::context::incoming(req.headers());
     RequestInfo {
         created_at: SystemTime::now(),

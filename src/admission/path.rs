@@ -1,4 +1,5 @@
-//! The path rules of admission (SPEC 4d "Paths"): which `/v1/*` paths are never forwarded.
+//! The path rules of admission (see the security guide, "Paths"): which `/v1/*` paths are never
+//! forwarded.
 //!
 //! A gateway and the server behind it must read a path the same way, or a path the gateway
 //! thinks harmless reaches somewhere else under the operator's key: `/v1/%2e%2e/admin` is

@@ -1,8 +1,8 @@
-//! State that lives on one upstream (SPEC 4f): who owns which object ([`owners`]) and how owners
-//! and chain parts are read back from the record store within a budget ([`reading`]), which
-//! objects a request refers to ([`refs`]), how a Responses chain is rebuilt as a stateless
-//! request when its owner cannot answer ([`rebuild`]), and the `sticky` ordering with `weight`
-//! ([`sticky`]).
+//! State that lives on one upstream (see the affinity guide): who owns which object ([`owners`])
+//! and how owners and chain parts are read back from the record store within a budget
+//! ([`reading`]), which objects a request refers to ([`refs`]), how a Responses chain is rebuilt as
+//! a stateless request when its owner cannot answer ([`rebuild`]), and the `sticky` ordering with
+//! `weight` ([`sticky`]).
 //!
 //! Nothing here imports the proxy, the ledger or the capture: they call in with plain values.
 
@@ -14,7 +14,7 @@ pub mod sticky;
 
 pub use self::owners::Owners;
 
-/// What SPEC 4f routing notes about one request, kept in its ledger.
+/// What routing by owner (see the affinity guide) notes about one request, kept in its ledger.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Marks {
     /// It went out as a rebuilt Responses chain (the record's `rebuilt`).

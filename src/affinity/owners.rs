@@ -304,8 +304,8 @@ impl Owners {
 
     /// The chain that ends with response `id`, oldest first: every link followed back through
     /// `previous_response_id` to one without it. None when any response of it is unknown, has no
-    /// whole link, or belongs to an upstream not in `cfg` (SPEC 4f: without the whole chain,
-    /// nothing is rebuilt).
+    /// whole link, or belongs to an upstream not in `cfg` (without the whole chain, nothing is
+    /// rebuilt: see the affinity guide, "Rebuilding a Responses chain").
     pub fn chain(&self, id: &str, cfg: &Config) -> Option<Vec<Arc<Link>>> {
         let mut out = Vec::new();
         let mut next = Some(id.to_string());

@@ -1,4 +1,5 @@
-//! Rebuilding a Responses chain as one stateless request (SPEC 4f, `rebuild: true`).
+//! Rebuilding a Responses chain as one stateless request (`rebuild: true`; see the affinity
+//! guide, "Rebuilding a Responses chain").
 //!
 //! Each owned response keeps a [`Link`]: its request's `input` and `previous_response_id`, and
 //! its output items that can be sent back as input (messages and function calls; reasoning is

@@ -1,4 +1,5 @@
-//! Reply-text capture for the request record (SPEC §5 `response`, token columns).
+//! Reply-text capture for the request record (`response` and the token columns: see the
+//! observability guide, "Request records").
 //!
 //! Chunks are fed as they are relayed; nothing here may hold the stream back or fail it. An SSE
 //! stream is read through the one SSE reader (`crate::sse`): the relay hands each event and its
@@ -24,8 +25,9 @@ use crate::sse::{self, Payload};
 /// Appended where a kept text was cut at `record_body_bytes`.
 pub const TRUNCATED: &str = "…[truncated]";
 
-/// What a capture may hold beyond the kept text: the SSE line being read, a usage tail (SPEC 4d:
-/// at most `record_body_bytes` + 64 KiB per request, however long a line or a body is).
+/// What a capture may hold beyond the kept text: the SSE line being read, a usage tail (at most
+/// `record_body_bytes` + 64 KiB per request, however long a line or a body is: see the security
+/// guide).
 pub const SLACK: usize = 64 << 10;
 /// The whole capture's bound when `record_body_bytes` is 0 ("no limit" on the record).
 pub const UNLIMITED_CAPTURE: usize = 8 << 20;
@@ -38,8 +40,9 @@ const MAX_FINISH_REASON: usize = 64;
 
 pub use crate::sse::Usage;
 
-/// What a finished capture gives the record (SPEC §5 `response`, token columns,
-/// `finish_reason`, and what `complete` needs to know of the body itself).
+/// What a finished capture gives the record (`response`, the token columns, `finish_reason`, and
+/// what `complete` needs to know of the body itself: see the observability guide, "Request
+/// records").
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// The reply text; None for binary bodies and when only the usage was read.
@@ -51,10 +54,10 @@ pub struct Reply {
     /// An SSE error event (a top-level `error`, or a Responses API `error`/`response.failed`)
     /// came through: the client did not get the whole answer. Read only when the text is kept.
     pub error_event: bool,
-    /// The object the answer created, when it was watched for (SPEC 4f).
+    /// The object the answer created, when it was watched for (see the affinity guide).
     pub object: Option<objects::ObjectSeen>,
     /// The model that answered, as the reply names it (bounded), when it was watched for
-    /// ([`Capture::watch_model`]): the trace's `gen_ai.response.model` (SPEC 6a).
+    /// ([`Capture::watch_model`]): the trace's `gen_ai.response.model` (see the tracing guide).
     pub model: Option<String>,
 }
 
@@ -95,13 +98,14 @@ pub struct Capture {
     tail: Vec<u8>,
     truncated: bool,
     usage: Usage,
-    /// Usage of the earlier segments of a resumed stream (SPEC 4b: the continuation's is added).
+    /// Usage of the earlier segments of a resumed stream (the continuation's is added to it).
     earlier: Usage,
     /// SSE: the last non-null `choices[*].finish_reason` so far.
     finish_reason: Option<FinishReason>,
     /// SSE: an error event was seen.
     error_event: bool,
-    /// The answer's object id (and Responses output), when this answer creates one (SPEC 4f).
+    /// The answer's object id (and Responses output), when this answer creates one (see the
+    /// affinity guide).
     objects: Option<objects::ObjectWatch>,
     /// Read the model that answered (only when the request is traced: it costs a copy).
     want_model: bool,
@@ -178,15 +182,15 @@ impl Capture {
         c
     }
 
-    /// Watch this answer for the id of the object it creates (SPEC 4f).
+    /// Watch this answer for the id of the object it creates (see the affinity guide).
     pub fn watch_objects(&mut self, watch: objects::ObjectWatch) {
         if matches!(self.kind, Kind::Sse | Kind::Json) {
             self.objects = Some(watch);
         }
     }
 
-    /// A resumed stream goes on from another upstream (SPEC 4a): the usage read so far is kept
-    /// and the next upstream's is added to it.
+    /// A resumed stream goes on from another upstream (`resume`: see the rescue guide): the usage
+    /// read so far is kept and the next upstream's is added to it.
     pub fn next_segment(&mut self) {
         self.earlier = self.earlier.plus(std::mem::take(&mut self.usage));
     }
@@ -261,7 +265,7 @@ impl Capture {
     }
 
     /// How long an SSE line may be read whole: the capture's bound, less the text it kept
-    /// (see the security guide, "Bounded capture").
+    /// (see the security guide).
     pub fn line_room(&self) -> usize {
         (self.limit + SLACK).saturating_sub(self.text.len())
     }
@@ -420,8 +424,8 @@ impl Capture {
             _ => lossy(body),
         };
         if self.truncated && self.kind == Kind::Json {
-            // The text was cut, but its `usage` (at the end) still counts (SPEC 4d), and so
-            // does the `finish_reason` before it.
+            // The text was cut, but its `usage` (at the end) still counts (see the security guide),
+            // and so does the `finish_reason` before it.
             let mut end = body[body.len().saturating_sub(USAGE_TAIL)..].to_vec();
             end.extend_from_slice(&self.tail);
             if let Some(u) = tail_usage(&end) {

@@ -1,9 +1,9 @@
-//! The id of the object an answer creates (SPEC 4f "Owners"), read while the answer is relayed:
-//! a JSON answer's top-level `id`, or a stream's first event that names one (`response.created`
-//! → `response.id`). The id is handed on the moment it is read — before the bytes that carry it
-//! go to the client — so a follow-up can never arrive before its owner is known. For a
-//! Responses answer the `output` items are also kept (within the record limit), for rebuilding
-//! its chain.
+//! The id of the object an answer creates (see the affinity guide, "What is pinned"), read while
+//! the answer is relayed: a JSON answer's top-level `id`, or a stream's first event that names one
+//! (`response.created` → `response.id`). The id is handed on the moment it is read — before the
+//! bytes that carry it go to the client — so a follow-up can never arrive before its owner is
+//! known. For a Responses answer the `output` items are also kept (within the record limit), for
+//! rebuilding its chain.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -1,6 +1,7 @@
-//! The limits of SPEC 4d (version 0.3) that bound what one client or upstream can make the
-//! gateway hold: WebSocket sessions and their partly received frames, and the text a continuation
-//! may carry to the next upstream. Kept in one place so that an operator reads them together.
+//! The limits (version 0.3; see the security guide, "Second probe (0.3): limits") that bound
+//! what one client or upstream can make the gateway hold: WebSocket sessions and their partly
+//! received frames, and the text a continuation may carry to the next upstream. Kept in one place
+//! so that an operator reads them together.
 //!
 //! Reload: every value applies to what starts after the reload (a handshake, a session's idle
 //! timer, a continuation); open WebSocket sessions keep the idle timeout they started with, and
@@ -24,7 +25,8 @@ pub struct Limits {
     /// Bytes that partly received frames of all sessions together may hold; a session that
     /// would need more is closed with 1009.
     pub realtime_buffer_bytes: usize,
-    /// A broken stream whose text already sent is longer than this is not resumed (4a).
+    /// A broken stream whose text already sent is longer than this is not resumed (see the
+    /// security guide, "Second probe (0.3): limits").
     pub resume_max_bytes: usize,
     /// Bytes of chain parts (request inputs and output items) held in memory for rebuilding
     /// (see the affinity guide, "Bounded reading"), wherever they were read from.

@@ -1,4 +1,5 @@
-//! The upstreams file (SPEC §3): parsing, `${ENV}` substitution, defaults and validation.
+//! The upstreams file (see the configuration guide): parsing, `${ENV}` substitution, defaults and
+//! validation.
 //!
 //! The file is walked key by key rather than deserialised straight into structs so that every
 //! problem can be reported as one line naming the file, the key path and what is wrong, and so that
@@ -140,7 +141,8 @@ pub enum LbPolicy {
     Random,
     /// The start rotates by one per request.
     RoundRobin,
-    /// Weighted rendezvous hashing of the request's affinity key (SPEC 4f).
+    /// Weighted rendezvous hashing of the request's affinity key (see the affinity guide, "Sticky
+    /// and weight").
     Sticky,
 }
 
@@ -156,7 +158,7 @@ impl LbPolicy {
     }
 }
 
-/// How an upstream continues a partial answer (SPEC 4a `prefill`).
+/// How an upstream continues a partial answer (`prefill`: see the rescue guide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prefill {
     /// One trailing assistant message.
@@ -196,7 +198,7 @@ pub struct Config {
     pub stream_timeout: Duration,
     /// Longest silence inside a started response.
     pub idle_timeout: Duration,
-    /// Longest a request body may take to arrive (SPEC 4d "Slow bodies").
+    /// Longest a request body may take to arrive (see the security guide).
     pub body_timeout: Duration,
     /// Candidate ordering.
     pub lb_policy: LbPolicy,
@@ -228,23 +230,28 @@ pub struct Config {
     pub dbtype_postgres: bool,
     /// The upstreams, in file order.
     pub upstreams: Vec<Upstream>,
-    /// How often each upstream's model list is fetched again (SPEC 4b).
+    /// How often each upstream's model list is fetched again (see the observability guide,
+    /// "Models and token usage (0.2)").
     pub models_refresh: Duration,
-    /// Skip an upstream whose known model list lacks the request's model (SPEC 4b).
+    /// Skip an upstream whose known model list lacks the request's model (see the observability
+    /// guide, "Models and token usage (0.2)").
     pub route_by_models: bool,
-    /// A 429/503 `Retry-After` up to this long is waited out on the same upstream (SPEC 4a).
+    /// A 429/503 `Retry-After` up to this long is waited out on the same upstream (see the rescue
+    /// guide).
     pub retry_after_max: Duration,
     /// Time a request may spend before its first byte, across attempts; None = no limit.
     pub deadline: Option<Duration>,
-    /// `error.code` (else `error.type`) values that make a 400 fail over (SPEC 4a).
+    /// `error.code` (else `error.type`) values that make a 400 fail over (see the rescue guide).
     pub failover_codes: Vec<String>,
-    /// Continue a broken chat stream on the next candidate (SPEC 4a).
+    /// Continue a broken chat stream on the next candidate (see the rescue guide).
     pub resume: bool,
-    /// `otel:` (SPEC 6a); the `OTEL_*` environment beats it. Read at start only.
+    /// `otel:` (see the tracing guide); the `OTEL_*` environment beats it. Read at start only.
     pub otel: OtelConfig,
-    /// WebSocket and continuation limits (SPEC 4d, version 0.3).
+    /// WebSocket and continuation limits (version 0.3; see the security guide, "Second probe
+    /// (0.3): limits").
     pub limits: Limits,
-    /// Rebuild a Responses chain whose owner cannot answer as a stateless request (SPEC 4f).
+    /// Rebuild a Responses chain whose owner cannot answer as a stateless request (see the
+    /// affinity guide, "Rebuilding a Responses chain").
     pub rebuild: bool,
     /// Waits per model pattern, overriding `timeout`/`stream_timeout` (first match wins).
     pub model_timeouts: Vec<ModelTimeout>,

@@ -1,7 +1,7 @@
-//! The `otel:` section (SPEC 6a): where traces go when the standard `OTEL_*` environment
-//! variables do not say. Its shape is checked here like every other key; the endpoint and the
-//! sampler are checked by the trace module when it merges the environment in, once, before the
-//! port opens (so the config needs nothing of the trace module).
+//! The `otel:` section (see the tracing guide): where traces go when the standard `OTEL_*`
+//! environment variables do not say. Its shape is checked here like every other key; the
+//! endpoint and the sampler are checked by the trace module when it merges the environment in,
+//! once, before the port opens (so the config needs nothing of the trace module).
 
 use serde_yaml::{Mapping, Value};
 

@@ -48,13 +48,13 @@ pub(super) const ROOT_KEYS: &[&str] = &[
     "resume",
     "prefill",
     "otel",
-    // SPEC 4d (0.3) limits, read in `limits.rs`.
+    // The 0.3 limits (see the security guide), read in `limits.rs`.
     "realtime_max_sessions",
     "realtime_max_sessions_per_token",
     "realtime_idle_timeout",
     "realtime_buffer_bytes",
     "resume_max_bytes",
-    // SPEC 4f.
+    // State on one upstream (see the affinity guide).
     "rebuild",
     // Version 0.4.
     "model_timeouts",
@@ -194,7 +194,8 @@ impl Parser<'_> {
 
     /// `true`/`false` (also as strings, so `${ENV}` works).
     /// `retries` (global or per upstream): at most [`MAX_RETRIES`]; more only multiplies the
-    /// load a client's one request puts on a failing upstream (SPEC 4d).
+    /// load a client's one request puts on a failing upstream (see the security guide, "Retries
+    /// are bounded").
     pub(super) fn retries(&mut self, key: &str, v: Option<&Value>, default: u32) -> u32 {
         let n = self.integer(key, v, default.into());
         // An inherited default was reported where it was written.

@@ -96,15 +96,18 @@ pub struct Upstream {
     pub deny: Vec<Pattern>,
     /// `model` rewrites, exact names first, then patterns in file order.
     pub model_map: Vec<(Pattern, String)>,
-    /// `models`: the model list given in the file (then never fetched); None = fetch it (SPEC 4b).
+    /// `models`: the model list given in the file (then never fetched); None = fetch it (see the
+    /// observability guide, "Models and token usage (0.2)").
     pub models: Option<Vec<String>>,
-    /// `force_usage`: add `stream_options.include_usage` to stream requests (SPEC 4b).
+    /// `force_usage`: add `stream_options.include_usage` to stream requests (see the
+    /// observability guide, "Models and token usage (0.2)").
     pub force_usage: bool,
-    /// `retries`: extra attempts on this upstream before moving on (SPEC 4a).
+    /// `retries`: extra attempts on this upstream before moving on (see the rescue guide).
     pub retries: u32,
-    /// `prefill`: how this upstream continues a partial answer (SPEC 4a resume).
+    /// `prefill`: how this upstream continues a partial answer on `resume` (see the rescue guide).
     pub prefill: Prefill,
-    /// `weight`: this upstream's share under `random` and `sticky` (SPEC §3, 4f); positive.
+    /// `weight`: this upstream's share under `random` and `sticky` (see the affinity guide,
+    /// "Sticky and weight"); positive.
     pub weight: f64,
 }
 

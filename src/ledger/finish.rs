@@ -29,7 +29,7 @@ impl Ledger {
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
         let status = resp.status().as_u16();
-        // A span shows the gateway's own words, never an upstream's (see the tracing guide).
+        // A span shows the gateway's own words, never an upstream's (see the security guide, "Upstream text stays with the operator").
         let span_error = match &err {
             GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. } => {
                 crate::failure::public_summary(&self.failures)
@@ -48,7 +48,7 @@ impl Ledger {
         );
         if err.after_every_candidate() {
             // Every candidate was tried: the client's SDK must not try them all again (see the
-            // failover guide, "A client's own retry").
+            // rescue guide, "A client's own retry where it helps (0.4)").
             headers.insert(
                 HeaderName::from_static("x-should-retry"),
                 HeaderValue::from_static("false"),
@@ -196,7 +196,7 @@ impl Ledger {
             }
             // A Responses stream that ends with its protocol's `error` or `response.failed`
             // event ended properly, but the upstream failed it: an in-band error counts for
-            // health (see the failover guide, "Which failures count").
+            // health (see the rescue guide, "Which failures count (0.4)").
             BodyEnd::Complete if reply.error_event && c.ok && !c.broken => {
                 sinks.registry.report_for(
                     &c.view,
@@ -263,7 +263,7 @@ impl Ledger {
         }
     }
 
-    /// The all-failed alert (see the alerts guide), by message: nobody waits for it.
+    /// The all-failed alert (see the operations guide, "Alerts"), by message: nobody waits for it.
     pub(super) fn alert(&self, status: u16) {
         if let Some(alerts) = &self.sinks.alerts {
             alerts.do_send(RequestFailed {

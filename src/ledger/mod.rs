@@ -32,8 +32,8 @@ pub use self::request_id::new_request_id;
 pub use self::sinks::Sinks;
 pub use self::types::{http_reason, AttemptFailure, BodyEnd, RequestInfo};
 
-/// How a committed answer counts for its upstream (see the failover guide, "Which failures
-/// count").
+/// How a committed answer counts for its upstream (see the rescue guide, "Which failures count
+/// (0.4)").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// A success (any status that is never failed over): health, first-byte time, `ok`.

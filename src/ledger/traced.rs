@@ -1,4 +1,4 @@
-//! The ledger's side of the request's trace (SPEC 6a): attempts made apart from it
+//! The ledger's side of the request's trace (see the tracing guide): attempts made apart from it
 //! (continuations) and the end of the server span. Kept beside the ledger so that the ledger
 //! stays one screenful of accounting; the spans themselves live in [`crate::trace`].
 
@@ -19,7 +19,7 @@ impl Ledger {
         self.trace.link()
     }
 
-    /// The request's trace (e.g. to mark a rebuilt chain, SPEC 4f).
+    /// The request's trace (e.g. to mark a rebuilt chain, see the affinity guide).
     pub fn trace(&mut self) -> &mut Trace {
         &mut self.trace
     }

@@ -40,16 +40,16 @@ pub struct RequestInfo {
     pub member: Option<Arc<str>>,
     /// `record_body_bytes`.
     pub body_limit: usize,
-    /// A WebSocket session (SPEC 4c).
+    /// A WebSocket session (see the observability guide, "Realtime API (WebSocket)").
     pub websocket: bool,
-    /// The client's valid W3C `traceparent`, if any (SPEC 6a).
+    /// The client's valid W3C `traceparent`, if any (see the tracing guide).
     pub trace_parent: Option<crate::trace::context::Parent>,
     /// Its `tracestate`, passed on with it.
     pub tracestate: Option<HeaderValue>,
 }
 
 impl RequestInfo {
-    /// The path without query, cut as the record keeps it (SPEC 4d).
+    /// The path without query, cut as the record keeps it (see the security guide).
     pub fn path(&self) -> &str {
         crate::records::cut_path(self.uri.path())
     }
@@ -81,7 +81,7 @@ pub struct AttemptFailure {
     pub moving_on: bool,
     /// The `Retry-After` the upstream announced, as a cooldown.
     pub cooldown: Option<Duration>,
-    /// Who hears of it (see the failover guide, "Which failures count").
+    /// Who hears of it (see the rescue guide, "Which failures count (0.4)").
     pub counts: Counts,
 }
 

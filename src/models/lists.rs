@@ -1,5 +1,6 @@
 //! The upstreams' model lists: [`ModelsActor`] fetches and keeps them, [`ModelsHandle`] is what
-//! the request path, the status page and the handler read (see the models guide).
+//! the request path, the status page and the handler read (see the observability guide, "Models
+//! and token usage (0.2)").
 //!
 //! Below the application state on purpose: it imports neither the handler's state nor admission,
 //! so `state.rs` can hold a [`ModelsHandle`] without closing an import circle.
@@ -196,8 +197,9 @@ impl ModelsHandle {
         }
     }
 
-    /// With `route_by_models` (see the models guide): keeps in `order` only the upstreams whose
-    /// known list serves `model` (after their `model_map`).
+    /// With `route_by_models` (see the observability guide, "Models and token usage (0.2)"):
+    /// keeps in `order` only the upstreams whose known list serves `model` (after their
+    /// `model_map`).
     pub fn route_filter(
         &self,
         cfg: &Config,

@@ -1,4 +1,5 @@
-//! `GET /v1/models` answered by the gateway from every upstream's model list (SPEC 4b).
+//! `GET /v1/models` answered by the gateway from every upstream's model list (see the
+//! observability guide, "Models and token usage (0.2)").
 //!
 //! Proxying the listing to the first upstream showed a model picker that upstream's models only
 //! (or an error while it was down). Instead a small actor, [`ModelsActor`], keeps each upstream's

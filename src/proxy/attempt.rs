@@ -117,7 +117,7 @@ pub fn body_of(resp: &mut Upstreamed) -> UpstreamBody {
 }
 
 /// One attempt: send, wait for the head, and for streams the first chunk too. A traced request
-/// (`trace`) sends the attempt's own `traceparent` (SPEC 6a).
+/// (`trace`) sends the attempt's own `traceparent` (see the tracing guide).
 pub async fn attempt(
     client: &awc::Client,
     up: &Upstream,
@@ -160,7 +160,7 @@ pub async fn attempt(
     if resp.headers().contains_key(header::TRANSFER_ENCODING)
         && resp.headers().contains_key(header::CONTENT_LENGTH)
     {
-        // Two framings in one head: which one ends the body is ambiguous (SPEC 4d).
+        // Two framings in one head: which one ends the body is ambiguous (see the security guide).
         return Err(AttemptError::new(
             FailKind::Connect,
             "response head has both Transfer-Encoding and Content-Length".into(),

@@ -85,7 +85,8 @@ impl Edits {
 /// continuation's prefill (the model comes from the upstream's `model_map`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Extras<'a> {
-    /// The `stream_options` edit, when this attempt adds it (see the models guide).
+    /// The `stream_options` edit, when this attempt adds it (see the observability guide, "Models
+    /// and token usage (0.2)").
     pub usage: Option<&'a UsageEdit>,
     /// The text already sent and the upstream's dialect, for a continuation by prefill.
     pub prefill: Option<(&'a str, Prefill)>,

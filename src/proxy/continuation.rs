@@ -32,7 +32,8 @@ pub struct ResumePlan {
     pub req: HttpRequest,
     /// Candidates not tried yet, in order.
     pub remaining: Vec<usize>,
-    /// The edit that asks for usage (see the models guide), when the request carries it.
+    /// The edit that asks for usage (see the observability guide, "Models and token usage
+    /// (0.2)"), when the request carries it.
     pub usage: Option<UsageEdit>,
     /// Text beyond this is not resumed: it outgrew the capture, or `resume_max_bytes` (see the
     /// security guide), so that a first upstream cannot make the next one read an unbounded

@@ -1,4 +1,4 @@
-//! The `/v1/*` handler (see the failover guide), top to bottom: admit (auth, body, its one
+//! The `/v1/*` handler (see the rescue guide), top to bottom: admit (auth, body, its one
 //! parse) → plan (candidates, objects) → the attempt engine → respond → relay.
 //!
 //! Failover is decided only before the first byte goes to the client: on the response head for
@@ -197,7 +197,7 @@ fn verdict<A>(next: &Next, tried: &Tried<A>, pin: Pin) -> Verdict {
         }
     );
     match *next {
-        // 4f (0.4): the owner's own "not found" is its answer, not a failure.
+        // 0.4: the owner's own "not found" is its answer, not a failure (see the affinity guide).
         Next::Relay if not_found && matches!(pin, Pin::Owner { .. }) => Verdict::Neutral {
             counts: Counts::Request,
         },
@@ -342,7 +342,8 @@ struct Http<'a> {
     req: &'a HttpRequest,
     client: &'a awc::Client,
     plan: &'a mut Plan,
-    /// The edit that asks for usage, when the request should carry it (see the models guide).
+    /// The edit that asks for usage, when the request should carry it (see the observability
+    /// guide, "Models and token usage (0.2)").
     usage: Option<&'a UsageEdit>,
     /// The last attempt carried the added `stream_options`.
     usage_added: bool,

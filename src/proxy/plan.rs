@@ -60,7 +60,7 @@ impl Plan {
         match self.route {
             Route::Free => Pin::Free,
             Route::Unknown => Pin::Unknown,
-            // From where the rebuilt chain goes, the rules of §4 apply.
+            // From where the rebuilt chain goes, the failover rules apply.
             Route::Owner { .. } if self.rebuild_from.is_some_and(|from| pos >= from) => Pin::Free,
             Route::Owner { .. } => Pin::Owner {
                 alone: self.rebuilt.is_none(),

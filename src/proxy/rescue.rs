@@ -1,5 +1,6 @@
-//! The small rules of SPEC 4a that the attempt loop applies: how long to pause before a
-//! same-upstream retry, what a `Retry-After` says, and which 400s fail over.
+//! The small rules of rescue (see the rescue guide, "When an upstream breaks a stream") that the
+//! attempt loop applies: how long to pause before a same-upstream retry, what a `Retry-After`
+//! says, and which 400s fail over.
 
 use std::time::{Duration, SystemTime};
 

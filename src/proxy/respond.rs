@@ -31,11 +31,12 @@ pub struct Committed<'a> {
     pub idx: usize,
     /// Attempt start to response head (and first chunk, for streams).
     pub first_byte: Duration,
-    /// The gateway added `stream_options.include_usage` (4b): the usage-only chunk is not relayed.
+    /// The gateway added `stream_options.include_usage` (`force_usage`): the usage-only chunk is
+    /// not relayed.
     pub usage_added: bool,
     /// How the answer counts for its upstream.
     pub verdict: Verdict,
-    /// How to continue the stream if it breaks (4a `resume`), when it may be continued.
+    /// How to continue the stream if it breaks (`resume`), when it may be continued.
     pub resume: Option<ResumePlan>,
     /// The body was read and rewritten (a member's own list): its length; `first` holds it.
     pub replaced: Option<u64>,
@@ -128,8 +129,9 @@ pub fn respond(
         ));
     }
     if all_tried {
-        // See the failover guide, "A client's own retry": an SDK retries what it would retry
-        // against the upstream directly, and never starts a second round over every candidate.
+        // See the rescue guide, "A client's own retry where it helps (0.4)": an SDK retries what it
+        // would retry against the upstream directly, and never starts a second round over every
+        // candidate.
         let own = super::rescue::retry_after(&resp, status).map(|d| d.as_secs_f64());
         match policy::client_retry(status.as_u16(), own) {
             policy::ClientRetry::No => {
@@ -145,7 +147,8 @@ pub fn respond(
             }
         }
     }
-    // SPEC 4e: a chat, completions or Responses stream is whole only at its protocol's end.
+    // A chat, completions or Responses stream is whole only at its protocol's end (see the rescue
+    // guide, "Truthful ends (0.3)").
     let protocol = (sse && status.is_success())
         .then(|| Protocol::of_path(ledger.info().path()))
         .flatten();
@@ -164,16 +167,18 @@ pub fn respond(
         Capture::usage_only(content_type, encoding, cfg.record_body_bytes)
     };
     if ledger.traced() {
-        // SPEC 6a: `gen_ai.response.model`.
+        // The trace's `gen_ai.response.model` (see the tracing guide).
         capture.watch_model();
     }
-    // SPEC 4f: the object a 2xx answer creates is owned by this upstream from its first read.
+    // The object a 2xx answer creates is owned by this upstream from its first read (see the
+    // affinity guide, "What is pinned").
     if let (true, Some(up)) = (status.is_success(), cfg.upstreams.get(idx)) {
         if let Some(w) = object_watch(&ledger, &up.name, cfg.record_body_bytes) {
             capture.watch_objects(w);
         }
     }
-    // A HEAD answer has a head only, whatever its Content-Length says (SPEC 4d).
+    // A HEAD answer has a head only, whatever its Content-Length says (see the observability
+    // guide, "Routes").
     let head_request = ledger.info().method == actix_web::http::Method::HEAD;
     let no_body = head_request
         || status == StatusCode::NO_CONTENT
@@ -259,8 +264,7 @@ fn object_watch(ledger: &Ledger, upstream: &Arc<str>, limit: usize) -> Option<Ob
     Some(ObjectWatch::new(Box::new(on_id), want_output, limit))
 }
 
-/// The longest SSE line read whole: the capture's own bound (see the security guide, "Bounded
-/// capture").
+/// The longest SSE line read whole: the capture's own bound (see the security guide).
 fn capture_bound(record_body_bytes: usize) -> usize {
     match record_body_bytes {
         0 => crate::capture::UNLIMITED_CAPTURE,

@@ -1,5 +1,6 @@
-//! What bounds WebSocket sessions (SPEC 4d, version 0.3): how many may be open, in all and per
-//! client token, and how many bytes their partly received frames may hold together.
+//! What bounds WebSocket sessions (version 0.3; see the security guide, "Second probe (0.3):
+//! limits"): how many may be open, in all and per client token, and how many bytes their partly
+//! received frames may hold together.
 //!
 //! Why a shared byte budget rather than a per-session one: the gateway relays frame by frame, so
 //! a session holds at most the one frame it is reading per direction — but a peer can announce a

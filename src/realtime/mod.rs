@@ -1,12 +1,13 @@
-//! WebSocket sessions (SPEC §4c): `GET /v1/*` with `Upgrade: websocket`, e.g. the Realtime API's
-//! `/v1/realtime?model=…`.
+//! WebSocket sessions (see the observability guide, "Realtime API (WebSocket)"): `GET /v1/*` with
+//! `Upgrade: websocket`, e.g. the Realtime API's `/v1/realtime?model=…`.
 //!
 //! The handshake is where failover happens: candidates are tried in order, each within its
 //! `timeout`, until one answers `101 Switching Protocols`. After that the session belongs to that
 //! upstream and frames are relayed both ways unchanged (opcode, FIN bit, payload; close code and
 //! reason) until either side closes; there is no failover, and `realtime_idle_timeout` (not
 //! `idle_timeout`) ends a silent session. How many sessions may be open, and how many bytes their
-//! partly received frames may hold, is bounded in `limits` (SPEC 4d, version 0.3).
+//! partly received frames may hold, is bounded in `limits` (version 0.3; see the security guide,
+//! "Second probe (0.3): limits").
 //!
 //! Memory per session is bounded whatever the peers do: each direction reads one frame, hands it
 //! to the other side and waits until that side has taken it (the upstream socket accepted the

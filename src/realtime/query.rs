@@ -1,11 +1,11 @@
-//! The `model` query parameter of a WebSocket request (SPEC §4c): read for allow/deny and the
-//! record, rewritten per upstream by `model_map`.
+//! The `model` query parameter of a WebSocket request (see the observability guide, "Realtime API
+//! (WebSocket)"): read for allow/deny and the record, rewritten per upstream by `model_map`.
 
 /// The `model` query parameter (the request's model for allow/deny, `model_map` and the record).
-/// More than one, one that is not valid percent-encoded UTF-8, or one holding a `;` (SPEC 4d) is
-/// refused: a filter must not be bypassed by a parameter the upstream may read differently, and
-/// some servers still split a query at `;` as well as `&` (`model=allowed;model=denied`, or
-/// `x=1;model=denied` beside no `model` at all).
+/// More than one, one that is not valid percent-encoded UTF-8, or one holding a `;` (see the
+/// security guide, "Headers") is refused: a filter must not be bypassed by a parameter the upstream
+/// may read differently, and some servers still split a query at `;` as well as `&`
+/// (`model=allowed;model=denied`, or `x=1;model=denied` beside no `model` at all).
 pub fn query_model(query: &str) -> Result<Option<String>, &'static str> {
     let mut found = None;
     for pair in query.split('&') {

@@ -1,10 +1,10 @@
 //! A running WebSocket session: frames relayed both ways with one-frame backpressure, closes
 //! handled on both sides, and the session's record and gauge when it ends.
 //!
-//! Bounds (SPEC 4d, version 0.3): a frame being read counts against the shared buffer budget
-//! from its header until the other side has taken it, and a session in which no whole frame
-//! passed either way for `realtime_idle_timeout` is closed with 1001 on both sides (a frame
-//! dribbled byte by byte does not keep it open).
+//! Bounds (version 0.3; see the security guide, "Second probe (0.3): limits"): a frame being read
+//! counts against the shared buffer budget from its header until the other side has taken it, and a
+//! session in which no whole frame passed either way for `realtime_idle_timeout` is closed with
+//! 1001 on both sides (a frame dribbled byte by byte does not keep it open).
 
 use std::cell::Cell;
 use std::pin::Pin;

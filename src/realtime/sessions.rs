@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use super::limits::{BufferBudget, SessionCounts};
 
 /// Every session's shared state: the shutdown signal (SIGTERM/SIGINT), the open-session counts
-/// and the buffer budget (SPEC 4d). Cheap to clone; lives in the
-/// application state.
+/// and the buffer budget (see the security guide, "Second probe (0.3): limits"). Cheap to clone;
+/// lives in the application state.
 #[derive(Clone)]
 pub struct Sessions {
     shutdown: Arc<watch::Sender<bool>>,

@@ -1,4 +1,5 @@
-//! Cutting record columns (SPEC §5 `request_body`, `response`) at `record_body_bytes`.
+//! Cutting record columns (`request_body`, `response`: see the observability guide, "Request
+//! records") at `record_body_bytes`.
 
 use std::borrow::Cow;
 

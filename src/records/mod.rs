@@ -1,4 +1,5 @@
-//! Request records (SPEC §5): the `DbActor` on a `SyncArbiter` and the bounded queue in front of it.
+//! Request records (see the observability guide, "Request records"): the `DbActor` on a
+//! `SyncArbiter` and the bounded queue in front of it.
 //!
 //! A request never waits for the database: the proxy hands a finished [`Record`] to
 //! [`Recorder::submit`], which counts it into a bounded queue or drops and counts it when full.
@@ -92,13 +93,13 @@ pub struct Record {
     pub body_limit: usize,
     /// The last `finish_reason` of the reply (JSON or SSE), bounded by the capture.
     pub finish_reason: Option<crate::capture::FinishReason>,
-    /// Continuations of a broken stream (4a `resume`).
+    /// Continuations of a broken stream (`resume`: see the rescue guide).
     pub resumed: u32,
     /// Whether the client received the whole answer.
     pub complete: bool,
-    /// The id of the object this answer created, owned by `upstream` (SPEC 4f).
+    /// The id of the object this answer created, owned by `upstream` (see the affinity guide).
     pub object_id: Option<Arc<str>>,
-    /// The request was sent as a rebuilt Responses chain (SPEC 4f).
+    /// The request was sent as a rebuilt Responses chain (see the affinity guide).
     pub rebuilt: bool,
     /// A Responses answer's output items kept for rebuilding its chain (a JSON array of the
     /// messages and function calls), None when not kept whole within `record_body_bytes`.
@@ -124,12 +125,13 @@ const INSERT_COLUMNS: &str = "created_at, ip, method, path, model, stream, upstr
 /// Number of columns in [`INSERT_COLUMNS`].
 const COLUMN_COUNT: usize = 27;
 
-/// Longest `path` kept in a record (SPEC 4d).
+/// Longest `path` kept in a record (see the security guide).
 pub const RECORD_PATH_BYTES: usize = 1024;
-/// Longest `user_agent` kept in a record (SPEC 4d).
+/// Longest `user_agent` kept in a record (see the security guide).
 pub const RECORD_USER_AGENT_BYTES: usize = 256;
 
-/// A request path as records and logs show it: cut to [`RECORD_PATH_BYTES`] (no marker: SPEC 4d).
+/// A request path as records and logs show it: cut to [`RECORD_PATH_BYTES`], without a marker
+/// (see the security guide).
 pub fn cut_path(path: &str) -> &str {
     cut_bytes(path, RECORD_PATH_BYTES)
 }
@@ -151,7 +153,7 @@ impl IpText {
 
 impl Record {
     /// The record with the object its answer created and the output items kept for its chain
-    /// (SPEC 4f).
+    /// (see the affinity guide).
     pub fn with_object(
         self,
         object_id: Option<Arc<str>>,

@@ -1,4 +1,4 @@
-//! The record store as the owner store of SPEC 4f: the `object_id`, `rebuilt` and
+//! The record store as the owner store (see the affinity guide): the `object_id`, `rebuilt` and
 //! `response_items` columns (added to an existing table when missing), and the reads that fill
 //! the in-memory owner map — at start, and for PostgreSQL every poll, the owners other replicas
 //! wrote. None of these runs on a request's path.

@@ -20,7 +20,7 @@ pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 const MIGRATION_LOCK: i64 = 0x006f_6172_5f6d_6967;
 
 const MIGRATIONS: &[&str] = &[
-    // 1: the SPEC table.
+    // 1: the records table (see the observability guide, "Request records").
     "CREATE TABLE IF NOT EXISTS records (
         id BIGSERIAL PRIMARY KEY,
         created_at TIMESTAMPTZ NOT NULL,

@@ -21,7 +21,7 @@ use crate::time::{rfc3339, Rfc3339};
 /// leaves the next id in `records_meta` (see [`prune`] and [`insert`]). Tables made before this
 /// change keep `AUTOINCREMENT`; both behave the same.
 const MIGRATIONS: &[&str] = &[
-    // 1: the SPEC table.
+    // 1: the records table (see the observability guide, "Request records").
     "CREATE TABLE IF NOT EXISTS records (
         id INTEGER PRIMARY KEY,
         created_at TEXT NOT NULL,

@@ -1,5 +1,6 @@
-//! What `-database` names (SPEC §2, 4d): a SQLite file, a PostgreSQL URL, or a libpq key/value
-//! string — and how each is shown without its password.
+//! What `-database` names (see the configuration guide, "Command line", and the security guide):
+//! a SQLite file, a PostgreSQL URL, or a libpq key/value string — and how each is shown without
+//! its password.
 //!
 //! A key/value string is read with libpq's own rules (spaces around `=`, single-quoted values
 //! with backslash escapes), because anything looser turned `host=h password = hunter2` into a

@@ -1,7 +1,8 @@
 //! What the gateway learns about an upstream while serving, kept with the registry's view so that
 //! a reload forgets it in one place: an upstream that refused the added `stream_options` (see the
-//! models guide: not sent it for ten minutes, and only on proof) and one that ignored a prefill
-//! (see the rescue guide: asked to regenerate instead until the next reload).
+//! security guide, "Second probe (0.3): limits": not sent it for ten minutes, and only on proof)
+//! and one that ignored a prefill (see the rescue guide: asked to regenerate instead until the
+//! next reload).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -28,7 +28,7 @@ pub enum AttemptResult {
         /// Human summary, no secrets.
         reason: String,
         /// A `Retry-After` the upstream announced (429/503): its cooldown starts at once, whatever
-        /// the failure count (SPEC 4a).
+        /// the failure count (see the rescue guide, "When an upstream breaks a stream").
         cooldown: Option<Duration>,
     },
 }

@@ -294,7 +294,8 @@ impl Handler<AttemptDone> for UpstreamRegistry {
                     .cooldown_until
                     .is_some_and(|(until, _)| until <= now);
                 if let Some(d) = cooldown {
-                    // Retry-After: the upstream said how long; believe it at once (SPEC 4a).
+                    // Retry-After: the upstream said how long; believe it at once (see the
+                    // rescue guide, "When an upstream breaks a stream").
                     log::info!(
                         "upstream {} asked for {}s (Retry-After); moved to the back until then",
                         msg.upstream,

@@ -29,7 +29,7 @@ pub struct LiveStats {
     pub(super) history: Arc<UpstreamHistory>,
     /// The local half-open probe: until when (ms after [`epoch`]) one request holds it; 0 or
     /// past = free. One request on this replica probes a recovering upstream, the others keep
-    /// it at the back (see the operations guide, "Health memory").
+    /// it at the back (see the rescue guide, "How failover and cooldown decide").
     pub(super) probe_gate: AtomicU64,
 }
 
@@ -237,7 +237,8 @@ impl RegistryView {
 
     /// Upstream indices to try for `model`: allow/deny, then `lb_policy`, then cooling upstreams
     /// to the back (keeping their order). An expired cooldown puts the upstream back (half-open).
-    /// `sticky` orders by the request's affinity `key` (SPEC 4f; without one, the file's order).
+    /// `sticky` orders by the request's affinity `key` (without one, the file's order; see the
+    /// affinity guide, "Sticky and weight").
     pub fn candidates(&self, model: Option<&str>, rr: &AtomicUsize, key: Option<&[u8]>) -> Order {
         let ups = &self.config.upstreams;
         let mut order = Order::default();

@@ -160,7 +160,8 @@ impl<'a> Payload<'a> {
 
     /// A usage-only chunk: it carries `usage` and its choices say nothing (`"choices": []`, or
     /// choices whose delta is empty and whose `finish_reason` is null). Hidden from a client that
-    /// did not ask for usage, and not the answer's last chunk (see the models guide).
+    /// did not ask for usage, and not the answer's last chunk (see the observability guide,
+    /// "Models and token usage (0.2)").
     pub fn usage_only(&self) -> bool {
         !self.cut && self.usage.is_some() && self.choices.present && self.choices.empty
     }

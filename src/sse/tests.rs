@@ -169,7 +169,8 @@ fn an_error_event_is_an_error_to_every_reader() {
     assert_eq!(found, Some((true, "the model is overloaded".to_string())));
 }
 
-/// Usage stays hidden in every shape (see the models guide), and nothing else is taken for it.
+/// Usage stays hidden in every shape (see the observability guide, "Models and token usage
+/// (0.2)"), and nothing else is taken for it.
 #[test]
 fn usage_only_chunks_in_every_shape() {
     let only = |data: &str| {

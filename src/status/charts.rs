@@ -1,4 +1,5 @@
-//! Small inline-SVG charts of an upstream's last hour for the status page (SPEC §8, version 0.2).
+//! Small inline-SVG charts of an upstream's last hour for the status page (version 0.2; see the
+//! observability guide, "Status page").
 //!
 //! A chart is as wide as its box (`preserveAspectRatio="none"`): the stylesheet sizes it, so the
 //! same markup fills a card's chart column at 1280 px and the whole card on a phone.

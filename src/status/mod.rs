@@ -1,4 +1,5 @@
-//! The read-only status page (`GET /`, SPEC §8) and `GET /healthz`.
+//! The read-only status page (`GET /`, see the observability guide, "Status page") and
+//! `GET /healthz`.
 //!
 //! Rendered on the server from the registry's snapshot so it works without JavaScript; the CSS
 //! from `static/` is compiled in. Every value goes through `text::esc` (or `text::breakable`,

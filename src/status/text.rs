@@ -10,7 +10,7 @@ use std::time::Duration;
 /// HTML-escapes text for element content and quoted attributes. Control characters, the line
 /// and paragraph separators and the bidirectional controls become visible `\u{…}` text (an HTML
 /// character reference would still be the character itself to the browser, and reorder the
-/// text around it) (SPEC 4d).
+/// text around it) (see the security guide, "Escaping").
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

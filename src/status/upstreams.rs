@@ -113,7 +113,8 @@ fn tokens(u: &UpstreamStatus) -> String {
     )
 }
 
-/// The upstream's model list (SPEC §4b): how many ids, when fetched, the last fetch error.
+/// The upstream's model list (see the observability guide, "Models and token usage (0.2)"): how
+/// many ids, when fetched, the last fetch error.
 pub fn models_cell(list: Option<&crate::models::lists::ListState>) -> String {
     let Some(l) = list else {
         return "—".into();

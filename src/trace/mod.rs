@@ -1,5 +1,6 @@
-//! OpenTelemetry traces (SPEC 6a): one server span per `/v1/*` request or WebSocket session, one
-//! client span per upstream attempt, exported as OTLP/HTTP protobuf by a thread of its own.
+//! OpenTelemetry traces (see the tracing guide): one server span per `/v1/*` request or WebSocket
+//! session, one client span per upstream attempt, exported as OTLP/HTTP protobuf by a thread of
+//! its own.
 //!
 //! The request path only fills in plain structs ([`RequestTrace`], held by the request's ledger)
 //! and, when the request ends, hands them to a bounded queue with `try_send`: it never encodes,
@@ -74,7 +75,7 @@ pub struct AttemptSpan {
     pub outcome: &'static str,
     /// Why it failed (the span's error status), bounded.
     pub error: Option<String>,
-    /// It continued a broken stream (SPEC 4a resume).
+    /// It continued a broken stream (`resume`: see the rescue guide).
     pub continuation: bool,
     /// See [`Phase`].
     pub phase: Phase,
@@ -209,7 +210,7 @@ pub struct End {
     pub attempts: u32,
     /// Continuations of a broken stream.
     pub resumed: u32,
-    /// Sent as a rebuilt chain (SPEC 4f).
+    /// Sent as a rebuilt chain (see the affinity guide, "Rebuilding a Responses chain").
     pub rebuilt: bool,
     /// Status sent to the client.
     pub status: u16,
@@ -378,7 +379,8 @@ impl RequestTrace {
         }
     }
 
-    /// The request was sent as a rebuilt chain (SPEC 4f).
+    /// The request was sent as a rebuilt chain (see the affinity guide, "Rebuilding a Responses
+    /// chain").
     pub fn mark_rebuilt(&mut self) {
         self.rebuilt = true;
     }
@@ -526,8 +528,8 @@ fn name(a: &mut AttemptSpan, up: Option<&Upstream>) {
     }
 }
 
-/// The GenAI operation a request is (SPEC 6a; semantic conventions' `gen_ai.operation.name`),
-/// None for the API's other endpoints.
+/// The GenAI operation a request is (semantic conventions' `gen_ai.operation.name`; see the
+/// tracing guide, "What is in a trace"), None for the API's other endpoints.
 pub fn operation(method: &Method, path: &str, websocket: bool) -> Option<&'static str> {
     if websocket {
         return Some("realtime");

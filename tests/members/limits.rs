@@ -425,8 +425,8 @@ async fn concurrent_counts_requests_and_websocket_sessions() {
     assert_eq!(slow.hits(), 3);
 }
 
-/// Rejected records of a member over its limit stay within 4d's caps (10 a second per reason);
-/// every refusal is still counted.
+/// Rejected records of a member over its limit stay within the caps on rejected records (10 a
+/// second per reason: see the security guide); every refusal is still counted.
 #[actix_rt::test]
 async fn refusals_are_recorded_within_the_rejected_caps_and_all_counted() {
     let m = Mock::always(Reply::chat("ok"));

@@ -47,8 +47,8 @@ fn add_old_records(db: &str) {
     }
 }
 
-/// The JSON as the SPEC shows it, days from the records grouped by UTC date and model (oldest
-/// first), `days=N` choosing how far back.
+/// The JSON as the members guide shows it ("Reading usage"), days from the records grouped by
+/// UTC date and model (oldest first), `days=N` choosing how far back.
 #[actix_rt::test]
 async fn usage_is_the_members_limits_now_and_days_from_the_records() {
     let m = Mock::always(Reply::chat("ok"));

@@ -176,8 +176,9 @@ pub struct Mock {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections whose request was abandoned by the peer (EOF/RST while we were sending).
     pub peer_gone: Arc<Mutex<u32>>,
-    /// The gateway's background `GET …/models` fetches (SPEC 4b): answered with `models_reply`,
-    /// kept out of `seen`/`hits` and of the script's request count.
+    /// The gateway's background `GET …/models` fetches (see the observability guide, "Models and
+    /// token usage (0.2)"): answered with `models_reply`, kept out of `seen`/`hits` and of the
+    /// script's request count.
     models: ModelsSide,
 }
 
