@@ -69,8 +69,9 @@ pub fn summary(failures: &[Failure]) -> String {
     out
 }
 
-/// (never text an upstream sent: see the security guide, "Upstream text stays with the operator").
-/// (never text an upstream sent: see the observability guide, "Status page").
+/// `name: description; …` in the gateway's own words: what a span may show of the failures
+/// (never text an upstream sent: see the security guide, "Upstream text stays with the
+/// operator").
 pub fn public_summary(failures: &[Failure]) -> String {
     let mut out = String::new();
     for (i, f) in failures.iter().enumerate() {
