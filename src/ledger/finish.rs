@@ -29,7 +29,8 @@ impl Ledger {
     pub fn finish_local(mut self, err: GatewayError) -> HttpResponse {
         let mut resp = err.response();
         let status = resp.status().as_u16();
-        // A span shows the gateway's own words, never an upstream's (see the security guide, "Upstream text stays with the operator").
+        // A span shows the gateway's own words, never an upstream's (see the security guide,
+        // "Upstream text stays with the operator").
         let span_error = match &err {
             GatewayError::AllFailed { .. } | GatewayError::OwnerFailed { .. } => {
                 crate::failure::public_summary(&self.failures)
