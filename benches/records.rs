@@ -62,6 +62,7 @@ fn record(i: usize, body: &Bytes, reply: &str) -> Record {
         error: None,
         request_body: body.clone(),
         response: Some(reply.to_string()),
+        response_json: None,
         prompt_tokens: Some(230),
         completion_tokens: Some(110),
         total_tokens: Some(340),

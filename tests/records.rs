@@ -888,6 +888,7 @@ fn plain_record(i: usize) -> openai_api_route::records::Record {
         error: None,
         request_body: actix_web::web::Bytes::from(format!("{{\"n\":{i}}}")),
         response: Some(format!("reply {i}")),
+        response_json: None,
         prompt_tokens: None,
         completion_tokens: None,
         total_tokens: None,

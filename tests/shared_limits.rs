@@ -42,6 +42,23 @@ fn replica(url: &str, cfg: &str) -> Gateway {
     Gateway::start_with(cfg, &["-database", url])
 }
 
+/// Two replicas, started together, once both share through PostgreSQL. Until its first
+/// connection a replica cannot know of the other and enforces the whole limit alone (on a loaded
+/// machine, setting up the tables can take longer than a request's wait): the tests of the
+/// sharing itself start once both share.
+async fn two_replicas(url: &str, cfg: &str) -> (Gateway, Gateway) {
+    let (a, b) = (replica(url, cfg), replica(url, cfg));
+    for gw in [&a, &b] {
+        wait_log(
+            gw,
+            "members' limits: PostgreSQL answers",
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+    (a, b)
+}
+
 async fn chat(gw: &Gateway, key: &str) -> Got {
     let auth = format!("Bearer {key}");
     send(
@@ -98,7 +115,7 @@ async fn rpm_holds_for_two_replicas_together_in_turn_and_at_once() {
     let db = TestDb::new(&admin);
     let up = Mock::always(Reply::chat("hi"));
     let cfg = members(&up.endpoint(), "rpm: 20");
-    let (a, b) = (replica(&db.url, &cfg), replica(&db.url, &cfg));
+    let (a, b) = two_replicas(&db.url, &cfg).await;
     // In turn: alice's requests alternate between the replicas.
     let mut got = Vec::new();
     for i in 0..30 {
@@ -135,7 +152,7 @@ async fn concurrent_holds_for_two_replicas_together_and_places_come_back() {
         Box::new(Reply::chat("slow")),
     ));
     let cfg = members(&up.endpoint(), "concurrent: 4");
-    let (a, b) = (replica(&db.url, &cfg), replica(&db.url, &cfg));
+    let (a, b) = two_replicas(&db.url, &cfg).await;
     for round in 0..2 {
         let sent: Vec<_> = (0..10)
             .map(|i| chat(if i % 2 == 0 { &a } else { &b }, ALICE))
@@ -158,7 +175,7 @@ async fn tpm_holds_for_two_replicas_together() {
     // Every answer reports 12 tokens: 120 tokens is 10 requests.
     let up = Mock::always(Reply::chat("hi"));
     let cfg = members(&up.endpoint(), "tpm: 120");
-    let (a, b) = (replica(&db.url, &cfg), replica(&db.url, &cfg));
+    let (a, b) = two_replicas(&db.url, &cfg).await;
     let mut got = Vec::new();
     for i in 0..16 {
         got.push(chat(if i % 2 == 0 { &a } else { &b }, ALICE).await);

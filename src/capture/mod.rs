@@ -59,6 +59,10 @@ pub struct Reply {
     /// The model that answered, as the reply names it (bounded), when it was watched for
     /// ([`Capture::watch_model`]): the trace's `gen_ai.response.model` (see the tracing guide).
     pub model: Option<String>,
+    /// A whole JSON reply whose text and `finish_reason` the record writer reads
+    /// ([`read_json_reply`]) instead of the request path ([`Capture::defer_json`]); `text` is
+    /// None then.
+    pub json: Option<Bytes>,
 }
 
 impl Reply {
@@ -113,6 +117,8 @@ pub struct Capture {
     model: Option<String>,
     /// The text is wanted only when the answer reports no usage ([`Capture::usage_or_text`]).
     text_without_usage: bool,
+    /// A whole JSON reply is read by the record writer ([`Capture::defer_json`]).
+    defer_json: bool,
 }
 
 impl Capture {
@@ -166,7 +172,18 @@ impl Capture {
             model: None,
             objects: None,
             text_without_usage: false,
+            defer_json: false,
         }
+    }
+
+    /// Leaves reading a whole JSON reply (one chunk, not cut, its `usage` found at its end) to
+    /// the record writer: the request path only scans the end for `usage`, and the reply's text
+    /// and `finish_reason` are read on the writer's thread ([`Reply::json`]). Parsing the reply
+    /// was most of what recording cost a JSON request on its own path (see the benchmarks
+    /// guide, "Recording nearly free"). Not for a traced request, whose span wants the model
+    /// that answered and the `finish_reason` when it ends.
+    pub fn defer_json(&mut self) {
+        self.defer_json = true;
     }
 
     /// A capture for an answer that is not recorded but whose text counts when it reports no
@@ -389,6 +406,22 @@ impl Capture {
             let text = into_text(std::mem::take(&mut self.text));
             return self.reply(text, usage, finish_reason);
         }
+        if self.defer_json && self.kind == Kind::Json && !self.truncated && !self.want_model {
+            if let Some(w) = &whole {
+                // Only when the tokens are known without the text (a member's count needs the
+                // text's length otherwise).
+                if let Some(usage) = tail_usage(w).filter(|u| u.total.is_some()) {
+                    return Reply {
+                        usage,
+                        error_event: self.error_event,
+                        // A copy of at most 8 KiB: the relayed chunk may be a slice of a
+                        // larger read buffer, which a queued record must not keep alive.
+                        json: Some(Bytes::copy_from_slice(w)),
+                        ..Reply::default()
+                    };
+                }
+            }
+        }
         let body: &[u8] = whole.as_deref().unwrap_or(&self.text);
         if self.text_without_usage && self.kind == Kind::Json {
             if let Some(usage) = tail_usage(body) {
@@ -448,7 +481,20 @@ impl Capture {
             error_event: self.error_event,
             object: None,
             model: self.model.clone(),
+            json: None,
         }
+    }
+}
+
+/// The text and `finish_reason` of a whole JSON reply whose reading was left to the record
+/// writer ([`Capture::defer_json`]): the same reading the capture does itself.
+pub fn read_json_reply(body: &[u8]) -> (String, Option<FinishReason>) {
+    match serde_json::from_slice::<Whole>(body) {
+        Ok(mut w) => {
+            let finish_reason = w.finish_reason().map(|r| shared_finish_reason(&r));
+            (w.into_reply().unwrap_or_else(|| lossy(body)), finish_reason)
+        }
+        Err(_) => (lossy(body), None),
     }
 }
 
@@ -527,6 +573,47 @@ mod tests {
         let mut c = Capture::usage_or_text(Some("application/json"), None, 1 << 20);
         c.feed_shared(&Bytes::from_static(without));
         assert_eq!(c.finish().parts(), (Some("hello".into()), Usage::default()));
+    }
+
+    #[test]
+    fn a_deferred_json_reply_is_read_by_the_writer_the_same_way() {
+        let with = br#"{"choices":[{"message":{"content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+        let mut c = Capture::new(Some("application/json"), None, 1 << 20);
+        c.defer_json();
+        c.feed_shared(&Bytes::from_static(with));
+        let reply = c.finish();
+        assert_eq!(reply.text, None, "not read on the request path");
+        assert_eq!(reply.usage.total, Some(5));
+        let json = reply.json.expect("left to the writer");
+        assert_eq!(
+            read_json_reply(&json),
+            ("hello".to_string(), Some("stop".into()))
+        );
+        let mut direct = Capture::new(Some("application/json"), None, 1 << 20);
+        direct.feed_shared(&Bytes::from_static(with));
+        let direct = direct.finish();
+        assert_eq!(direct.text.as_deref(), Some("hello"));
+        assert_eq!(direct.finish_reason.as_deref(), Some("stop"));
+
+        // Without usage (a member's tokens need the text's length), when traced (the span wants
+        // the model) or when cut, the capture reads the reply itself.
+        let without = br#"{"choices":[{"message":{"content":"hello"}}]}"#;
+        let mut c = Capture::new(Some("application/json"), None, 1 << 20);
+        c.defer_json();
+        c.feed_shared(&Bytes::from_static(without));
+        let r = c.finish();
+        assert_eq!((r.text.as_deref(), r.json), (Some("hello"), None));
+        let mut c = Capture::new(Some("application/json"), None, 1 << 20);
+        c.defer_json();
+        c.watch_model();
+        c.feed_shared(&Bytes::from_static(with));
+        let r = c.finish();
+        assert_eq!((r.text.as_deref(), r.json), (Some("hello"), None));
+        let mut c = Capture::new(Some("application/json"), None, 16);
+        c.defer_json();
+        c.feed_shared(&Bytes::from_static(with));
+        let r = c.finish();
+        assert!(r.json.is_none() && r.text.is_some_and(|t| t.ends_with(TRUNCATED)));
     }
 
     #[test]

@@ -304,6 +304,7 @@ impl Ledger {
             error,
             request_body: info.body,
             response: reply.text,
+            response_json: reply.json,
             prompt_tokens: usage.prompt,
             completion_tokens: usage.completion,
             total_tokens: usage.total,

@@ -160,7 +160,10 @@ pub fn respond(
     // Without recording, the usage is still read: `openai_api_route_tokens_total` counts it. A
     // member with a token limit needs the text too: without a reported usage, its bytes count.
     let mut capture = if ledger.recording() {
-        Capture::new(content_type, encoding, cfg.record_body_bytes)
+        // A whole JSON reply's text is read by the record writer, off this path.
+        let mut c = Capture::new(content_type, encoding, cfg.record_body_bytes);
+        c.defer_json();
+        c
     } else if ledger.counts_text() {
         Capture::usage_or_text(content_type, encoding, cfg.record_body_bytes)
     } else {

@@ -74,6 +74,9 @@ pub struct Record {
     pub request_body: Bytes,
     /// Reply text (already bounded by the capture).
     pub response: Option<String>,
+    /// A whole JSON reply whose text (`response`) and `finish_reason` the writer reads before
+    /// writing the row, off the request path (`capture::Capture::defer_json`).
+    pub response_json: Option<Bytes>,
     /// Usage.
     pub prompt_tokens: Option<i64>,
     /// Usage.
@@ -163,6 +166,18 @@ impl Record {
             object_id,
             response_items,
             ..self
+        }
+    }
+
+    /// Reads a reply left to the writer ([`Record::response_json`]) into `response` and
+    /// `finish_reason`; nothing when there is none.
+    pub fn read_deferred(&mut self) {
+        if let Some(json) = self.response_json.take() {
+            let (text, finish_reason) = crate::capture::read_json_reply(&json);
+            self.response = Some(text);
+            if self.finish_reason.is_none() {
+                self.finish_reason = finish_reason;
+            }
         }
     }
 

@@ -43,6 +43,11 @@ impl DbActor {
                 Store::Sqlite(_) if priority::paced() => PACED_ROWS.min(total - done),
                 _ => total - done,
             };
+            // Replies left to the writer are read here, a transaction's worth at a time, so
+            // that an idle-class writer reads them between its pause points too.
+            for r in &mut self.batch[done..done + n] {
+                r.read_deferred();
+            }
             if let Err(e) = self.store.insert(&self.batch[done..done + n]) {
                 // What was committed is out of the batch; the rest follows the error.
                 self.batch.drain(..done);
