@@ -133,7 +133,7 @@ struct Opened {
 
 /// Why a handshake attempt failed: the kind, the record's reason, and the status if the upstream
 /// answered with one.
-struct Refused {
+struct HandshakeFailed {
     kind: FailKind,
     reason: String,
     status: Option<StatusCode>,
@@ -146,7 +146,7 @@ async fn handshake(
     req: &HttpRequest,
     model: Option<&str>,
     trace: Option<crate::trace::Propagation>,
-) -> Result<Opened, Refused> {
+) -> Result<Opened, HandshakeFailed> {
     let url = upstream_url(up, req, model);
     let mut out = HeaderMap::new();
     headers::upstream_request_headers(req.headers(), &up.auth, &mut out);
@@ -176,20 +176,20 @@ async fn handshake(
                 read_buf: parts.read_buf,
             })
         }
-        Err(WsClientError::InvalidResponseStatus(status)) => Err(Refused {
+        Err(WsClientError::InvalidResponseStatus(status)) => Err(HandshakeFailed {
             kind: FailKind::Http,
             reason: format!("HTTP {status}"),
             status: Some(status),
         }),
         Err(WsClientError::SendRequest(e)) => {
             let e = proxy::attempt::classify(e);
-            Err(Refused {
+            Err(HandshakeFailed {
                 kind: e.kind,
                 reason: e.reason,
                 status: None,
             })
         }
-        Err(other) => Err(Refused {
+        Err(other) => Err(HandshakeFailed {
             kind: FailKind::Connect,
             reason: format!("bad WebSocket handshake answer: {other}"),
             status: None,
@@ -370,7 +370,7 @@ impl Attempter<Ledger> for Handshakes<'_> {
                 public: String::new(),
                 first_byte: Duration::ZERO,
             },
-            Ok(Err(Refused {
+            Ok(Err(HandshakeFailed {
                 status: Some(status),
                 reason,
                 ..
@@ -388,7 +388,7 @@ impl Attempter<Ledger> for Handshakes<'_> {
                 reason,
                 first_byte: Duration::ZERO,
             },
-            Ok(Err(Refused { kind, reason, .. })) => Tried::failed(
+            Ok(Err(HandshakeFailed { kind, reason, .. })) => Tried::failed(
                 kind,
                 Outcome::Failed { retry_same: false },
                 reason.clone(),
