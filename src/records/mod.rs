@@ -379,6 +379,31 @@ struct Shared {
     /// The emptied vectors of written batches: the ticker gives the roomiest back to the request
     /// path as its next buffer, so that the buffer does not regrow from empty on every tick.
     spent: Mutex<Vec<Vec<Record>>>,
+    /// Records dropped because the queue was full, and when that was last logged (seconds since
+    /// the Unix epoch): a lost record is said in the log, at most once every 10 seconds.
+    drops: AtomicU64,
+    drop_logged: AtomicU64,
+}
+
+impl Shared {
+    /// Counts a record dropped at a full queue and says so in the log, at most every 10 s.
+    fn dropped(&self, capacity: usize) {
+        let n = self.drops.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.drop_logged.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .drop_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!(
+                "request records dropped: the queue of {capacity} (record_queue) is full; {n}                  dropped since start (openai_api_route_records_dropped_total)"
+            );
+        }
+    }
 }
 
 /// Empties a shared buffer.
@@ -419,6 +444,8 @@ impl Recorder {
             rows: AtomicU64::new(rows),
             up: AtomicBool::new(true),
             spent: Mutex::new(Vec::new()),
+            drops: AtomicU64::new(0),
+            drop_logged: AtomicU64::new(0),
         });
         metrics.set_database_up(true);
         let kind = store.kind();
@@ -467,6 +494,7 @@ impl Recorder {
         if before >= self.capacity {
             self.shared.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.record_dropped();
+            self.shared.dropped(self.capacity);
             return;
         }
         if before == self.capacity / 2 {
