@@ -253,6 +253,18 @@ async fn full_queue_drops_and_counts_without_blocking() {
         .value()
         .unwrap() as u64;
     assert!(dropped >= 20, "expected drops, metric says {dropped}");
+    // The log says so, once for the burst (at most every 10 s), with the count and the key.
+    let said: Vec<String> = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("request records dropped"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("queue of 5 (record_queue) is full; 1 dropped since start"),
+        "{said:?}"
+    );
     lock.execute_batch("COMMIT").unwrap();
     // What was queued is written once the lock goes away, and nothing more.
     let rows = gw.records(30 - dropped as usize);

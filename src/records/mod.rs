@@ -400,7 +400,8 @@ impl Shared {
                 .is_ok()
         {
             log::warn!(
-                "request records dropped: the queue of {capacity} (record_queue) is full; {n}                  dropped since start (openai_api_route_records_dropped_total)"
+                "request records dropped: the queue of {capacity} (record_queue) is full; {n} \
+                 dropped since start (openai_api_route_records_dropped_total)"
             );
         }
     }
