@@ -57,22 +57,18 @@ impl fmt::Display for Failure {
 
 /// `name: reason; name: reason`, the form of the record's `error` column and the 502/504 message.
 pub fn summary(failures: &[Failure]) -> String {
-    let mut out = String::new();
-    for (i, f) in failures.iter().enumerate() {
-        if i > 0 {
-            out.push_str("; ");
-        }
-        out.push_str(&f.upstream);
-        out.push_str(": ");
-        out.push_str(&f.reason);
-    }
-    out
+    joined(failures, |f| &f.reason)
 }
 
 /// `name: description; …` in the gateway's own words: what a span may show of the failures
 /// (never text an upstream sent: see the security guide, "Upstream text stays with the
 /// operator").
 pub fn public_summary(failures: &[Failure]) -> String {
+    joined(failures, |f| &f.public)
+}
+
+/// `name: text; …` of every failure, with the text `of` picks.
+fn joined(failures: &[Failure], of: impl Fn(&Failure) -> &str) -> String {
     let mut out = String::new();
     for (i, f) in failures.iter().enumerate() {
         if i > 0 {
@@ -80,7 +76,7 @@ pub fn public_summary(failures: &[Failure]) -> String {
         }
         out.push_str(&f.upstream);
         out.push_str(": ");
-        out.push_str(&f.public);
+        out.push_str(of(f));
     }
     out
 }
