@@ -125,26 +125,17 @@ async fn status_page_fits_1280_and_390_px_with_every_chart_visible() {
         !html.contains("<script"),
         "the page works without JavaScript"
     );
-    let shots = std::env::var("OPENAI_API_ROUTE_SCREENSHOTS").ok();
     let mut browser = Browser::launch(&chromium).await;
-    let sizes = [
-        ("desktop", 1280, 900, false, false),
-        ("phone", 390, 844, true, false),
-        ("dark", 1280, 900, false, true),
-    ];
-    for (label, width, height, mobile, dark) in sizes {
+    for (label, width, height, mobile, dark) in LAYOUTS {
         let ready = "document.querySelectorAll('svg.chart').length > 0";
         let session = browser
             .open(&gw.url("/"), (width, height), mobile, dark, ready)
             .await;
         let m = browser.eval(&session, MEASURE).await;
         // Written before the checks, so that a failing layout can be looked at.
-        if let Some(dir) = &shots {
-            let png = browser.screenshot(&session, width).await;
-            let path = std::path::Path::new(dir).join(format!("status-{label}.png"));
-            std::fs::write(&path, png).unwrap();
-            eprintln!("wrote {}", path.display());
-        }
+        browser
+            .keep_screenshot(&session, width, &format!("status-{label}"))
+            .await;
         let why = format!("{label} {width}x{height}: {m:#}");
         let viewport = m["viewport"].as_f64().unwrap();
         assert_eq!(viewport, f64::from(width), "{why}");

@@ -125,14 +125,8 @@ async fn the_usage_page_draws_a_members_use_and_keeps_the_key_in_the_tab() {
     for _ in 0..3 {
         assert_eq!(chat_as(&gw, ALICE, "gpt-4o").await.status, 200);
     }
-    let shots = std::env::var("OPENAI_API_ROUTE_SCREENSHOTS").ok();
     let mut browser = Browser::launch(&chromium).await;
-    let sizes = [
-        ("desktop", 1280, 900, false, false),
-        ("phone", 390, 844, true, false),
-        ("dark", 1280, 900, false, true),
-    ];
-    for (label, width, height, mobile, dark) in sizes {
+    for (label, width, height, mobile, dark) in LAYOUTS {
         let ready = "document.getElementById('key-form') !== null";
         let session = browser
             .open(&gw.url("/usage"), (width, height), mobile, dark, ready)
@@ -179,12 +173,9 @@ async fn the_usage_page_draws_a_members_use_and_keeps_the_key_in_the_tab() {
             "{label}: the old message or the form stayed"
         );
         let got = browser.eval(s, MEASURE).await;
-        if let Some(dir) = &shots {
-            let png = browser.screenshot(s, width).await;
-            let file = std::path::Path::new(dir).join(format!("usage-{label}.png"));
-            std::fs::write(&file, png).unwrap();
-            eprintln!("wrote {}", file.display());
-        }
+        browser
+            .keep_screenshot(s, width, &format!("usage-{label}"))
+            .await;
         let why = format!("{label} {width}x{height}: {got:#}");
         let viewport = got["viewport"].as_f64().unwrap();
         assert_eq!(viewport, f64::from(width), "{why}");

@@ -12,6 +12,13 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Headless Chromium with its DevTools socket; killed (by its own handle) on drop.
+/// The layouts every page is checked (and shot) in: label, width, height, mobile, dark scheme.
+pub const LAYOUTS: [(&str, u32, u32, bool, bool); 3] = [
+    ("desktop", 1280, 900, false, false),
+    ("phone", 390, 844, true, false),
+    ("dark", 1280, 900, false, true),
+];
+
 pub struct Browser {
     child: Child,
     ws: tokio_tungstenite::WebSocketStream<
@@ -197,6 +204,18 @@ impl Browser {
     }
 
     /// The whole page (not only the first screen) as PNG bytes.
+    /// With `OPENAI_API_ROUTE_SCREENSHOTS=<dir>` (`.ci/screenshots.sh`), writes the page's
+    /// full-height screenshot as `<dir>/<name>.png`; otherwise nothing.
+    pub async fn keep_screenshot(&mut self, session: &str, width: u32, name: &str) {
+        let Ok(dir) = std::env::var("OPENAI_API_ROUTE_SCREENSHOTS") else {
+            return;
+        };
+        let png = self.screenshot(session, width).await;
+        let path = std::path::Path::new(&dir).join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        eprintln!("wrote {}", path.display());
+    }
+
     pub async fn screenshot(&mut self, session: &str, width: u32) -> Vec<u8> {
         let height = self
             .eval(session, "document.documentElement.scrollHeight")
