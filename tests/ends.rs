@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::rescue::{
-    broken_stream, chat_parts, chat_stream, content, ends_with_done, ends_with_error_event, finish,
-    is_prefill, last_message, role, sse, start, stream_body, sum, text, up, QUIET, REQUESTS,
-    RESUMES,
+    broken_stream, chat_parts, chat_stream, content, continuing, ends_with_done,
+    ends_with_error_event, finish, is_prefill, role, sse, start, stream_body, sum, text, up, QUIET,
+    REQUESTS, RESUMES,
 };
 use crate::support::*;
 
@@ -106,13 +106,7 @@ async fn a_chat_stream_is_whole_only_at_done_or_a_final_finish_reason() {
 #[actix_rt::test]
 async fn a_stream_that_ends_too_early_is_resumed() {
     let first = Mock::always(broken_stream("a", &["Hello", ", wor"], Ending::Finish));
-    let second = Mock::script(|seen, _| {
-        if is_prefill(seen) && last_message(seen)["content"] == "Hello, wor" {
-            chat_stream("b", &["ld", "!"])
-        } else {
-            chat_stream("b", &["UNEXPECTED REQUEST"])
-        }
-    });
+    let second = continuing("b");
     let gw = start(
         &format!("{QUIET}stream_timeout: 2\nidle_timeout: 2\nresume: true\n"),
         &[up("first", &first, ""), up("second", &second, "")],

@@ -1027,7 +1027,7 @@ async fn every_candidate_failing_in_band_is_502() {
 
 /// Continues "Hello, wor" with "ld!" when asked with a prefill; anything else gets a stream that
 /// would show up in the client's text.
-fn continuing(id: &'static str) -> Mock {
+pub(crate) fn continuing(id: &'static str) -> Mock {
     Mock::script(move |seen, _| {
         if is_prefill(seen) && last_message(seen)["content"] == "Hello, wor" {
             chat_stream(id, &["ld", "!"])

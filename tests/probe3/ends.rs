@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use super::outcome;
 use crate::rescue::{
-    chat_parts, chat_stream, content, ends_with_done, ends_with_error_event, is_prefill,
-    last_message, sse, start, stream_body, sum, text, up, QUIET, RESUMES,
+    chat_parts, chat_stream, content, continuing, ends_with_done, ends_with_error_event,
+    is_prefill, sse, start, stream_body, sum, text, up, QUIET, RESUMES,
 };
 use crate::support::*;
 
@@ -271,13 +271,7 @@ async fn an_error_event_is_an_error_to_every_reader() {
     let mut parts = chat_parts("a", &["Hello", ", wor"], false);
     parts.push(named_error_event());
     let first = Mock::always(sse(parts, Ending::Finish));
-    let second = Mock::script(|seen, _| {
-        if is_prefill(seen) && last_message(seen)["content"] == "Hello, wor" {
-            chat_stream("b", &["ld", "!"])
-        } else {
-            chat_stream("b", &["UNEXPECTED REQUEST"])
-        }
-    });
+    let second = continuing("b");
     let gw = start(
         &format!("{QUIET}{RESUMING}"),
         &[up("first", &first, ""), up("second", &second, "")],
