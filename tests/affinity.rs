@@ -33,7 +33,8 @@ async fn turn(gw: &Gateway, prev: Option<&str>, input: Value) -> Got {
 
 const BOUNDARY: &str = "affinity-test-boundary";
 
-async fn upload(gw: &Gateway, content: &str) -> Got {
+/// Uploads `content` as a JSONL file through `POST /v1/files` (multipart, with the client key).
+pub(crate) async fn upload(gw: &Gateway, content: &str) -> Got {
     let body = format!(
         "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
          --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"notes.jsonl\"\r\n\

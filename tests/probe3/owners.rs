@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::{affinity, delete, healthy, id_of, outcome, row_with};
+use crate::affinity::upload;
 use crate::support::*;
 
 /// Only the rule under test moves an upstream: no cooldown from the `set_down` used to steer a
@@ -50,24 +51,6 @@ fn continuing(p: &Provider, id: &str) -> usize {
         .iter()
         .filter(|s| s.json()["previous_response_id"] == id)
         .count()
-}
-
-const BOUNDARY: &str = "probe3-boundary";
-
-async fn upload(gw: &Gateway, content: &str) -> Got {
-    let body = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"notes.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{BOUNDARY}--\r\n"
-    );
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    send(
-        "POST",
-        &gw.url("/v1/files"),
-        &[("authorization", &auth()), ("content-type", &ct)],
-        body.as_bytes(),
-    )
-    .await
 }
 
 /// Issue 32: `store: false` responses were owned and kept for rebuilding. Nobody owns one: a
