@@ -48,16 +48,7 @@ async fn successful_local_answers_are_counted_not_recorded() {
             sent += 1;
         }
     }
-    let pre = send(
-        "OPTIONS",
-        &gw.url("/v1/chat/completions"),
-        &[
-            ("origin", "https://x"),
-            ("access-control-request-method", "POST"),
-        ],
-        b"",
-    )
-    .await;
+    let pre = preflight(&gw).await;
     assert_eq!(pre.status, 204);
     // A real request afterwards is recorded: the writer ran, and it is the only row.
     assert_eq!(

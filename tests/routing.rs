@@ -41,16 +41,7 @@ async fn v1_paths_reach_the_same_handlers_as_before() {
     }
 
     // The CORS preflight is answered locally, without a token, for any /v1/ path.
-    let got = send(
-        "OPTIONS",
-        &gw.url("/v1/chat/completions"),
-        &[
-            ("origin", "https://app.example"),
-            ("access-control-request-method", "POST"),
-        ],
-        b"",
-    )
-    .await;
+    let got = preflight(&gw).await;
     assert!(got.status == 200 || got.status == 204, "{}", got.status);
     assert_eq!(got.header("access-control-allow-origin"), Some("*"));
     let forwarded = m.seen().len();

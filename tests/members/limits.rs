@@ -145,16 +145,7 @@ async fn refused_and_free_requests_count_toward_no_limit() {
             200
         );
         scrape(&gw).await;
-        let pre = send(
-            "OPTIONS",
-            &gw.url("/v1/chat/completions"),
-            &[
-                ("origin", "http://x"),
-                ("access-control-request-method", "POST"),
-            ],
-            b"",
-        )
-        .await;
+        let pre = preflight(&gw).await;
         assert_eq!(pre.status, 204);
     }
     assert_eq!(chat_as(&gw, ALICE, "gpt-4o").await.status, 200);

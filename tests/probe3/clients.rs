@@ -177,16 +177,7 @@ async fn every_answer_carries_a_request_id_that_leads_to_its_record() {
     let unknown = get(&gw, "/v1/models/no-such-model").await;
     assert_eq!(unknown.status, 404);
     answers.push(("unknown model".into(), unknown));
-    let preflight = send(
-        "OPTIONS",
-        &gw.url("/v1/chat/completions"),
-        &[
-            ("origin", "https://app.example"),
-            ("access-control-request-method", "POST"),
-        ],
-        b"",
-    )
-    .await;
+    let preflight = preflight(&gw).await;
     assert_eq!(preflight.status, 204);
     answers.push(("preflight".into(), preflight));
     let metrics = send("GET", &gw.url("/v1/metrics"), &[], b"").await;

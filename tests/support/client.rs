@@ -86,6 +86,20 @@ pub async fn get(gw: &Gateway, path: &str) -> Got {
     send("GET", &gw.url(path), &[("authorization", &auth)], b"").await
 }
 
+/// A browser's CORS preflight for `POST /v1/chat/completions` (no token: it carries none).
+pub async fn preflight(gw: &Gateway) -> Got {
+    send(
+        "OPTIONS",
+        &gw.url("/v1/chat/completions"),
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        b"",
+    )
+    .await
+}
+
 /// POST JSON with the client token.
 pub async fn post(gw: &Gateway, path: &str, body: serde_json::Value) -> Got {
     let auth = format!("Bearer {TOKEN}");
