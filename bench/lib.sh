@@ -1,6 +1,6 @@
-# Shared by bench/ab.sh and bench/tail.sh (sourced, not run): nginx in front of the mock, and
-# CPU ticks of a set of processes. Both scripts keep their own gateways in GP, their pids in
-# PIDS and their URLs in URL.
+# Shared by the bench scripts (sourced, not run): nginx in front of the mock, CPU ticks of a set
+# of processes, the members' config and a throwaway PostgreSQL database. The scripts keep their
+# own gateways in GP, their pids in PIDS and their URLs in URL.
 
 # start_nginx DIR MOCK_PORT LISTEN_PORT: nginx (2 workers, keep-alive to the mock, no buffering)
 # on core 0; sets NPID and URL[nginx] and adds to PIDS.
@@ -41,4 +41,21 @@ members_yaml() {
     fi
   done
   printf 'upstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$mp"
+}
+
+# bench_database PREFIX: a fresh PostgreSQL database PREFIX_<pid> on BENCH_POSTGRES's server
+# (default: the machine's, trust auth), dropped at exit together with the processes in PIDS. Sets
+# ADMIN, DB and URL, and installs wrk when it is missing.
+bench_database() {
+  ADMIN=${BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
+  DB=$1_$$
+  URL="${ADMIN%/*}/$DB"
+  command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+  PIDS=()
+  trap bench_database_cleanup EXIT
+  psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
+}
+bench_database_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
 }

@@ -11,21 +11,13 @@
 #   bench/limits.sh        # BENCH_POSTGRES=postgres://postgres@127.0.0.1:5432/test BENCH_DUR=5 BENCH_ROUNDS=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ADMIN=${BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
-DB=oar_limits_$$
-URL="${ADMIN%/*}/$DB"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_database oar_limits
 DUR=${BENCH_DUR:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
 OUT=bench/out/limits
 mkdir -p "$OUT"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
 
 echo "== building (release)"
 cargo build --release --locked --examples --bins -q
