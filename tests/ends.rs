@@ -356,12 +356,7 @@ async fn a_real_continuation_is_not_held_back() {
     for p in finish("b") {
         parts.push((Duration::ZERO, p));
     }
-    let second = Mock::always(Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks: parts,
-        ending: Ending::Finish,
-    });
+    let second = Mock::always(Reply::sse_chunks(parts));
     let gw = start(
         &format!("{QUIET}stream_timeout: 2\nidle_timeout: 4\nresume: true\n"),
         &[up("first", &first, ""), up("second", &second, "")],

@@ -87,12 +87,7 @@ async fn malformed_sse_chunks_pass_through_and_a_missing_done_is_a_break() {
         ),
     ];
     let expected: Vec<u8> = body.iter().flat_map(|(_, b)| b.clone()).collect();
-    let m = Mock::always(Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks: body,
-        ending: Ending::Finish,
-    });
+    let m = Mock::always(Reply::sse_chunks(body));
     let gw = one(&m, "");
     let got = post(&gw, "/v1/chat/completions", chat_body(true)).await;
     assert!(

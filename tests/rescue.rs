@@ -955,12 +955,7 @@ async fn a_stream_whose_first_event_is_an_error_fails_over_unseen() {
         let first = Mock::always(sse(vec![first_event], Ending::Finish));
         let (second_reply, expected) = if path == "/v1/responses" {
             (
-                Reply::Chunks {
-                    status: 200,
-                    headers: vec![("content-type".into(), "text/event-stream".into())],
-                    chunks: vec![(Duration::ZERO, responses_good.clone())],
-                    ending: Ending::Finish,
-                },
+                Reply::sse_chunks(vec![(Duration::ZERO, responses_good.clone())]),
                 responses_good.clone(),
             )
         } else {

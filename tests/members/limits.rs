@@ -246,12 +246,7 @@ async fn without_usage_tokens_are_the_bytes_over_four() {
                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
         chunks.push((Duration::ZERO, format!("data: {stop}\n\n").into_bytes()));
         chunks.push((Duration::ZERO, b"data: [DONE]\n\n".to_vec()));
-        Reply::Chunks {
-            status: 200,
-            headers: vec![("content-type".into(), "text/event-stream".into())],
-            chunks,
-            ending: Ending::Finish,
-        }
+        Reply::sse_chunks(chunks)
     };
     let m = Mock::script(move |req, _| {
         if req.json()["stream"] == true {

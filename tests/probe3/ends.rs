@@ -65,12 +65,7 @@ fn with_after(events: Vec<Vec<u8>>, after: &[u8], later: Option<Duration>) -> Re
         Some(d) => chunks.push((d, after.to_vec())),
         None => chunks.last_mut().unwrap().1.extend_from_slice(after),
     }
-    Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks,
-        ending: Ending::Finish,
-    }
+    Reply::sse_chunks(chunks)
 }
 
 /// Issue 32: content after `[DONE]` was relayed and recorded. Nothing after a chat stream's

@@ -225,12 +225,7 @@ fn slow_first_chunk(id: &str, delay: Duration, words: &[&str]) -> Reply {
     let mut chunks = vec![(delay, role(id))];
     chunks.extend(words.iter().map(|w| (Duration::ZERO, text(id, w))));
     chunks.extend(finish(id).into_iter().map(|p| (Duration::ZERO, p)));
-    Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks,
-        ending: Ending::Finish,
-    }
+    Reply::sse_chunks(chunks)
 }
 
 /// Issue 32: a reasoning model whose first chunk came after its reasoning was abandoned at the
@@ -290,12 +285,7 @@ async fn an_sse_comment_is_a_sign_of_life_but_not_a_first_chunk() {
             .into_iter()
             .map(|p| (Duration::ZERO, p)),
     );
-    let chatty = Mock::always(Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks,
-        ending: Ending::Finish,
-    });
+    let chatty = Mock::always(Reply::sse_chunks(chunks));
     let quick = Mock::always(chat_stream("b", &["Quick"]));
     let gw = start(
         &format!("{QUIET}stream_timeout: 1\nidle_timeout: 1\n"),
@@ -322,12 +312,7 @@ async fn an_sse_comment_is_a_sign_of_life_but_not_a_first_chunk() {
     chunks.extend(comments(7, gap));
     chunks.push((Duration::ZERO, text("a", ", world")));
     chunks.extend(finish("a").into_iter().map(|p| (Duration::ZERO, p)));
-    let thinking = Mock::always(Reply::Chunks {
-        status: 200,
-        headers: vec![("content-type".into(), "text/event-stream".into())],
-        chunks,
-        ending: Ending::Finish,
-    });
+    let thinking = Mock::always(Reply::sse_chunks(chunks));
     let gw = start(
         &format!("{QUIET}stream_timeout: 1\nidle_timeout: 1\n"),
         &[up("thinking", &thinking, "")],

@@ -143,6 +143,11 @@ impl Reply {
         });
         chunks.push((gap, format!("data: {usage}\n\n").into_bytes()));
         chunks.push((Duration::ZERO, b"data: [DONE]\n\n".to_vec()));
+        Reply::sse_chunks(chunks)
+    }
+
+    /// A 200 `text/event-stream` answer of `chunks` (each after its delay) that ends cleanly.
+    pub fn sse_chunks(chunks: Vec<(Duration, Vec<u8>)>) -> Reply {
         Reply::Chunks {
             status: 200,
             headers: vec![("content-type".into(), "text/event-stream".into())],
