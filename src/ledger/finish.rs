@@ -20,7 +20,7 @@ use crate::records::Record;
 use crate::registry::AttemptResult;
 use crate::trace::End;
 
-use super::{BodyEnd, Ledger};
+use super::{Answered, BodyEnd, Ledger};
 
 impl Ledger {
     /// Ends a request the gateway answers itself: a refusal before any upstream (counted, and
@@ -169,23 +169,7 @@ impl Ledger {
                     self.who(),
                     untrusted(reason)
                 );
-                sinks.registry.report_for(
-                    &c.view,
-                    c.idx,
-                    self.info.subject(),
-                    AttemptResult::Failed {
-                        kind: FailKind::Stream,
-                        reason: public.clone(),
-                        cooldown: None,
-                    },
-                );
-                self.failures.push(Failure {
-                    upstream: upstream.to_string(),
-                    kind: FailKind::Stream,
-                    status: None,
-                    reason: reason.clone(),
-                    public: public.clone(),
-                });
+                self.stream_failed(&c, upstream, reason.clone(), public.clone());
                 Some(FailKind::Stream.label())
             }
             BodyEnd::ClientGone => {
@@ -199,23 +183,12 @@ impl Ledger {
             // event ended properly, but the upstream failed it: an in-band error counts for
             // health (see the rescue guide, "Which failures count (0.4)").
             BodyEnd::Complete if reply.error_event && c.ok && !c.broken => {
-                sinks.registry.report_for(
-                    &c.view,
-                    c.idx,
-                    self.info.subject(),
-                    AttemptResult::Failed {
-                        kind: FailKind::Stream,
-                        reason: "in-band error event".into(),
-                        cooldown: None,
-                    },
+                self.stream_failed(
+                    &c,
+                    upstream,
+                    "in-band error event at the end of the stream".into(),
+                    "in-band error event".into(),
                 );
-                self.failures.push(Failure {
-                    upstream: upstream.to_string(),
-                    kind: FailKind::Stream,
-                    status: None,
-                    reason: "in-band error event at the end of the stream".into(),
-                    public: "in-band error event".into(),
-                });
                 Some(FailKind::Stream.label())
             }
             BodyEnd::Complete => (c.ok && !c.broken).then_some("ok"),
@@ -262,6 +235,28 @@ impl Ledger {
             let record = self.into_record(c.status, upstream, error, reply, Some(c.ttfb), complete);
             rec.submit(record.with_object(object_id, items));
         }
+    }
+
+    /// The committed answer's stream failed (it broke, or ended with an in-band error): its
+    /// upstream hears of it, and the failure joins the request's (record, span).
+    fn stream_failed(&mut self, c: &Answered, upstream: &str, reason: String, public: String) {
+        self.sinks.registry.report_for(
+            &c.view,
+            c.idx,
+            self.info.subject(),
+            AttemptResult::Failed {
+                kind: FailKind::Stream,
+                reason: public.clone(),
+                cooldown: None,
+            },
+        );
+        self.failures.push(Failure {
+            upstream: upstream.to_string(),
+            kind: FailKind::Stream,
+            status: None,
+            reason,
+            public,
+        });
     }
 
     /// The all-failed alert (see the operations guide, "Alerts"), by message: nobody waits for it.
