@@ -356,6 +356,11 @@ impl Metrics {
         self.records_dropped.inc();
     }
 
+    /// Records dropped since start (`openai_api_route_records_dropped_total`).
+    pub fn records_dropped(&self) -> u64 {
+        self.records_dropped.get()
+    }
+
     /// A failed database write attempt.
     pub fn record_write_failure(&self) {
         self.record_write_failures.inc();

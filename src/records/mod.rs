@@ -407,16 +407,15 @@ struct Shared {
     /// The emptied vectors of written batches: the ticker gives the roomiest back to the request
     /// path as its next buffer, so that the buffer does not regrow from empty on every tick.
     spent: Mutex<Vec<Vec<Record>>>,
-    /// Records dropped because the queue was full, and when that was last logged (seconds since
-    /// the Unix epoch): a lost record is said in the log, at most once every 10 seconds.
-    drops: AtomicU64,
+    /// When a dropped record was last said in the log (seconds since the Unix epoch): at most
+    /// once every 10 seconds.
     drop_logged: AtomicU64,
 }
 
 impl Shared {
-    /// Counts a record dropped at a full queue and says so in the log, at most every 10 s.
-    fn dropped(&self, capacity: usize) {
-        let n = self.drops.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Says in the log that a record was dropped at a full queue (`n` since start), at most
+    /// every 10 s.
+    fn say_dropped(&self, capacity: usize, n: u64) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -473,7 +472,6 @@ impl Recorder {
             rows: AtomicU64::new(rows),
             up: AtomicBool::new(true),
             spent: Mutex::new(Vec::new()),
-            drops: AtomicU64::new(0),
             drop_logged: AtomicU64::new(0),
         });
         metrics.set_database_up(true);
@@ -523,7 +521,8 @@ impl Recorder {
         if before >= self.capacity {
             self.shared.pending.fetch_sub(1, Ordering::AcqRel);
             self.metrics.record_dropped();
-            self.shared.dropped(self.capacity);
+            self.shared
+                .say_dropped(self.capacity, self.metrics.records_dropped());
             return;
         }
         if before == self.capacity / 2 {
