@@ -33,6 +33,7 @@ mod resume;
 mod routing;
 mod sdk;
 mod shared_limits;
+mod spool;
 mod status_browser;
 mod sticky;
 mod streaming;

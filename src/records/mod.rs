@@ -16,6 +16,7 @@ pub mod owner_rows;
 mod postgres;
 mod priority;
 pub mod shared;
+mod spool;
 mod sqlite;
 pub mod target;
 mod ticker;
@@ -276,6 +277,9 @@ pub struct StoreError {
     pub message: String,
     /// True when no connection could be had (keep the records and retry).
     pub unreachable: bool,
+    /// True when another connection held the database's lock past the busy timeout: the
+    /// spool's ingester keeps its records and retries.
+    pub busy: bool,
 }
 
 impl StoreError {
@@ -283,6 +287,7 @@ impl StoreError {
         StoreError {
             message: e.to_string(),
             unreachable: true,
+            busy: false,
         }
     }
 
@@ -290,6 +295,18 @@ impl StoreError {
         StoreError {
             message: e.to_string(),
             unreachable: false,
+            busy: false,
+        }
+    }
+
+    fn sqlite(e: rusqlite::Error) -> StoreError {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        StoreError {
+            busy,
+            ..StoreError::failed(e)
         }
     }
 
@@ -297,6 +314,7 @@ impl StoreError {
         StoreError {
             unreachable: e.is_closed(),
             message: postgres::explain(&e),
+            busy: false,
         }
     }
 }
@@ -325,8 +343,8 @@ pub fn is_postgres_target(target: &str) -> bool {
 /// Where records go. The only place that knows which database is in use.
 #[derive(Clone)]
 pub enum Store {
-    /// Embedded SQLite file.
-    Sqlite(sqlite::Pool),
+    /// Embedded SQLite file (and its spool).
+    Sqlite(sqlite::Db),
     /// Shared PostgreSQL server.
     Postgres(postgres::Pool),
 }
@@ -336,7 +354,7 @@ impl Store {
     pub fn open(target: &str) -> Result<Store, DbError> {
         match target::parse(target) {
             Ok(target::Target::Postgres(t)) => postgres::open(&t).map(Store::Postgres),
-            Ok(target::Target::Sqlite(path)) => sqlite::open(&path).map(Store::Sqlite),
+            Ok(target::Target::Sqlite(path)) => sqlite::open_with_spool(&path).map(Store::Sqlite),
             Err(e) => Err(DbError::Refused(e)),
         }
     }
@@ -351,7 +369,7 @@ impl Store {
 
     fn insert(&self, batch: &[Record]) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(p) => sqlite::insert(p, batch),
+            Store::Sqlite(p) => sqlite::insert(p, batch, None),
             Store::Postgres(p) => postgres::insert(p, batch),
         }
     }
@@ -480,11 +498,18 @@ impl Recorder {
         // The writer yields the CPU to request workers while its backlog is short (priority.rs).
         let class = Arc::new(priority::WriterClass::probe());
         let c = class.clone();
+        if let Store::Sqlite(sqlite::Db {
+            spool: Some(spool), ..
+        }) = &store
+        {
+            spool.start_ingester(store.clone(), shared.clone(), metrics.clone());
+        }
         let addr = SyncArbiter::start(1, move || {
             c.enter();
-            if let Store::Sqlite(pool) = &store {
-                // Its doorbell is this thread's: it ends when this thread does.
-                sqlite::start_checkpointer(pool.clone());
+            if let Store::Sqlite(db) = &store {
+                // Its doorbell is this thread's: it ends when this thread does. (With a spool
+                // the ingester has its own; this one serves the writer's direct writes.)
+                sqlite::start_checkpointer(db.pool.clone());
             }
             DbActor {
                 store: store.clone(),
@@ -492,6 +517,7 @@ impl Recorder {
                 metrics: m.clone(),
                 // The first batch's own vector becomes the writer's (see `InsertBatch`).
                 batch: Vec::new(),
+                buf: Vec::new(),
             }
         });
         let buffer: Arc<Mutex<Vec<Record>>> = Arc::default();

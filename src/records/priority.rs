@@ -98,6 +98,30 @@ impl WriterClass {
         }
     }
 
+    /// A class like [`WriterClass::probe`]'s without its log line: the spool's ingester, whose
+    /// process the writer's probe already reported on.
+    pub fn probe_quietly() -> WriterClass {
+        WriterClass {
+            switchable: can_switch(),
+            ..WriterClass::default()
+        }
+    }
+
+    /// Called on a thread that must be idle-class whether or not it can be promoted (the
+    /// spool's ingester): as [`WriterClass::enter`] where the class can switch; elsewhere it
+    /// enters `SCHED_IDLE` for good (entering needs no privilege) and paces itself, and under
+    /// full load the spool's bound makes the writer insert directly instead.
+    pub fn enter_idle(self: &Arc<Self>) {
+        if self.switchable {
+            self.enter();
+            return;
+        }
+        PACER.with(|p| *p.borrow_mut() = Some((self.clone(), Cell::new(Instant::now()))));
+        if set_own(true) {
+            self.idle.store(true, Ordering::Release);
+        }
+    }
+
     /// Called on the writer thread when it starts: remembers it and makes it idle-class.
     pub fn enter(self: &Arc<Self>) {
         if !self.switchable {

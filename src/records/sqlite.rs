@@ -4,12 +4,13 @@ use std::cell::RefCell;
 use std::os::raw::c_int;
 use std::path::Path;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, OptionalExtension, ToSql, TransactionBehavior};
 
+use super::spool::{self, Spool};
 use super::{DbError, Record, StoreError, COLUMN_COUNT, INSERT_COLUMNS};
 use crate::time::{rfc3339, Rfc3339};
 
@@ -71,6 +72,32 @@ const PROGRESS_OPS: c_int = 500;
 
 /// A pool over one SQLite file (the writer uses one connection at a time).
 pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// An opened SQLite store: its pool, and the spool its records go through when this process
+/// holds one (`spool.rs`). Readers use it as the pool.
+#[derive(Clone)]
+pub struct Db {
+    /// Connections to the file.
+    pub pool: Pool,
+    /// The records' spool; None for an in-memory database or one whose spool another process
+    /// holds.
+    pub spool: Option<Arc<Spool>>,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Pool;
+
+    fn deref(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+/// Opens the file (see [`open`]) and its spool, writing what a previous run left in it.
+pub fn open_with_spool(path: &str) -> Result<Db, DbError> {
+    let pool = open(path)?;
+    let spool = Spool::open(path, &pool);
+    Ok(Db { pool, spool })
+}
 
 /// How long a connection waits for another one's lock before it reports `database is locked`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -324,56 +351,61 @@ static INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
     format!("INSERT INTO records ({INSERT_COLUMNS}) VALUES {rows}")
 });
 
-/// Writes a batch in one transaction.
-pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
+/// Writes a batch in one transaction; from the spool, with how far into it the batch goes
+/// (generation, offset), stored in the same transaction.
+pub fn insert(
+    pool: &Pool,
+    batch: &[Record],
+    progress: Option<(u64, u64)>,
+) -> Result<(), StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
     // IMMEDIATE: the transaction reads `records_meta` before it writes, and a deferred one that
     // read first gets SQLITE_BUSY at once (no busy wait) when another process holds the write
     // lock.
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::failed)?;
+        .map_err(StoreError::sqlite)?;
     let mut rows = batch;
     // After retention removed the highest id, the first record takes the id left for it.
     let floor: Option<i64> = tx
         .prepare_cached("SELECT value FROM records_meta WHERE key = ?1")
         .and_then(|mut s| s.query_row([NEXT_ID], |r| r.get(0)).optional())
-        .map_err(StoreError::failed)?;
+        .map_err(StoreError::sqlite)?;
     if let (Some(floor), Some(first)) = (floor, rows.first()) {
         let max: i64 = tx
             .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
-            .map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
         let mut stmt = tx
             .prepare_cached(&INSERT_WITH_ID)
-            .map_err(StoreError::failed)?;
-        bind_row(&mut stmt, first, 0).map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
+        bind_row(&mut stmt, first, 0).map_err(StoreError::sqlite)?;
         stmt.raw_bind_parameter(COLUMN_COUNT + 1, floor.max(max + 1))
-            .map_err(StoreError::failed)?;
-        stmt.raw_execute().map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
+        stmt.raw_execute().map_err(StoreError::sqlite)?;
         tx.execute("DELETE FROM records_meta WHERE key = ?1", [NEXT_ID])
-            .map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
         rows = &rows[1..];
     }
     let mut many = rows.chunks_exact(ROWS_PER_INSERT);
     if many.len() > 0 {
         let mut stmt = tx
             .prepare_cached(&INSERT_MANY)
-            .map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
         for chunk in &mut many {
             super::priority::pause_point();
             for (i, r) in chunk.iter().enumerate() {
-                bind_row(&mut stmt, r, i * COLUMN_COUNT).map_err(StoreError::failed)?;
+                bind_row(&mut stmt, r, i * COLUMN_COUNT).map_err(StoreError::sqlite)?;
             }
-            stmt.raw_execute().map_err(StoreError::failed)?;
+            stmt.raw_execute().map_err(StoreError::sqlite)?;
         }
     }
     let rest = many.remainder();
     if !rest.is_empty() {
-        let mut stmt = tx.prepare_cached(&INSERT).map_err(StoreError::failed)?;
+        let mut stmt = tx.prepare_cached(&INSERT).map_err(StoreError::sqlite)?;
         for r in rest {
             super::priority::pause_point();
-            bind_row(&mut stmt, r, 0).map_err(StoreError::failed)?;
-            stmt.raw_execute().map_err(StoreError::failed)?;
+            bind_row(&mut stmt, r, 0).map_err(StoreError::sqlite)?;
+            stmt.raw_execute().map_err(StoreError::sqlite)?;
         }
     }
     for id in batch.iter().filter_map(|r| r.forgets.as_deref()) {
@@ -381,9 +413,12 @@ pub fn insert(pool: &Pool, batch: &[Record]) -> Result<(), StoreError> {
             "UPDATE records SET object_id = NULL WHERE object_id = ?1",
             [id],
         )
-        .map_err(StoreError::failed)?;
+        .map_err(StoreError::sqlite)?;
     }
-    tx.commit().map_err(StoreError::failed)
+    if let Some(p) = progress {
+        spool::store_progress(&tx, p).map_err(StoreError::sqlite)?;
+    }
+    tx.commit().map_err(StoreError::sqlite)
 }
 
 /// Binds one record's values as parameters `at + 1` to `at + COLUMN_COUNT`, in
@@ -437,12 +472,12 @@ pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
     let mut conn = pool.get().map_err(StoreError::unreachable)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::failed)?;
+        .map_err(StoreError::sqlite)?;
     let max = |tx: &rusqlite::Transaction<'_>| {
         tx.query_row("SELECT MAX(id) FROM records", [], |r| {
             r.get::<_, Option<i64>>(0)
         })
-        .map_err(StoreError::failed)
+        .map_err(StoreError::sqlite)
     };
     // A table made with AUTOINCREMENT may have handed out ids above today's highest row (no
     // `sqlite_sequence` table at all is fine: nothing was handed out that way).
@@ -459,7 +494,7 @@ pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
             "DELETE FROM records WHERE created_at < ?1",
             params![rfc3339(cutoff)],
         )
-        .map_err(StoreError::failed)?;
+        .map_err(StoreError::sqlite)?;
     if let Some(top) = before.filter(|_| deleted > 0) {
         if max(&tx)? != Some(top) {
             let next = top.max(handed_out) + 1;
@@ -468,10 +503,10 @@ pub fn prune(pool: &Pool, cutoff: SystemTime) -> Result<u64, StoreError> {
                  ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
                 params![NEXT_ID, next],
             )
-            .map_err(StoreError::failed)?;
+            .map_err(StoreError::sqlite)?;
         }
     }
-    tx.commit().map_err(StoreError::failed)?;
+    tx.commit().map_err(StoreError::sqlite)?;
     Ok(deleted as u64)
 }
 

@@ -1,5 +1,6 @@
-//! The writer: one `DbActor` on a one-thread `SyncArbiter`, which writes the batches the ticker
-//! hands it, paced while it is idle-class (`priority.rs`), and frees them.
+//! The writer: one `DbActor` on a one-thread `SyncArbiter`, which appends the batches the ticker
+//! hands it to the SQLite store's spool (`spool.rs`) or, without one, writes them as rows; paced
+//! while it is idle-class (`priority.rs`); and frees them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::time::SystemTime;
 
 use actix::prelude::*;
 
+use super::spool::AppendError;
 use super::{priority, rfc3339, Flush, InsertBatch, Prune, Record, Shared, Store};
 use crate::metrics::Metrics;
 
@@ -20,6 +22,8 @@ pub struct DbActor {
     pub(super) shared: Arc<Shared>,
     pub(super) metrics: Metrics,
     pub(super) batch: Vec<Record>,
+    /// The spool's encoding buffer, reused from batch to batch.
+    pub(super) buf: Vec<u8>,
 }
 
 impl Actor for DbActor {
@@ -36,6 +40,9 @@ impl DbActor {
     /// progress handler, so a whole batch in one commit would be a long stretch in which the
     /// writer never offers the CPU (priority.rs). Promoted, it writes the batch in one.
     fn write_batch(&mut self, last_chance: bool) {
+        if self.spooled() {
+            return;
+        }
         let total = self.batch.len();
         let mut done = 0;
         while done < total {
@@ -77,6 +84,37 @@ impl DbActor {
         }
         if total > 0 {
             self.release();
+        }
+    }
+
+    /// Appends the batch to the spool, if the store has one that takes it; a full, closed or
+    /// failing spool leaves the batch to be written as rows (the bound of the spool: see
+    /// `spool.rs`).
+    fn spooled(&mut self) -> bool {
+        let Store::Sqlite(db) = &self.store else {
+            return false;
+        };
+        let Some(spool) = &db.spool else {
+            return false;
+        };
+        if self.batch.is_empty() {
+            return true;
+        }
+        match spool.append(&self.batch, &mut self.buf) {
+            Ok(()) => {
+                self.shared
+                    .pending
+                    .fetch_sub(self.batch.len(), Ordering::AcqRel);
+                self.release();
+                true
+            }
+            Err(AppendError::Full | AppendError::Closed) => false,
+            Err(AppendError::Io(e)) => {
+                log::error!(
+                    "appending request records to the spool failed, writing them as rows: {e}"
+                );
+                false
+            }
         }
     }
 
@@ -137,6 +175,13 @@ impl Handler<Flush> for DbActor {
 
     fn handle(&mut self, _: Flush, _: &mut SyncContext<Self>) {
         self.write_batch(true);
+        if let Store::Sqlite(db) = &self.store {
+            if let Some(spool) = &db.spool {
+                spool.finish();
+                // Anything after the barrier (nothing, at shutdown) is written as rows.
+                self.write_batch(true);
+            }
+        }
     }
 }
 
@@ -145,23 +190,35 @@ impl Handler<Prune> for DbActor {
 
     fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) {
         self.write_batch(false);
-        let cutoff = SystemTime::now() - msg.older_than;
-        match self.store.prune(cutoff) {
-            Ok(n) => {
-                if n > 0 {
-                    log::info!(
-                        "retention: deleted {n} records older than {}",
-                        rfc3339(cutoff)
-                    );
-                    let _ =
-                        self.shared
-                            .rows
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                                Some(r.saturating_sub(n))
-                            });
+        match &self.store {
+            // The ingester is the one that writes rows: it prunes between its transactions.
+            Store::Sqlite(db) if db.spool.is_some() => {
+                if let Some(spool) = &db.spool {
+                    spool.prune(msg.older_than);
                 }
             }
-            Err(e) => log::error!("retention pruning failed: {}", e.message),
+            _ => prune(&self.store, &self.shared, msg.older_than),
         }
+    }
+}
+
+/// Deletes records older than `older_than` and logs how many (retention).
+pub(super) fn prune(store: &Store, shared: &Shared, older_than: std::time::Duration) {
+    let cutoff = SystemTime::now() - older_than;
+    match store.prune(cutoff) {
+        Ok(n) => {
+            if n > 0 {
+                log::info!(
+                    "retention: deleted {n} records older than {}",
+                    rfc3339(cutoff)
+                );
+                let _ = shared
+                    .rows
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                        Some(r.saturating_sub(n))
+                    });
+            }
+        }
+        Err(e) => log::error!("retention pruning failed: {}", e.message),
     }
 }

@@ -1,0 +1,896 @@
+//! The spool: records appended to a file beside the SQLite database, turned into rows by an
+//! idle-class thread (see the observability guide, "The spool", and the benchmarks guide,
+//! "Recording nearly free").
+//!
+//! Why: one SQLite row costs about 20,000 instructions to bind and insert, the rest of a request
+//! about 100,000; under load that is CPU the requests do not get. Appending a record to a file
+//! costs a tenth of it. So the writer (`DbActor`) only appends, and the *ingester* writes the
+//! rows when the machine has time: while requests keep the cores busy the file grows, and the
+//! rows follow once they stop. The file is bounded: past [`PROMOTE_BYTES`] behind, the ingester
+//! runs at normal priority; past [`MAX_BYTES`], the writer inserts directly as before.
+//!
+//! What a crash loses: nothing appended. The file is in the page cache once `write` returns,
+//! and each ingest transaction stores, with its rows, how far into which generation of the file
+//! it got (`records_meta`): a restart writes the rest before the gateway listens, and no record
+//! twice. A power cut can lose what the page cache held, as SQLite's `synchronous=NORMAL` can
+//! lose its last commits.
+//!
+//! The file: a header (magic, generation), then frames `[len u32][len ^ CHECK u32][record]`.
+//! When the ingester has caught up it empties the file and starts a new generation; a clean
+//! shutdown writes everything and removes the file. One process owns a spool (an exclusive
+//! lock on the file); a second process on the same database writes directly.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use actix_web::http::header::HeaderValue;
+use actix_web::http::{Method, Uri};
+use actix_web::web::Bytes;
+use rusqlite::OptionalExtension;
+
+use super::priority::{self, WriterClass};
+use super::{sqlite, Record, Shared, Store, StoreError};
+use crate::metrics::Metrics;
+
+/// The file's first bytes; the last one is the frame format's version.
+const MAGIC: &[u8; 8] = b"OARSPOL1";
+/// Header length: magic and generation.
+const HEADER: u64 = 16;
+/// Mixed into each frame's length as its check: a torn or zeroed tail fails it.
+const CHECK: u32 = 0xA5C3_5A3C;
+/// Frame head: length and check.
+const FRAME_HEAD: usize = 8;
+/// Backlog from which the ingester runs at normal priority (below a quarter of it, idle again).
+pub const PROMOTE_BYTES: u64 = 256 << 20;
+/// Backlog from which the writer inserts rows itself instead of appending (the 0.3 behaviour).
+pub const MAX_BYTES: u64 = 1 << 30;
+/// Bytes read from the file at once.
+const READ_CHUNK: u64 = 4 << 20;
+/// Rows per transaction while the ingester is idle-class: a commit of this many rows is a few
+/// tens of microseconds of WAL writing without a pause point (see `writer.rs`).
+const PACED_ROWS: usize = 64;
+/// Rows per transaction otherwise.
+const ROWS: usize = 4096;
+/// How long a shutdown waits for the ingester before leaving the rest to the next start.
+const FLUSH_WAIT: Duration = Duration::from_secs(60);
+/// The `records_meta` keys of the ingester's progress.
+const META_GENERATION: &str = "spool_generation";
+/// See [`META_GENERATION`].
+const META_OFFSET: &str = "spool_offset";
+
+/// One database's spool: shared by the writer, which appends, and the ingester.
+pub struct Spool {
+    file: File,
+    path: PathBuf,
+    state: Mutex<State>,
+    /// Rung on every change of [`State`].
+    changed: Condvar,
+    /// The ingester's scheduling class, set from the backlog by the writer.
+    class: Arc<WriterClass>,
+}
+
+/// What the writer and the ingester share.
+#[derive(Debug, Default)]
+struct State {
+    /// Bytes in the file.
+    end: u64,
+    /// The file's generation.
+    generation: u64,
+    /// Bytes whose records are rows (or were given up).
+    ingested: u64,
+    /// A shutdown waits: write everything, at normal priority.
+    urgent: bool,
+    /// No more appends: the ingester writes what is there, removes the file and ends.
+    closing: bool,
+    /// The ingester has ended.
+    ended: bool,
+    /// The ingester cannot write (database unreachable): a shutdown does not wait for it.
+    stuck: bool,
+    /// Retention asked by the writer, run by the ingester (the one SQLite writer).
+    prune: Option<Duration>,
+}
+
+impl State {
+    fn backlog(&self) -> u64 {
+        self.end - self.ingested
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why an append did not happen.
+#[derive(Debug)]
+pub enum AppendError {
+    /// [`MAX_BYTES`] are waiting: the caller inserts directly.
+    Full,
+    /// The spool is closed (shut down).
+    Closed,
+    /// The file could not be written.
+    Io(std::io::Error),
+}
+
+impl Spool {
+    /// Opens the spool of the SQLite file `db` and writes what a previous run left in it
+    /// (before the gateway listens: owners and chains are read from the rows). None where there
+    /// is no spool: an in-memory or URI database, a spool another process holds, a file that
+    /// cannot be made; recording then writes rows directly.
+    pub fn open(db: &str, pool: &sqlite::Pool) -> Option<Arc<Spool>> {
+        if db.is_empty() || db == ":memory:" || db.starts_with("file:") {
+            return None;
+        }
+        let path = PathBuf::from(format!("{db}-spool"));
+        let file = match OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!(
+                    "no record spool ({}: {e}): rows are written as requests end",
+                    path.display()
+                );
+                return None;
+            }
+        };
+        if file.try_lock().is_err() {
+            log::info!(
+                "the record spool {} is another process's: this one writes rows directly",
+                path.display()
+            );
+            return None;
+        }
+        let generation = match recover(&file, pool) {
+            Ok((generation, n)) => {
+                if n > 0 {
+                    log::info!("wrote {n} request records the last run left in its spool");
+                }
+                generation
+            }
+            Err(e) => {
+                log::error!(
+                    "the record spool {} could not be written to the database ({}); it is kept \
+                     as {}.unwritten, and rows are written directly",
+                    path.display(),
+                    e.message,
+                    path.display()
+                );
+                let _ = std::fs::rename(&path, path.with_extension("unwritten"));
+                return None;
+            }
+        };
+        if let Err(e) = reset(&file, generation) {
+            log::warn!("no record spool ({}: {e})", path.display());
+            return None;
+        }
+        let class = Arc::new(WriterClass::probe_quietly());
+        Some(Arc::new(Spool {
+            file,
+            path,
+            state: Mutex::new(State {
+                end: HEADER,
+                generation,
+                ingested: HEADER,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            class,
+        }))
+    }
+
+    /// Appends a batch (encoded into `buf`, which is reused). Called by the writer.
+    pub fn append(&self, batch: &[Record], buf: &mut Vec<u8>) -> Result<(), AppendError> {
+        {
+            let st = lock(&self.state);
+            if st.closing || st.ended {
+                return Err(AppendError::Closed);
+            }
+            if st.backlog() >= MAX_BYTES {
+                return Err(AppendError::Full);
+            }
+        }
+        buf.clear();
+        for (i, r) in batch.iter().enumerate() {
+            let at = buf.len();
+            buf.extend_from_slice(&[0; FRAME_HEAD]);
+            encode(r, buf);
+            let len = (buf.len() - at - FRAME_HEAD) as u32;
+            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            buf[at + 4..at + 8].copy_from_slice(&(len ^ CHECK).to_le_bytes());
+            if i % 16 == 15 {
+                priority::pause_point();
+            }
+        }
+        let backlog = {
+            let mut st = lock(&self.state);
+            if st.closing || st.ended {
+                return Err(AppendError::Closed);
+            }
+            if let Err(e) = (&self.file).write_all(buf) {
+                // A partial write leaves a torn frame: cut it off again.
+                let _ = self.file.set_len(st.end);
+                return Err(AppendError::Io(e));
+            }
+            st.end += buf.len() as u64;
+            st.backlog()
+        };
+        self.changed.notify_all();
+        // `adjust` promotes at a quarter of its capacity and demotes below a sixteenth.
+        self.class.adjust(
+            (backlog >> 20) as usize,
+            ((4 * PROMOTE_BYTES) >> 20) as usize,
+        );
+        Ok(())
+    }
+
+    /// Asks the ingester to delete records older than `older_than`.
+    pub fn prune(&self, older_than: Duration) {
+        lock(&self.state).prune = Some(older_than);
+        self.changed.notify_all();
+    }
+
+    /// Bytes appended and not yet rows.
+    pub fn backlog(&self) -> u64 {
+        lock(&self.state).backlog()
+    }
+
+    /// The shutdown barrier: waits (at most [`FLUSH_WAIT`]) until every appended record is a
+    /// row, then closes the spool: the ingester removes the file and ends. What is left (a
+    /// database unreachable, a very long backlog) stays in the file for the next start.
+    pub fn finish(&self) {
+        let deadline = Instant::now() + FLUSH_WAIT;
+        self.class.promote();
+        let mut st = lock(&self.state);
+        st.urgent = true;
+        st.closing = true;
+        self.changed.notify_all();
+        while !st.ended && !st.stuck {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left.min(Duration::from_millis(200)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if st.backlog() > 0 {
+            log::warn!(
+                "{} bytes of request records are left in {}: they are written at the next start",
+                st.backlog(),
+                self.path.display()
+            );
+        }
+        // Whatever the ingester is doing, it appends nothing and ends at its next look.
+        st.closing = true;
+    }
+
+    /// Starts the ingester thread; it ends when the spool is closed and written.
+    pub(super) fn start_ingester(
+        self: &Arc<Self>,
+        store: Store,
+        shared: Arc<Shared>,
+        metrics: Metrics,
+    ) {
+        let spool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("record-ingest".into())
+            .spawn(move || {
+                spool.class.enter_idle();
+                if let Store::Sqlite(db) = &store {
+                    sqlite::start_checkpointer(db.pool.clone());
+                }
+                spool.ingest(&store, &shared, &metrics);
+            });
+        if let Err(e) = spawned {
+            log::error!("no record ingest thread ({e}): records stay in the spool until restart");
+            let mut st = lock(&self.state);
+            st.stuck = true;
+            st.closing = true;
+        }
+    }
+
+    /// The ingester's loop.
+    fn ingest(&self, store: &Store, shared: &Shared, metrics: &Metrics) {
+        let Store::Sqlite(db) = store else {
+            return;
+        };
+        let mut failures = 0u32;
+        loop {
+            let (from, to, generation, prune, closing) = {
+                let mut st = lock(&self.state);
+                while st.backlog() == 0 && st.prune.is_none() && !st.closing {
+                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                (
+                    st.ingested,
+                    st.end,
+                    st.generation,
+                    st.prune.take(),
+                    st.closing,
+                )
+            };
+            if let Some(older_than) = prune {
+                super::writer::prune(store, shared, older_than);
+            }
+            if from < to {
+                match self.ingest_some(&db.pool, from, to, generation, shared, metrics) {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        metrics.record_write_failure();
+                        if e.unreachable {
+                            set_up(shared, metrics, false);
+                        }
+                        if failures == 1 || failures % 60 == 0 {
+                            log::error!(
+                                "writing request records failed (from the spool), keeping them \
+                                 to retry: {}",
+                                e.message
+                            );
+                        }
+                        let mut st = lock(&self.state);
+                        if st.closing && failures >= 3 {
+                            // A shutdown does not wait for a database that does not come back:
+                            // the records stay in the file for the next start.
+                            st.stuck = true;
+                            st.ended = true;
+                            self.changed.notify_all();
+                            return;
+                        }
+                        drop(
+                            self.changed
+                                .wait_timeout(st, Duration::from_secs(1))
+                                .unwrap_or_else(|p| p.into_inner()),
+                        );
+                        continue;
+                    }
+                }
+            }
+            let mut st = lock(&self.state);
+            if st.backlog() == 0 {
+                if closing || st.closing {
+                    // Everything is a row: the file goes (the lock with it, when the last
+                    // handle drops).
+                    let _ = std::fs::remove_file(&self.path);
+                    st.ended = true;
+                    self.changed.notify_all();
+                    return;
+                }
+                if st.end > HEADER {
+                    st.generation += 1;
+                    match reset(&self.file, st.generation) {
+                        Ok(()) => {
+                            st.end = HEADER;
+                            st.ingested = HEADER;
+                        }
+                        Err(e) => log::warn!("emptying the record spool failed: {e}"),
+                    }
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Writes the records of `[from, to)` (a few MiB at most) as rows, a transaction at a time,
+    /// each storing how far it got.
+    fn ingest_some(
+        &self,
+        pool: &sqlite::Pool,
+        from: u64,
+        to: u64,
+        generation: u64,
+        shared: &Shared,
+        metrics: &Metrics,
+    ) -> Result<(), StoreError> {
+        let bytes = read_range(&self.file, from, to).map_err(StoreError::failed)?;
+        let (mut records, ends, cut) = decode_frames(&bytes, from);
+        drop(bytes);
+        let mut done = 0;
+        while done < records.len() {
+            let urgent = lock(&self.state).urgent;
+            let n = if priority::paced() && !urgent {
+                PACED_ROWS
+            } else {
+                ROWS
+            }
+            .min(records.len() - done);
+            let part = &mut records[done..done + n];
+            // Replies left to the writer are read here, a transaction's worth at a time, so
+            // that an idle-class ingester reads them between its pause points too.
+            for r in part.iter_mut() {
+                r.read_deferred();
+            }
+            let upto = ends[done + n - 1];
+            if let Err(e) = sqlite::insert(pool, part, Some((generation, upto))) {
+                if e.unreachable || e.busy || !sqlite::ping(pool) {
+                    return Err(e);
+                }
+                // The database answers and refused these rows: retrying them would fail the
+                // same way (as without a spool, they are dropped).
+                metrics.record_write_failure();
+                log::error!(
+                    "writing {n} request records failed, dropping them: {}",
+                    e.message
+                );
+                for _ in 0..n {
+                    metrics.record_dropped();
+                }
+                self.give_up(upto);
+                done += n;
+                continue;
+            }
+            shared
+                .rows
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics.record_batch(n);
+            set_up(shared, metrics, true);
+            {
+                let mut st = lock(&self.state);
+                if st.generation == generation {
+                    st.ingested = upto;
+                }
+            }
+            self.changed.notify_all();
+            done += n;
+        }
+        free(records);
+        if cut.is_some() || done == 0 {
+            // Only the writer appends, and only whole frames: a frame that does not read is a
+            // damaged file. Give up the rest of what was read rather than loop on it.
+            let at = ends.last().copied().unwrap_or(from);
+            let n = self.give_up(to);
+            log::error!("{n} bytes of the record spool after byte {at} could not be read; dropped");
+            metrics.record_dropped();
+        }
+        Ok(())
+    }
+
+    /// Marks everything up to `to` as done without writing it; returns how many bytes.
+    fn give_up(&self, to: u64) -> u64 {
+        let mut st = lock(&self.state);
+        let n = to.saturating_sub(st.ingested);
+        st.ingested = st.ingested.max(to);
+        n
+    }
+}
+
+/// Frees written records, offering the CPU between them (see `writer.rs`, `release`).
+fn free(rows: Vec<Record>) {
+    for (i, r) in rows.into_iter().enumerate() {
+        drop(r);
+        if i % 16 == 15 {
+            priority::pause_point();
+        }
+    }
+}
+
+fn set_up(shared: &Shared, metrics: &Metrics, up: bool) {
+    if shared.up.swap(up, std::sync::atomic::Ordering::AcqRel) != up {
+        if up {
+            log::info!("database reachable again");
+        }
+        metrics.set_database_up(up);
+    }
+}
+
+/// Empties the file and writes a header of `generation`.
+fn reset(file: &File, generation: u64) -> std::io::Result<()> {
+    file.set_len(0)?;
+    let mut head = [0u8; HEADER as usize];
+    head[..8].copy_from_slice(MAGIC);
+    head[8..].copy_from_slice(&generation.to_le_bytes());
+    (&*file).write_all(&head)
+}
+
+/// Reads `[from, to)`, at most [`READ_CHUNK`] unless one frame is longer.
+fn read_range(file: &File, from: u64, to: u64) -> std::io::Result<Bytes> {
+    let mut want = (to - from).min(READ_CHUNK);
+    let mut head = [0u8; FRAME_HEAD];
+    file.read_exact_at(&mut head, from)?;
+    let first = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+    want = want.max((first + FRAME_HEAD as u64).min(to - from));
+    let mut buf = vec![0u8; want as usize];
+    file.read_exact_at(&mut buf, from)?;
+    Ok(Bytes::from(buf))
+}
+
+/// Writes what the file holds past the progress stored with the rows; returns the generation
+/// to continue with and how many records were written.
+fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
+    let (meta_generation, meta_offset) = progress(pool)?;
+    let len = file.metadata().map_err(StoreError::failed)?.len();
+    let mut head = [0u8; HEADER as usize];
+    let header = if len >= HEADER && file.read_exact_at(&mut head, 0).is_ok() {
+        (&head[..8] == MAGIC).then(|| u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8])))
+    } else {
+        None
+    };
+    let Some(generation) = header else {
+        if len > 0 {
+            log::warn!("a record spool without a readable header ({len} bytes) was emptied");
+        }
+        return Ok((meta_generation + 1, 0));
+    };
+    let mut at = if generation == meta_generation {
+        meta_offset.max(HEADER)
+    } else {
+        HEADER
+    };
+    let mut written = 0;
+    while at < len {
+        let bytes = read_range(file, at, len).map_err(StoreError::failed)?;
+        let (mut records, ends, cut) = decode_frames(&bytes, at);
+        drop(bytes);
+        let mut done = 0;
+        while done < records.len() {
+            let n = ROWS.min(records.len() - done);
+            let part = &mut records[done..done + n];
+            for r in part.iter_mut() {
+                r.read_deferred();
+            }
+            let upto = ends[done + n - 1];
+            sqlite::insert(pool, part, Some((generation, upto)))?;
+            written += n as u64;
+            at = upto;
+            done += n;
+        }
+        if cut.is_some() || done == 0 {
+            log::warn!(
+                "{} bytes at the end of the record spool could not be read (a write cut by a \
+                 crash); dropped",
+                len - at
+            );
+            break;
+        }
+    }
+    Ok((generation.max(meta_generation) + 1, written))
+}
+
+/// The ingester's progress stored with the rows: generation and offset (0, 0 when none).
+fn progress(pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
+    let conn = pool.get().map_err(StoreError::unreachable)?;
+    let get = |key: &str| {
+        conn.query_row(
+            "SELECT value FROM records_meta WHERE key = ?1",
+            [key],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|v| v.unwrap_or(0).max(0) as u64)
+        .map_err(StoreError::failed)
+    };
+    Ok((get(META_GENERATION)?, get(META_OFFSET)?))
+}
+
+/// Stores the ingester's progress in the transaction that wrote the rows up to it.
+pub fn store_progress(
+    tx: &rusqlite::Transaction<'_>,
+    (generation, offset): (u64, u64),
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO records_meta (key, value) VALUES (?1, ?2), (?3, ?4)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?;
+    stmt.execute(rusqlite::params![
+        META_GENERATION,
+        generation as i64,
+        META_OFFSET,
+        offset as i64
+    ])?;
+    Ok(())
+}
+
+/// The whole frames of `bytes` (which start at file offset `base`), the file offset just after
+/// each, and where reading stopped if a frame did not read (None: all of `bytes` read, or it
+/// ends inside a frame that a longer read completes).
+fn decode_frames(bytes: &Bytes, base: u64) -> (Vec<Record>, Vec<u64>, Option<u64>) {
+    let (mut out, mut ends) = (Vec::new(), Vec::new());
+    let mut at = 0usize;
+    let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    while bytes.len() - at >= FRAME_HEAD {
+        let (len, check) = (word(at), word(at + 4));
+        if len ^ CHECK != check {
+            return (out, ends, Some(base + at as u64));
+        }
+        let start = at + FRAME_HEAD;
+        let Some(end) = start
+            .checked_add(len as usize)
+            .filter(|&e| e <= bytes.len())
+        else {
+            break;
+        };
+        match decode(&bytes.slice(start..end)) {
+            Some(r) => {
+                out.push(r);
+                ends.push(base + end as u64);
+            }
+            None => return (out, ends, Some(base + at as u64)),
+        }
+        at = end;
+    }
+    (out, ends, None)
+}
+
+// ---- the record's encoding: fixed order, little-endian, lengths as u32 (u32::MAX: none) ----
+
+const NONE: u32 = u32::MAX;
+
+fn put_u8(b: &mut Vec<u8>, v: u8) {
+    b.push(v);
+}
+fn put_u32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
+    put_u32(b, v.len() as u32);
+    b.extend_from_slice(v);
+}
+fn put_opt(b: &mut Vec<u8>, v: Option<&[u8]>) {
+    match v {
+        Some(v) => put_bytes(b, v),
+        None => put_u32(b, NONE),
+    }
+}
+fn put_opt_i64(b: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => {
+            put_u8(b, 1);
+            put_u64(b, v as u64);
+        }
+        None => put_u8(b, 0),
+    }
+}
+
+/// Appends one record's encoding.
+fn encode(r: &Record, b: &mut Vec<u8>) {
+    let since = r.created_at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    put_u64(b, since.as_secs());
+    put_u32(b, since.subsec_nanos());
+    match r.ip {
+        None => put_u8(b, 0),
+        Some(IpAddr::V4(a)) => {
+            put_u8(b, 4);
+            b.extend_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            put_u8(b, 6);
+            b.extend_from_slice(&a.octets());
+        }
+    }
+    put_bytes(b, r.method.as_str().as_bytes());
+    put_bytes(b, r.path_text().as_bytes());
+    put_opt(b, r.model.as_deref().map(str::as_bytes));
+    put_u8(b, u8::from(r.stream));
+    put_opt(b, r.upstream.as_deref().map(str::as_bytes));
+    put_u32(b, u32::from(r.status));
+    put_u32(b, r.attempts);
+    put_opt(b, r.error.as_deref().map(str::as_bytes));
+    put_bytes(b, &r.request_body);
+    put_opt(b, r.response.as_deref().map(str::as_bytes));
+    put_opt(b, r.response_json.as_deref());
+    put_opt_i64(b, r.prompt_tokens);
+    put_opt_i64(b, r.completion_tokens);
+    put_opt_i64(b, r.total_tokens);
+    put_opt_i64(b, r.ttfb_ms.map(|v| v as i64));
+    put_u64(b, r.duration_ms);
+    put_opt(b, r.user_agent.as_ref().map(HeaderValue::as_bytes));
+    put_opt(b, r.client_key.as_deref().map(str::as_bytes));
+    put_u64(b, r.body_limit as u64);
+    put_opt(b, r.finish_reason.as_deref().map(str::as_bytes));
+    put_u32(b, r.resumed);
+    put_u8(b, u8::from(r.complete));
+    put_opt(b, r.object_id.as_deref().map(str::as_bytes));
+    put_u8(b, u8::from(r.rebuilt));
+    put_opt(b, r.response_items.as_deref().map(str::as_bytes));
+    put_opt(b, r.request_id.as_ref().map(HeaderValue::as_bytes));
+    put_opt(b, r.member.as_deref().map(str::as_bytes));
+    put_opt(b, r.forgets.as_deref().map(str::as_bytes));
+    // `learned` is shared through PostgreSQL only, which has no spool.
+}
+
+/// Reads a record back; None when the bytes are not one.
+struct Reader<'a> {
+    bytes: &'a Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len())?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bool(&mut self) -> Option<bool> {
+        Some(self.u8()? != 0)
+    }
+    /// A length-prefixed value as a slice of the shared buffer (no copy).
+    fn shared(&mut self) -> Option<Option<Bytes>> {
+        let len = self.u32()?;
+        if len == NONE {
+            return Some(None);
+        }
+        let start = self.at;
+        self.take(len as usize)?;
+        Some(Some(self.bytes.slice(start..self.at)))
+    }
+    fn bytes(&mut self) -> Option<Bytes> {
+        self.shared()?
+    }
+    fn text(&mut self) -> Option<Option<String>> {
+        match self.shared()? {
+            Some(b) => Some(Some(String::from_utf8(b.to_vec()).ok()?)),
+            None => Some(None),
+        }
+    }
+    fn arc(&mut self) -> Option<Option<Arc<str>>> {
+        match self.shared()? {
+            Some(b) => Some(Some(Arc::from(std::str::from_utf8(&b).ok()?))),
+            None => Some(None),
+        }
+    }
+    fn header(&mut self) -> Option<Option<HeaderValue>> {
+        match self.shared()? {
+            Some(b) => Some(Some(HeaderValue::from_maybe_shared(b).ok()?)),
+            None => Some(None),
+        }
+    }
+    fn opt_i64(&mut self) -> Option<Option<i64>> {
+        match self.u8()? {
+            0 => Some(None),
+            _ => Some(Some(self.u64()? as i64)),
+        }
+    }
+}
+
+/// One record from its encoding.
+fn decode(bytes: &Bytes) -> Option<Record> {
+    let mut r = Reader { bytes, at: 0 };
+    let secs = r.u64()?;
+    let nanos = r.u32()?;
+    let created_at = UNIX_EPOCH.checked_add(Duration::new(secs, nanos.min(999_999_999)))?;
+    let ip = match r.u8()? {
+        0 => None,
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(r.take(4)?).ok()?)),
+        6 => Some(IpAddr::from(<[u8; 16]>::try_from(r.take(16)?).ok()?)),
+        _ => return None,
+    };
+    let method = Method::from_bytes(&r.bytes()?).ok()?;
+    let path = Uri::from_maybe_shared(r.bytes()?).unwrap_or_else(|_| Uri::from_static("/"));
+    let record = Record {
+        created_at,
+        ip,
+        method,
+        path,
+        model: r.arc()?,
+        stream: r.bool()?,
+        upstream: r.arc()?,
+        status: u16::try_from(r.u32()?).ok()?,
+        attempts: r.u32()?,
+        error: r.text()?,
+        request_body: r.bytes()?,
+        response: r.text()?,
+        response_json: r.shared()?,
+        prompt_tokens: r.opt_i64()?,
+        completion_tokens: r.opt_i64()?,
+        total_tokens: r.opt_i64()?,
+        ttfb_ms: r.opt_i64()?.map(|v| v as u64),
+        duration_ms: r.u64()?,
+        user_agent: r.header()?,
+        client_key: r.arc()?,
+        body_limit: usize::try_from(r.u64()?).ok()?,
+        finish_reason: r.text()?.map(std::borrow::Cow::Owned),
+        resumed: r.u32()?,
+        complete: r.bool()?,
+        object_id: r.arc()?,
+        rebuilt: r.bool()?,
+        response_items: r.text()?,
+        request_id: r.header()?,
+        member: r.arc()?,
+        forgets: r.arc()?,
+        learned: Vec::new(),
+    };
+    (r.at == bytes.len()).then_some(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(i: u32) -> Record {
+        Record {
+            created_at: UNIX_EPOCH + Duration::new(1_765_000_000 + u64::from(i), 123_456_789),
+            ip: Some(IpAddr::from([10, 0, 0, 7])),
+            method: Method::POST,
+            path: Uri::from_static("/v1/chat/completions"),
+            model: Some("gpt-x".into()),
+            stream: i % 2 == 0,
+            upstream: Some("a".into()),
+            status: 200,
+            attempts: 2,
+            error: Some("b: 500".into()),
+            request_body: Bytes::from(format!("{{\"n\":{i}}}")),
+            response: Some("héllo".into()),
+            response_json: None,
+            prompt_tokens: Some(3),
+            completion_tokens: None,
+            total_tokens: Some(-1),
+            ttfb_ms: Some(12),
+            duration_ms: 34,
+            user_agent: Some(HeaderValue::from_static("curl/8")),
+            client_key: Some("sk-…abcd".into()),
+            body_limit: 1000,
+            finish_reason: Some("stop".into()),
+            resumed: 1,
+            complete: true,
+            object_id: Some("resp_1".into()),
+            rebuilt: true,
+            response_items: Some("[]".into()),
+            request_id: Some(HeaderValue::from_static("req-1")),
+            member: Some("alice".into()),
+            forgets: None,
+            learned: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_as_written() {
+        let mut buf = Vec::new();
+        let r = sample(1);
+        encode(&r, &mut buf);
+        let back = decode(&Bytes::from(buf.clone())).expect("decodes");
+        assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        // Every shorter prefix is refused, not misread.
+        for n in 0..buf.len() {
+            assert!(decode(&Bytes::copy_from_slice(&buf[..n])).is_none(), "{n}");
+        }
+    }
+
+    #[test]
+    fn frames_stop_at_a_torn_or_zeroed_tail() {
+        let mut buf = Vec::new();
+        for i in 0..3 {
+            let at = buf.len();
+            buf.extend_from_slice(&[0; FRAME_HEAD]);
+            encode(&sample(i), &mut buf);
+            let len = (buf.len() - at - FRAME_HEAD) as u32;
+            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            buf[at + 4..at + 8].copy_from_slice(&(len ^ CHECK).to_le_bytes());
+        }
+        let whole = Bytes::from(buf.clone());
+        let (all, ends, cut) = decode_frames(&whole, 100);
+        assert_eq!((all.len(), cut), (3, None));
+        assert_eq!(ends[2], 100 + buf.len() as u64);
+        // Torn inside the last frame: two read, the third waits for more bytes.
+        let torn = Bytes::copy_from_slice(&buf[..buf.len() - 5]);
+        let (two, _, cut) = decode_frames(&torn, 0);
+        assert_eq!((two.len(), cut), (2, None));
+        // Zeroes after the frames: refused at once.
+        let mut zeroed = buf.clone();
+        zeroed.extend_from_slice(&[0; 64]);
+        let (three, _, cut) = decode_frames(&Bytes::from(zeroed), 0);
+        assert_eq!((three.len(), cut), (3, Some(buf.len() as u64)));
+    }
+}
