@@ -38,7 +38,7 @@ use crate::escape::cut_bytes;
 use crate::metrics::Metrics;
 use crate::time::rfc3339;
 
-use self::columns::{cut, request_body_text};
+use self::columns::{cut, ip_text, request_body_text, IpText};
 pub use self::postgres::explain as explain_postgres;
 pub use self::priority::can_switch as writer_can_idle;
 pub use self::target::redact as redact_database_url;
@@ -138,60 +138,6 @@ pub const RECORD_USER_AGENT_BYTES: usize = 256;
 /// (see the security guide).
 pub fn cut_path(path: &str) -> &str {
     cut_bytes(path, RECORD_PATH_BYTES)
-}
-
-/// Longest address text (an IPv6 address with an embedded IPv4 one is 45 bytes).
-const IP_TEXT: usize = 48;
-
-/// An address as text without a heap allocation.
-struct IpText {
-    buf: [u8; IP_TEXT],
-    len: usize,
-}
-
-/// An address as the `ip` column shows it, formatted on the stack (empty when unknown).
-fn ip_text(ip: Option<IpAddr>) -> IpText {
-    let mut t = IpText {
-        buf: [0; IP_TEXT],
-        len: 0,
-    };
-    match ip {
-        // By hand: the formatter took 1,100 instructions of the writer's row (see the
-        // benchmarks guide, "Recording nearly free"); an IPv4 address is four numbers.
-        Some(IpAddr::V4(v4)) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    t.buf[t.len] = b'.';
-                    t.len += 1;
-                }
-                if octet >= 100 {
-                    t.buf[t.len] = b'0' + octet / 100;
-                    t.len += 1;
-                }
-                if octet >= 10 {
-                    t.buf[t.len] = b'0' + octet / 10 % 10;
-                    t.len += 1;
-                }
-                t.buf[t.len] = b'0' + octet % 10;
-                t.len += 1;
-            }
-        }
-        Some(ip) => {
-            use std::io::Write;
-            let mut w: &mut [u8] = &mut t.buf;
-            if write!(w, "{ip}").is_ok() {
-                t.len = IP_TEXT - w.len();
-            }
-        }
-        None => {}
-    }
-    t
-}
-
-impl IpText {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
 }
 
 impl Record {
@@ -606,24 +552,6 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ip_text_is_the_address_as_displayed() {
-        let v4 = [
-            [0, 0, 0, 0],
-            [255, 255, 255, 255],
-            [10, 0, 100, 9],
-            [127, 0, 0, 1],
-            [192, 168, 10, 99],
-        ];
-        for o in v4 {
-            let ip = IpAddr::from(o);
-            assert_eq!(ip_text(Some(ip)).as_str(), ip.to_string());
-        }
-        let v6: IpAddr = "2001:db8::ff00:42:8329".parse().unwrap();
-        assert_eq!(ip_text(Some(v6)).as_str(), v6.to_string());
-        assert_eq!(ip_text(None).as_str(), "");
-    }
 
     #[test]
     fn postgres_targets_and_redaction() {

@@ -1,0 +1,337 @@
+//! The spool's frames: one record each, `[len u32][len ^ CHECK u32][record]`, the record's
+//! fields in a fixed order, little-endian, lengths as u32 (`u32::MAX`: none). Written and read
+//! by this program only, but read as hostile all the same: a frame that does not read stops the
+//! reading, never a misread row.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use actix_web::http::header::HeaderValue;
+use actix_web::http::{Method, Uri};
+use actix_web::web::Bytes;
+
+use super::super::Record;
+
+/// Mixed into each frame's length as its check: a torn or zeroed tail fails it.
+const CHECK: u32 = 0xA5C3_5A3C;
+/// Frame head: length and check.
+pub const FRAME_HEAD: usize = 8;
+
+/// Appends `records` as frames to `buf`, offering the CPU every 16 (see `priority.rs`).
+pub fn encode_all(records: &[Record], buf: &mut Vec<u8>) {
+    for (i, r) in records.iter().enumerate() {
+        let at = buf.len();
+        buf.extend_from_slice(&[0; FRAME_HEAD]);
+        encode(r, buf);
+        let len = (buf.len() - at - FRAME_HEAD) as u32;
+        buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        buf[at + 4..at + 8].copy_from_slice(&(len ^ CHECK).to_le_bytes());
+        if i % 16 == 15 {
+            super::super::priority::pause_point();
+        }
+    }
+}
+
+/// The length of the frame starting with `head`, for a read that must hold all of it.
+pub fn frame_len(head: &[u8; FRAME_HEAD]) -> u64 {
+    u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]])) + FRAME_HEAD as u64
+}
+
+/// The whole frames of `bytes` (which start at file offset `base`), the file offset just after
+/// each, and where reading stopped if a frame did not read (None: all of `bytes` read, or it
+/// ends inside a frame that a longer read completes).
+pub fn decode_frames(bytes: &Bytes, base: u64) -> (Vec<Record>, Vec<u64>, Option<u64>) {
+    let (mut out, mut ends) = (Vec::new(), Vec::new());
+    let mut at = 0usize;
+    let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    while bytes.len() - at >= FRAME_HEAD {
+        let (len, check) = (word(at), word(at + 4));
+        if len ^ CHECK != check {
+            return (out, ends, Some(base + at as u64));
+        }
+        let start = at + FRAME_HEAD;
+        let Some(end) = start
+            .checked_add(len as usize)
+            .filter(|&e| e <= bytes.len())
+        else {
+            break;
+        };
+        match decode(&bytes.slice(start..end)) {
+            Some(r) => {
+                out.push(r);
+                ends.push(base + end as u64);
+            }
+            None => return (out, ends, Some(base + at as u64)),
+        }
+        at = end;
+    }
+    (out, ends, None)
+}
+
+// ---- the record's encoding: fixed order, little-endian, lengths as u32 (u32::MAX: none) ----
+
+const NONE: u32 = u32::MAX;
+
+fn put_u8(b: &mut Vec<u8>, v: u8) {
+    b.push(v);
+}
+fn put_u32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_le_bytes());
+}
+fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
+    put_u32(b, v.len() as u32);
+    b.extend_from_slice(v);
+}
+fn put_opt(b: &mut Vec<u8>, v: Option<&[u8]>) {
+    match v {
+        Some(v) => put_bytes(b, v),
+        None => put_u32(b, NONE),
+    }
+}
+fn put_opt_i64(b: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => {
+            put_u8(b, 1);
+            put_u64(b, v as u64);
+        }
+        None => put_u8(b, 0),
+    }
+}
+
+/// Appends one record's encoding.
+fn encode(r: &Record, b: &mut Vec<u8>) {
+    let since = r.created_at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    put_u64(b, since.as_secs());
+    put_u32(b, since.subsec_nanos());
+    match r.ip {
+        None => put_u8(b, 0),
+        Some(IpAddr::V4(a)) => {
+            put_u8(b, 4);
+            b.extend_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            put_u8(b, 6);
+            b.extend_from_slice(&a.octets());
+        }
+    }
+    put_bytes(b, r.method.as_str().as_bytes());
+    put_bytes(b, r.path_text().as_bytes());
+    put_opt(b, r.model.as_deref().map(str::as_bytes));
+    put_u8(b, u8::from(r.stream));
+    put_opt(b, r.upstream.as_deref().map(str::as_bytes));
+    put_u32(b, u32::from(r.status));
+    put_u32(b, r.attempts);
+    put_opt(b, r.error.as_deref().map(str::as_bytes));
+    put_bytes(b, &r.request_body);
+    put_opt(b, r.response.as_deref().map(str::as_bytes));
+    put_opt(b, r.response_json.as_deref());
+    put_opt_i64(b, r.prompt_tokens);
+    put_opt_i64(b, r.completion_tokens);
+    put_opt_i64(b, r.total_tokens);
+    put_opt_i64(b, r.ttfb_ms.map(|v| v as i64));
+    put_u64(b, r.duration_ms);
+    put_opt(b, r.user_agent.as_ref().map(HeaderValue::as_bytes));
+    put_opt(b, r.client_key.as_deref().map(str::as_bytes));
+    put_u64(b, r.body_limit as u64);
+    put_opt(b, r.finish_reason.as_deref().map(str::as_bytes));
+    put_u32(b, r.resumed);
+    put_u8(b, u8::from(r.complete));
+    put_opt(b, r.object_id.as_deref().map(str::as_bytes));
+    put_u8(b, u8::from(r.rebuilt));
+    put_opt(b, r.response_items.as_deref().map(str::as_bytes));
+    put_opt(b, r.request_id.as_ref().map(HeaderValue::as_bytes));
+    put_opt(b, r.member.as_deref().map(str::as_bytes));
+    put_opt(b, r.forgets.as_deref().map(str::as_bytes));
+    // `learned` is shared through PostgreSQL only, which has no spool.
+}
+
+/// Reads a record back; None when the bytes are not one.
+struct Reader<'a> {
+    bytes: &'a Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len())?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bool(&mut self) -> Option<bool> {
+        Some(self.u8()? != 0)
+    }
+    /// A length-prefixed value as a slice of the shared buffer (no copy).
+    fn shared(&mut self) -> Option<Option<Bytes>> {
+        let len = self.u32()?;
+        if len == NONE {
+            return Some(None);
+        }
+        let start = self.at;
+        self.take(len as usize)?;
+        Some(Some(self.bytes.slice(start..self.at)))
+    }
+    fn bytes(&mut self) -> Option<Bytes> {
+        self.shared()?
+    }
+    fn text(&mut self) -> Option<Option<String>> {
+        match self.shared()? {
+            Some(b) => Some(Some(String::from_utf8(b.to_vec()).ok()?)),
+            None => Some(None),
+        }
+    }
+    fn arc(&mut self) -> Option<Option<Arc<str>>> {
+        match self.shared()? {
+            Some(b) => Some(Some(Arc::from(std::str::from_utf8(&b).ok()?))),
+            None => Some(None),
+        }
+    }
+    fn header(&mut self) -> Option<Option<HeaderValue>> {
+        match self.shared()? {
+            Some(b) => Some(Some(HeaderValue::from_maybe_shared(b).ok()?)),
+            None => Some(None),
+        }
+    }
+    fn opt_i64(&mut self) -> Option<Option<i64>> {
+        match self.u8()? {
+            0 => Some(None),
+            _ => Some(Some(self.u64()? as i64)),
+        }
+    }
+}
+
+/// One record from its encoding.
+fn decode(bytes: &Bytes) -> Option<Record> {
+    let mut r = Reader { bytes, at: 0 };
+    let secs = r.u64()?;
+    let nanos = r.u32()?;
+    let created_at = UNIX_EPOCH.checked_add(Duration::new(secs, nanos.min(999_999_999)))?;
+    let ip = match r.u8()? {
+        0 => None,
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(r.take(4)?).ok()?)),
+        6 => Some(IpAddr::from(<[u8; 16]>::try_from(r.take(16)?).ok()?)),
+        _ => return None,
+    };
+    let method = Method::from_bytes(&r.bytes()?).ok()?;
+    let path = Uri::from_maybe_shared(r.bytes()?).unwrap_or_else(|_| Uri::from_static("/"));
+    let record = Record {
+        created_at,
+        ip,
+        method,
+        path,
+        model: r.arc()?,
+        stream: r.bool()?,
+        upstream: r.arc()?,
+        status: u16::try_from(r.u32()?).ok()?,
+        attempts: r.u32()?,
+        error: r.text()?,
+        request_body: r.bytes()?,
+        response: r.text()?,
+        response_json: r.shared()?,
+        prompt_tokens: r.opt_i64()?,
+        completion_tokens: r.opt_i64()?,
+        total_tokens: r.opt_i64()?,
+        ttfb_ms: r.opt_i64()?.map(|v| v as u64),
+        duration_ms: r.u64()?,
+        user_agent: r.header()?,
+        client_key: r.arc()?,
+        body_limit: usize::try_from(r.u64()?).ok()?,
+        finish_reason: r.text()?.map(std::borrow::Cow::Owned),
+        resumed: r.u32()?,
+        complete: r.bool()?,
+        object_id: r.arc()?,
+        rebuilt: r.bool()?,
+        response_items: r.text()?,
+        request_id: r.header()?,
+        member: r.arc()?,
+        forgets: r.arc()?,
+        learned: Vec::new(),
+    };
+    (r.at == bytes.len()).then_some(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(i: u32) -> Record {
+        Record {
+            created_at: UNIX_EPOCH + Duration::new(1_765_000_000 + u64::from(i), 123_456_789),
+            ip: Some(IpAddr::from([10, 0, 0, 7])),
+            method: Method::POST,
+            path: Uri::from_static("/v1/chat/completions"),
+            model: Some("gpt-x".into()),
+            stream: i.is_multiple_of(2),
+            upstream: Some("a".into()),
+            status: 200,
+            attempts: 2,
+            error: Some("b: 500".into()),
+            request_body: Bytes::from(format!("{{\"n\":{i}}}")),
+            response: Some("héllo".into()),
+            response_json: None,
+            prompt_tokens: Some(3),
+            completion_tokens: None,
+            total_tokens: Some(-1),
+            ttfb_ms: Some(12),
+            duration_ms: 34,
+            user_agent: Some(HeaderValue::from_static("curl/8")),
+            client_key: Some("sk-…abcd".into()),
+            body_limit: 1000,
+            finish_reason: Some("stop".into()),
+            resumed: 1,
+            complete: true,
+            object_id: Some("resp_1".into()),
+            rebuilt: true,
+            response_items: Some("[]".into()),
+            request_id: Some(HeaderValue::from_static("req-1")),
+            member: Some("alice".into()),
+            forgets: None,
+            learned: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_as_written() {
+        let mut buf = Vec::new();
+        let r = sample(1);
+        encode(&r, &mut buf);
+        let back = decode(&Bytes::from(buf.clone())).expect("decodes");
+        assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        // Every shorter prefix is refused, not misread.
+        for n in 0..buf.len() {
+            assert!(decode(&Bytes::copy_from_slice(&buf[..n])).is_none(), "{n}");
+        }
+    }
+
+    #[test]
+    fn frames_stop_at_a_torn_or_zeroed_tail() {
+        let mut buf = Vec::new();
+        encode_all(&[sample(0), sample(1), sample(2)], &mut buf);
+        let whole = Bytes::from(buf.clone());
+        let (all, ends, cut) = decode_frames(&whole, 100);
+        assert_eq!((all.len(), cut), (3, None));
+        assert_eq!(ends[2], 100 + buf.len() as u64);
+        // Torn inside the last frame: two read, the third waits for more bytes.
+        let torn = Bytes::copy_from_slice(&buf[..buf.len() - 5]);
+        let (two, _, cut) = decode_frames(&torn, 0);
+        assert_eq!((two.len(), cut), (2, None));
+        // Zeroes after the frames: refused at once.
+        let mut zeroed = buf.clone();
+        zeroed.extend_from_slice(&[0; 64]);
+        let (three, _, cut) = decode_frames(&Bytes::from(zeroed), 0);
+        assert_eq!((three.len(), cut), (3, Some(buf.len() as u64)));
+    }
+}
