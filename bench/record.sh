@@ -11,7 +11,8 @@
 #   bench/record.sh [GATEWAY_BINARY]      # default target/release/openai-api-route
 #
 # Per system: c=1 p50/p99 of JSON and 10-chunk stream requests; c=64 requests/s and CPU per
-# request (all the system's threads, user + system) for JSON and streams. Servers on core 0, wrk on
+# request (all the system's threads, user + system) for JSON and streams, during the run and
+# with the catch-up after it (until the system is idle again: the spool's rows). Servers on core 0, wrk on
 # core 1 (as bench/ab.sh); the systems' order alternates each round. ROUNDS (default 3), DUR
 # (seconds per run, default 5) and SOAK (seconds per kind, default 30) set the length. Needs nginx,
 # wrk, python3 and bench/out/bin/bench_mock (or target/release/examples/bench_mock).
@@ -41,7 +42,7 @@ start_nginx "$D/ngx" "$MP" 29799
 sleep 1.5
 for p in ${GP[off]} ${GP[on]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 "$p" >/dev/null; done
 export BENCH_TOKEN=sk-bench-client-token
-declare -A REQ P50 P99 TK N
+declare -A REQ P50 P99 TK TC N
 SENT=0
 # Waits until the gateways are idle (a writer catching up after a c=64 run would otherwise run
 # on core 0 during the next system's run), at most 30 s.
@@ -61,6 +62,8 @@ wrk_once() {
   local pids; pids=$(pids_of "$s"); local t0; t0=$(ticks $pids)
   out=$(taskset -c 1 wrk -t$t -c"$c" -d"${dur}"s -s "$ROOT/bench/post.lua" "${URL[$s]}$q" 2>&1)
   local t1; t1=$(ticks $pids)
+  # And with what the run left to do (the spool's rows, written once the machine is idle).
+  settle; local t2; t2=$(ticks $pids)
   local line; line=$(grep '^WRK ' <<<"$out")
   local n p50 p99 bad
   n=$(grep -o 'requests=[0-9]*' <<<"$line" | cut -d= -f2)
@@ -68,7 +71,7 @@ wrk_once() {
   ((bad > 0)) && echo "!! $s $kind c=$c: $bad non-2xx answers" >&2
   p50=$(grep -o 'p50_us=[0-9.]*' <<<"$line" | cut -d= -f2); p99=$(grep -o 'p99_us=[0-9.]*' <<<"$line" | cut -d= -f2)
   local k=$s:$kind:$c
-  REQ[$k]=$(( ${REQ[$k]:-0} + n )); TK[$k]=$(( ${TK[$k]:-0} + t1 - t0 )); N[$k]=$(( ${N[$k]:-0} + 1 ))
+  REQ[$k]=$(( ${REQ[$k]:-0} + n )); TK[$k]=$(( ${TK[$k]:-0} + t1 - t0 )); TC[$k]=$(( ${TC[$k]:-0} + t2 - t0 )); N[$k]=$(( ${N[$k]:-0} + 1 ))
   P50[$k]=$(awk -v a="${P50[$k]:-0}" -v b="$p50" 'BEGIN{print a+b}'); P99[$k]=$(awk -v a="${P99[$k]:-0}" -v b="$p99" 'BEGIN{print a+b}')
   [[ $s == on ]] && SENT=$((SENT + n))
   echo "$kind c=$c $s: $n requests, p50 ${p50} µs, p99 ${p99} µs, $(awk -v t=$((t1-t0)) -v n="$n" 'BEGIN{printf "%.1f", (n ? t*10000/n : 0)}') µs CPU/req" >&2
@@ -91,17 +94,18 @@ rows=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execut
 avg() { awk -v a="$2" -v n="${N[$1]}" 'BEGIN{printf "%.0f", a/n}'; }
 rps() { awk -v r="${REQ[$1]}" -v n="${N[$1]}" -v d="$DUR" 'BEGIN{printf "%.0f", r/(n*d)}'; }
 cpu() { awk -v t="${TK[$1]}" -v n="${REQ[$1]}" 'BEGIN{printf "%.1f", t*10000/n}'; }
+cpu_all() { awk -v t="${TC[$1]}" -v n="${REQ[$1]}" 'BEGIN{printf "%.1f", t*10000/n}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 echo
-echo "| request | system | c=64 req/s | ÷ nginx | CPU µs/req | c=1 p50 | added over direct | c=1 p99 | p99 ÷ nginx |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| request | system | c=64 req/s | ÷ nginx | CPU µs/req | with catch-up | c=1 p50 | added over direct | c=1 p99 | p99 ÷ nginx |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for kind in json stream; do
   d50=$(avg direct:$kind:1 "${P50[direct:$kind:1]}")
   n50=$(avg nginx:$kind:1 "${P50[nginx:$kind:1]}"); n99=$(avg nginx:$kind:1 "${P99[nginx:$kind:1]}")
   for s in direct nginx off on; do
     p50=$(avg $s:$kind:1 "${P50[$s:$kind:1]}"); p99=$(avg $s:$kind:1 "${P99[$s:$kind:1]}")
-    c="—"; [[ $s != direct ]] && c="$(cpu $s:$kind:64) µs"
-    echo "| $kind | $s | $(rps $s:$kind:64) | $(ratio "${REQ[$s:$kind:64]}" "${REQ[nginx:$kind:64]}") | $c | $p50 µs | +$((p50 - d50)) µs | $p99 µs | $(ratio "$p99" "$n99") |"
+    c="—"; ca="—"; [[ $s != direct ]] && { c="$(cpu $s:$kind:64) µs"; ca="$(cpu_all $s:$kind:64) µs"; }
+    echo "| $kind | $s | $(rps $s:$kind:64) | $(ratio "${REQ[$s:$kind:64]}" "${REQ[nginx:$kind:64]}") | $c | $ca | $p50 µs | +$((p50 - d50)) µs | $p99 µs | $(ratio "$p99" "$n99") |"
   done
 done
 echo
@@ -112,7 +116,7 @@ for kind in json stream; do
     echo "$kind $s: c=1 p50 added ÷ nginx's added: $(ratio $((p50 - d50)) $((n50 - d50)))"
   done
   echo "$kind records ratio (c=64 req/s on ÷ off): $(ratio "${REQ[on:$kind:64]}" "${REQ[off:$kind:64]}")"
-  echo "$kind CPU per request on ÷ off: $(ratio "$(cpu on:$kind:64)" "$(cpu off:$kind:64)")"
+  echo "$kind CPU per request on ÷ off: $(ratio "$(cpu on:$kind:64)" "$(cpu off:$kind:64)") during the run, $(ratio "$(cpu_all on:$kind:64)" "$(cpu_all off:$kind:64)") with the catch-up after it"
 done
 echo "records: $rows rows for $SENT requests answered (the extra rows: requests wrk cut at the end of a run); records_dropped_total ${dropped:-?}; checkpoint warnings in the log: $(grep -c 'checkpoint failed' on.log)"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null

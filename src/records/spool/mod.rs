@@ -152,14 +152,14 @@ impl Spool {
                 generation
             }
             Err(e) => {
+                // Kept as it is (a database locked by another process at this start, say): the
+                // next start tries again. This run writes rows directly.
                 log::error!(
                     "the record spool {} could not be written to the database ({}); it is kept \
-                     as {}.unwritten, and rows are written directly",
+                     for the next start, and this run writes rows directly",
                     path.display(),
-                    e.message,
-                    path.display()
+                    e.message
                 );
-                let _ = std::fs::rename(&path, path.with_extension("unwritten"));
                 return None;
             }
         };
