@@ -30,7 +30,7 @@ fn gateway_on(m: &Mock, db: &Path, global: &str) -> Gateway {
     )
 }
 
-/// Waits until the spool holds more than its header, and has stopped growing.
+/// Waits until the spool holds more than its header, and has stopped growing; its length.
 fn spool_settles(db: &Path) -> u64 {
     let len = || std::fs::metadata(spool_of(db)).map_or(0, |m| m.len());
     assert!(
@@ -144,22 +144,23 @@ async fn a_torn_tail_is_dropped_and_the_whole_frames_before_it_are_written() {
     let mut gw = gateway_on(&m, &db, "");
     let lock = rusqlite::Connection::open(&db).unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // One batch each: the spool's length after each.
+    let mut lens = Vec::new();
     for _ in 0..3 {
         post(&gw, "/v1/chat/completions", chat_body(false)).await;
-        // One batch each.
-        actix_rt::time::sleep(Duration::from_millis(250)).await;
+        lens.push(spool_settles(&db));
     }
-    let len = spool_settles(&db);
+    assert!(lens[0] < lens[1] && lens[1] < lens[2], "{lens:?}");
     gw.signal("KILL");
     gw.wait_exit(Duration::from_secs(5));
     lock.execute_batch("COMMIT").unwrap();
     drop(lock);
-    // A write cut by the crash: the last frame loses its end.
+    // A write cut by the crash: of the third frame only 5 bytes, less than its head.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(spool_of(&db))
         .unwrap();
-    f.set_len(len - 7).unwrap();
+    f.set_len(lens[1] + 5).unwrap();
     let again = gateway_on(&m, &db, "");
     let rows = read_rows(&db);
     assert_eq!(rows.len(), 2, "the two whole records, not the torn one");

@@ -60,6 +60,15 @@ impl DbActor {
                 self.batch.drain(..done);
                 let n = self.batch.len();
                 self.metrics.record_write_failure();
+                if e.busy && !last_chance {
+                    // Another connection (the spool's ingester, another process) held the
+                    // lock past the busy timeout: the database is fine, the records wait.
+                    log::error!(
+                        "writing {n} request records failed, database locked; keeping them to retry: {}",
+                        e.message
+                    );
+                    return;
+                }
                 let reachable = !e.unreachable && self.store.ping();
                 if reachable || last_chance {
                     log::error!(

@@ -33,9 +33,12 @@ pub fn encode_all(records: &[Record], buf: &mut Vec<u8>) {
     }
 }
 
-/// The length of the frame starting with `head`, for a read that must hold all of it.
-pub fn frame_len(head: &[u8; FRAME_HEAD]) -> u64 {
-    u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]])) + FRAME_HEAD as u64
+/// The length of the frame starting with `head` (its head included), for a read that must hold
+/// all of it; None when the head does not check out.
+pub fn checked_frame_len(head: &[u8; FRAME_HEAD]) -> Option<u64> {
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let check = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    (len ^ CHECK == check).then(|| u64::from(len) + FRAME_HEAD as u64)
 }
 
 /// The whole frames of `bytes` (which start at file offset `base`), the file offset just after
@@ -126,7 +129,7 @@ fn encode(r: &Record, b: &mut Vec<u8>) {
     put_u32(b, u32::from(r.status));
     put_u32(b, r.attempts);
     put_opt(b, r.error.as_deref().map(str::as_bytes));
-    put_bytes(b, &r.request_body);
+    put_bytes(b, &spooled_body(&r.request_body, r.body_limit));
     put_opt(b, r.response.as_deref().map(str::as_bytes));
     put_opt(b, r.response_json.as_deref());
     put_opt_i64(b, r.prompt_tokens);
@@ -147,6 +150,34 @@ fn encode(r: &Record, b: &mut Vec<u8>) {
     put_opt(b, r.member.as_deref().map(str::as_bytes));
     put_opt(b, r.forgets.as_deref().map(str::as_bytes));
     // `learned` is shared through PostgreSQL only, which has no spool.
+}
+
+/// What of a request body the spool keeps: bytes that give the same `request_body` column as
+/// the whole body (`columns::request_body_text`) — the whole body when it is within `limit`,
+/// else its first `limit` bytes and one character more (so that the column is cut at the same
+/// place, with its marker), or, for a binary body, the column's own description. A 30 MiB upload
+/// must not take 30 MiB of the spool's bound for a column of 1 MiB.
+fn spooled_body(body: &[u8], limit: usize) -> std::borrow::Cow<'_, [u8]> {
+    if limit == 0 || body.len() <= limit {
+        return body.into();
+    }
+    match std::str::from_utf8(body) {
+        Ok(text) if !body.contains(&0) => {
+            let kept = crate::escape::cut_bytes(text, limit).len();
+            let next = text[kept..].chars().next().map_or(0, char::len_utf8);
+            body[..kept + next].into()
+        }
+        _ => {
+            // The column does not cut its description; a body replaced by it would be cut
+            // where `limit` is shorter than the description (a few tens of bytes): kept whole.
+            let described = format!("[binary body, {} bytes]", body.len());
+            if described.len() <= limit {
+                described.into_bytes().into()
+            } else {
+                body.into()
+            }
+        }
+    }
 }
 
 /// Reads a record back; None when the bytes are not one.
@@ -313,6 +344,31 @@ mod tests {
         // Every shorter prefix is refused, not misread.
         for n in 0..buf.len() {
             assert!(decode(&Bytes::copy_from_slice(&buf[..n])).is_none(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_spooled_body_gives_the_column_the_whole_body_gives() {
+        use crate::records::columns::request_body_text;
+        let long = "é".repeat(40);
+        let cases: [(&[u8], usize); 8] = [
+            (b"short", 100),
+            (long.as_bytes(), 0),
+            (long.as_bytes(), 7),
+            (long.as_bytes(), 8),
+            (&[0xff; 300], 10),
+            (&[0xff; 300], 100),
+            (b"text with a \0 nul in it, long enough", 5),
+            (b"", 3),
+        ];
+        for (body, limit) in cases {
+            let kept = spooled_body(body, limit);
+            assert!(kept.len() <= body.len().max(40), "{limit}");
+            assert_eq!(
+                request_body_text(&kept, limit),
+                request_body_text(body, limit),
+                "limit {limit}"
+            );
         }
     }
 

@@ -32,7 +32,7 @@ use rusqlite::OptionalExtension;
 
 mod frame;
 
-use self::frame::{decode_frames, frame_len, FRAME_HEAD};
+use self::frame::{checked_frame_len, decode_frames, FRAME_HEAD};
 use super::priority::{self, WriterClass};
 use super::{sqlite, Record, Shared, Store, StoreError};
 use crate::metrics::Metrics;
@@ -121,6 +121,10 @@ impl Spool {
         if db.is_empty() || db == ":memory:" || db.starts_with("file:") {
             return None;
         }
+        // Beside the file itself, not beside a symbolic link to it: two names of one database
+        // must not give two spools (their progress is one, in the database).
+        let db =
+            std::fs::canonicalize(db).map_or_else(|_| db.to_string(), |p| p.display().to_string());
         let path = PathBuf::from(format!("{db}-spool"));
         let file = match OpenOptions::new()
             .read(true)
@@ -333,11 +337,20 @@ impl Spool {
                             self.changed.notify_all();
                             return;
                         }
-                        drop(
-                            self.changed
-                                .wait_timeout(st, Duration::from_secs(1))
-                                .unwrap_or_else(|p| p.into_inner()),
-                        );
+                        // A second between tries (appends ring the condvar; they do not cut
+                        // the pause short, a shutdown does).
+                        let until = Instant::now() + Duration::from_secs(1);
+                        while !st.closing {
+                            let left = until.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                break;
+                            }
+                            st = self
+                                .changed
+                                .wait_timeout(st, left)
+                                .map(|(g, _)| g)
+                                .unwrap_or_else(|p| p.into_inner().0);
+                        }
                         continue;
                     }
                 }
@@ -353,13 +366,26 @@ impl Spool {
                     return;
                 }
                 if st.end > HEADER {
-                    st.generation += 1;
-                    match reset(&self.file, st.generation) {
+                    let next = st.generation + 1;
+                    match reset(&self.file, next) {
                         Ok(()) => {
+                            st.generation = next;
                             st.end = HEADER;
                             st.ingested = HEADER;
                         }
-                        Err(e) => log::warn!("emptying the record spool failed: {e}"),
+                        Err(e) => {
+                            // Everything appended is a row, whatever the file holds now: a
+                            // restart finds nothing to write. Appending to a file in an unknown
+                            // state is not safe, so the writer writes rows from here on.
+                            log::error!(
+                                "emptying the record spool failed ({e}); rows are written \
+                                 directly from now on"
+                            );
+                            st.closing = true;
+                            st.ended = true;
+                            self.changed.notify_all();
+                            return;
+                        }
                     }
                 }
             }
@@ -432,7 +458,8 @@ impl Spool {
         free(records);
         if cut.is_some() || done == 0 {
             // Only the writer appends, and only whole frames: a frame that does not read is a
-            // damaged file. Give up the rest of what was read rather than loop on it.
+            // damaged file. Frames have no marker to find the next one by, so everything appended
+            // up to now is given up rather than looped on.
             let at = ends.last().copied().unwrap_or(from);
             let n = self.give_up(to);
             log::error!("{n} bytes of the record spool after byte {at} could not be read; dropped");
@@ -480,10 +507,17 @@ fn reset(file: &File, generation: u64) -> std::io::Result<()> {
 
 /// Reads `[from, to)`, at most [`READ_CHUNK`] unless one frame is longer.
 fn read_range(file: &File, from: u64, to: u64) -> std::io::Result<Bytes> {
-    let mut want = (to - from).min(READ_CHUNK);
-    let mut head = [0u8; FRAME_HEAD];
-    file.read_exact_at(&mut head, from)?;
-    want = want.max(frame_len(&head).min(to - from));
+    let avail = to - from;
+    let mut want = avail.min(READ_CHUNK);
+    if avail >= FRAME_HEAD as u64 {
+        let mut head = [0u8; FRAME_HEAD];
+        file.read_exact_at(&mut head, from)?;
+        // Only a head that checks out may ask for a longer read (a torn or damaged one is
+        // refused by `decode_frames`, whatever length it claims).
+        if let Some(len) = checked_frame_len(&head) {
+            want = want.max(len.min(avail));
+        }
+    }
     let mut buf = vec![0u8; want as usize];
     file.read_exact_at(&mut buf, from)?;
     Ok(Bytes::from(buf))
@@ -496,7 +530,10 @@ fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
     let len = file.metadata().map_err(StoreError::failed)?.len();
     let mut head = [0u8; HEADER as usize];
     let header = if len >= HEADER && file.read_exact_at(&mut head, 0).is_ok() {
-        (&head[..8] == MAGIC).then(|| u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8])))
+        // A generation is stored as an SQLite integer: one past i64's range is not ours.
+        (&head[..8] == MAGIC)
+            .then(|| u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8])))
+            .filter(|&g| g < i64::MAX as u64 / 2)
     } else {
         None
     };
@@ -504,7 +541,7 @@ fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
         if len > 0 {
             log::warn!("a record spool without a readable header ({len} bytes) was emptied");
         }
-        return Ok((meta_generation + 1, 0));
+        return Ok((meta_generation.saturating_add(1), 0));
     };
     let mut at = if generation == meta_generation {
         meta_offset.max(HEADER)
@@ -524,8 +561,16 @@ fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
                 r.read_deferred();
             }
             let upto = ends[done + n - 1];
-            sqlite::insert(pool, part, Some((generation, upto)))?;
-            written += n as u64;
+            match sqlite::insert(pool, part, Some((generation, upto))) {
+                Ok(()) => written += n as u64,
+                Err(e) if e.unreachable || e.busy || !sqlite::ping(pool) => return Err(e),
+                // Rows the database refuses would be refused at every start: dropped, as
+                // while running.
+                Err(e) => log::error!(
+                    "writing {n} request records from the spool failed, dropping them: {}",
+                    e.message
+                ),
+            }
             at = upto;
             done += n;
         }
@@ -538,7 +583,7 @@ fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
             break;
         }
     }
-    Ok((generation.max(meta_generation) + 1, written))
+    Ok((generation.max(meta_generation).saturating_add(1), written))
 }
 
 /// The ingester's progress stored with the rows: generation and offset (0, 0 when none).
