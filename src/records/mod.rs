@@ -15,6 +15,7 @@ mod columns;
 pub mod owner_rows;
 mod postgres;
 mod priority;
+mod retention;
 pub mod shared;
 mod spool;
 mod sqlite;
@@ -290,7 +291,7 @@ pub fn is_postgres_target(target: &str) -> bool {
 #[derive(Clone)]
 pub enum Store {
     /// Embedded SQLite file (and its spool).
-    Sqlite(sqlite::Db),
+    Sqlite(spool::Db),
     /// Shared PostgreSQL server.
     Postgres(postgres::Pool),
 }
@@ -300,7 +301,7 @@ impl Store {
     pub fn open(target: &str) -> Result<Store, DbError> {
         match target::parse(target) {
             Ok(target::Target::Postgres(t)) => postgres::open(&t).map(Store::Postgres),
-            Ok(target::Target::Sqlite(path)) => sqlite::open_with_spool(&path).map(Store::Sqlite),
+            Ok(target::Target::Sqlite(path)) => spool::open_store(&path).map(Store::Sqlite),
             Err(e) => Err(DbError::Refused(e)),
         }
     }
@@ -444,7 +445,7 @@ impl Recorder {
         // The writer yields the CPU to request workers while its backlog is short (priority.rs).
         let class = Arc::new(priority::WriterClass::probe());
         let c = class.clone();
-        if let Store::Sqlite(sqlite::Db {
+        if let Store::Sqlite(spool::Db {
             spool: Some(spool), ..
         }) = &store
         {

@@ -4,13 +4,12 @@ use std::cell::RefCell;
 use std::os::raw::c_int;
 use std::path::Path;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, OptionalExtension, ToSql, TransactionBehavior};
 
-use super::spool::{self, Spool};
 use super::{DbError, Record, StoreError, COLUMN_COUNT, INSERT_COLUMNS};
 use crate::time::{rfc3339, Rfc3339};
 
@@ -72,32 +71,6 @@ const PROGRESS_OPS: c_int = 500;
 
 /// A pool over one SQLite file (the writer uses one connection at a time).
 pub type Pool = r2d2::Pool<SqliteConnectionManager>;
-
-/// An opened SQLite store: its pool, and the spool its records go through when this process
-/// holds one (`spool.rs`). Readers use it as the pool.
-#[derive(Clone)]
-pub struct Db {
-    /// Connections to the file.
-    pub pool: Pool,
-    /// The records' spool; None for an in-memory database or one whose spool another process
-    /// holds.
-    pub spool: Option<Arc<Spool>>,
-}
-
-impl std::ops::Deref for Db {
-    type Target = Pool;
-
-    fn deref(&self) -> &Pool {
-        &self.pool
-    }
-}
-
-/// Opens the file (see [`open`]) and its spool, writing what a previous run left in it.
-pub fn open_with_spool(path: &str) -> Result<Db, DbError> {
-    let pool = open(path)?;
-    let spool = Spool::open(path, &pool);
-    Ok(Db { pool, spool })
-}
 
 /// How long a connection waits for another one's lock before it reports `database is locked`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -416,7 +389,7 @@ pub fn insert(
         .map_err(StoreError::sqlite)?;
     }
     if let Some(p) = progress {
-        spool::store_progress(&tx, p).map_err(StoreError::sqlite)?;
+        store_progress(&tx, p).map_err(StoreError::sqlite)?;
     }
     tx.commit().map_err(StoreError::sqlite)
 }
@@ -463,6 +436,46 @@ fn bind_row(
     for (i, v) in values.into_iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v)?;
     }
+    Ok(())
+}
+
+/// The `records_meta` keys of the spool ingester's progress.
+const META_GENERATION: &str = "spool_generation";
+/// See [`META_GENERATION`].
+const META_OFFSET: &str = "spool_offset";
+
+/// The spool ingester's progress, stored with the rows it wrote (see `spool/`): generation and
+/// offset, (0, 0) when none.
+pub fn spool_progress(pool: &Pool) -> Result<(u64, u64), StoreError> {
+    let conn = pool.get().map_err(StoreError::unreachable)?;
+    let get = |key: &str| {
+        conn.query_row(
+            "SELECT value FROM records_meta WHERE key = ?1",
+            [key],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|v| v.unwrap_or(0).max(0) as u64)
+        .map_err(StoreError::failed)
+    };
+    Ok((get(META_GENERATION)?, get(META_OFFSET)?))
+}
+
+/// Stores the ingester's progress in the transaction that wrote the rows up to it.
+fn store_progress(
+    tx: &rusqlite::Transaction<'_>,
+    (generation, offset): (u64, u64),
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO records_meta (key, value) VALUES (?1, ?2), (?3, ?4)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?;
+    stmt.execute(rusqlite::params![
+        META_GENERATION,
+        generation as i64,
+        META_OFFSET,
+        offset as i64
+    ])?;
     Ok(())
 }
 

@@ -4,12 +4,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use actix::prelude::*;
 
 use super::spool::AppendError;
-use super::{priority, rfc3339, Flush, InsertBatch, Prune, Record, Shared, Store};
+use super::{priority, Flush, InsertBatch, Prune, Record, Shared, Store};
 use crate::metrics::Metrics;
 
 /// Rows per transaction while the writer is idle-class (see `DbActor::write_batch`): a commit of
@@ -206,28 +205,7 @@ impl Handler<Prune> for DbActor {
                     spool.prune(msg.older_than);
                 }
             }
-            _ => prune(&self.store, &self.shared, msg.older_than),
+            _ => super::retention::prune(&self.store, &self.shared, msg.older_than),
         }
-    }
-}
-
-/// Deletes records older than `older_than` and logs how many (retention).
-pub(super) fn prune(store: &Store, shared: &Shared, older_than: std::time::Duration) {
-    let cutoff = SystemTime::now() - older_than;
-    match store.prune(cutoff) {
-        Ok(n) => {
-            if n > 0 {
-                log::info!(
-                    "retention: deleted {n} records older than {}",
-                    rfc3339(cutoff)
-                );
-                let _ = shared
-                    .rows
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                        Some(r.saturating_sub(n))
-                    });
-            }
-        }
-        Err(e) => log::error!("retention pruning failed: {}", e.message),
     }
 }

@@ -28,17 +28,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
-use rusqlite::OptionalExtension;
 
 mod frame;
+mod recover;
 
 use self::frame::{checked_frame_len, decode_frames, FRAME_HEAD};
 use super::priority::{self, WriterClass};
-use super::{sqlite, Record, Shared, Store, StoreError};
+use super::{sqlite, DbError, Record, Shared, Store, StoreError};
 use crate::metrics::Metrics;
 
 /// The file's first bytes; the last one is the frame format's version.
-const MAGIC: &[u8; 8] = b"OARSPOL1";
+pub(super) const MAGIC: &[u8; 8] = b"OARSPOL1";
 /// Header length: magic and generation.
 const HEADER: u64 = 16;
 /// Backlog from which the ingester runs at normal priority (below a quarter of it, idle again).
@@ -54,10 +54,33 @@ const PACED_ROWS: usize = 64;
 const ROWS: usize = 4096;
 /// How long a shutdown waits for the ingester before leaving the rest to the next start.
 const FLUSH_WAIT: Duration = Duration::from_secs(60);
-/// The `records_meta` keys of the ingester's progress.
-const META_GENERATION: &str = "spool_generation";
-/// See [`META_GENERATION`].
-const META_OFFSET: &str = "spool_offset";
+
+/// An opened SQLite store: its pool, and the spool its records go through when this process
+/// holds one. Readers use it as the pool.
+#[derive(Clone)]
+pub struct Db {
+    /// Connections to the file.
+    pub pool: sqlite::Pool,
+    /// The records' spool; None for an in-memory database or one whose spool another process
+    /// holds.
+    pub spool: Option<Arc<Spool>>,
+}
+
+impl std::ops::Deref for Db {
+    type Target = sqlite::Pool;
+
+    fn deref(&self) -> &sqlite::Pool {
+        &self.pool
+    }
+}
+
+/// Opens the SQLite file (`sqlite::open`) and its spool, writing what a previous run left in
+/// it.
+pub fn open_store(path: &str) -> Result<Db, DbError> {
+    let pool = sqlite::open(path)?;
+    let spool = Spool::open(path, &pool);
+    Ok(Db { pool, spool })
+}
 
 /// One database's spool: shared by the writer, which appends, and the ingester.
 pub struct Spool {
@@ -148,7 +171,7 @@ impl Spool {
             );
             return None;
         }
-        let generation = match recover(&file, pool) {
+        let generation = match recover::recover(&file, pool) {
             Ok((generation, n)) => {
                 if n > 0 {
                     log::info!("wrote {n} request records the last run left in its spool");
@@ -310,7 +333,7 @@ impl Spool {
                 )
             };
             if let Some(older_than) = prune {
-                super::writer::prune(store, shared, older_than);
+                super::retention::prune(store, shared, older_than);
             }
             if from < to {
                 match self.ingest_some(&db.pool, from, to, generation, shared, metrics) {
@@ -521,101 +544,4 @@ fn read_range(file: &File, from: u64, to: u64) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; want as usize];
     file.read_exact_at(&mut buf, from)?;
     Ok(Bytes::from(buf))
-}
-
-/// Writes what the file holds past the progress stored with the rows; returns the generation
-/// to continue with and how many records were written.
-fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
-    let (meta_generation, meta_offset) = progress(pool)?;
-    let len = file.metadata().map_err(StoreError::failed)?.len();
-    let mut head = [0u8; HEADER as usize];
-    let header = if len >= HEADER && file.read_exact_at(&mut head, 0).is_ok() {
-        // A generation is stored as an SQLite integer: one past i64's range is not ours.
-        (&head[..8] == MAGIC)
-            .then(|| u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8])))
-            .filter(|&g| g < i64::MAX as u64 / 2)
-    } else {
-        None
-    };
-    let Some(generation) = header else {
-        if len > 0 {
-            log::warn!("a record spool without a readable header ({len} bytes) was emptied");
-        }
-        return Ok((meta_generation.saturating_add(1), 0));
-    };
-    let mut at = if generation == meta_generation {
-        meta_offset.max(HEADER)
-    } else {
-        HEADER
-    };
-    let mut written = 0;
-    while at < len {
-        let bytes = read_range(file, at, len).map_err(StoreError::failed)?;
-        let (mut records, ends, cut) = decode_frames(&bytes, at);
-        drop(bytes);
-        let mut done = 0;
-        while done < records.len() {
-            let n = ROWS.min(records.len() - done);
-            let part = &mut records[done..done + n];
-            for r in part.iter_mut() {
-                r.read_deferred();
-            }
-            let upto = ends[done + n - 1];
-            match sqlite::insert(pool, part, Some((generation, upto))) {
-                Ok(()) => written += n as u64,
-                Err(e) if e.unreachable || e.busy || !sqlite::ping(pool) => return Err(e),
-                // Rows the database refuses would be refused at every start: dropped, as
-                // while running.
-                Err(e) => log::error!(
-                    "writing {n} request records from the spool failed, dropping them: {}",
-                    e.message
-                ),
-            }
-            at = upto;
-            done += n;
-        }
-        if cut.is_some() || done == 0 {
-            log::warn!(
-                "{} bytes at the end of the record spool could not be read (a write cut by a \
-                 crash); dropped",
-                len - at
-            );
-            break;
-        }
-    }
-    Ok((generation.max(meta_generation).saturating_add(1), written))
-}
-
-/// The ingester's progress stored with the rows: generation and offset (0, 0 when none).
-fn progress(pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
-    let conn = pool.get().map_err(StoreError::unreachable)?;
-    let get = |key: &str| {
-        conn.query_row(
-            "SELECT value FROM records_meta WHERE key = ?1",
-            [key],
-            |r| r.get::<_, i64>(0),
-        )
-        .optional()
-        .map(|v| v.unwrap_or(0).max(0) as u64)
-        .map_err(StoreError::failed)
-    };
-    Ok((get(META_GENERATION)?, get(META_OFFSET)?))
-}
-
-/// Stores the ingester's progress in the transaction that wrote the rows up to it.
-pub fn store_progress(
-    tx: &rusqlite::Transaction<'_>,
-    (generation, offset): (u64, u64),
-) -> rusqlite::Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO records_meta (key, value) VALUES (?1, ?2), (?3, ?4)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-    )?;
-    stmt.execute(rusqlite::params![
-        META_GENERATION,
-        generation as i64,
-        META_OFFSET,
-        offset as i64
-    ])?;
-    Ok(())
 }

@@ -1,0 +1,72 @@
+//! What a previous run left in the spool, written before the gateway listens (see `mod.rs`):
+//! from where the progress stored with the rows says, to the last whole frame.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use super::frame::decode_frames;
+use super::{read_range, HEADER, MAGIC, ROWS};
+use crate::records::{sqlite, StoreError};
+
+/// Writes what the file holds past the progress stored with the rows; returns the generation
+/// to continue with and how many records were written.
+pub(super) fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), StoreError> {
+    let (meta_generation, meta_offset) = sqlite::spool_progress(pool)?;
+    let len = file.metadata().map_err(StoreError::failed)?.len();
+    let mut head = [0u8; HEADER as usize];
+    let header = if len >= HEADER && file.read_exact_at(&mut head, 0).is_ok() {
+        // A generation is stored as an SQLite integer: one past i64's range is not ours.
+        (&head[..8] == MAGIC)
+            .then(|| u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8])))
+            .filter(|&g| g < i64::MAX as u64 / 2)
+    } else {
+        None
+    };
+    let Some(generation) = header else {
+        if len > 0 {
+            log::warn!("a record spool without a readable header ({len} bytes) was emptied");
+        }
+        return Ok((meta_generation.saturating_add(1), 0));
+    };
+    let mut at = if generation == meta_generation {
+        meta_offset.max(HEADER)
+    } else {
+        HEADER
+    };
+    let mut written = 0;
+    while at < len {
+        let bytes = read_range(file, at, len).map_err(StoreError::failed)?;
+        let (mut records, ends, cut) = decode_frames(&bytes, at);
+        drop(bytes);
+        let mut done = 0;
+        while done < records.len() {
+            let n = ROWS.min(records.len() - done);
+            let part = &mut records[done..done + n];
+            for r in part.iter_mut() {
+                r.read_deferred();
+            }
+            let upto = ends[done + n - 1];
+            match sqlite::insert(pool, part, Some((generation, upto))) {
+                Ok(()) => written += n as u64,
+                Err(e) if e.unreachable || e.busy || !sqlite::ping(pool) => return Err(e),
+                // Rows the database refuses would be refused at every start: dropped, as
+                // while running.
+                Err(e) => log::error!(
+                    "writing {n} request records from the spool failed, dropping them: {}",
+                    e.message
+                ),
+            }
+            at = upto;
+            done += n;
+        }
+        if cut.is_some() || done == 0 {
+            log::warn!(
+                "{} bytes at the end of the record spool could not be read (a write cut by a \
+                 crash); dropped",
+                len - at
+            );
+            break;
+        }
+    }
+    Ok((generation.max(meta_generation).saturating_add(1), written))
+}
