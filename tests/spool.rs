@@ -30,6 +30,21 @@ fn gateway_on(m: &Mock, db: &Path, global: &str) -> Gateway {
     )
 }
 
+/// Another process's exclusive lock on the database: nothing can be written until it commits.
+fn locked(db: &Path) -> rusqlite::Connection {
+    let lock = rusqlite::Connection::open(db).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    lock
+}
+
+/// Sends `n` chat requests one after the other; each must be answered 200.
+async fn answered(gw: &Gateway, n: usize) {
+    for _ in 0..n {
+        let got = post(gw, "/v1/chat/completions", chat_body(false)).await;
+        assert_eq!(got.status, 200);
+    }
+}
+
 /// Waits until the spool holds more than its header, and has stopped growing; its length.
 fn spool_settles(db: &Path) -> u64 {
     let len = || std::fs::metadata(spool_of(db)).map_or(0, |m| m.len());
@@ -52,8 +67,7 @@ async fn a_locked_database_fills_the_spool_not_the_queue_and_loses_nothing() {
     let db = dir.path().join("db.sqlite");
     let gw = gateway_on(&m, &db, "record_queue: 5");
     // Another process holds the write lock: the ingester waits, the writer appends.
-    let lock = rusqlite::Connection::open(&db).unwrap();
-    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let lock = locked(&db);
     let t = std::time::Instant::now();
     for _ in 0..30 {
         let got = post(&gw, "/v1/chat/completions", chat_body(false)).await;
@@ -85,21 +99,11 @@ async fn records_in_the_spool_survive_a_kill_and_are_written_once_at_the_next_st
     let db = dir.path().join("db.sqlite");
     let mut gw = gateway_on(&m, &db, "");
     // Written normally first: the ingester's progress is in `records_meta`.
-    for _ in 0..5 {
-        post(&gw, "/v1/chat/completions", chat_body(false)).await;
-    }
+    answered(&gw, 5).await;
     records_in(&db, 5);
     // Then the database is locked, so that the next records stay in the spool.
-    let lock = rusqlite::Connection::open(&db).unwrap();
-    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    for _ in 0..20 {
-        assert_eq!(
-            post(&gw, "/v1/chat/completions", chat_body(false))
-                .await
-                .status,
-            200
-        );
-    }
+    let lock = locked(&db);
+    answered(&gw, 20).await;
     spool_settles(&db);
     gw.signal("KILL");
     gw.wait_exit(Duration::from_secs(5));
@@ -142,8 +146,7 @@ async fn a_torn_tail_is_dropped_and_the_whole_frames_before_it_are_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db.sqlite");
     let mut gw = gateway_on(&m, &db, "");
-    let lock = rusqlite::Connection::open(&db).unwrap();
-    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let lock = locked(&db);
     // One batch each: the spool's length after each.
     let mut lens = Vec::new();
     for _ in 0..3 {
