@@ -192,3 +192,33 @@ async fn a_second_process_on_the_same_database_writes_rows_directly() {
     }
     assert_eq!(records_in(&db, 4).len(), 4);
 }
+
+#[actix_rt::test]
+async fn the_status_page_says_what_the_spool_holds_until_it_is_written() {
+    let m = Mock::always(Reply::chat("x"));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let gw = gateway_on(&m, &db, "");
+    let lock = locked(&db);
+    let big = "w".repeat(100_000);
+    for _ in 0..15 {
+        let body =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": big}]});
+        assert_eq!(post(&gw, "/v1/chat/completions", body).await.status, 200);
+    }
+    spool_settles(&db);
+    let page = get(&gw, "/").await.text();
+    assert!(page.contains(" MiB in the spool"), "{page}");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    records_in(&db, 15);
+    let mut written = false;
+    for _ in 0..50 {
+        if !get(&gw, "/").await.text().contains("in the spool") {
+            written = true;
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written, "the page still shows a spool backlog");
+}

@@ -420,6 +420,8 @@ pub struct Recorder {
     kind: &'static str,
     /// The writer's scheduling class, promoted from here when the queue fills between ticks.
     class: Arc<priority::WriterClass>,
+    /// The SQLite store's spool, for its backlog on the status page.
+    spool: Option<Arc<spool::Spool>>,
 }
 
 impl Recorder {
@@ -445,10 +447,11 @@ impl Recorder {
         // The writer yields the CPU to request workers while its backlog is short (priority.rs).
         let class = Arc::new(priority::WriterClass::probe());
         let c = class.clone();
-        if let Store::Sqlite(spool::Db {
-            spool: Some(spool), ..
-        }) = &store
-        {
+        let spool = match &store {
+            Store::Sqlite(db) => db.spool.clone(),
+            Store::Postgres(_) => None,
+        };
+        if let Some(spool) = &spool {
             spool.start_ingester(store.clone(), shared.clone(), metrics.clone());
         }
         let addr = SyncArbiter::start(1, move || {
@@ -483,6 +486,7 @@ impl Recorder {
             metrics,
             kind,
             class,
+            spool,
         }
     }
 
@@ -537,6 +541,11 @@ impl Recorder {
     /// Records waiting for the writer.
     pub fn queued(&self) -> usize {
         self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of records in the spool that are not rows yet (0 without a spool).
+    pub fn spooled(&self) -> u64 {
+        self.spool.as_ref().map_or(0, |s| s.backlog())
     }
 
     /// Whether the database was reachable at the last write.

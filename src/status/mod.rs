@@ -33,12 +33,22 @@ fn recording(state: &AppState) -> String {
             r.queued(),
             path(&state.database)
         ),
-        Some(r) => format!(
-            "{} stored<br><small>records in {} {}</small>",
-            r.rows(),
-            r.kind(),
-            path(&state.database)
-        ),
+        Some(r) => {
+            // Rows trail the requests by what the spool holds (see the observability guide,
+            // "The spool"): said while there is a backlog worth a look.
+            let behind = match r.spooled() {
+                b if b >= 1 << 20 => {
+                    format!(" · {:.1} MiB in the spool", b as f64 / f64::from(1 << 20))
+                }
+                _ => String::new(),
+            };
+            format!(
+                "{} stored<br><small>records in {} {}{behind}</small>",
+                r.rows(),
+                r.kind(),
+                path(&state.database)
+            )
+        }
         None => "recording off".to_string(),
     }
 }
