@@ -44,7 +44,11 @@ pub fn checked_frame_len(head: &[u8; FRAME_HEAD]) -> Option<u64> {
 /// The whole frames of `bytes` (which start at file offset `base`), the file offset just after
 /// each, and where reading stopped if a frame did not read (None: all of `bytes` read, or it
 /// ends inside a frame that a longer read completes).
-pub fn decode_frames(bytes: &Bytes, base: u64) -> (Vec<Record>, Vec<u64>, Option<u64>) {
+pub fn decode_frames(
+    bytes: &Bytes,
+    base: u64,
+    names: &mut Names,
+) -> (Vec<Record>, Vec<u64>, Option<u64>) {
     let (mut out, mut ends) = (Vec::new(), Vec::new());
     let mut at = 0usize;
     let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
@@ -60,7 +64,7 @@ pub fn decode_frames(bytes: &Bytes, base: u64) -> (Vec<Record>, Vec<u64>, Option
         else {
             break;
         };
-        match decode(&bytes.slice(start..end)) {
+        match decode(&bytes.slice(start..end), names) {
             Some(r) => {
                 out.push(r);
                 ends.push(base + end as u64);
@@ -180,16 +184,23 @@ fn spooled_body(body: &[u8], limit: usize) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// The names a run of records repeats (model, upstream, client key, member): the last of each,
+/// shared by the next record that has the same instead of allocated again (about 1,500
+/// instructions a record, with its free; see the benchmarks guide).
+#[derive(Default)]
+pub struct Names([Option<Arc<str>>; 4]);
+
 /// Reads a record back; None when the bytes are not one.
 struct Reader<'a> {
     bytes: &'a Bytes,
     at: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len())?;
-        let s = &self.bytes[self.at..end];
+        let bytes: &'a Bytes = self.bytes;
+        let s = &bytes[self.at..end];
         self.at = end;
         Some(s)
     }
@@ -205,6 +216,14 @@ impl Reader<'_> {
     fn bool(&mut self) -> Option<bool> {
         Some(self.u8()? != 0)
     }
+    /// A length-prefixed value, borrowed.
+    fn raw(&mut self) -> Option<Option<&'a [u8]>> {
+        let len = self.u32()?;
+        if len == NONE {
+            return Some(None);
+        }
+        Some(Some(self.take(len as usize)?))
+    }
     /// A length-prefixed value as a slice of the shared buffer (no copy).
     fn shared(&mut self) -> Option<Option<Bytes>> {
         let len = self.u32()?;
@@ -219,16 +238,28 @@ impl Reader<'_> {
         self.shared()?
     }
     fn text(&mut self) -> Option<Option<String>> {
-        match self.shared()? {
-            Some(b) => Some(Some(String::from_utf8(b.to_vec()).ok()?)),
+        match self.raw()? {
+            Some(b) => Some(Some(std::str::from_utf8(b).ok()?.to_owned())),
             None => Some(None),
         }
     }
     fn arc(&mut self) -> Option<Option<Arc<str>>> {
-        match self.shared()? {
-            Some(b) => Some(Some(Arc::from(std::str::from_utf8(&b).ok()?))),
+        match self.raw()? {
+            Some(b) => Some(Some(Arc::from(std::str::from_utf8(b).ok()?))),
             None => Some(None),
         }
+    }
+    /// A name that the last record may have had too (`Names`, slot `i`).
+    fn name(&mut self, names: &mut Names, i: usize) -> Option<Option<Arc<str>>> {
+        let Some(b) = self.raw()? else {
+            return Some(None);
+        };
+        if let Some(last) = names.0[i].as_ref().filter(|l| l.as_bytes() == b) {
+            return Some(Some(last.clone()));
+        }
+        let new: Arc<str> = Arc::from(std::str::from_utf8(b).ok()?);
+        names.0[i] = Some(new.clone());
+        Some(Some(new))
     }
     fn header(&mut self) -> Option<Option<HeaderValue>> {
         match self.shared()? {
@@ -245,7 +276,7 @@ impl Reader<'_> {
 }
 
 /// One record from its encoding.
-fn decode(bytes: &Bytes) -> Option<Record> {
+fn decode(bytes: &Bytes, names: &mut Names) -> Option<Record> {
     let mut r = Reader { bytes, at: 0 };
     let secs = r.u64()?;
     let nanos = r.u32()?;
@@ -263,9 +294,9 @@ fn decode(bytes: &Bytes) -> Option<Record> {
         ip,
         method,
         path,
-        model: r.arc()?,
+        model: r.name(names, 0)?,
         stream: r.bool()?,
-        upstream: r.arc()?,
+        upstream: r.name(names, 1)?,
         status: u16::try_from(r.u32()?).ok()?,
         attempts: r.u32()?,
         error: r.text()?,
@@ -278,7 +309,7 @@ fn decode(bytes: &Bytes) -> Option<Record> {
         ttfb_ms: r.opt_i64()?.map(|v| v as u64),
         duration_ms: r.u64()?,
         user_agent: r.header()?,
-        client_key: r.arc()?,
+        client_key: r.name(names, 2)?,
         body_limit: usize::try_from(r.u64()?).ok()?,
         finish_reason: r.text()?.map(std::borrow::Cow::Owned),
         resumed: r.u32()?,
@@ -287,7 +318,7 @@ fn decode(bytes: &Bytes) -> Option<Record> {
         rebuilt: r.bool()?,
         response_items: r.text()?,
         request_id: r.header()?,
-        member: r.arc()?,
+        member: r.name(names, 3)?,
         forgets: r.arc()?,
         learned: Vec::new(),
     };
@@ -339,11 +370,22 @@ mod tests {
         let mut buf = Vec::new();
         let r = sample(1);
         encode(&r, &mut buf);
-        let back = decode(&Bytes::from(buf.clone())).expect("decodes");
+        let mut names = Names::default();
+        let back = decode(&Bytes::from(buf.clone()), &mut names).expect("decodes");
+        // The same names again are shared, not allocated: and still read back as written.
+        let again = decode(&Bytes::from(buf.clone()), &mut names).expect("decodes");
+        assert!(Arc::ptr_eq(
+            back.member.as_ref().unwrap(),
+            again.member.as_ref().unwrap()
+        ));
+        assert_eq!(format!("{again:?}"), format!("{r:?}"));
         assert_eq!(format!("{back:?}"), format!("{r:?}"));
         // Every shorter prefix is refused, not misread.
         for n in 0..buf.len() {
-            assert!(decode(&Bytes::copy_from_slice(&buf[..n])).is_none(), "{n}");
+            assert!(
+                decode(&Bytes::copy_from_slice(&buf[..n]), &mut names).is_none(),
+                "{n}"
+            );
         }
     }
 
@@ -377,17 +419,17 @@ mod tests {
         let mut buf = Vec::new();
         encode_all(&[sample(0), sample(1), sample(2)], &mut buf);
         let whole = Bytes::from(buf.clone());
-        let (all, ends, cut) = decode_frames(&whole, 100);
+        let (all, ends, cut) = decode_frames(&whole, 100, &mut Names::default());
         assert_eq!((all.len(), cut), (3, None));
         assert_eq!(ends[2], 100 + buf.len() as u64);
         // Torn inside the last frame: two read, the third waits for more bytes.
         let torn = Bytes::copy_from_slice(&buf[..buf.len() - 5]);
-        let (two, _, cut) = decode_frames(&torn, 0);
+        let (two, _, cut) = decode_frames(&torn, 0, &mut Names::default());
         assert_eq!((two.len(), cut), (2, None));
         // Zeroes after the frames: refused at once.
         let mut zeroed = buf.clone();
         zeroed.extend_from_slice(&[0; 64]);
-        let (three, _, cut) = decode_frames(&Bytes::from(zeroed), 0);
+        let (three, _, cut) = decode_frames(&Bytes::from(zeroed), 0, &mut Names::default());
         assert_eq!((three.len(), cut), (3, Some(buf.len() as u64)));
     }
 }

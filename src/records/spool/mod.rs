@@ -32,7 +32,7 @@ use actix_web::web::Bytes;
 mod frame;
 mod recover;
 
-use self::frame::{checked_frame_len, decode_frames, FRAME_HEAD};
+use self::frame::{checked_frame_len, decode_frames, Names, FRAME_HEAD};
 use super::priority::{self, WriterClass};
 use super::{sqlite, DbError, Record, Shared, Store, StoreError};
 use crate::metrics::Metrics;
@@ -318,6 +318,7 @@ impl Spool {
             return;
         };
         let mut failures = 0u32;
+        let mut names = Names::default();
         loop {
             let (from, to, generation, prune, closing) = {
                 let mut st = lock(&self.state);
@@ -336,7 +337,8 @@ impl Spool {
                 super::retention::prune(store, shared, older_than);
             }
             if from < to {
-                match self.ingest_some(&db.pool, from, to, generation, shared, metrics) {
+                match self.ingest_some(&db.pool, from..to, generation, &mut names, shared, metrics)
+                {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
@@ -421,14 +423,17 @@ impl Spool {
     fn ingest_some(
         &self,
         pool: &sqlite::Pool,
-        from: u64,
-        to: u64,
+        std::ops::Range {
+            start: from,
+            end: to,
+        }: std::ops::Range<u64>,
         generation: u64,
+        names: &mut Names,
         shared: &Shared,
         metrics: &Metrics,
     ) -> Result<(), StoreError> {
         let bytes = read_range(&self.file, from, to).map_err(StoreError::failed)?;
-        let (mut records, ends, cut) = decode_frames(&bytes, from);
+        let (mut records, ends, cut) = decode_frames(&bytes, from, names);
         drop(bytes);
         let mut done = 0;
         while done < records.len() {

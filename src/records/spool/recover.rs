@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::frame::decode_frames;
+use super::frame::{decode_frames, Names};
 use super::{read_range, HEADER, MAGIC, ROWS};
 use crate::records::{sqlite, StoreError};
 
@@ -34,9 +34,10 @@ pub(super) fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), St
         HEADER
     };
     let mut written = 0;
+    let mut names = Names::default();
     while at < len {
         let bytes = read_range(file, at, len).map_err(StoreError::failed)?;
-        let (mut records, ends, cut) = decode_frames(&bytes, at);
+        let (mut records, ends, cut) = decode_frames(&bytes, at, &mut names);
         drop(bytes);
         let mut done = 0;
         while done < records.len() {
