@@ -222,3 +222,36 @@ async fn the_status_page_says_what_the_spool_holds_until_it_is_written() {
     }
     assert!(written, "the page still shows a spool backlog");
 }
+
+#[actix_rt::test]
+async fn a_shutdown_does_not_wait_for_a_database_that_stays_locked_and_loses_nothing() {
+    let m = Mock::always(Reply::chat("later"));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db.sqlite");
+    let mut gw = gateway_on(&m, &db, "");
+    let lock = locked(&db);
+    answered(&gw, 3).await;
+    spool_settles(&db);
+    let t = std::time::Instant::now();
+    gw.signal("TERM");
+    // Three tries of SQLite's 5 s busy timeout, then the rest is left for the next start.
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(40)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(
+        gw.log().contains("bytes of request records are left in"),
+        "{}",
+        gw.log()
+    );
+    assert!(spool_of(&db).exists());
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let _again = gateway_on(&m, &db, "");
+    let rows = read_rows(&db);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["response"] == "later"));
+}
