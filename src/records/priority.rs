@@ -189,17 +189,22 @@ impl WriterClass {
     }
 }
 
-/// Sets the calling thread's class.
 /// Whether this process may move a thread into `SCHED_IDLE` and back (root, `CAP_SYS_NICE` or
 /// `RLIMIT_NICE` ≥ 20), tried on a throwaway thread so that a failed try leaves no thread stuck
 /// in the idle class: the condition under which the writer is idle-class.
+///
+/// Probed once per process (the writer's class and the spool ingester's both ask): what the
+/// process may do does not change while it runs.
 pub fn can_switch() -> bool {
-    std::thread::Builder::new()
-        .name("sched-probe".into())
-        .spawn(|| set_own(true) && set_own(false))
-        .ok()
-        .and_then(|h| h.join().ok())
-        .unwrap_or(false)
+    static SWITCHABLE: OnceLock<bool> = OnceLock::new();
+    *SWITCHABLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("sched-probe".into())
+            .spawn(|| set_own(true) && set_own(false))
+            .ok()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false)
+    })
 }
 
 /// Moves the calling thread into `SCHED_IDLE` for good (entering needs no privilege): for a
