@@ -237,29 +237,33 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Option<Bytes> {
         self.shared()?
     }
-    fn text(&mut self) -> Option<Option<String>> {
+    /// A length-prefixed text, borrowed; None (outer) when it is not UTF-8.
+    fn str(&mut self) -> Option<Option<&'a str>> {
         match self.raw()? {
-            Some(b) => Some(Some(std::str::from_utf8(b).ok()?.to_owned())),
+            Some(b) => Some(Some(std::str::from_utf8(b).ok()?)),
             None => Some(None),
         }
     }
+    fn text(&mut self) -> Option<Option<String>> {
+        Some(self.str()?.map(str::to_owned))
+    }
     fn arc(&mut self) -> Option<Option<Arc<str>>> {
-        match self.raw()? {
-            Some(b) => Some(Some(Arc::from(std::str::from_utf8(b).ok()?))),
-            None => Some(None),
-        }
+        Some(self.str()?.map(Arc::from))
     }
     /// A name that the last record may have had too (`Names`, slot `i`).
     fn name(&mut self, names: &mut Names, i: usize) -> Option<Option<Arc<str>>> {
-        let Some(b) = self.raw()? else {
+        let Some(text) = self.str()? else {
             return Some(None);
         };
-        if let Some(last) = names.0[i].as_ref().filter(|l| l.as_bytes() == b) {
-            return Some(Some(last.clone()));
+        let slot = &mut names.0[i];
+        match slot.as_ref().filter(|last| last.as_ref() == text) {
+            Some(last) => Some(Some(last.clone())),
+            None => {
+                let new: Arc<str> = Arc::from(text);
+                *slot = Some(new.clone());
+                Some(Some(new))
+            }
         }
-        let new: Arc<str> = Arc::from(std::str::from_utf8(b).ok()?);
-        names.0[i] = Some(new.clone());
-        Some(Some(new))
     }
     fn header(&mut self) -> Option<Option<HeaderValue>> {
         match self.shared()? {
