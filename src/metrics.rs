@@ -356,6 +356,11 @@ impl Metrics {
         self.records_dropped.inc();
     }
 
+    /// `n` records dropped at once (a batch the database refused).
+    pub fn records_dropped_n(&self, n: usize) {
+        self.records_dropped.inc_by(n as u64);
+    }
+
     /// Records dropped since start (`openai_api_route_records_dropped_total`).
     pub fn records_dropped(&self) -> u64 {
         self.records_dropped.get()

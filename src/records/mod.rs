@@ -321,6 +321,14 @@ impl Store {
         }
     }
 
+    /// The spool records go through: an SQLite store's, when this process holds one.
+    fn spool(&self) -> Option<&Arc<spool::Spool>> {
+        match self {
+            Store::Sqlite(db) => db.spool.as_ref(),
+            Store::Postgres(_) => None,
+        }
+    }
+
     fn prune(&self, cutoff: SystemTime) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(p) => sqlite::prune(p, cutoff),
@@ -378,6 +386,24 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts `n` rows written in one transaction (by the writer or the spool's ingester), and
+    /// the database as reachable.
+    fn wrote(&self, metrics: &Metrics, n: usize) {
+        self.rows.fetch_add(n as u64, Ordering::Relaxed);
+        metrics.record_batch(n);
+        self.set_up(metrics, true);
+    }
+
+    /// Records whether the database was reachable, saying so when it changes.
+    fn set_up(&self, metrics: &Metrics, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            if up {
+                log::info!("database reachable again");
+            }
+            metrics.set_database_up(up);
+        }
+    }
+
     /// Says in the log that a record was dropped at a full queue (`n` since start), at most
     /// every 10 s.
     fn say_dropped(&self, capacity: usize, n: u64) {
@@ -447,10 +473,7 @@ impl Recorder {
         // The writer yields the CPU to request workers while its backlog is short (priority.rs).
         let class = Arc::new(priority::WriterClass::probe());
         let c = class.clone();
-        let spool = match &store {
-            Store::Sqlite(db) => db.spool.clone(),
-            Store::Postgres(_) => None,
-        };
+        let spool = store.spool().cloned();
         if let Some(spool) = &spool {
             spool.start_ingester(store.clone(), shared.clone(), metrics.clone());
         }

@@ -76,7 +76,7 @@ impl DbActor {
                     );
                     self.drop_batch();
                 } else {
-                    self.set_up(false);
+                    self.shared.set_up(&self.metrics, false);
                     log::error!(
                         "writing {n} request records failed, database unreachable; keeping them to retry: {}",
                         e.message
@@ -85,9 +85,7 @@ impl DbActor {
                 return;
             }
             self.shared.pending.fetch_sub(n, Ordering::AcqRel);
-            self.shared.rows.fetch_add(n as u64, Ordering::Relaxed);
-            self.metrics.record_batch(n);
-            self.set_up(true);
+            self.shared.wrote(&self.metrics, n);
             done += n;
         }
         if total > 0 {
@@ -99,10 +97,7 @@ impl DbActor {
     /// failing spool leaves the batch to be written as rows (the bound of the spool: see
     /// `spool.rs`).
     fn spooled(&mut self) -> bool {
-        let Store::Sqlite(db) = &self.store else {
-            return false;
-        };
-        let Some(spool) = &db.spool else {
+        let Some(spool) = self.store.spool() else {
             return false;
         };
         if self.batch.is_empty() {
@@ -148,19 +143,8 @@ impl DbActor {
     fn drop_batch(&mut self) {
         let n = self.batch.len();
         self.shared.pending.fetch_sub(n, Ordering::AcqRel);
-        for _ in 0..n {
-            self.metrics.record_dropped();
-        }
+        self.metrics.records_dropped_n(n);
         self.batch.clear();
-    }
-
-    fn set_up(&self, up: bool) {
-        if self.shared.up.swap(up, Ordering::AcqRel) != up {
-            if up {
-                log::info!("database reachable again");
-            }
-            self.metrics.set_database_up(up);
-        }
     }
 }
 
@@ -183,12 +167,10 @@ impl Handler<Flush> for DbActor {
 
     fn handle(&mut self, _: Flush, _: &mut SyncContext<Self>) {
         self.write_batch(true);
-        if let Store::Sqlite(db) = &self.store {
-            if let Some(spool) = &db.spool {
-                spool.finish();
-                // Anything after the barrier (nothing, at shutdown) is written as rows.
-                self.write_batch(true);
-            }
+        if let Some(spool) = self.store.spool() {
+            spool.finish();
+            // Anything after the barrier (nothing, at shutdown) is written as rows.
+            self.write_batch(true);
         }
     }
 }
@@ -198,14 +180,10 @@ impl Handler<Prune> for DbActor {
 
     fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) {
         self.write_batch(false);
-        match &self.store {
+        match self.store.spool() {
             // The ingester is the one that writes rows: it prunes between its transactions.
-            Store::Sqlite(db) if db.spool.is_some() => {
-                if let Some(spool) = &db.spool {
-                    spool.prune(msg.older_than);
-                }
-            }
-            _ => super::retention::prune(&self.store, &self.shared, msg.older_than),
+            Some(spool) => spool.prune(msg.older_than),
+            None => super::retention::prune(&self.store, &self.shared, msg.older_than),
         }
     }
 }

@@ -344,7 +344,7 @@ impl Spool {
                         failures += 1;
                         metrics.record_write_failure();
                         if e.unreachable {
-                            set_up(shared, metrics, false);
+                            shared.set_up(metrics, false);
                         }
                         if failures == 1 || failures.is_multiple_of(60) {
                             log::error!(
@@ -444,36 +444,15 @@ impl Spool {
                 ROWS
             }
             .min(records.len() - done);
-            let part = &mut records[done..done + n];
-            // Replies left to the writer are read here, a transaction's worth at a time, so
-            // that an idle-class ingester reads them between its pause points too.
-            for r in part.iter_mut() {
-                r.read_deferred();
-            }
             let upto = ends[done + n - 1];
-            if let Err(e) = sqlite::insert(pool, part, Some((generation, upto))) {
-                if e.unreachable || e.busy || !sqlite::ping(pool) {
-                    return Err(e);
-                }
-                // The database answers and refused these rows: retrying them would fail the
-                // same way (as without a spool, they are dropped).
+            if !write_part(pool, &mut records[done..done + n], (generation, upto))? {
                 metrics.record_write_failure();
-                log::error!(
-                    "writing {n} request records failed, dropping them: {}",
-                    e.message
-                );
-                for _ in 0..n {
-                    metrics.record_dropped();
-                }
+                metrics.records_dropped_n(n);
                 self.give_up(upto);
                 done += n;
                 continue;
             }
-            shared
-                .rows
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            metrics.record_batch(n);
-            set_up(shared, metrics, true);
+            shared.wrote(metrics, n);
             {
                 let mut st = lock(&self.state);
                 if st.generation == generation {
@@ -515,12 +494,31 @@ fn free(rows: Vec<Record>) {
     }
 }
 
-fn set_up(shared: &Shared, metrics: &Metrics, up: bool) {
-    if shared.up.swap(up, std::sync::atomic::Ordering::AcqRel) != up {
-        if up {
-            log::info!("database reachable again");
+/// Writes `part` as rows in one transaction that stores `progress` (generation, offset) with
+/// them, reading the replies left to the writer first (a transaction's worth at a time, so that
+/// an idle-class ingester reads them between its pause points too). `Ok(false)`: the database
+/// answers and refused these rows; retrying them would fail the same way, so, as without a
+/// spool, they are dropped (said here). An error is one worth retrying: the database locked or
+/// unreachable.
+fn write_part(
+    pool: &sqlite::Pool,
+    part: &mut [Record],
+    progress: (u64, u64),
+) -> Result<bool, StoreError> {
+    for r in part.iter_mut() {
+        r.read_deferred();
+    }
+    match sqlite::insert(pool, part, Some(progress)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.unreachable || e.busy || !sqlite::ping(pool) => Err(e),
+        Err(e) => {
+            log::error!(
+                "writing {} request records failed, dropping them: {}",
+                part.len(),
+                e.message
+            );
+            Ok(false)
         }
-        metrics.set_database_up(up);
     }
 }
 

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::frame::{decode_frames, Names};
-use super::{read_range, HEADER, MAGIC, ROWS};
+use super::{read_range, write_part, HEADER, MAGIC, ROWS};
 use crate::records::{sqlite, StoreError};
 
 /// Writes what the file holds past the progress stored with the rows; returns the generation
@@ -42,20 +42,11 @@ pub(super) fn recover(file: &File, pool: &sqlite::Pool) -> Result<(u64, u64), St
         let mut done = 0;
         while done < records.len() {
             let n = ROWS.min(records.len() - done);
-            let part = &mut records[done..done + n];
-            for r in part.iter_mut() {
-                r.read_deferred();
-            }
             let upto = ends[done + n - 1];
-            match sqlite::insert(pool, part, Some((generation, upto))) {
-                Ok(()) => written += n as u64,
-                Err(e) if e.unreachable || e.busy || !sqlite::ping(pool) => return Err(e),
-                // Rows the database refuses would be refused at every start: dropped, as
-                // while running.
-                Err(e) => log::error!(
-                    "writing {n} request records from the spool failed, dropping them: {}",
-                    e.message
-                ),
+            // Rows the database refuses would be refused at every start: dropped, as while
+            // running.
+            if write_part(pool, &mut records[done..done + n], (generation, upto))? {
+                written += n as u64;
             }
             at = upto;
             done += n;
