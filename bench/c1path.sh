@@ -16,22 +16,8 @@ BIN=${1:-$ROOT/target/release/openai-api-route}
 ROUNDS=${ROUNDS:-3}; DUR=${DUR:-5}
 MOCK=$ROOT/bench/out/bin/bench_mock; [[ -x $MOCK ]] || MOCK=$ROOT/target/release/examples/bench_mock
 D=$ROOT/bench/out/c1path; rm -rf "$D"; mkdir -p "$D/ngx"; cd "$D" || exit 1
-taskset -c 0 "$MOCK" 127.0.0.1:0 --threads 1 > mock.out 2>/dev/null &
-PIDS=($!); sleep 0.5; MP=$(awk '/^port /{print $2}' mock.out)
-declare -A URL GP
-GP[direct]=${PIDS[0]}
-URL[direct]=http://127.0.0.1:$MP/v1/chat/completions
-printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$MP" > gw.yaml
-port=29800
-for s in off on; do
-  port=$((port+1))
-  DB=none; [[ $s == on ]] && DB=$D/on.sqlite
-  taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database "$DB" >/dev/null 2>$s.log &
-  GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
-done
-start_nginx "$D/ngx" "$MP" 29899
-sleep 1.5
-for p in ${GP[off]} ${GP[on]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 "$p" >/dev/null; done
+PIDS=()
+start_four_systems "$BIN" "$D" 29800
 export BENCH_TOKEN=sk-bench-client-token BENCH_STREAM=0
 declare -A REQ P50 CPU CS SC N
 run() {

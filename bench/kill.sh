@@ -13,9 +13,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/openai-api-route}
 MOCK=$ROOT/bench/out/bin/bench_mock; [[ -x $MOCK ]] || MOCK=$ROOT/target/release/examples/bench_mock
 D=$ROOT/bench/out/kill; rm -rf "$D"; mkdir -p "$D"; cd "$D" || exit 1
-taskset -c 0 "$MOCK" 127.0.0.1:0 --threads 1 > mock.out 2>/dev/null &
-MPID=$!; sleep 0.5; MP=$(awk '/^port /{print $2}' mock.out)
-printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$MP" > gw.yaml
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
+PIDS=(); start_mock; MPID=${PIDS[-1]}
 taskset -c 0 "$BIN" -addr 127.0.0.1:29950 -config gw.yaml -database "$D/db.sqlite" >/dev/null 2>gw1.log &
 GP=$!; sleep 1
 export BENCH_TOKEN=sk-bench-client-token BENCH_STREAM=0

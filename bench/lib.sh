@@ -59,3 +59,31 @@ bench_database_cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
 }
+
+# start_mock: bench_mock ($MOCK) on core 0 in the current directory, and gw.yaml for a gateway in
+# front of it; sets MP (its port) and adds it to PIDS.
+start_mock() {
+  taskset -c 0 "$MOCK" 127.0.0.1:0 --threads 1 > mock.out 2>/dev/null &
+  PIDS+=($!); sleep 0.5; MP=$(awk '/^port /{print $2}' mock.out)
+  printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$MP" > gw.yaml
+}
+
+# start_four_systems BIN DIR BASEPORT: the systems bench/record.sh and bench/c1path.sh compare, all
+# on core 0 — `direct` (the mock), `off` (BIN with -database none), `on` (BIN recording to
+# DIR/on.sqlite) and nginx (DIR/ngx) — on ports from BASEPORT; fills GP, URL and PIDS.
+start_four_systems() {
+  local bin=$1 dir=$2 base=$3 port=$3 s db
+  declare -gA URL GP
+  start_mock
+  GP[direct]=${PIDS[-1]}
+  URL[direct]=http://127.0.0.1:$MP/v1/chat/completions
+  for s in off on; do
+    port=$((port+1))
+    db=none; [[ $s == on ]] && db=$dir/on.sqlite
+    taskset -c 0 "$bin" -addr 127.0.0.1:$port -config gw.yaml -database "$db" >/dev/null 2>$s.log &
+    GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
+  done
+  start_nginx "$dir/ngx" "$MP" $((base + 99))
+  sleep 1.5
+  for p in ${GP[off]} ${GP[on]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 "$p" >/dev/null; done
+}

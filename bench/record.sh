@@ -25,22 +25,8 @@ ROUNDS=${ROUNDS:-3}; DUR=${DUR:-5}; SOAK=${SOAK:-30}
 MOCK=$ROOT/bench/out/bin/bench_mock; [[ -x $MOCK ]] || MOCK=$ROOT/target/release/examples/bench_mock
 D=$ROOT/bench/out/record; rm -rf "$D"; mkdir -p "$D/ngx"; cd "$D" || exit 1
 ulimit -n 20000
-taskset -c 0 "$MOCK" 127.0.0.1:0 --threads 1 > mock.out 2>/dev/null &
-PIDS=($!); sleep 0.5; MP=$(awk '/^port /{print $2}' mock.out)
-declare -A URL GP
-GP[direct]=${PIDS[0]}
-URL[direct]=http://127.0.0.1:$MP/v1/chat/completions
-printf 'authorization: sk-bench-client-token\nupstreams:\n  - name: mock\n    endpoint: http://127.0.0.1:%s/v1\n    sk: k\n' "$MP" > gw.yaml
-port=29700
-for s in off on; do
-  port=$((port+1))
-  DB=none; [[ $s == on ]] && DB=$D/on.sqlite
-  taskset -c 0 "$BIN" -addr 127.0.0.1:$port -config gw.yaml -database "$DB" >/dev/null 2>$s.log &
-  GP[$s]=$!; PIDS+=($!); URL[$s]=http://127.0.0.1:$port/v1/chat/completions
-done
-start_nginx "$D/ngx" "$MP" 29799
-sleep 1.5
-for p in ${GP[off]} ${GP[on]} $NPID $(pgrep -P $NPID); do taskset -a -p -c 0 "$p" >/dev/null; done
+PIDS=()
+start_four_systems "$BIN" "$D" 29700
 export BENCH_TOKEN=sk-bench-client-token
 declare -A REQ P50 P99 TK TC N
 SENT=0
